@@ -1,0 +1,231 @@
+"""Safe, lazy loading of EXAONE 4 safetensors checkpoints.
+
+* safetensors only: pickled ``.bin``/``.pt`` files are refused (unpickling runs code from the file).
+* One file or shards listed in ``model.safetensors.index.json``.
+* Lazy: opening a checkpoint reads only the JSON headers. Each tensor is read on demand straight into
+  its destination buffer (``readinto``), so loading costs the weights once and nothing more, and a stage
+  that streams tensors (the exporter) holds one tensor at a time.
+* Validation against the :class:`~exaone_deploy.spec.ModelSpec`: missing, unexpected and mis-shaped
+  tensors are reported together in one error.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .spec import ModelSpec
+
+__all__ = ["CheckpointError", "Checkpoint", "TensorInfo", "expected_tensors", "resolve_model_dir"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# safetensors dtype -> (numpy storage dtype, torch dtype name, bytes)
+_DTYPES = {
+    "F32": (np.float32, "float32", 4),
+    "F16": (np.float16, "float16", 2),
+    "BF16": (np.uint16, "bfloat16", 2),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we refuse to load; the message names the file(s) and the problem(s)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str  # safetensors dtype code
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """``tiny`` names the bundled trained model; anything else is a directory path."""
+    if str(name_or_path) == "tiny":
+        from . import assets
+
+        return assets.tiny_model_dir()
+    return Path(name_or_path)
+
+
+def _read_header(path: Path) -> dict[str, TensorInfo]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) != 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", raw_len)
+        if n > min(size - 8, 100 * 2**20):
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n} is impossible)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    out = {}
+    base = 8 + n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
+        if dtype not in _DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor '{name}' has dtype {dtype}; supported checkpoint dtypes are F32, F16 and BF16"
+            )
+        nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][2]
+        if end - start != nbytes or base + end > size:
+            raise CheckpointError(f"{path}: tensor '{name}' data lies outside the file or has the wrong length")
+        out[name] = TensorInfo(name, path, dtype, shape, base + start, nbytes)
+    return out
+
+
+class Checkpoint:
+    """Index of the tensors of a safetensors checkpoint directory; reads tensors lazily."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = resolve_model_dir(model_dir)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: model directory not found")
+        index = self.dir / "model.safetensors.index.json"
+        files: list[Path]
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted({self.dir / f for f in weight_map.values()})
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+            missing = [str(f) for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(f"{index}: lists shard file(s) that do not exist: {', '.join(missing)}")
+        else:
+            files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in self.dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise CheckpointError(
+                    f"{self.dir}: only pickled weights found ({', '.join(pickles)}). exaone-deploy loads "
+                    "safetensors only: unpickling a model file can execute arbitrary code. Convert the weights "
+                    "to safetensors in a trusted environment first."
+                )
+            raise CheckpointError(f"{self.dir}: no *.safetensors weights found")
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            for name, info in _read_header(f).items():
+                if name in self.tensors:
+                    raise CheckpointError(f"{f}: tensor '{name}' also appears in {self.tensors[name].file}")
+                self.tensors[name] = info
+        if index.exists():
+            wrong = [n for n, f in weight_map.items() if n in self.tensors and self.tensors[n].file.name != f]
+            absent = [n for n in weight_map if n not in self.tensors]
+            if wrong or absent:
+                raise CheckpointError(
+                    f"{index}: weight_map disagrees with the shards (missing from shards: {absent[:5]}, "
+                    f"in another shard: {wrong[:5]})"
+                )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def source_dtype(self) -> str:
+        """The dominant storage dtype ('float32' | 'float16' | 'bfloat16')."""
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.nbytes
+        return _DTYPES[max(counts, key=counts.get)][1]
+
+    # ---- reading -------------------------------------------------------------------------------
+    def read_numpy(self, name: str) -> np.ndarray:
+        """The tensor in its stored dtype (bfloat16 comes back as its raw uint16 bits)."""
+        info = self.tensors[name]
+        arr = np.empty(info.shape, dtype=_DTYPES[info.dtype][0])
+        self._readinto(info, arr)
+        return arr
+
+    @staticmethod
+    def _readinto(info: TensorInfo, arr: np.ndarray) -> None:
+        view = memoryview(arr.reshape(-1).view(np.uint8))
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.offset)
+            got = 0
+            while got < info.nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise CheckpointError(f"{info.file}: truncated while reading '{info.name}'")
+                got += n
+
+    def read_torch(self, name: str, dtype=None):
+        """The tensor as a torch tensor, converted to ``dtype`` (a torch dtype) if given."""
+        import torch
+
+        info = self.tensors[name]
+        src = getattr(torch, _DTYPES[info.dtype][1])
+        t = torch.empty(info.shape, dtype=src)
+        buf = t.view(torch.int16) if src == torch.bfloat16 else t
+        self._readinto(info, buf.numpy())
+        return t if dtype is None or dtype == src else t.to(dtype)
+
+    # ---- validation ----------------------------------------------------------------------------
+    def validate(self, spec: ModelSpec) -> None:
+        """Raise one CheckpointError listing every missing, unexpected or mis-shaped tensor."""
+        expected = expected_tensors(spec)
+        problems = []
+        missing = [n for n in expected if n not in self.tensors]
+        optional = {"lm_head.weight"} if spec.tie_word_embeddings else set()
+        unexpected = [n for n in self.tensors if n not in expected and n not in optional]
+        shapes = [
+            f"{n}: expected {list(expected[n])}, found {list(self.tensors[n].shape)} in {self.tensors[n].file.name}"
+            for n in expected
+            if n in self.tensors and tuple(self.tensors[n].shape) != tuple(expected[n])
+        ]
+        if missing:
+            problems.append(f"missing tensors ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            problems.append(f"unexpected tensors ({len(unexpected)}): " + ", ".join(unexpected))
+        if shapes:
+            problems.append(f"mis-shaped tensors ({len(shapes)}): " + "; ".join(shapes))
+        if problems:
+            raise CheckpointError(f"{self.dir}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
+
+    def iter_expected(self, spec: ModelSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
+        yield from expected_tensors(spec).items()
+
+
+def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors of a transformers-format EXAONE 4 checkpoint."""
+    d, f, v, hd = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.head_dim
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d)}
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        out[p + "self_attn.q_proj.weight"] = (spec.q_size, d)
+        out[p + "self_attn.k_proj.weight"] = (spec.kv_size, d)
+        out[p + "self_attn.v_proj.weight"] = (spec.kv_size, d)
+        out[p + "self_attn.o_proj.weight"] = (d, spec.q_size)
+        out[p + "self_attn.q_norm.weight"] = (hd,)
+        out[p + "self_attn.k_norm.weight"] = (hd,)
+        out[p + "mlp.gate_proj.weight"] = (f, d)
+        out[p + "mlp.up_proj.weight"] = (f, d)
+        out[p + "mlp.down_proj.weight"] = (d, f)
+        out[p + "post_attention_layernorm.weight"] = (d,)
+        out[p + "post_feedforward_layernorm.weight"] = (d,)
+    out["model.norm.weight"] = (d,)
+    if not spec.tie_word_embeddings:
+        out["lm_head.weight"] = (v, d)
+    return out

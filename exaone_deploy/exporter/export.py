@@ -1,0 +1,243 @@
+"""Checkpoint -> canonical ONNX -> target ONNX, written as a self-contained bundle.
+
+The reference model is traced on the *meta* device (no weights in memory), with the attention custom
+op exported as an ``ai.exaone_deploy::EXAONEAttention`` node. The traced graph's initializers are then
+bound to lazy tensors that read (and convert, and transpose) one checkpoint tensor at a time while the
+external-data file is written, so exporting a 32B checkpoint needs about one layer's weights of memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+from onnx_ir.tensor_adapters import TorchTensor
+
+from .. import bundle as bundle_mod
+from ..checkpoint import Checkpoint, CheckpointError, resolve_model_dir
+from ..spec import ModelSpec, load_spec
+from . import lower, ops
+from .reference import DTYPES, Exaone4Reference
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExportError", "ExportOptions", "export_bundle", "trace_canonical"]
+
+TARGETS = ("ort", "trt")
+WEIGHTS_FILE = "weights.data"
+CANONICAL_FILE = "canonical.onnx"
+MODEL_FILE = "model.onnx"
+ALIGNMENT = 65536  # aligned external data lets ONNX Runtime memory-map the weights
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    target: str = "ort"
+    dtype: str = "float32"
+    max_seq_len: int | None = None  # positions covered by the RoPE caches (default: max_position_embeddings)
+    opset: int = 21
+
+    def validate(self) -> None:
+        if self.target not in TARGETS:
+            raise ExportError(f"unknown target {self.target!r} (choose from {', '.join(TARGETS)})")
+        if self.dtype not in DTYPES:
+            raise ExportError(f"unsupported dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
+        if self.max_seq_len is not None and self.max_seq_len <= 0:
+            raise ExportError(f"max_seq_len must be positive, got {self.max_seq_len}")
+
+
+def io_names(spec: ModelSpec) -> tuple[list[str], list[str]]:
+    pasts = [f"past_key_values.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
+    presents = [f"present.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
+    return ["input_ids", "seqlens_k", "total_sequence_length", "logits_index", *pasts], ["logits", *presents]
+
+
+def trace_canonical(spec: ModelSpec, dtype: str, max_positions: int, opset: int = 21) -> ir.Model:
+    """Trace the reference model on the meta device into the canonical ONNX graph (no weights)."""
+    torch_dtype = DTYPES[dtype]
+    with torch.device("meta"):
+        model = Exaone4Reference(spec, max_positions).to(torch_dtype)
+    model.cos_cache = torch.empty(max_positions, spec.head_dim // 2, device="meta")
+    model.sin_cache = torch.empty(max_positions, spec.head_dim // 2, device="meta")
+    # Distinct example sizes keep torch.export from specialising one dim to another's value.
+    B, S, K, C = 2, 7, 3, 17
+    meta = dict(device="meta")
+    pasts = [torch.empty(B, spec.num_kv_heads, C, spec.head_dim, dtype=torch_dtype, **meta)
+             for _ in range(2 * spec.num_layers)]
+    args = (
+        torch.empty(B, S, dtype=torch.long, **meta),
+        torch.empty(B, dtype=torch.int32, **meta),
+        torch.empty((), dtype=torch.int32, **meta),
+        torch.empty(B, K, dtype=torch.long, **meta),
+        *pasts,
+    )
+    batch, seq, keep, cache = (torch.export.Dim(n) for n in ("batch", "sequence", "logits_len", "cache_len"))
+    dynamic = ({0: batch, 1: seq}, {0: batch}, None, {0: batch, 1: keep},
+               tuple({0: batch, 2: cache} for _ in pasts))
+    inputs, outputs = io_names(spec)
+    program = torch.onnx.export(
+        model, args, dynamo=True, input_names=inputs, output_names=outputs, dynamic_shapes=dynamic,
+        custom_translation_table=ops.custom_translation_table(), optimize=False, opset_version=opset,
+        verbose=False, report=False,
+    )
+    m = program.model
+    _name_dims(m, spec)
+    return m
+
+
+def _name_dims(m: ir.Model, spec: ModelSpec) -> None:
+    """Give the dynamic axes stable, meaningful names."""
+    names = {"input_ids": ("batch", "sequence"), "seqlens_k": ("batch",), "logits_index": ("batch", "logits_len"),
+             "logits": ("batch", "logits_len", None)}
+    for v in [*m.graph.inputs, *m.graph.outputs]:
+        dims = names.get(v.name)
+        if dims is None and (v.name.startswith("past_key_values.") or v.name.startswith("present.")):
+            dims = ("batch", None, "cache_len", None)
+        if dims is None or v.shape is None:
+            continue
+        v.shape = ir.Shape([d if n is None or not isinstance(d, ir.SymbolicDim) else n
+                            for d, n in zip(v.shape, dims)])
+
+
+def bind_weights(m: ir.Model, spec: ModelSpec, ckpt: Checkpoint, dtype: str, max_positions: int) -> None:
+    """Replace traced (meta) initializers by lazy tensors over the checkpoint.
+
+    ``MatMul(x, Transpose(W))`` from ``x @ W.t()`` becomes ``MatMul(x, W^T)`` with W^T written already
+    transposed, so ONNX Runtime needs no constant folding (and no second copy) at session start.
+    """
+    torch_dtype = DTYPES[dtype]
+    g = m.graph
+
+    def lazy(name: str, transpose: bool = False) -> ir.LazyTensor:
+        info = ckpt.tensors[name]
+        shape = tuple(reversed(info.shape)) if transpose else info.shape
+
+        def load():
+            t = ckpt.read_torch(name, torch_dtype)
+            return TorchTensor(t.t().contiguous() if transpose else t, name=name)
+
+        return ir.LazyTensor(load, dtype=ir.tensor_adapters.from_torch_dtype(torch_dtype), shape=ir.Shape(shape),
+                             name=name)
+
+    # Transposes of weights -> pre-transposed initializers.
+    for node in list(g):
+        if node.op_type != "Transpose" or node.domain != "":
+            continue
+        src = node.inputs[0]
+        if src is None or not src.is_initializer() or src.name not in ckpt.tensors:
+            continue
+        new = ir.Value(name=f"{src.name}.T", shape=ir.Shape(tuple(reversed(ckpt.tensors[src.name].shape))),
+                       type=ir.TensorType(ir.tensor_adapters.from_torch_dtype(torch_dtype)),
+                       const_value=lazy(src.name, transpose=True))
+        g.register_initializer(new)
+        node.outputs[0].replace_all_uses_with(new)
+        g.remove(node, safe=True)
+    for name, value in list(g.initializers.items()):
+        if name.endswith(".T"):
+            continue
+        if not value.uses() and name not in [o.name for o in g.outputs]:
+            del g.initializers[name]
+            continue
+        if name in ("cos_cache", "sin_cache"):
+            cos, sin = spec.rope.cos_sin(spec.head_dim, max_positions)
+            arr = torch.from_numpy(cos if name == "cos_cache" else sin).to(torch_dtype)
+            value.const_value = TorchTensor(arr, name=name)
+        elif name in ckpt.tensors:
+            value.const_value = lazy(name)
+        else:
+            raise ExportError(f"traced initializer {name!r} has no source tensor in the checkpoint")
+
+
+def _progress(enabled: bool, desc: str, total=None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, unit="tensor", leave=False)
+
+
+def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions(),
+                  *, force: bool = False, progress: bool = True) -> Path:
+    """Export a checkpoint directory into a bundle directory (atomically). Returns the bundle path."""
+    options.validate()
+    src = resolve_model_dir(model_dir)
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise ExportError(f"{out}: output already exists (use --force to replace it)")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise ExportError(f"{out}: cannot write the output directory ({e.strerror or e})") from None
+    try:
+        _export_into(src, tmp, options, progress)
+        bundle_mod.commit_dir(tmp, out, force=force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _export_into(src: Path, tmp: Path, options: ExportOptions, progress: bool) -> None:
+    spec = load_spec(src)
+    ckpt = Checkpoint(src)
+    ckpt.validate(spec)
+    max_positions = options.max_seq_len or spec.max_position_embeddings
+    stages = ["trace", "bind weights", "write weights", f"lower ({options.target})", "check", "manifest"]
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(stages), desc="export", disable=not progress, unit="stage") as bar:
+        def stage(i):
+            bar.set_postfix_str(stages[i])
+
+        stage(0)
+        m = trace_canonical(spec, options.dtype, max_positions, options.opset)
+        bar.update()
+        stage(1)
+        bind_weights(m, spec, ckpt, options.dtype, max_positions)
+        m.producer_name, m.producer_version = "exaone-deploy", _version()
+        m.doc_string = f"EXAONE 4 canonical graph ({options.dtype}) exported by exaone-deploy"
+        bar.update()
+        stage(2)
+        n = len(m.graph.initializers)
+        with _progress(progress, "weights", n) as wbar:
+            ir.save(m, tmp / CANONICAL_FILE, external_data=WEIGHTS_FILE, alignment=ALIGNMENT,
+                    callback=lambda *_: wbar.update())
+        del m
+        bar.update()
+        stage(3)
+        canonical = ir.load(tmp / CANONICAL_FILE)
+        lowered = lower.lower(canonical, spec, options.target)
+        ir.save(lowered, tmp / MODEL_FILE)
+        bar.update()
+        stage(4)
+        lower.check_model(tmp / CANONICAL_FILE)
+        lower.check_model(tmp / MODEL_FILE)
+        bar.update()
+        stage(5)
+        bundle_mod.copy_tokenizer_files(src, tmp)
+        bundle_mod.write_manifest(
+            tmp, spec=spec, target=options.target, dtype=options.dtype, max_seq_len=max_positions,
+            model_file=MODEL_FILE, canonical_file=CANONICAL_FILE, weights_file=WEIGHTS_FILE, source_dir=src,
+        )
+        bar.update()
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+
+
+__all__ += ["CheckpointError"]
