@@ -1,0 +1,202 @@
+"""Generation over any :class:`~exaone_deploy.runtime.backend.Backend`: batched, streamed, chat-aware."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from ..bundle import load_manifest
+from .backend import Backend, ContextLengthError
+from .chat import AssistantOutput, parse_assistant_output
+from .detok import IncrementalDecoder
+from .sampling import Sampler, SamplingParams
+from .tokenizer import Tokenizer
+
+__all__ = ["Generator", "GenerationResult", "open_backend"]
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"  # "stop" (eos / stop string) | "length"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        n, m = len(self.prompt_ids), len(self.token_ids)
+        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+
+    def parsed(self, reasoning_opened: bool = False) -> AssistantOutput:
+        return parse_assistant_output(self.text, reasoning_opened=reasoning_opened)
+
+
+class _Row:
+    """Per-request decoding state: sampler, detokenizer, stop handling."""
+
+    def __init__(self, gen: "Generator", prompt: Sequence[int], params: SamplingParams, limit: int):
+        self.params = params
+        self.sampler = Sampler(params)
+        self.result = GenerationResult(prompt_ids=list(prompt))
+        self.detok = IncrementalDecoder(gen.tokenizer)
+        self.eos = set() if params.ignore_eos else set(gen.eos_ids) | set(params.stop_token_ids)
+        self.limit = limit  # max new tokens, already bounded by the context
+        self.text = ""  # decoded so far (full, including held-back tail)
+        self.emitted = 0  # chars of text released to the stream
+        self.hold = max((len(s) for s in params.stop), default=1) - 1
+        self.done = False
+
+    def accept(self, token: int) -> str:
+        """Record a sampled token; returns the text that can be released now."""
+        r = self.result
+        if token in self.eos:
+            r.finish_reason, self.done = "stop", True
+            return self._release(final=True)
+        r.token_ids.append(token)
+        self.text += self.detok.push(token)
+        for s in self.params.stop:
+            at = self.text.find(s, max(0, self.emitted - len(s)))
+            if at >= 0:
+                self.text = self.text[:at]
+                r.finish_reason, self.done = "stop", True
+                return self._release(final=True)
+        if len(r.token_ids) >= self.limit:
+            self.text += self.detok.flush()
+            r.finish_reason, self.done = "length", True
+            return self._release(final=True)
+        return self._release(final=False)
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
+        delta = self.text[self.emitted:end]
+        self.emitted = end
+        if final:
+            self.result.text = self.text
+        return delta
+
+
+class Generator:
+    """Text generation on a backend (ONNX Runtime or TensorRT) with a tokenizer."""
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, eos_ids: Sequence[int] | None = None):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.eos_ids = list(eos_ids if eos_ids is not None else tokenizer.eos_ids)
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path, *, device: str = "cpu", max_batch: int = 1,
+                    capacity: int | None = None, verify: bool = True) -> "Generator":
+        manifest = load_manifest(bundle_dir, verify=verify)
+        backend = open_backend(manifest, device=device, max_batch=max_batch, capacity=capacity)
+        return cls(backend, Tokenizer.from_dir(manifest.root))
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.backend, "manifest").max_seq_len) if hasattr(self.backend, "manifest") \
+            else self.backend.capacity
+
+    # ---- prompts ------------------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.backend.spec.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {vocab}): {bad[:5]}")
+        return ids
+
+    def chat_prompt(self, messages, tools=None, enable_thinking: bool = False, **kwargs) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                  enable_thinking=enable_thinking, tokenize=True, **kwargs)
+
+    def _limits(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[int]:
+        ctx = self.max_context
+        limits = []
+        for p, sp in zip(prompts, params):
+            if len(p) >= ctx:
+                raise ContextLengthError(f"the prompt has {len(p)} tokens but the context holds {ctx} "
+                                         "(prompt plus at least one new token)")
+            limits.append(min(sp.max_new_tokens, ctx - len(p)))
+        return limits
+
+    # ---- generation ---------------------------------------------------------------------------
+    def stream_rows(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+                    ) -> Iterator[tuple[int, str, _Row]]:
+        """Generate for a batch; yields (row, text delta, state) as tokens arrive. Rows share decode steps."""
+        prompts = [self.encode(p) for p in prompts]
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        for p in params:
+            p.validate()
+        limits = self._limits(prompts, params)
+        B = len(prompts)
+        need = max(len(p) + n for p, n in zip(prompts, limits))
+        ensure = getattr(self.backend, "ensure", None)
+        if ensure:
+            ensure(B, need)
+        rows = [_Row(self, p, sp, n) for p, sp, n in zip(prompts, params, limits)]
+        t0 = time.perf_counter()
+        logits = self.backend.prefill(list(range(B)), prompts)
+        t1 = time.perf_counter()
+        active = list(range(B))
+        n_decode = 0
+        while active:
+            tokens = []
+            for b, row_logits in zip(active, logits):
+                tok = rows[b].sampler(row_logits, rows[b].result.prompt_ids + rows[b].result.token_ids
+                                      if rows[b].params.repetition_penalty != 1.0 else ())
+                delta = rows[b].accept(tok)
+                if delta or rows[b].done:
+                    yield b, delta, rows[b]
+                tokens.append(tok)
+            if n_decode == 0:
+                t_first = time.perf_counter()
+            keep = [i for i, b in enumerate(active) if not rows[b].done]
+            active = [active[i] for i in keep]
+            if not active:
+                break
+            logits = self.backend.decode(active, [tokens[i] for i in keep])
+            n_decode += 1
+        t2 = time.perf_counter()
+        for b in range(B):
+            self.backend.release(b)
+            n_new = len(rows[b].result.token_ids)
+            rows[b].result.timings = {
+                "prefill_s": t1 - t0, "ttft_s": t_first - t0, "decode_s": t2 - t_first,
+                "prefill_tokens_per_s": sum(len(p) for p in prompts) / max(t1 - t0, 1e-9),
+                "decode_tokens_per_s": (n_new - 1) / (t2 - t_first) if n_new > 1 and t2 > t_first else 0.0,
+                "decode_steps": n_decode,
+            }
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+                 = SamplingParams()) -> list[GenerationResult]:
+        results: dict[int, GenerationResult] = {}
+        for b, _, row in self.stream_rows(prompts, params):
+            results[b] = row.result
+        return [results[b] for b in sorted(results)]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()
+               ) -> Iterator[str]:
+        """Text deltas for one prompt; the final GenerationResult is left in ``self.last_result``."""
+        for _, delta, row in self.stream_rows([prompt], params):
+            self.last_result = row.result
+            if delta:
+                yield delta
+
+
+def open_backend(manifest, *, device: str = "cpu", max_batch: int = 1, capacity: int | None = None) -> Backend:
+    """The backend for a bundle: ONNX Runtime for 'ort' bundles, TensorRT for engine bundles."""
+    if manifest.target == "ort":
+        from .ort_backend import OrtBackend
+
+        return OrtBackend(manifest, max_batch=max_batch, capacity=capacity, device=device)
+    if manifest.target == "tensorrt":
+        from .trt_backend import TrtBackend
+
+        return TrtBackend(manifest, max_batch=max_batch, capacity=capacity)
+    raise ValueError(f"{manifest.root}: a {manifest.target!r} bundle cannot run directly "
+                     "(build a TensorRT engine from it with `exaone-deploy build`)")
+

@@ -1,0 +1,188 @@
+"""ONNX Runtime backend: one session, KV-cache buffers allocated once, updated in place via IO binding.
+
+The cache of layer i is one buffer of shape (max_batch, kv_heads, capacity, head_dim) per K and V. A
+step over rows [r0, r1) binds ``past_key_values.i.*`` *and* ``present.i.*`` to the same memory (GQA's
+shared past/present buffer), so ONNX Runtime writes the new keys and values in place and no cache bytes
+are copied per step. Rows of a C-contiguous buffer are contiguous, so a slot range is a pointer offset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ..bundle import BundleError, Manifest, load_manifest
+from .backend import Backend, ContextLengthError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OrtBackend"]
+
+_NP = {"float32": np.float32, "float16": np.float16}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return so
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, bundle: str | Path | Manifest, *, max_batch: int = 1, capacity: int | None = None,
+                 device: str = "cpu", threads: int | None = None, verify: bool = True):
+        self.manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle, verify=verify)
+        m = self.manifest
+        if m.target != "ort":
+            raise BundleError(f"{m.root}: bundle target is {m.target!r}; ONNX Runtime runs 'ort' bundles "
+                              f"(use `exaone-deploy build` for TensorRT)")
+        if m.dtype not in _NP:
+            if m.dtype == "bfloat16" and device == "cpu":
+                raise BundleError(f"{m.root}: bfloat16 bundles need the CUDA execution provider "
+                                  "(ONNX Runtime's CPU kernels are float32/float16)")
+        self.spec = m.spec
+        self.device = device
+        provider = PROVIDERS.get(device)
+        if provider is None:
+            raise ValueError(f"unknown device {device!r} (choose from {', '.join(PROVIDERS)})")
+        if provider not in ort.get_available_providers():
+            raise RuntimeError(f"{provider} is not available in this onnxruntime build "
+                               f"(available: {', '.join(ort.get_available_providers())})")
+        threads = threads or int(os.environ.get("EXAONE_DEPLOY_THREADS", "0")) or None
+        self.session = ort.InferenceSession(str(m.model_path), sess_options=session_options(threads),
+                                            providers=[provider])
+        self.np_dtype = _NP.get(m.dtype, np.float16)
+        self.ort_dtype = self.np_dtype if m.dtype != "bfloat16" else None
+        self.max_batch = 0
+        self.capacity = 0
+        self._caches: list[ort.OrtValue] = []
+        self._decode_cache: dict[int, tuple] = {}
+        self.allocate(max_batch, capacity or min(m.max_seq_len, 4096))
+
+    # ---- buffers ------------------------------------------------------------------------------
+    def allocate(self, max_batch: int, capacity: int) -> None:
+        """(Re)allocate the KV cache for max_batch slots of capacity tokens (drops slot contents)."""
+        if capacity > self.manifest.max_seq_len:
+            raise ContextLengthError(f"a context of {capacity} tokens exceeds the bundle's max_seq_len "
+                                     f"{self.manifest.max_seq_len}")
+        if max_batch == self.max_batch and capacity == self.capacity:
+            return
+        s = self.spec
+        shape = (max_batch, s.num_kv_heads, capacity, s.head_dim)
+        dev = "cuda" if self.device == "cuda" else "cpu"
+        self._caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.np_dtype), dev, 0)
+                        for _ in range(2 * s.num_layers)]
+        self.max_batch, self.capacity = max_batch, capacity
+        self.lengths = np.zeros(max_batch, dtype=np.int64)
+        self._row_bytes = int(np.prod(shape[1:])) * np.dtype(self.np_dtype).itemsize
+        self._decode_cache.clear()
+
+    def ensure(self, max_batch: int, capacity: int) -> None:
+        """Grow the buffers if needed (slot contents are dropped when they are reallocated)."""
+        if max_batch > self.max_batch or capacity > self.capacity:
+            self.allocate(max(max_batch, self.max_batch), max(capacity, self.capacity))
+
+    # ---- binding ------------------------------------------------------------------------------
+    def _bind(self, r0: int, rows: int, inputs: dict[str, np.ndarray], logits: np.ndarray) -> ort.IOBinding:
+        s = self.spec
+        io = self.session.io_binding()
+        for name, arr in inputs.items():
+            io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+        shape = [rows, s.num_kv_heads, self.capacity, s.head_dim]
+        dev = "cuda" if self.device == "cuda" else "cpu"
+        for i in range(s.num_layers):
+            for j, kv in enumerate(("key", "value")):
+                ptr = self._caches[2 * i + j].data_ptr() + r0 * self._row_bytes
+                io.bind_input(f"past_key_values.{i}.{kv}", dev, 0, self.np_dtype, shape, ptr)
+                io.bind_output(f"present.{i}.{kv}", dev, 0, self.np_dtype, shape, ptr)
+        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        return io
+
+    def _run(self, io: ort.IOBinding) -> None:
+        self.session.run_with_iobinding(io)
+
+    # ---- Backend API --------------------------------------------------------------------------
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        slots = list(slots)
+        for p in prompts:
+            if not len(p):
+                raise ValueError("empty prompt")
+            self.check_fits(len(p))
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        if not contiguous or len(slots) == 1:
+            return np.concatenate([self._prefill_rows(s, [p]) for s, p in zip(slots, prompts)])
+        return self._prefill_rows(slots[0], prompts)
+
+    def _prefill_rows(self, r0: int, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """A prompt step over rows [r0, r0+B): right-padded, caches start empty."""
+        B, S = len(prompts), max(len(p) for p in prompts)
+        ids = np.zeros((B, S), dtype=np.int64)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = p
+        lens = np.array([len(p) for p in prompts], dtype=np.int64)
+        inputs = {
+            "input_ids": ids,
+            "seqlens_k": (lens - 1).astype(np.int32),
+            "total_sequence_length": np.array(S, dtype=np.int32),
+            "logits_index": (lens - 1)[:, None],
+        }
+        logits = np.empty((B, 1, self.spec.vocab_size), dtype=np.float32)
+        self._run(self._bind(r0, B, inputs, logits))
+        self.lengths[r0:r0 + B] = lens
+        return logits[:, 0]
+
+    def extend(self, slot: int, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        past = int(self.lengths[slot])
+        S = len(tokens)
+        self.check_fits(past + S)
+        inputs = {
+            "input_ids": np.asarray(tokens, dtype=np.int64)[None],
+            "seqlens_k": np.array([past + S - 1], dtype=np.int32),
+            "total_sequence_length": np.array(past + S, dtype=np.int32),
+            "logits_index": (np.arange(S) if all_logits else np.array([S - 1]))[None].astype(np.int64),
+        }
+        logits = np.empty((1, inputs["logits_index"].shape[1], self.spec.vocab_size), dtype=np.float32)
+        self._run(self._bind(slot, 1, inputs, logits))
+        self.lengths[slot] = past + S
+        return logits[0]
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """One token per slot, batched over rows [0, max(slots)]; rows not decoding are left untouched
+        in effect (a dummy token is written just past their end, where their next token goes anyway)."""
+        rows = max(slots) + 1
+        cached = self._decode_cache.get(rows)
+        if cached is None:
+            inputs = {
+                "input_ids": np.zeros((rows, 1), dtype=np.int64),
+                "seqlens_k": np.zeros(rows, dtype=np.int32),
+                "total_sequence_length": np.array(1, dtype=np.int32),
+                "logits_index": np.zeros((rows, 1), dtype=np.int64),
+            }
+            logits = np.empty((rows, 1, self.spec.vocab_size), dtype=np.float32)
+            cached = (inputs, logits, self._bind(0, rows, inputs, logits))
+            self._decode_cache[rows] = cached
+        inputs, logits, io = cached
+        slots_arr = np.asarray(slots)
+        new_len = self.lengths[slots_arr] + 1
+        if new_len.max() > self.capacity:
+            raise ContextLengthError(f"slot context is full ({self.capacity} tokens)")
+        ids = inputs["input_ids"]
+        ids[:, 0] = 0
+        ids[slots_arr, 0] = tokens
+        seqlens = np.minimum(self.lengths[:rows], self.capacity - 1)  # idle rows: write past their end
+        seqlens[slots_arr] = new_len - 1
+        inputs["seqlens_k"][:] = seqlens
+        inputs["total_sequence_length"][...] = seqlens.max() + 1
+        self._run(io)
+        self.lengths[slots_arr] = new_len
+        return logits[slots_arr, 0]
