@@ -64,8 +64,10 @@ def main(verbose: int) -> None:
 
 @main.command("make-tiny")
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(["1.2b", "32b"]), default="1.2b", show_default=True,
-              help="1.2b: all global, RoPE everywhere, tied; 32b: LLLG hybrid, NoPE global layers, untied.")
+@click.option("--preset", type=click.Choice(["1.2b", "32b", "1.2b-full", "32b-full"]), default="1.2b",
+              show_default=True,
+              help="1.2b: all global, RoPE everywhere, tied; 32b: LLLG hybrid, NoPE global layers, untied; "
+                   "*-full: the real models' sizes (random weights, for benchmarks).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--num-layers", type=int, default=None, help="Override the preset's layer count.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,

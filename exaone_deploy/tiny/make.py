@@ -59,6 +59,13 @@ PRESETS = {
         dtype="bfloat16",
     ),
 }
+# Full-size shapes of the real models (random weights), for benchmarks and memory tests.
+PRESETS["1.2b-full"] = dict(PRESETS["1.2b"], hidden_size=2048, intermediate_size=4096, num_hidden_layers=30,
+                            num_attention_heads=32, num_key_value_heads=8, head_dim=64, dtype="bfloat16",
+                            vocab_size=102400, max_position_embeddings=65536)
+PRESETS["32b-full"] = dict(PRESETS["32b"], hidden_size=5120, intermediate_size=27392, num_hidden_layers=64,
+                           num_attention_heads=40, num_key_value_heads=8, head_dim=128, sliding_window=4096,
+                           vocab_size=102400, max_position_embeddings=131072)
 
 # safetensors dtype codes
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -119,7 +126,7 @@ def _config(preset: dict, num_layers: int, dtype: str, vocab_size: int, ids: dic
         "intermediate_size": preset["intermediate_size"],
         "layer_types": layer_types,
         # Small (KV caches sized from it stay small) but above the llama3 original_max_position_embeddings.
-        "max_position_embeddings": 16384,
+        "max_position_embeddings": preset.get("max_position_embeddings", 16384),
         "model_type": "exaone4",
         "num_attention_heads": preset["num_attention_heads"],
         "num_hidden_layers": num_layers,
@@ -145,37 +152,35 @@ def _config(preset: dict, num_layers: int, dtype: str, vocab_size: int, ids: dic
     return config
 
 
-def _random_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
-    """fp32 weights with the Hugging Face names, drawn in a fixed order from one seeded generator."""
-    rng = np.random.default_rng(seed)
+def _random_weights(config: dict, seed: int) -> dict[str, tuple[tuple[int, ...], float]]:
+    """Names -> (shape, kind) of the weights, with Hugging Face names, in a fixed order."""
     hidden, inter, d = config["hidden_size"], config["intermediate_size"], config["head_dim"]
     q_dim, kv_dim = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
-
-    def linear(out_features: int, in_features: int) -> np.ndarray:
-        return (0.02 * rng.standard_normal((out_features, in_features))).astype(np.float32)
-
-    def norm(size: int) -> np.ndarray:
-        # Around 1 but not 1, so that a norm weight that is dropped or misplaced shows in the outputs.
-        return (1.0 + 0.1 * rng.standard_normal(size)).astype(np.float32)
-
-    weights = {"model.embed_tokens.weight": linear(config["vocab_size"], hidden)}
+    linear, norm = "linear", "norm"
+    weights = {"model.embed_tokens.weight": ((config["vocab_size"], hidden), linear)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        weights[p + "self_attn.q_proj.weight"] = linear(q_dim, hidden)
-        weights[p + "self_attn.k_proj.weight"] = linear(kv_dim, hidden)
-        weights[p + "self_attn.v_proj.weight"] = linear(kv_dim, hidden)
-        weights[p + "self_attn.o_proj.weight"] = linear(hidden, q_dim)
-        weights[p + "self_attn.q_norm.weight"] = norm(d)
-        weights[p + "self_attn.k_norm.weight"] = norm(d)
-        weights[p + "mlp.gate_proj.weight"] = linear(inter, hidden)
-        weights[p + "mlp.up_proj.weight"] = linear(inter, hidden)
-        weights[p + "mlp.down_proj.weight"] = linear(hidden, inter)
-        weights[p + "post_attention_layernorm.weight"] = norm(hidden)
-        weights[p + "post_feedforward_layernorm.weight"] = norm(hidden)
-    weights["model.norm.weight"] = norm(hidden)
+        weights[p + "self_attn.q_proj.weight"] = ((q_dim, hidden), linear)
+        weights[p + "self_attn.k_proj.weight"] = ((kv_dim, hidden), linear)
+        weights[p + "self_attn.v_proj.weight"] = ((kv_dim, hidden), linear)
+        weights[p + "self_attn.o_proj.weight"] = ((hidden, q_dim), linear)
+        weights[p + "self_attn.q_norm.weight"] = ((d,), norm)
+        weights[p + "self_attn.k_norm.weight"] = ((d,), norm)
+        weights[p + "mlp.gate_proj.weight"] = ((inter, hidden), linear)
+        weights[p + "mlp.up_proj.weight"] = ((inter, hidden), linear)
+        weights[p + "mlp.down_proj.weight"] = ((hidden, inter), linear)
+        weights[p + "post_attention_layernorm.weight"] = ((hidden,), norm)
+        weights[p + "post_feedforward_layernorm.weight"] = ((hidden,), norm)
+    weights["model.norm.weight"] = ((hidden,), norm)
     if not config["tie_word_embeddings"]:
-        weights["lm_head.weight"] = linear(config["vocab_size"], hidden)
+        weights["lm_head.weight"] = ((config["vocab_size"], hidden), linear)
     return weights
+
+
+def _draw(rng: np.random.Generator, shape: tuple[int, ...], kind: str) -> np.ndarray:
+    """Linear weights ~ N(0, 0.02); norm weights around 1 but not 1, so a dropped or misplaced norm shows."""
+    x = rng.standard_normal(shape, dtype=np.float32)
+    return (0.02 * x) if kind == "linear" else (1.0 + 0.1 * x)
 
 
 def _to_bytes(array: np.ndarray, dtype: str) -> bytes:
@@ -189,25 +194,28 @@ def _to_bytes(array: np.ndarray, dtype: str) -> bytes:
     return bits.astype("<u2").tobytes()
 
 
-def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str) -> int:
-    """Write one safetensors file (tensors sorted by name); returns the bytes of tensor data."""
-    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+def _write_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, ...], str]], dtype: str,
+                       rng: np.random.Generator, order: list[str]) -> int:
+    """Write one safetensors file (tensors sorted by name), drawing each tensor when it is written, so
+    memory holds one tensor at a time. Tensors are drawn in ``order`` (the checkpoint's canonical order),
+    which keeps the weights independent of how they are sharded. Returns the bytes of tensor data."""
+    itemsize = 4 if dtype == "float32" else 2
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name in sorted(tensors):
-        data = _to_bytes(tensors[name], dtype)
-        header[name] = {
-            "dtype": _ST_DTYPES[dtype],
-            "shape": list(tensors[name].shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        chunks.append(data)
-        offset += len(data)
+        shape = tensors[name][0]
+        n = int(np.prod(shape)) * itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    base = 8 + len(raw)
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for chunk in chunks:
-            f.write(chunk)
+        for name in order:
+            if name in tensors:
+                f.seek(base + header[name]["data_offsets"][0])
+                f.write(_to_bytes(_draw(rng, *tensors[name]), dtype))
     return offset
 
 
@@ -230,7 +238,8 @@ def _write_checkpoint(out: Path, preset_name: str, seed: int, num_layers: int | 
         "pad": tokenizer.token_to_id(PAD_TOKEN),
     }
 
-    config = _config(preset, num_layers, dtype, tokenizer.get_vocab_size(), ids)
+    vocab_size = preset.get("vocab_size", tokenizer.get_vocab_size())
+    config = _config(preset, num_layers, dtype, vocab_size, ids)
     _write_json(out / "config.json", config)
     _write_json(
         out / "generation_config.json",
@@ -252,9 +261,10 @@ def _write_checkpoint(out: Path, preset_name: str, seed: int, num_layers: int | 
     for name, array in weights.items():
         shards[_shard_of(name, half)][name] = array
     weight_map, total_size = {}, 0
+    rng, order = np.random.default_rng(seed), list(weights)
     for k, tensors in enumerate(shards):
         file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        total_size += _write_safetensors(out / file, tensors, dtype)
+        total_size += _write_safetensors(out / file, tensors, dtype, rng, order)
         weight_map.update(dict.fromkeys(tensors, file))
     index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     _write_json(out / "model.safetensors.index.json", index)
