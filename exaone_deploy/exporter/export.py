@@ -67,8 +67,8 @@ def trace_canonical(spec: ModelSpec, dtype: str, max_positions: int, opset: int 
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):
         model = Exaone4Reference(spec, max_positions).to(torch_dtype)
-    model.cos_cache = torch.empty(max_positions, spec.head_dim // 2, device="meta")
-    model.sin_cache = torch.empty(max_positions, spec.head_dim // 2, device="meta")
+    model.cos_cache = torch.empty(max_positions, spec.head_dim // 2, dtype=torch_dtype, device="meta")
+    model.sin_cache = torch.empty(max_positions, spec.head_dim // 2, dtype=torch_dtype, device="meta")
     # Distinct example sizes keep torch.export from specialising one dim to another's value.
     B, S, K, C = 2, 7, 3, 17
     meta = dict(device="meta")

@@ -180,7 +180,12 @@ def _random_weights(config: dict, seed: int) -> dict[str, tuple[tuple[int, ...],
 def _draw(rng: np.random.Generator, shape: tuple[int, ...], kind: str) -> np.ndarray:
     """Linear weights ~ N(0, 0.02); norm weights around 1 but not 1, so a dropped or misplaced norm shows."""
     x = rng.standard_normal(shape, dtype=np.float32)
-    return (0.02 * x) if kind == "linear" else (1.0 + 0.1 * x)
+    if kind == "linear":
+        x *= 0.02
+    else:
+        x *= 0.1
+        x += 1.0
+    return x
 
 
 def _to_bytes(array: np.ndarray, dtype: str) -> bytes:
@@ -189,9 +194,13 @@ def _to_bytes(array: np.ndarray, dtype: str) -> bytes:
         return array.astype("<f4").tobytes()
     if dtype == "float16":
         return array.astype("<f2").tobytes()
-    bits = array.astype("<f4").view("<u4").astype(np.uint64)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return bits.astype("<u2").tobytes()
+    bits = array.astype("<f4").view("<u4")
+    # Round to nearest even in place (no overflow for finite values: the largest is 0xFF7FFFFF + 0x8000).
+    rounding = (bits >> 16) & 1
+    rounding += 0x7FFF
+    rounding += bits
+    rounding >>= 16
+    return rounding.astype("<u2").tobytes()
 
 
 def _write_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, ...], str]], dtype: str,
