@@ -18,7 +18,8 @@ Steps (``build_engine``):
    source bundle's hash. :class:`~exaone_deploy.runtime.trt_backend.TrtBackend` refuses an engine built by
    another TensorRT version or for another GPU with a message saying so.
 
-All TensorRT calls are in ``_build_serialized`` and follow the TensorRT 10.x/11.x Python API.
+All TensorRT calls are in ``_build_serialized`` and its helpers and follow the TensorRT 10.x/11.x Python API; the
+parser, logger and progress monitor are kept alive until the engine is built (TensorRT holds raw pointers to them).
 """
 
 from __future__ import annotations
@@ -237,10 +238,12 @@ def _network_flags(trt) -> int:
     return flags
 
 
-def _parse(trt, network, logger, model_path: Path) -> None:
+def _parse(trt, network, logger, model_path: Path):
+    """Parse the ONNX file into ``network``. Returns the parser, which owns the weights the network points to:
+    keep it alive until the engine is built."""
     parser = trt.OnnxParser(network, logger)
     if parser.parse_from_file(str(model_path)):
-        return
+        return parser
     lines = []
     for i in range(parser.num_errors):
         err = parser.get_error(i)
@@ -267,15 +270,17 @@ def _build_serialized(trt, model_path: Path, spec: ModelSpec, opts: BuildOptions
     logger = trt.Logger(trt.Logger.INFO if log.isEnabledFor(logging.DEBUG) else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
-    _parse(trt, network, logger, model_path)
+    parser = _parse(trt, network, logger, model_path)  # owns the weights: must outlive the build
 
     config = builder.create_builder_config()
     config.builder_optimization_level = opts.opt_level
     if opts.workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gib * (1 << 30)))
     _load_timing_cache(trt, config, opts.timing_cache)
+    monitor = None  # TensorRT keeps a raw pointer: the Python object must outlive the build
     if hasattr(trt, "IProgressMonitor"):
-        config.progress_monitor = _progress_monitor(trt, progress)
+        monitor = _progress_monitor(trt, progress)
+        config.progress_monitor = monitor
 
     shapes = profile_shapes(spec, opts.max_batch, max_seq_len, opts.prefill_opt_len)
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
@@ -301,6 +306,7 @@ def _build_serialized(trt, model_path: Path, spec: ModelSpec, opts: BuildOptions
                          "shapes": {k: [list(dims) for dims in v] for k, v in summary.items()}})
 
     serialized = builder.build_serialized_network(network, config)
+    del parser  # only now may it go
     if serialized is None:
         raise BuildError(f"{model_path}: TensorRT could not build an engine (run with -vv for the builder log)")
     if opts.timing_cache is not None:
