@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--shard-gb", type=float, default=5.0,
                         help="max shard size in GB, as transformers' max_shard_size (default 5: one file)")
+    parser.add_argument("--repeat", type=int, default=1, help="measure each dtype this many times (fresh processes)")
     parser.add_argument("--peers", action="store_true", help="also measure transformers' from_pretrained")
     parser.add_argument("--check", action="store_true", help=f"exit 1 if a peak RSS / weights ratio > {TARGET}")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted(model_dir.glob("*.safetensors"))
     rows = []
     for dtype in args.dtypes:
-        rows.append(_derive(run_isolated(measure_ours, str(model_dir), dtype, str(warmup_dir))))
+        for rep in range(args.repeat):
+            rows.append(_derive(run_isolated(measure_ours, str(model_dir), dtype, str(warmup_dir))) | {"rep": rep})
         if args.peers:
             rows.append(_derive(run_isolated(measure_transformers, str(model_dir), dtype)))
     result = {
