@@ -1,0 +1,366 @@
+"""Continuous batching: one thread owns the backend; requests join and leave the running batch between steps.
+
+Each loop iteration:
+
+1. drops cancelled requests (their slot is free again before the next model call),
+2. admits waiting requests into free cache slots (lowest slot first, so the decode batch, which spans rows
+   [0, max slot], stays compact),
+3. prefills admitted prompts in chunks of ``prefill_chunk`` tokens, at most about one chunk's worth of tokens
+   per iteration so that a long prompt does not stall the streams already running,
+4. runs one batched decode step over every request that has a token to feed.
+
+Every request has its own sampler, detokenizer and stop handling (``generate._Row``), so it gets the same
+tokens whatever else shares the batch: a cache row's computation does not depend on the other rows (ONNX
+Runtime's GroupQueryAttention reads only its row's cache up to its own ``seqlens_k``, and the projections are
+row-wise), and chunk boundaries depend only on the prompt's length.
+
+The scheduler knows nothing about HTTP or asyncio: a request reports through its ``emit`` callable, called on
+the scheduler thread with :class:`Delta`, :class:`Done` or :class:`Failed` events (the server forwards them to
+an asyncio queue with ``loop.call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .backend import Backend, ContextLengthError
+from .generate import GenerationResult, _Row
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Scheduler", "Request", "Delta", "Done", "Failed", "QueueFull", "SchedulerClosed", "SchedulerObserver"]
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound; the caller should retry later (HTTP 429)."""
+
+
+class SchedulerClosed(RuntimeError):
+    """The scheduler is stopped (or its thread died); no new requests are accepted."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    index: int
+    text: str  # may be "" (an unfinished UTF-8 character, text held back for stop strings)
+    token_ids: tuple[int, ...]  # the tokens this step added
+
+
+@dataclass(frozen=True)
+class Done:
+    index: int
+    result: GenerationResult  # token_ids, text, finish_reason ("stop" | "length" | "cancelled"), timings
+
+
+@dataclass(frozen=True)
+class Failed:
+    index: int
+    message: str
+
+
+Event = Delta | Done | Failed
+
+
+class Request:
+    """One generation: prompt ids, sampling parameters (``max_new_tokens`` already bounded by the context), and
+    a thread-safe ``emit(event)`` callable. ``index`` tells apart the choices of one HTTP request."""
+
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, emit: Callable[[Event], None], *,
+                 index: int = 0, request_id: str | None = None):
+        self.prompt_ids = [int(t) for t in prompt_ids]
+        self.params = params
+        self.emit = emit
+        self.index = index
+        self.id = request_id or uuid.uuid4().hex
+        self.cancelled = False
+        self.state = "new"  # new -> waiting -> prefill -> decode -> finished
+        self.slot: int | None = None
+        self.row: _Row | None = None
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.next_token: int | None = None  # sampled, not yet fed to the model
+        self.finish_reason: str | None = None
+        self.t_submit = self.t_admit = self.t_first = self.t_done = 0.0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.row.result.token_ids) if self.row else 0
+
+    def __repr__(self) -> str:
+        return f"Request({self.id[:8]}, state={self.state}, slot={self.slot}, prompt={len(self.prompt_ids)})"
+
+
+class SchedulerObserver:
+    """Hooks for metrics; called on the scheduler thread. The defaults do nothing."""
+
+    def on_admit(self, req: Request) -> None: ...
+
+    def on_first_token(self, req: Request) -> None: ...
+
+    def on_finish(self, req: Request) -> None: ...
+
+    def on_prefill(self, tokens: int, seconds: float) -> None: ...
+
+    def on_decode(self, batch: int, seconds: float) -> None: ...
+
+
+class Scheduler:
+    """Runs requests on a backend's cache slots with continuous batching, in a dedicated thread."""
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, *, eos_ids: Sequence[int] | None = None,
+                 max_queue: int = 256, prefill_chunk: int = 512, observer: SchedulerObserver | None = None):
+        if max_queue < 0 or prefill_chunk < 1:
+            raise ValueError(f"max_queue must be >= 0 and prefill_chunk >= 1, got {max_queue}, {prefill_chunk}")
+        self.backend = backend
+        self.tokenizer = tokenizer  # _Row reads .tokenizer and .eos_ids from us
+        self.eos_ids = list(eos_ids if eos_ids is not None else tokenizer.eos_ids)
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.observer = observer or SchedulerObserver()
+        self.context = int(backend.capacity)  # tokens per slot: prompt + completion
+        self.max_batch = int(backend.max_batch)
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # admitted: holding a slot (prefill or decode)
+        self._free = list(range(self.max_batch))  # a heap: lowest slot first
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+        # counters (read by /health)
+        self.steps = 0
+        self.finished = 0
+        self.cancelled = 0
+        self.failed = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="exaone-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("scheduler thread did not stop within %.0f s", timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    # ---- requests -----------------------------------------------------------------------------
+    def submit(self, *requests: Request) -> None:
+        """Queue requests (all or none). Raises QueueFull, SchedulerClosed, or ContextLengthError/ValueError
+        (a bad request fails here, in the caller's thread, never in the scheduler's)."""
+        for req in requests:
+            n = len(req.prompt_ids)
+            if n == 0:
+                raise ValueError("the prompt is empty")
+            if n + req.params.max_new_tokens > self.context:
+                raise ContextLengthError(f"{n} prompt tokens + {req.params.max_new_tokens} new tokens exceed the "
+                                         f"context of {self.context} tokens")
+            req.row = _Row(self, req.prompt_ids, req.params, req.params.max_new_tokens)  # validates the params
+        with self._cond:
+            if self._stopping or self.error is not None or self._thread is None:
+                raise SchedulerClosed("the scheduler is not running")
+            if len(self._waiting) + len(requests) > self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+            now = time.perf_counter()
+            for req in requests:
+                req.state, req.t_submit = "waiting", now
+                self._waiting.append(req)
+            self._cond.notify()
+
+    def cancel(self, req: Request) -> None:
+        """Drop a request (client gone): its slot is freed before the next model call."""
+        if req.state == "finished":
+            return
+        with self._cond:
+            req.cancelled = True
+            self._cond.notify()
+
+    def stats(self) -> dict:
+        with self._cond:
+            running = list(self._running)
+            waiting = len(self._waiting)
+            free = len(self._free)
+        return {
+            "slots_total": self.max_batch,
+            "slots_used": self.max_batch - free,
+            "queue_depth": waiting,
+            "queue_max": self.max_queue,
+            "running": len(running),
+            "decoding": sum(r.state == "decode" for r in running),
+            "cache_tokens": int(np.sum(self.backend.lengths)),  # tokens held in the KV cache, all slots
+            "context": self.context,
+            "steps": self.steps,
+            "finished": self.finished,
+            "cancelled": self.cancelled,
+            "failed": self.failed,
+            "alive": self.alive,
+        }
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self._running:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    admitted, dropped = self._admit_locked()
+                for req in dropped:  # cancelled while waiting: no slot to free
+                    req.state, req.finish_reason, req.t_done = "finished", "cancelled", time.perf_counter()
+                    self.cancelled += 1
+                    self.observer.on_finish(req)
+                for req in admitted:
+                    self.observer.on_admit(req)
+                self._step()
+        except BaseException as e:  # noqa: BLE001 - reported to every request and to /health
+            log.exception("scheduler thread crashed")
+            self.error = e
+        finally:
+            with self._cond:
+                self._stopping = True
+                left = list(self._running) + list(self._waiting)
+                self._waiting.clear()
+            reason = "server shutting down" if self.error is None else f"scheduler failed: {self.error}"
+            for req in left:
+                self._fail(req, reason)
+
+    def _admit_locked(self) -> tuple[list[Request], list[Request]]:
+        """Move waiting requests into free slots; drop cancelled waiting ones (so a full queue drains at once)."""
+        admitted, dropped = [], [r for r in self._waiting if r.cancelled]
+        if dropped:
+            self._waiting = deque(r for r in self._waiting if not r.cancelled)
+        while self._waiting and self._free:
+            req = self._waiting.popleft()
+            req.slot = heapq.heappop(self._free)
+            req.state, req.t_admit = "prefill", time.perf_counter()
+            self._running.append(req)
+            admitted.append(req)
+        return admitted, dropped
+
+    def _step(self) -> None:
+        for req in [r for r in self._running if r.cancelled]:
+            self._finish(req, "cancelled")
+
+        budget = self.prefill_chunk
+        for req in [r for r in self._running if r.state == "prefill"]:
+            if budget <= 0:
+                break
+            chunk = req.prompt_ids[req.prefilled:req.prefilled + self.prefill_chunk]
+            t = time.perf_counter()
+            try:
+                if req.prefilled == 0:
+                    logits = self.backend.prefill([req.slot], [chunk])[0]
+                else:
+                    logits = self.backend.extend(req.slot, chunk)[0]
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                log.exception("prefill failed for %r", req)
+                self._fail(req, f"prefill failed: {e}")
+                continue
+            self.observer.on_prefill(len(chunk), time.perf_counter() - t)
+            req.prefilled += len(chunk)
+            budget -= len(chunk)
+            if req.prefilled == len(req.prompt_ids):
+                self._sample(req, logits)
+
+        batch = sorted((r for r in self._running if r.state == "decode"), key=lambda r: r.slot)
+        if batch:
+            t = time.perf_counter()
+            try:
+                logits = self.backend.decode([r.slot for r in batch], [r.next_token for r in batch])
+            except Exception as e:  # noqa: BLE001
+                log.exception("decode step failed (batch of %d)", len(batch))
+                for req in batch:
+                    self._fail(req, f"decode failed: {e}")
+                return
+            self.observer.on_decode(len(batch), time.perf_counter() - t)
+            self.steps += 1
+            for req, row_logits in zip(batch, logits):
+                self._sample(req, row_logits)
+
+    def _sample(self, req: Request, logits: np.ndarray) -> None:
+        row = req.row
+        ids = row.result.token_ids
+        n = len(ids)
+        try:
+            token = row.sampler(logits, row.result.prompt_ids + ids if req.params.repetition_penalty != 1.0 else ())
+            delta = row.accept(token)
+        except Exception as e:  # noqa: BLE001 - e.g. non-finite probabilities: this request fails, not the loop
+            log.exception("sampling failed for %r", req)
+            self._fail(req, f"sampling failed: {e}")
+            return
+        if not req.t_first:
+            req.t_first = time.perf_counter()
+            self.observer.on_first_token(req)
+        if delta or len(ids) > n:  # (an end-of-sequence token is not part of the completion)
+            self._emit(req, Delta(req.index, delta, tuple(ids[n:])))
+        if row.done:
+            self._finish(req, row.result.finish_reason)
+        else:
+            req.state, req.next_token = "decode", token
+
+    def _emit(self, req: Request, event: Event) -> None:
+        try:
+            req.emit(event)
+        except Exception:  # noqa: BLE001 - the receiver is gone (its event loop closed): stop work on it
+            log.debug("could not deliver an event for %r; cancelling it", req, exc_info=True)
+            req.cancelled = True
+
+    def _release(self, req: Request) -> None:
+        if req.slot is not None:
+            self.backend.release(req.slot)
+            with self._cond:
+                if req in self._running:
+                    self._running.remove(req)
+                heapq.heappush(self._free, req.slot)
+            req.slot = None
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self._release(req)
+        req.state, req.finish_reason, req.t_done = "finished", reason, time.perf_counter()
+        if reason == "cancelled":
+            self.cancelled += 1
+        else:
+            self.finished += 1
+        result = req.row.result
+        if reason == "cancelled":
+            result.finish_reason = "cancelled"
+        t_first = req.t_first or req.t_done
+        result.timings = {
+            "queue_s": req.t_admit - req.t_submit,
+            "ttft_s": t_first - req.t_submit,
+            "total_s": req.t_done - req.t_submit,
+            "decode_tokens_per_s": (len(result.token_ids) - 1) / (req.t_done - t_first)
+            if len(result.token_ids) > 1 and req.t_done > t_first else 0.0,
+        }
+        self.observer.on_finish(req)
+        if not req.cancelled:
+            self._emit(req, Done(req.index, result))
+
+    def _fail(self, req: Request, message: str) -> None:
+        try:
+            self._release(req)
+        except Exception:  # noqa: BLE001
+            log.exception("releasing slot %s failed", req.slot)
+        req.state, req.finish_reason, req.t_done = "finished", "error", time.perf_counter()
+        self.failed += 1
+        self.observer.on_finish(req)
+        self._emit(req, Failed(req.index, message))
