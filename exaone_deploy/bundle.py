@@ -68,6 +68,12 @@ class Manifest:
         return int(self.data["max_seq_len"])
 
     @property
+    def cache_lengths(self) -> list[int | str]:
+        """Per layer: a fixed window-sized cache length, or "cache_len" (runtime-chosen)."""
+        cache = self.data.get("io", {}).get("cache", {})
+        return cache.get("per_layer_len") if cache.get("window_cache") else ["cache_len"] * self.spec.num_layers
+
+    @property
     def model_path(self) -> Path:
         return self.root / self.data["files"]["model"]
 
@@ -84,7 +90,12 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def io_spec(spec: ModelSpec, dtype: str, max_seq_len: int) -> dict[str, Any]:
+def cache_lengths(spec: ModelSpec, window_cache: bool) -> list[int | str]:
+    """Per layer: the fixed window W (window-sized cache) or "cache_len" (chosen by the runtime)."""
+    return [layer.window if (window_cache and layer.sliding) else "cache_len" for layer in spec.layers]
+
+
+def io_spec(spec: ModelSpec, dtype: str, max_seq_len: int, window_cache: bool = False) -> dict[str, Any]:
     kv = ["batch", spec.num_kv_heads, "cache_len", spec.head_dim]
     return {
         "inputs": [
@@ -103,14 +114,14 @@ def io_spec(spec: ModelSpec, dtype: str, max_seq_len: int) -> dict[str, Any]:
              "doc": "the past buffers updated in place (bind the same memory)"},
         ],
         "cache": {"layout": "BNSH", "dtype": dtype, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-                  "max_len": max_seq_len, "in_place": True,
-                  "per_layer_len": "cache_len (full length) on every layer for ONNX Runtime"},
+                  "max_len": max_seq_len, "in_place": True, "window_cache": window_cache,
+                  "per_layer_len": cache_lengths(spec, window_cache)},
     }
 
 
 def write_manifest(root: Path, *, spec: ModelSpec, target: str, dtype: str, max_seq_len: int, model_file: str,
                    canonical_file: str | None, weights_file: str | None, source_dir: Path,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                   window_cache: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     files = sorted(p.name for p in root.iterdir() if p.is_file() and p.name != MANIFEST)
     data: dict[str, Any] = {
         "format": FORMAT,
@@ -121,7 +132,7 @@ def write_manifest(root: Path, *, spec: ModelSpec, target: str, dtype: str, max_
         "source": {"config_sha256": spec.config_sha256, "name": source_dir.name},
         "spec": spec.to_json(),
         "layers": [{"index": l.index, "kind": l.kind, "window": l.window, "rope": l.rope} for l in spec.layers],
-        "io": io_spec(spec, dtype, max_seq_len),
+        "io": io_spec(spec, dtype, max_seq_len, window_cache),
         "files": {"model": model_file, "canonical": canonical_file, "weights": weights_file},
         "tools": _tool_versions(),
         "sha256": {name: sha256_file(root / name) for name in files},

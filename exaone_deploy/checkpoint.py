@@ -23,6 +23,7 @@ from .spec import ModelSpec
 
 __all__ = ["CheckpointError", "Checkpoint", "TensorInfo", "expected_tensors", "resolve_model_dir"]
 
+_SCRATCH_BYTES = 1 << 24  # dtype conversion chunk
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # safetensors dtype -> (numpy storage dtype, torch dtype name, bytes)
 _DTYPES = {
@@ -77,6 +78,10 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
             continue
         try:
             dtype, shape, (start, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+            ints = [*shape, start, end]
+            if not isinstance(meta["shape"], list) or any(isinstance(x, bool) or not isinstance(x, int) for x in ints) \
+                    or min(shape, default=0) < 0 or not 0 <= start <= end:
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
         if dtype not in _DTYPES:
@@ -120,6 +125,7 @@ class Checkpoint:
                 )
             raise CheckpointError(f"{self.dir}: no *.safetensors weights found")
         self.tensors: dict[str, TensorInfo] = {}
+        self._scratch: dict = {}
         for f in files:
             for name, info in _read_header(f).items():
                 if name in self.tensors:
@@ -172,15 +178,41 @@ class Checkpoint:
                 got += n
 
     def read_torch(self, name: str, dtype=None):
-        """The tensor as a torch tensor, converted to ``dtype`` (a torch dtype) if given."""
+        """The tensor as a torch tensor, converted to ``dtype`` (a torch dtype) if given.
+
+        A conversion goes through one reused scratch buffer in chunks: no full-size temporary per tensor,
+        so loading leaves no holes in the heap (peak memory stays at the converted weights).
+        """
         import torch
 
         info = self.tensors[name]
         src = getattr(torch, _DTYPES[info.dtype][1])
-        t = torch.empty(info.shape, dtype=src)
-        buf = t.view(torch.int16) if src == torch.bfloat16 else t
-        self._readinto(info, buf.numpy())
-        return t if dtype is None or dtype == src else t.to(dtype)
+        if dtype is None or dtype == src:
+            t = torch.empty(info.shape, dtype=src)
+            self._readinto(info, (t.view(torch.int16) if src == torch.bfloat16 else t).numpy())
+            return t
+        out = torch.empty(info.shape, dtype=dtype)
+        flat = out.view(-1)
+        itemsize = _DTYPES[info.dtype][2]
+        per = max(1, _SCRATCH_BYTES // itemsize)
+        scratch = self._scratch.get(src)
+        if scratch is None:
+            self._scratch = {src: torch.empty(per, dtype=src)}
+            scratch = self._scratch[src]
+        raw = (scratch.view(torch.int16) if src == torch.bfloat16 else scratch).numpy()
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.offset)
+            for start in range(0, flat.numel(), per):
+                n = min(per, flat.numel() - start)
+                view = memoryview(raw[:n].view(np.uint8))
+                got = 0
+                while got < n * itemsize:
+                    k = f.readinto(view[got:])
+                    if not k:
+                        raise CheckpointError(f"{info.file}: truncated while reading '{info.name}'")
+                    got += k
+                flat[start:start + n].copy_(scratch[:n])
+        return out
 
     # ---- validation ----------------------------------------------------------------------------
     def validate(self, spec: ModelSpec) -> None:

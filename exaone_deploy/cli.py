@@ -366,5 +366,17 @@ def demo(prompt, max_new_tokens, temperature, top_k, seed, bundle_dir):
                f"decode {t['decode_tokens_per_s']:.0f} tok/s; bundle: {bundle_dir}")
 
 
+def _register_optional_commands() -> None:
+    """Commands that live with their stage (TensorRT in plugins/, quantization in calibration/, serving in
+    runtime/). Each module imports its heavy dependencies only when the command runs."""
+    from .plugins.cli import build_command, compare_command
+
+    main.add_command(build_command, "build")
+    main.add_command(compare_command, "compare")
+
+
+_register_optional_commands()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -15,8 +15,10 @@ __all__ = ["attention_ref", "rope_cache", "llama3_inv_freq", "default_inv_freq",
 
 
 def default_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    """inv_freq[i] = theta ** (-2i / head_dim), float64."""
-    return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    """inv_freq[i] = 1 / theta ** (2i / head_dim), in float32 exactly as transformers computes it
+    (the exponent in float32, the power evaluated in float64 and rounded)."""
+    e = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    return np.float32(1.0) / (float(theta) ** e.astype(np.float64)).astype(np.float32)
 
 
 def llama3_inv_freq(
@@ -27,16 +29,19 @@ def llama3_inv_freq(
     high_freq_factor: float,
     original_max_position_embeddings: int,
 ) -> np.ndarray:
-    """Llama-3 frequency scaling, as transformers' ``_compute_llama3_parameters``."""
+    """Llama-3 frequency scaling, as transformers' ``_compute_llama3_parameters`` (in float32 like it:
+    a 1-ulp difference in inv_freq grows to 1e-3 in cos/sin at position 100k)."""
+    f32 = np.float32
     inv_freq = default_inv_freq(head_dim, theta)
     low_freq_wavelen = original_max_position_embeddings / low_freq_factor
     high_freq_wavelen = original_max_position_embeddings / high_freq_factor
-    wavelen = 2 * np.pi / inv_freq
-    inv_freq_llama = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
+    wavelen = f32(2 * np.pi) / inv_freq
+    inv_freq_llama = np.where(wavelen > low_freq_wavelen, inv_freq / f32(factor), inv_freq)
+    smooth = (f32(original_max_position_embeddings) / wavelen - f32(low_freq_factor)) / f32(
+        high_freq_factor - low_freq_factor)
+    smoothed = (f32(1) - smooth) * inv_freq_llama / f32(factor) + smooth * inv_freq_llama
     is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
-    return np.where(is_medium, smoothed, inv_freq_llama)
+    return np.where(is_medium, smoothed, inv_freq_llama).astype(np.float32)
 
 
 def rope_cache(inv_freq: np.ndarray, max_positions: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:

@@ -169,9 +169,9 @@ def _parse_rope(cfg: dict, path) -> RopeSpec:
     if params is None:
         params = cfg.get("rope_scaling")
         field_name = "rope_scaling"
-    params = dict(params or {})
-    if not isinstance(params, dict):
+    if params is not None and not isinstance(params, dict):
         raise ConfigError(path, field_name, f"expected an object, got {params!r}")
+    params = dict(params or {})
     # transformers 5 keeps rope_theta inside rope_parameters; 4.x has it at the top level.
     theta = params.get("rope_theta", cfg.get("rope_theta"))
     if theta is None:
@@ -200,7 +200,11 @@ def _parse_rope(cfg: dict, path) -> RopeSpec:
 
 
 def _parse_layer_kinds(cfg: dict, num_layers: int, sliding_window: int | None, path) -> list[bool]:
-    """Return per layer whether it is sliding (local). The last layer is always global."""
+    """Return per layer whether it is sliding (local).
+
+    An explicit ``layer_types`` is followed as written (as transformers does). A pattern (int or "LLLG"
+    string) repeats from layer 0 and the final layer is always global (EXAONE 4's rule for patterns).
+    """
     if sliding_window is None:
         return [False] * num_layers
     layer_types = cfg.get("layer_types")
@@ -213,6 +217,7 @@ def _parse_layer_kinds(cfg: dict, num_layers: int, sliding_window: int | None, p
             if t not in ("sliding_attention", "full_attention"):
                 raise ConfigError(path, f"layer_types[{i}]", f"unknown layer type {t!r}")
             kinds.append(t == "sliding_attention")
+        return kinds
     elif isinstance(pattern, str):
         letters = pattern.strip().upper()
         if not letters or set(letters) - {"L", "G"}:
@@ -229,7 +234,7 @@ def _parse_layer_kinds(cfg: dict, num_layers: int, sliding_window: int | None, p
         )
     else:
         raise ConfigError(path, "sliding_window_pattern", f"expected an int or an 'LLLG'-style string, got {pattern!r}")
-    kinds[-1] = False  # EXAONE 4: the final layer always uses global attention
+    kinds[-1] = False  # EXAONE 4: with a pattern, the final layer always uses global attention
     return kinds
 
 

@@ -319,3 +319,47 @@ def test_cli_export_errors_are_one_line(workdir):
     r = _cli("export", workdir / "does-not-exist", "-o", workdir / "nope", check=False)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "does-not-exist" in r.stderr
+
+
+def test_window_sized_caches_for_sliding_layers(bundles):
+    """The 32b preset's sliding layers keep W-sized caches; interleaved decoding stays exact."""
+    m = load_manifest(bundles["32b", "float32"])
+    assert m.cache_lengths == [8, 8, 8, "cache_len", 8, 8, 8, "cache_len"]
+    model = onnx.load(str(m.model_path), load_external_data=False)
+    dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims["past_key_values.0.key"][2] == 8 and dims["past_key_values.3.key"][2] == "cache_len"
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(9, 500, n).tolist() for n in (20, 13, 31)]
+    batch = OrtBackend(m, max_batch=3, capacity=64)
+    assert batch.windowed
+    first = batch.prefill([0, 1, 2], prompts)
+    alone = OrtBackend(m, max_batch=1, capacity=64)
+    expected = []
+    for p in prompts:
+        steps = [alone.prefill([0], [p])[0]]
+        for _ in range(3):
+            steps.append(alone.decode([0], [int(steps[-1].argmax())])[0])
+        expected.append(steps)
+    tok = [int(x.argmax()) for x in first]
+    for step in range(3):  # slot 1 is live but idle for the first two steps: it must not be disturbed
+        active = [0, 2] if step < 2 else [0, 1, 2]
+        if step == 2:
+            tok[1] = int(expected[1][0].argmax())
+        out = batch.decode(active, [tok[s] for s in active])
+        for row, s in zip(out, active):
+            want = expected[s][step + 1] if s != 1 else expected[1][1]
+            np.testing.assert_allclose(row, want, atol=1e-5)
+            tok[s] = int(row.argmax())
+
+
+def test_full_length_cache_option(workdir, checkpoints, bundles):
+    full = export_bundle(checkpoints["32b"], workdir / "fullcache", ExportOptions(max_seq_len=MAX_SEQ, window_cache=False),
+                         progress=False)
+    assert load_manifest(full).cache_lengths == ["cache_len"] * 8
+    prompt = np.random.default_rng(6).integers(9, 500, PROMPT_LEN).tolist()
+    a = OrtBackend(full, capacity=64)
+    b = OrtBackend(bundles["32b", "float32"], capacity=64)
+    np.testing.assert_allclose(a.prefill([0], [prompt]), b.prefill([0], [prompt]), atol=1e-5)
+    for t in (11, 12, 13):
+        np.testing.assert_allclose(a.decode([0], [t]), b.decode([0], [t]), atol=1e-5)
+    assert b.cache_bytes() < a.cache_bytes()

@@ -209,12 +209,6 @@ def test_pattern_lg_mixed(real_config):
     assert [layer.sliding for layer in spec_from_config(cfg).layers] == [True, False] * 4
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "spec.py forces the final layer global even when layer_types (or an int pattern) says otherwise; "
-    "transformers' Exaone4Config/modeling honour layer_types as written. Real checkpoints (64 layers, "
-    "last one full_attention) are unaffected; only the string-pattern path forces the last layer global "
-    "in the original EXAONE code."
-))
 def test_explicit_layer_types_are_honoured_like_transformers(real_config):
     cfg = real_config("32b")
     cfg.update(num_hidden_layers=6, sliding_window=8)
@@ -292,13 +286,6 @@ def _cos_sin_diff(spec, rot, torch, positions):
             np.abs(sin[0, :, :half].numpy() - s[positions]).max())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "opref.default_inv_freq/llama3_inv_freq compute in float64 and round at the end; transformers computes "
-    "in float32. Some frequencies differ by 1 ulp (hd 16: 3 of 8, hd 64: 13 of 32, hd 128: 26 of 64) and "
-    "position * inv_freq amplifies it: cos/sin differ by 4.2e-7 (hd 16) .. 7.6e-6 (hd 128) at 128 positions, "
-    "up to 4.9e-4 (hd 16), 9.8e-4 (hd 64), 7.8e-3 (hd 128) at 131k. Doing the arithmetic in float32 as "
-    "transformers does (the power in float64 rounded to float32) brings all four cases here to <= 2.7e-7."
-))
 @pytest.mark.parametrize("name,head_dim,rope_type", [
     ("32b", 128, "llama3"),  # the real 32B
     ("1.2b", 64, "llama3"),  # the real 1.2B
@@ -414,11 +401,6 @@ def test_bad_sliding_window(tmp_path, real_config, window):
     assert _error(tmp_path, cfg).field == "sliding_window"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "spec._parse_rope calls dict(params) before its isinstance check, so a non-object rope_scaling "
-    "raises a bare ValueError/TypeError without the file or field. One-line fix: check "
-    "`isinstance(params, dict)` (when not None) before `dict(params)`."
-))
 @pytest.mark.parametrize("value", ["llama3", [1, 2]])
 def test_rope_scaling_not_an_object(tmp_path, real_config, value):
     cfg = real_config("32b")

@@ -105,12 +105,6 @@ def test_static_checks_on_tiny_trt_graphs(bundles, tiny_dirs, preset):
     assert report.op_counts["MatMul"] > 0 and report.quantization == {}
     assert [p["window"] for p in report.plugins] == [layer.window for layer in spec.layers]
     assert [p["rotary"] for p in report.plugins] == [int(layer.rope) for layer in spec.layers]
-    if not report.ok:
-        # Known: the trt lowering (exporter/lower.py) gives NoPE layers 7 inputs, the plugin has a fixed list of 9.
-        nope = [layer.index for layer in spec.layers if not layer.rope]
-        assert nope and len(report.errors) == len(nope), _errors(report)
-        assert all("missing cos_cache, sin_cache" in str(e) and "NoPE" in str(e) for e in report.errors)
-        pytest.xfail("exporter/lower.py must connect cos/sin to NoPE plugin nodes (fixed 9-input plugin)")
     assert report.ok, _errors(report)
 
 

@@ -45,6 +45,7 @@ class ExportOptions:
     target: str = "ort"
     dtype: str = "float32"
     max_seq_len: int | None = None  # positions covered by the RoPE caches (default: max_position_embeddings)
+    window_cache: bool = True  # ort: window-sized KV caches on sliding layers
     opset: int = 21
 
     def validate(self) -> None:
@@ -216,7 +217,8 @@ def _export_into(src: Path, tmp: Path, options: ExportOptions, progress: bool) -
         bar.update()
         stage(3)
         canonical = ir.load(tmp / CANONICAL_FILE)
-        lowered = lower.lower(canonical, spec, options.target)
+        window_cache = options.window_cache and options.target == "ort" and spec.is_hybrid
+        lowered = lower.lower(canonical, spec, options.target, window_cache=window_cache)
         ir.save(lowered, tmp / MODEL_FILE)
         bar.update()
         stage(4)
@@ -228,6 +230,7 @@ def _export_into(src: Path, tmp: Path, options: ExportOptions, progress: bool) -
         bundle_mod.write_manifest(
             tmp, spec=spec, target=options.target, dtype=options.dtype, max_seq_len=max_positions,
             model_file=MODEL_FILE, canonical_file=CANONICAL_FILE, weights_file=WEIGHTS_FILE, source_dir=src,
+            window_cache=window_cache,
         )
         bar.update()
 

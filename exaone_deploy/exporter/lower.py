@@ -2,7 +2,9 @@
 
 * ``ort``: each ``ai.exaone_deploy::EXAONEAttention`` becomes ``com.microsoft::GroupQueryAttention``:
   same inputs (cos/sin only on RoPE layers), ``local_window_size`` on sliding layers, ``do_rotary``.
-  The past/present buffers can be bound to the same memory (ONNX Runtime's ``MayInplace``).
+  The past/present buffers can be bound to the same memory (ONNX Runtime's ``MayInplace``). With
+  ``window_cache`` the sliding layers keep window-sized caches (``sliding_window_cache=1``: the op keeps
+  the last W keys and evicts the oldest), so their cache inputs/outputs are (batch, kv_heads, W, head_dim).
 * ``trt``: each becomes a TensorRT plugin node (op_type ``EXAONEAttention_TRT``, ``plugin_version``,
   ``plugin_namespace``), the op's attributes carried as plugin fields; everything else stays standard.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import defs
@@ -38,10 +41,26 @@ def _attention_nodes(graph: ir.Graph) -> list[ir.Node]:
     return [n for n in graph if n.domain == ops.DOMAIN and n.op_type == ops.OP_TYPE]
 
 
-def lower_ort(model: ir.Model) -> ir.Model:
+def _layer_of(node: ir.Node) -> int:
+    # The cache inputs are graph inputs named past_key_values.{i}.key/value (see exporter/export.py).
+    return int(node.inputs[3].name.split(".")[1])
+
+
+def _set_cache_len(graph: ir.Graph, layer: int, length: int) -> None:
+    names = {f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", f"present.{layer}.key",
+             f"present.{layer}.value"}
+    for v in [*graph.inputs, *graph.outputs]:
+        if v.name in names and v.shape is not None:
+            dims = list(v.shape)
+            dims[2] = length
+            v.shape = ir.Shape(dims)
+
+
+def lower_ort(model: ir.Model, spec: ModelSpec | None = None, window_cache: bool = False) -> ir.Model:
     g = model.graph
     for node in _attention_nodes(g):
         a = _attrs(node)
+        layer = _layer_of(node)
         inputs = list(node.inputs[:7]) + (list(node.inputs[7:9]) if a.get("rotary", 0) else [])
         attributes = {
             "num_heads": a["num_heads"],
@@ -52,10 +71,19 @@ def lower_ort(model: ir.Model) -> ir.Model:
         if a.get("scale", 0.0):
             attributes["scale"] = float(a["scale"])
         if a.get("ring", 0):
-            raise ValueError("the ort target uses full-length caches; ring-buffer attention is TensorRT-only")
+            raise ValueError("ring-buffer caches are TensorRT-only; the ort target uses sliding_window_cache")
+        if window_cache and a.get("window", 0):
+            attributes["sliding_window_cache"] = 1
         new = ir.node("GroupQueryAttention", inputs, attributes=attributes, domain="com.microsoft",
                       num_outputs=3, name=node.name)
         _replace(g, node, new)
+        if window_cache and a.get("window", 0):
+            _set_cache_len(g, layer, int(a["window"]))
+            for out in new.outputs[1:]:
+                dims = list(out.shape) if out.shape is not None else None
+                if dims:
+                    dims[2] = int(a["window"])
+                    out.shape = ir.Shape(dims)
     model.opset_imports.pop(ops.DOMAIN, None)
     model.opset_imports["com.microsoft"] = 1
     return model
@@ -84,17 +112,39 @@ def register_trt_schema() -> None:
     defs.register_schema(schema)
 
 
+def _rope_tables(graph: ir.Graph, like: ir.Node) -> tuple[ir.Value, ir.Value]:
+    """The graph's cos/sin caches; a model with no RoPE layer gets (1, H/2) zero tables."""
+    cos, sin = graph.initializers.get("cos_cache"), graph.initializers.get("sin_cache")
+    if cos is not None and sin is not None:
+        return cos, sin
+    past = like.inputs[3]
+    half = int(past.shape[3]) // 2
+    dtype = past.type.dtype
+    tables = []
+    for name in ("cos_cache", "sin_cache"):
+        arr = np.zeros((1, half), dtype=dtype.numpy())
+        v = ir.Value(name=name, shape=ir.Shape([1, half]), type=ir.TensorType(dtype), const_value=ir.tensor(arr))
+        graph.register_initializer(v)
+        tables.append(v)
+    return tables[0], tables[1]
+
+
 def lower_trt(model: ir.Model) -> ir.Model:
+    """Plugin nodes with all nine inputs: TensorRT plugins have a fixed signature, so NoPE layers get the
+    RoPE tables too (the kernel does not read them when rotary=0)."""
     register_trt_schema()
     g = model.graph
-    for node in _attention_nodes(g):
+    nodes = _attention_nodes(g)
+    tables = _rope_tables(g, nodes[0]) if nodes else None
+    for node in nodes:
         a = _attrs(node)
+        inputs = list(node.inputs[:7]) + list(tables)
         attributes = {
             "num_heads": a["num_heads"], "kv_num_heads": a["kv_num_heads"], "scale": float(a.get("scale", 0.0)),
             "window": int(a.get("window", 0)), "rotary": int(a.get("rotary", 0)), "ring": int(a.get("ring", 0)),
             "plugin_version": TRT_PLUGIN_VERSION, "plugin_namespace": TRT_PLUGIN_NAMESPACE,
         }
-        new = ir.node(TRT_OP_TYPE, list(node.inputs), attributes=attributes, domain=TRT_DOMAIN, num_outputs=3,
+        new = ir.node(TRT_OP_TYPE, inputs, attributes=attributes, domain=TRT_DOMAIN, num_outputs=3,
                       name=node.name)
         _replace(g, node, new)
     model.opset_imports.pop(ops.DOMAIN, None)
@@ -102,9 +152,9 @@ def lower_trt(model: ir.Model) -> ir.Model:
     return model
 
 
-def lower(model: ir.Model, spec: ModelSpec, target: str) -> ir.Model:
+def lower(model: ir.Model, spec: ModelSpec, target: str, window_cache: bool = False) -> ir.Model:
     if target == "ort":
-        return lower_ort(model)
+        return lower_ort(model, spec, window_cache)
     if target == "trt":
         return lower_trt(model)
     raise ValueError(f"unknown target {target!r}")

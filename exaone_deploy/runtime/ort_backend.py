@@ -1,9 +1,11 @@
 """ONNX Runtime backend: one session, KV-cache buffers allocated once, updated in place via IO binding.
 
-The cache of layer i is one buffer of shape (max_batch, kv_heads, capacity, head_dim) per K and V. A
-step over rows [r0, r1) binds ``past_key_values.i.*`` *and* ``present.i.*`` to the same memory (GQA's
-shared past/present buffer), so ONNX Runtime writes the new keys and values in place and no cache bytes
-are copied per step. Rows of a C-contiguous buffer are contiguous, so a slot range is a pointer offset.
+The cache of layer i is one buffer of shape (max_batch, kv_heads, L_i, head_dim) per K and V, where L_i is
+``capacity`` or, for sliding layers of a bundle exported with window caches, the window W (the op keeps
+the last W keys). A step over rows [r0, r1) binds ``past_key_values.i.*`` *and* ``present.i.*`` to the
+same memory (GQA's shared past/present buffer), so ONNX Runtime writes the new keys and values in place
+and no cache bytes are copied per step. Rows of a C-contiguous buffer are contiguous, so a slot range is a
+pointer offset.
 """
 
 from __future__ import annotations
@@ -78,14 +80,27 @@ class OrtBackend(Backend):
         if max_batch == self.max_batch and capacity == self.capacity:
             return
         s = self.spec
-        shape = (max_batch, s.num_kv_heads, capacity, s.head_dim)
         dev = "cuda" if self.device == "cuda" else "cpu"
-        self._caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.np_dtype), dev, 0)
-                        for _ in range(2 * s.num_layers)]
+        self._cache_len = [capacity if n == "cache_len" else int(n) for n in self.manifest.cache_lengths]
+        self._caches = []
+        for length in self._cache_len:
+            shape = (max_batch, s.num_kv_heads, length, s.head_dim)
+            self._caches += [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.np_dtype), dev, 0)
+                             for _ in range(2)]
         self.max_batch, self.capacity = max_batch, capacity
         self.lengths = np.zeros(max_batch, dtype=np.int64)
-        self._row_bytes = int(np.prod(shape[1:])) * np.dtype(self.np_dtype).itemsize
+        item = np.dtype(self.np_dtype).itemsize
+        self._row_bytes = [s.num_kv_heads * length * s.head_dim * item for length in self._cache_len]
         self._decode_cache.clear()
+
+    @property
+    def windowed(self) -> bool:
+        """Window-sized caches evict on every write, so rows must never see dummy writes."""
+        return any(length != self.capacity for length in self._cache_len)
+
+    def cache_bytes(self) -> int:
+        return sum(v.numpy().nbytes for v in self._caches) if self.device == "cpu" else \
+            sum(2 * self.max_batch * r for r in self._row_bytes)
 
     def ensure(self, max_batch: int, capacity: int) -> None:
         """Grow the buffers if needed (slot contents are dropped when they are reallocated)."""
@@ -98,11 +113,11 @@ class OrtBackend(Backend):
         io = self.session.io_binding()
         for name, arr in inputs.items():
             io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-        shape = [rows, s.num_kv_heads, self.capacity, s.head_dim]
         dev = "cuda" if self.device == "cuda" else "cpu"
         for i in range(s.num_layers):
+            shape = [rows, s.num_kv_heads, self._cache_len[i], s.head_dim]
             for j, kv in enumerate(("key", "value")):
-                ptr = self._caches[2 * i + j].data_ptr() + r0 * self._row_bytes
+                ptr = self._caches[2 * i + j].data_ptr() + r0 * self._row_bytes[i]
                 io.bind_input(f"past_key_values.{i}.{kv}", dev, 0, self.np_dtype, shape, ptr)
                 io.bind_output(f"present.{i}.{kv}", dev, 0, self.np_dtype, shape, ptr)
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
@@ -119,7 +134,9 @@ class OrtBackend(Backend):
                 raise ValueError("empty prompt")
             self.check_fits(len(p))
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        if not contiguous or len(slots) == 1:
+        # Window-sized caches accept a batched prompt step only when every row fills the whole chunk.
+        ragged = len({len(p) for p in prompts}) > 1
+        if not contiguous or len(slots) == 1 or (ragged and self.windowed):
             return np.concatenate([self._prefill_rows(s, [p]) for s, p in zip(slots, prompts)])
         return self._prefill_rows(slots[0], prompts)
 
@@ -157,10 +174,39 @@ class OrtBackend(Backend):
         return logits[0]
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
-        """One token per slot, batched over rows [0, max(slots)]; rows not decoding are left untouched
-        in effect (a dummy token is written just past their end, where their next token goes anyway)."""
+        """One token per slot, batched over rows [0, max(slots)].
+
+        Rows in that range that are not decoding get a dummy token written just past their end, where
+        their next token goes anyway: harmless for full-length caches and for free rows. Window-sized
+        caches evict on each write, so with those, live rows that are not decoding split the batch into
+        runs of contiguous rows instead.
+        """
+        slots_arr = np.asarray(slots)
+        new_len = self.lengths[slots_arr] + 1
+        if new_len.max() > self.capacity:
+            raise ContextLengthError(f"slot context is full ({self.capacity} tokens)")
+        want = dict(zip(slots, tokens))
         rows = max(slots) + 1
-        cached = self._decode_cache.get(rows)
+        if self.windowed:
+            blocked = [r for r in range(rows) if r not in want and self.lengths[r] > 0]
+            if blocked:
+                out = np.empty((len(slots), self.spec.vocab_size), dtype=np.float32)
+                order = {slot: i for i, slot in enumerate(slots)}
+                run: list[int] = []
+                for r in [*sorted(want), None]:
+                    if run and (r is None or r != run[-1] + 1):
+                        logits = self._decode_rows(run[0], len(run), {x: want[x] for x in run}, run)
+                        for x, row in zip(run, logits):
+                            out[order[x]] = row
+                        run = []
+                    if r is not None:
+                        run.append(r)
+                return out
+        return self._decode_rows(0, rows, want, list(slots))
+
+    def _decode_rows(self, r0: int, rows: int, want: dict[int, int], slots: list[int]) -> np.ndarray:
+        key = (r0, rows)
+        cached = self._decode_cache.get(key)
         if cached is None:
             inputs = {
                 "input_ids": np.zeros((rows, 1), dtype=np.int64),
@@ -169,20 +215,17 @@ class OrtBackend(Backend):
                 "logits_index": np.zeros((rows, 1), dtype=np.int64),
             }
             logits = np.empty((rows, 1, self.spec.vocab_size), dtype=np.float32)
-            cached = (inputs, logits, self._bind(0, rows, inputs, logits))
-            self._decode_cache[rows] = cached
+            cached = (inputs, logits, self._bind(r0, rows, inputs, logits))
+            self._decode_cache[key] = cached
         inputs, logits, io = cached
-        slots_arr = np.asarray(slots)
-        new_len = self.lengths[slots_arr] + 1
-        if new_len.max() > self.capacity:
-            raise ContextLengthError(f"slot context is full ({self.capacity} tokens)")
+        idx = np.asarray(slots) - r0
         ids = inputs["input_ids"]
         ids[:, 0] = 0
-        ids[slots_arr, 0] = tokens
-        seqlens = np.minimum(self.lengths[:rows], self.capacity - 1)  # idle rows: write past their end
-        seqlens[slots_arr] = new_len - 1
+        ids[idx, 0] = [want[s] for s in slots]
+        seqlens = np.minimum(self.lengths[r0:r0 + rows], self.capacity - 1)  # idle rows: write past their end
+        seqlens[idx] = self.lengths[slots]
         inputs["seqlens_k"][:] = seqlens
         inputs["total_sequence_length"][...] = seqlens.max() + 1
         self._run(io)
-        self.lengths[slots_arr] = new_len
-        return logits[slots_arr, 0]
+        self.lengths[slots] += 1
+        return logits[idx, 0]
