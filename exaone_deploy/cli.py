@@ -373,6 +373,18 @@ def _register_optional_commands() -> None:
 
     main.add_command(build_command, "build")
     main.add_command(compare_command, "compare")
+    try:
+        from .runtime.server import serve_command
+    except ImportError as e:  # an edge install without the 'serve' extra
+        missing = e.name or str(e)
+
+        @main.command("serve", context_settings={"ignore_unknown_options": True})
+        @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+        def serve_command(args):
+            """OpenAI-compatible server (needs: pip install 'exaone-deploy[serve]')."""
+            raise CLIError(f"`exaone-deploy serve` needs the '{missing}' package: pip install 'exaone-deploy[serve]'")
+    else:
+        main.add_command(serve_command, "serve")
 
 
 _register_optional_commands()

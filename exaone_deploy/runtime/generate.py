@@ -14,7 +14,7 @@ from .detok import IncrementalDecoder
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
-__all__ = ["Generator", "GenerationResult", "open_backend"]
+__all__ = ["Generator", "GenerationResult", "RowState", "open_backend"]
 
 
 @dataclass
@@ -34,10 +34,13 @@ class GenerationResult:
         return parse_assistant_output(self.text, reasoning_opened=reasoning_opened)
 
 
-class _Row:
-    """Per-request decoding state: sampler, detokenizer, stop handling."""
+class RowState:
+    """Per-request decoding state: sampler, detokenizer, stop handling.
 
-    def __init__(self, gen: "Generator", prompt: Sequence[int], params: SamplingParams, limit: int):
+    ``owner`` provides ``.tokenizer`` and ``.eos_ids`` (a Generator, or the serving scheduler).
+    """
+
+    def __init__(self, gen, prompt: Sequence[int], params: SamplingParams, limit: int):
         self.params = params
         self.sampler = Sampler(params)
         self.result = GenerationResult(prompt_ids=list(prompt))
@@ -125,7 +128,7 @@ class Generator:
 
     # ---- generation ---------------------------------------------------------------------------
     def stream_rows(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-                    ) -> Iterator[tuple[int, str, _Row]]:
+                    ) -> Iterator[tuple[int, str, RowState]]:
         """Generate for a batch; yields (row, text delta, state) as tokens arrive. Rows share decode steps."""
         prompts = [self.encode(p) for p in prompts]
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
@@ -137,7 +140,7 @@ class Generator:
         ensure = getattr(self.backend, "ensure", None)
         if ensure:
             ensure(B, need)
-        rows = [_Row(self, p, sp, n) for p, sp, n in zip(prompts, params, limits)]
+        rows = [RowState(self, p, sp, n) for p, sp, n in zip(prompts, params, limits)]
         t0 = time.perf_counter()
         logits = self.backend.prefill(list(range(B)), prompts)
         t1 = time.perf_counter()

@@ -43,7 +43,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Temperatures this small make every logit difference overflow float32: they mean greedy.
+        return self.temperature < 1e-5
 
 
 @dataclass

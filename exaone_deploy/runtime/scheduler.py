@@ -9,7 +9,7 @@ Each loop iteration:
    per iteration so that a long prompt does not stall the streams already running,
 4. runs one batched decode step over every request that has a token to feed.
 
-Every request has its own sampler, detokenizer and stop handling (``generate._Row``), so it gets the same
+Every request has its own sampler, detokenizer and stop handling (``generate.RowState``), so it gets the same
 tokens whatever else shares the batch: a cache row's computation does not depend on the other rows (ONNX
 Runtime's GroupQueryAttention reads only its row's cache up to its own ``seqlens_k``, and the projections are
 row-wise), and chunk boundaries depend only on the prompt's length.
@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .backend import Backend, ContextLengthError
-from .generate import GenerationResult, _Row
+from .generate import GenerationResult, RowState
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -86,7 +86,7 @@ class Request:
         self.cancelled = False
         self.state = "new"  # new -> waiting -> prefill -> decode -> finished
         self.slot: int | None = None
-        self.row: _Row | None = None
+        self.row: RowState | None = None
         self.prefilled = 0  # prompt tokens already in the cache
         self.next_token: int | None = None  # sampled, not yet fed to the model
         self.finish_reason: str | None = None
@@ -122,7 +122,7 @@ class Scheduler:
         if max_queue < 0 or prefill_chunk < 1:
             raise ValueError(f"max_queue must be >= 0 and prefill_chunk >= 1, got {max_queue}, {prefill_chunk}")
         self.backend = backend
-        self.tokenizer = tokenizer  # _Row reads .tokenizer and .eos_ids from us
+        self.tokenizer = tokenizer  # RowState reads .tokenizer and .eos_ids from us
         self.eos_ids = list(eos_ids if eos_ids is not None else tokenizer.eos_ids)
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -173,7 +173,7 @@ class Scheduler:
             if n + req.params.max_new_tokens > self.context:
                 raise ContextLengthError(f"{n} prompt tokens + {req.params.max_new_tokens} new tokens exceed the "
                                          f"context of {self.context} tokens")
-            req.row = _Row(self, req.prompt_ids, req.params, req.params.max_new_tokens)  # validates the params
+            req.row = RowState(self, req.prompt_ids, req.params, req.params.max_new_tokens)  # validates the params
         with self._cond:
             if self._stopping or self.error is not None or self._thread is None:
                 raise SchedulerClosed("the scheduler is not running")
