@@ -543,8 +543,13 @@ def test_scheduler_survives_failing_requests(bundle, offline, tok):
         backend.fail_next_decode = True
         failed = run(prompts, [greedy] * 3)
         assert all(isinstance(e, Failed) and "injected" in e.message for e in failed)
-        # 1/T overflows to inf for this temperature: that request's sampling fails, its batch-mates finish
-        broken = SamplingParams(max_new_tokens=6, temperature=1e-45, ignore_eos=True)
+        # A request whose sampling breaks inside the loop fails alone; its batch-mates finish
+        class BrokenParams(SamplingParams):
+            @property
+            def greedy(self):
+                raise FloatingPointError("injected sampling failure")
+
+        broken = BrokenParams(max_new_tokens=6, ignore_eos=True)
         mixed = run(prompts, [greedy, broken, greedy])
         assert [type(e) for e in mixed] == [Done, Failed, Done]
         stats = scheduler.stats()
