@@ -1,0 +1,638 @@
+"""Generation benchmark: ours (ONNX Runtime bundle + Python loop) against transformers and onnxruntime-genai.
+
+    python benchmarks/generate.py                                  # 1.2B shape, fp32, batch 1 and 4
+    python benchmarks/generate.py --systems ours,genai --batch 1 --new-tokens 16
+    python benchmarks/generate.py --bundle /path/to/int8-bundle=ours-int8 --json
+
+An EXAONE-4.0-1.2B-shaped model with random weights (hidden 2048, 30 layers, 32/8 heads of 64, vocab 102400,
+tied embeddings), a ``--prompt-len`` token prompt (random ids, the same for every system), ``--new-tokens``
+greedy tokens with end-of-sequence ignored, at each ``--batch`` size (rows of equal length, no padding):
+
+* ``ours``: the fp32 ``ort`` bundle through ``Generator`` over ``OrtBackend`` (IO binding, in-place KV cache).
+* ``transformers``: ``Exaone4ForCausalLM`` (sdpa, float32) ``generate`` with ``min_new_tokens``.
+* ``genai`` / ``genai-int4`` / ``genai-int8``: onnxruntime-genai's C++ generation loop on models built by its
+  model builder (``-e cpu -p fp32|int4|int8``). It refuses EXAONE, so it runs a Qwen3 *twin*: a Qwen3
+  checkpoint with identical sizes holding the very same weight bytes (the EXAONE tensors renamed; Qwen3 is
+  pre-norm where EXAONE is post-norm, which changes no byte and no FLOP per token).
+* ``--bundle PATH[=LABEL]``: any other bundle (a quantized one, say) through our runtime, as an extra row.
+
+Each (system, batch) runs in its own fresh interpreter, one after another, with the same thread count
+(``--threads``, default all cores): load, one warm-up generation of 2 tokens, then ``--repeats`` timed
+generations (best kept). Reported: load time, time to first token (prompt in -> first token out), prefill
+tok/s (batch x prompt / TTFT), decode tok/s (batch x (new - 1) / time from the first token to the last),
+peak RSS (VmHWM of that interpreter, also as a multiple of the fp32 weights) and peak anonymous RSS (sampled;
+VmHWM also counts clean page-cache pages of memory-mapped weight files). The machine's read bandwidth is
+measured in the same run (over a 2 GiB float32 array: BLAS sgemv, sums one slice per thread, a 1-thread
+sum; best of several) and gives each system's decode ceiling: batch x bandwidth / the weight bytes it reads per step
+(``GB/tok``: its initializers or parameters, the embedding gather excluded, the LM head counted). Ratios are
+against transformers and against genai fp32 at the same batch size, from this one run. Ours and transformers
+run the same checkpoint: the table says whether their greedy tokens agree.
+
+Artifacts are built once and cached under ``--workdir``: the fp32 checkpoint (5.1 GB), our bundle (6.0 GB),
+the genai models (fp32 5.1 GB, int4 0.8 GB, int8 2.3 GB). The Qwen3 twin (5.1 GB) is only the genai
+builder's input and is deleted once they are built. ``--layers N`` shrinks the model's depth for a quick
+check of the script (widths stay full size; its artifacts are cached separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import current_rss_bytes, emit, fmt_bytes, peak_rss_bytes, print_table, run_isolated  # noqa: E402
+
+log = logging.getLogger("bench.generate")
+
+SYSTEMS = ("ours", "transformers", "genai", "genai-int4", "genai-int8")
+GENAI_PRECISION = {"genai": "fp32", "genai-int4": "int4", "genai-int8": "int8"}
+GiB = 1 << 30
+
+
+# ---- artifacts (each built once under --workdir, written to a temporary sibling and renamed) -----------------
+
+
+def _suffix(layers: int | None) -> str:
+    return f"-L{layers}" if layers else ""
+
+
+def _atomic_dir(out: Path):
+    """A temporary sibling of ``out`` to build into; ``_commit(tmp, out)`` renames it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    tmp.chmod(0o755)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _quiet() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "torch.onnx", "onnxscript", "onnx_ir", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def build_checkpoint(workdir: Path, layers: int | None) -> Path:
+    """The 1.2B-shaped fp32 EXAONE 4.0 checkpoint (``make_tiny(dir, '1.2b-full', dtype='float32')``)."""
+    out = workdir / f"exaone4-1.2b-shape-fp32{_suffix(layers)}"
+    if (out / "config.json").is_file():
+        return out
+    from exaone_deploy.tiny.make import make_tiny
+
+    print(f"writing the random-weight checkpoint {out} ...", file=sys.stderr)
+    return make_tiny(out, "1.2b-full", seed=0, num_layers=layers, dtype="float32")
+
+
+def _export(ckpt: Path, out: Path) -> None:  # runs in its own interpreter (the export holds GBs)
+    _quiet()
+    from exaone_deploy.exporter.export import ExportOptions, export_bundle
+
+    export_bundle(ckpt, out, ExportOptions(target="ort", dtype="float32", max_seq_len=4096), force=True,
+                  progress=False)
+
+
+def build_bundle(workdir: Path, layers: int | None) -> Path:
+    """Our fp32 ``ort`` bundle of that checkpoint."""
+    out = workdir / f"exaone4-1.2b-shape-fp32{_suffix(layers)}-ort"
+    if (out / "manifest.json").is_file():
+        return out
+    ckpt = build_checkpoint(workdir, layers)
+    print(f"exporting {ckpt} -> {out} ...", file=sys.stderr)
+    run_isolated(_export, ckpt, out)
+    return out
+
+
+# EXAONE 4 (post-norm) -> Qwen3 (pre-norm): the same two norms per layer under other names.
+_QWEN3_NAMES = {"post_attention_layernorm": "input_layernorm",
+                "post_feedforward_layernorm": "post_attention_layernorm"}
+
+
+def _qwen3_name(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(_QWEN3_NAMES.get(p, p) for p in parts)
+
+
+def build_qwen3_twin(workdir: Path, layers: int | None) -> Path:
+    """A Qwen3 checkpoint with the EXAONE checkpoint's sizes and bytes (tensors renamed, data copied as is).
+
+    Written shard by shard with a rewritten safetensors header and the data block streamed over, so it needs
+    no memory to speak of (``Qwen3ForCausalLM(config)`` would hold 5 GB); the config comes from transformers'
+    own ``Qwen3Config``, so its spelling is what transformers and the genai builder expect.
+    """
+    import transformers
+
+    out = workdir / f"qwen3-twin-1.2b-shape-fp32{_suffix(layers)}"
+    if (out / "config.json").is_file():
+        return out
+    src = build_checkpoint(workdir, layers)
+    cfg = json.loads((src / "config.json").read_text())
+    print(f"writing the Qwen3 twin {out} ...", file=sys.stderr)
+    tmp = _atomic_dir(out)
+    try:
+        index = json.loads((src / "model.safetensors.index.json").read_text())
+        for file in sorted(set(index["weight_map"].values())):
+            with open(src / file, "rb") as f, open(tmp / file, "wb") as g:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+                header = {k if k == "__metadata__" else _qwen3_name(k): v for k, v in header.items()}
+                raw = json.dumps(header, separators=(",", ":")).encode()
+                raw += b" " * (-len(raw) % 8)
+                g.write(len(raw).to_bytes(8, "little") + raw)
+                shutil.copyfileobj(f, g, 1 << 24)
+        index["weight_map"] = {_qwen3_name(k): v for k, v in index["weight_map"].items()}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config = transformers.Qwen3Config(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"],
+            tie_word_embeddings=cfg["tie_word_embeddings"], max_position_embeddings=4096,
+            rms_norm_eps=cfg["rms_norm_eps"], rope_theta=float(cfg["rope_theta"]), bos_token_id=cfg["bos_token_id"],
+            eos_token_id=cfg["eos_token_id"], pad_token_id=cfg["pad_token_id"], dtype="float32",
+        )
+        config.architectures = ["Qwen3ForCausalLM"]
+        config.save_pretrained(tmp)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            if (src / name).is_file():
+                shutil.copy(src / name, tmp / name)
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def build_genai(workdir: Path, layers: int | None, precision: str) -> Path:
+    """``python -m onnxruntime_genai.models.builder -i TWIN -o OUT -p PRECISION -e cpu``."""
+    out = workdir / f"genai-qwen3-twin-1.2b-shape{_suffix(layers)}-{precision}"
+    if (out / "genai_config.json").is_file():
+        return out
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise RuntimeError("onnxruntime-genai is not installed (pip install --no-deps onnxruntime-genai==0.18.0; "
+                           "it needs onnxruntime >= 1.31, which --no-deps keeps as it is)")
+    twin = build_qwen3_twin(workdir, layers)
+    print(f"building onnxruntime-genai {precision} model {out} ...", file=sys.stderr)
+    tmp = _atomic_dir(out)
+    cache = Path(tempfile.mkdtemp(prefix=".genai-cache-", dir=workdir))
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(twin), "-o", str(tmp),
+           "-p", precision, "-e", "cpu", "-c", str(cache)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not (tmp / "genai_config.json").is_file():
+            raise RuntimeError(f"the onnxruntime-genai builder failed for {twin} (-p {precision}):\n"
+                               + (proc.stdout + proc.stderr)[-3000:])
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return out
+
+
+# ---- bytes read per decode token -----------------------------------------------------------------------------
+
+
+def onnx_decode_bytes(model_path: Path) -> int:
+    """Bytes of the initializers a decode step reads: all of them, except tables only gathered from (the
+    embedding: one row per token). Shapes come from the graph; external data is not loaded."""
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    consumers: dict[str, set[str]] = {}
+
+    def walk(graph):
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, set()).add(node.op_type)
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    walk(sub)
+
+    walk(m.graph)
+    total = 0
+    for t in m.graph.initializer:
+        ops = consumers.get(t.name, set())
+        if ops and all(op.startswith("Gather") for op in ops):
+            continue
+        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
+        if bits is None:
+            bits = 8 * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        total += math.ceil(math.prod(t.dims) * bits / 8)
+    return total
+
+
+def checkpoint_param_bytes(ckpt: Path, itemsize: int = 4) -> tuple[int, int]:
+    """(all parameters, those a decode step reads) in bytes at ``itemsize``, from the safetensors headers.
+    A tied embedding counts once, as the LM head; an untied one is only gathered from."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    n_all = n_read = 0
+    for file in sorted(set(index["weight_map"].values())):
+        with open(ckpt / file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            n = math.prod(info["shape"]) * itemsize
+            n_all += n
+            if name != "model.embed_tokens.weight" or cfg.get("tie_word_embeddings"):
+                n_read += n
+    return n_all, n_read
+
+
+# ---- measurements (each in a fresh interpreter) --------------------------------------------------------------
+
+
+def prompt_ids(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(1000, vocab, size=(batch, prompt_len)).tolist()
+
+
+def measure_bandwidth(threads: int, gib: float = 2.0, repeats: int = 7) -> dict:
+    """Read bandwidth over a ``gib`` GiB float32 array, best of ``repeats`` for each of: a matrix-vector product
+    (BLAS sgemv, the access pattern of a batch-1 decode step; its threads come from OPENBLAS_NUM_THREADS), sums
+    over one slice per thread, and a single-threaded sum. The largest is the machine's figure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones(int(gib * GiB) // 4, dtype=np.float32)  # touched: every page is resident
+    matrix, x = a.reshape(-1, 4096), np.ones(4096, dtype=np.float32)
+    slices = np.array_split(a, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        kernels = {"gemv": lambda: matrix @ x, "sum": lambda: list(pool.map(np.sum, slices)), "sum_1_thread": a.sum}
+        best = dict.fromkeys(kernels, 0.0)
+        for _ in range(repeats):
+            for name, fn in kernels.items():
+                t0 = time.perf_counter()
+                fn()
+                best[name] = max(best[name], a.nbytes / (time.perf_counter() - t0))
+    return {"bytes": a.nbytes, "threads": threads, **{f"{k}_Bps": v for k, v in best.items()},
+            "read_Bps": max(best.values())}
+
+
+def _rss_anon() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class AnonPeak:
+    """Peak anonymous RSS, sampled every ``interval`` s by a thread between ``start()`` and ``stop()``.
+
+    VmHWM (peak RSS) also counts clean page-cache pages of memory-mapped weight files, which the kernel can
+    drop at will: ONNX Runtime maps external data and copies each MatMul weight into a pre-packed buffer, so
+    at load time both are resident for a moment. Anonymous memory is what the process really allocated.
+    Sampled over load and warm-up (the timed runs have the warm-up's shapes), so timings are not disturbed."""
+
+    def __init__(self, interval: float = 0.02):
+        import threading
+
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_anon())
+            self._stop.wait(self.interval)
+
+    @classmethod
+    def start(cls) -> "AnonPeak":
+        sampler = cls()
+        sampler._thread.start()
+        return sampler
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_anon())
+
+
+def _result(load_s, prefill_s, ttft_s, decode_s, batch, prompt_len, new_tokens, tokens, rss_loaded) -> dict:
+    return {
+        "load_s": load_s, "prefill_s": prefill_s, "ttft_s": ttft_s, "decode_s": decode_s,
+        "prefill_tok_s": batch * prompt_len / ttft_s,
+        "decode_tok_s": batch * (new_tokens - 1) / decode_s if new_tokens > 1 else None,
+        "rss_loaded": rss_loaded, "peak_rss": peak_rss_bytes(), "tokens": tokens,
+    }
+
+
+def _best(runs: list[dict]) -> dict:
+    best = dict(min(runs, key=lambda r: r["ttft_s"] + r["decode_s"]))
+    best["ttft_s"] = min(r["ttft_s"] for r in runs)
+    best["prefill_tok_s"] = max(r["prefill_tok_s"] for r in runs)
+    if best["decode_tok_s"] is not None:
+        best["decode_tok_s"] = max(r["decode_tok_s"] for r in runs)
+    best["peak_rss"] = peak_rss_bytes()
+    return best
+
+
+def run_ours(bundle: str, batch: int, prompt_len: int, new_tokens: int, threads: int, repeats: int) -> dict:
+    import onnxruntime as ort
+
+    from exaone_deploy.runtime.generate import Generator
+    from exaone_deploy.runtime.ort_backend import OrtBackend
+    from exaone_deploy.runtime.sampling import SamplingParams
+    from exaone_deploy.runtime.tokenizer import Tokenizer
+
+    anon = AnonPeak.start()
+    t0 = time.perf_counter()
+    backend = OrtBackend(bundle, max_batch=batch, capacity=prompt_len + new_tokens, threads=threads, verify=False)
+    gen = Generator(backend, Tokenizer.from_dir(bundle))
+    load_s, rss_loaded = time.perf_counter() - t0, current_rss_bytes()
+    prompts = prompt_ids(batch, prompt_len, backend.spec.vocab_size)
+    gen.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
+    anon.stop()
+    runs = []
+    for _ in range(repeats):
+        results = gen.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+        t = results[0].timings
+        runs.append(_result(load_s, t["prefill_s"], t["ttft_s"], t["decode_s"], batch, prompt_len, new_tokens,
+                            [r.token_ids for r in results], rss_loaded))
+    return dict(_best(runs), peak_anon=anon.peak, version=f"onnxruntime {ort.__version__}")
+
+
+def run_transformers(ckpt: str, batch: int, prompt_len: int, new_tokens: int, threads: int, repeats: int) -> dict:
+    import torch
+    import transformers
+
+    _quiet()
+    torch.set_num_threads(threads)
+    anon = AnonPeak.start()
+    t0 = time.perf_counter()
+    model = transformers.Exaone4ForCausalLM.from_pretrained(ckpt, dtype=torch.float32,
+                                                            attn_implementation="sdpa").eval()
+    load_s, rss_loaded = time.perf_counter() - t0, current_rss_bytes()
+
+    class Stamps(transformers.LogitsProcessor):
+        """Called once per forward pass, right after it: the time each step's logits exist."""
+
+        def __init__(self):
+            self.t: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.t.append(time.perf_counter())
+            return scores
+
+    ids = torch.tensor(prompt_ids(batch, prompt_len, model.config.vocab_size))
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=model.config.pad_token_id)
+    runs = []
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+        anon.stop()
+        for _ in range(repeats):
+            stamps = transformers.LogitsProcessorList([Stamps()])
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, logits_processor=stamps,
+                                 **kw)
+            t_end = time.perf_counter()
+            t_first = stamps[0].t[0]
+            runs.append(_result(load_s, t_first - t0, t_first - t0, t_end - t_first, batch, prompt_len, new_tokens,
+                                out[:, prompt_len:].tolist(), rss_loaded))
+    return dict(_best(runs), peak_anon=anon.peak,
+                version=f"transformers {transformers.__version__}, torch {torch.__version__}")
+
+
+def run_genai(model_dir: str, batch: int, prompt_len: int, new_tokens: int, threads: int, repeats: int) -> dict:
+    import onnxruntime_genai as og
+
+    anon = AnonPeak.start()
+    t0 = time.perf_counter()
+    config = og.Config(model_dir)
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    load_s, rss_loaded = time.perf_counter() - t0, current_rss_bytes()
+    vocab = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["vocab_size"]
+    ids = np.array(prompt_ids(batch, prompt_len, vocab), dtype=np.int32)
+
+    def generate(n: int):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=prompt_len + n, min_length=prompt_len + n, do_sample=False,
+                                  batch_size=batch)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)  # the prompt's forward pass
+        t1 = time.perf_counter()
+        gen.generate_next_token()  # picks the first token from the prompt's logits
+        t_first = time.perf_counter()
+        while not gen.is_done():
+            gen.generate_next_token()
+        t_end = time.perf_counter()
+        tokens = [list(map(int, gen.get_sequence(b)[prompt_len:])) for b in range(batch)]
+        return t1 - t0, t_first - t0, t_end - t_first, tokens
+
+    generate(2)  # warm-up
+    anon.stop()
+    runs = []
+    for _ in range(repeats):
+        prefill_s, ttft_s, decode_s, tokens = generate(new_tokens)
+        if any(len(t) != new_tokens for t in tokens):
+            raise RuntimeError(f"onnxruntime-genai generated {[len(t) for t in tokens]} tokens, not {new_tokens}")
+        runs.append(_result(load_s, prefill_s, ttft_s, decode_s, batch, prompt_len, new_tokens, tokens, rss_loaded))
+    return dict(_best(runs), peak_anon=anon.peak, version=f"onnxruntime-genai {og.__version__}")
+
+
+# ---- the run ------------------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _systems(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in SYSTEMS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown system(s) {', '.join(bad)} (choose from {', '.join(SYSTEMS)})")
+    return names
+
+
+def _extra_bundle(text: str) -> tuple[Path, str]:
+    path, _, label = text.partition("=")
+    path = Path(path)
+    if not (path / "manifest.json").is_file():
+        raise argparse.ArgumentTypeError(f"{path}: not a bundle (no manifest.json)")
+    return path, label or path.name
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--systems", type=_systems, default=["ours", "transformers", "genai", "genai-int4"],
+                    help=f"comma-separated, from {','.join(SYSTEMS)} (default: ours,transformers,genai,genai-int4)")
+    ap.add_argument("--batch", type=_int_list, default=[1, 4], help="batch sizes (default 1,4)")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=1, help="timed generations per measurement (best kept)")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="threads (default: all cores)")
+    ap.add_argument("--bundle", type=_extra_bundle, action="append", default=[], metavar="PATH[=LABEL]",
+                    help="another bundle to run through our runtime, as an extra row (repeatable)")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick check (default: 30)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/exaone-deploy-bench"))
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    if args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1 or args.threads < 1:
+        ap.error("--prompt-len, --repeats and --threads must be >= 1 and --new-tokens >= 2")
+    if args.layers is not None and args.layers < 1:
+        ap.error("--layers must be >= 1")
+    return args
+
+
+def _first_divergence(a: list[list[int]], b: list[list[int]]) -> int | None:
+    """Index of the first token where any row differs (None: identical)."""
+    for row_a, row_b in zip(a, b):
+        for i, (x, y) in enumerate(zip(row_a, row_b)):
+            if x != y:
+                return i
+    return None
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    workdir = args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    P, N, T, L = args.prompt_len, args.new_tokens, args.threads, args.layers
+
+    # Artifacts first (cached), so that nothing is being built while anything is timed.
+    ckpt = build_checkpoint(workdir, L)
+    param_bytes, hf_read_bytes = checkpoint_param_bytes(ckpt)
+    targets: list[dict] = []  # label, kind, path (the artifact), fn (the measurement) or error (the build's)
+    for system in args.systems:
+        if system == "ours":
+            targets.append(dict(label=system, kind=system, path=build_bundle(workdir, L), fn=run_ours))
+        elif system == "transformers":
+            targets.append(dict(label=system, kind=system, path=ckpt, fn=run_transformers))
+        else:
+            try:
+                path = build_genai(workdir, L, GENAI_PRECISION[system])
+                targets.append(dict(label=system, kind="genai", path=path, fn=run_genai))
+            except Exception as e:  # noqa: BLE001 - a peer that cannot be built is reported, not fatal
+                print(f"{system}: {e}", file=sys.stderr)
+                targets.append(dict(label=system, error=str(e).strip().splitlines()[0][:200]))
+    twin = workdir / f"qwen3-twin-1.2b-shape-fp32{_suffix(L)}"
+    if twin.is_dir():  # only the genai builder's input (5 GB): rebuilt in a minute if ever needed again
+        shutil.rmtree(twin)
+    for path, label in args.bundle:
+        targets.append(dict(label=label, kind="bundle", path=path, fn=run_ours))
+
+    def read_bytes(kind: str, path: Path) -> int:
+        if kind == "transformers":
+            return hf_read_bytes
+        if kind == "genai":
+            return onnx_decode_bytes(path / "model.onnx")
+        from exaone_deploy.bundle import load_manifest
+
+        return onnx_decode_bytes(load_manifest(path, verify=False).model_path)
+
+    os.environ["OPENBLAS_NUM_THREADS"] = str(T)  # NumPy's BLAS in the measuring interpreters: same thread count
+    bw = run_isolated(measure_bandwidth, T, timeout=args.timeout)
+    log.info("read bandwidth %.1f GB/s", bw["read_Bps"] / 1e9)
+    rows: list[dict] = []  # one per (system, batch)
+    for b in args.batch:
+        for t in targets:
+            row = {"system": t["label"], "batch": b}
+            rows.append(row)
+            if "error" in t:
+                row["error"] = t["error"]
+                continue
+            print(f"measuring {t['label']}, batch {b} ...", file=sys.stderr)
+            row.update(path=str(t["path"]), decode_bytes_per_token=read_bytes(t["kind"], t["path"]))
+            try:
+                row.update(run_isolated(t["fn"], str(t["path"]), b, P, N, T, args.repeats, timeout=args.timeout))
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                row["error"] = str(e).strip().splitlines()[-1][:200]
+                print(f"{t['label']} (batch {b}) failed: {e}", file=sys.stderr)
+
+    # Derived figures: ceilings and ratios within this run.
+    by = {(r["system"], r["batch"]): r for r in rows}
+    for r in rows:
+        if "error" in r:
+            continue
+        r["ceiling_tok_s"] = r["batch"] * bw["read_Bps"] / r["decode_bytes_per_token"]
+        r["decode_of_ceiling"] = r["decode_tok_s"] / r["ceiling_tok_s"]
+        r["rss_over_fp32_weights"] = r["peak_rss"] / param_bytes
+        for peer in ("transformers", "genai"):
+            p = by.get((peer, r["batch"]))
+            if p and "error" not in p:
+                r[f"prefill_vs_{peer}"] = r["prefill_tok_s"] / p["prefill_tok_s"]
+                r[f"decode_vs_{peer}"] = r["decode_tok_s"] / p["decode_tok_s"]
+        hf = by.get(("transformers", r["batch"]))
+        if r["system"] == "ours" and hf and "error" not in hf:
+            d = _first_divergence(r["tokens"], hf["tokens"])
+            r["tokens_match_transformers"] = "all" if d is None else f"first {d}"
+
+    result = {
+        "model": {"checkpoint": str(ckpt), "layers": json.loads((ckpt / "config.json").read_text())["num_hidden_layers"],
+                  "fp32_weight_bytes": param_bytes},
+        "settings": {"prompt_len": P, "new_tokens": N, "batch": args.batch, "threads": T, "repeats": args.repeats},
+        "bandwidth": bw, "rows": rows,
+    }
+
+    def table():
+        cpu = bw["read_Bps"] / 1e9
+        print(f"EXAONE-4.0-1.2B shape ({result['model']['layers']} layers), random weights, fp32 weights "
+              f"{fmt_bytes(param_bytes)}; prompt {P}, {N} new tokens, greedy, {T} threads")
+        print(f"read bandwidth {cpu:.1f} GB/s (sgemv {bw['gemv_Bps'] / 1e9:.1f}, sum {bw['sum_Bps'] / 1e9:.1f}, "
+              f"1-thread sum {bw['sum_1_thread_Bps'] / 1e9:.1f}); batch-1 decode ceiling at fp32: "
+              f"{bw['read_Bps'] / hf_read_bytes:.2f} tok/s ({hf_read_bytes / 1e9:.2f} GB/token)")
+        print()
+        shown = []
+        for r in rows:
+            s = dict(r)
+            for k in ("peak_rss", "rss_loaded", "peak_anon"):
+                if k in s:
+                    s[k] = f"{s[k] / GiB:.2f}"
+            for k in ("decode_of_ceiling",):
+                if k in s:
+                    s[k] = f"{100 * s[k]:.0f}%"
+            for k in ("prefill_vs_transformers", "prefill_vs_genai", "decode_vs_transformers", "decode_vs_genai",
+                      "rss_over_fp32_weights"):
+                if k in s:
+                    s[k] = f"{s[k]:.2f}x"
+            s["GB/tok"] = f"{r['decode_bytes_per_token'] / 1e9:.2f}" if "decode_bytes_per_token" in r else ""
+            if "error" in r:
+                s["load_s"] = "failed: " + r["error"]
+            shown.append(s)
+        print_table(shown, [
+            ("system", "system"), ("batch", "B"), ("load_s", "load s"), ("ttft_s", "TTFT s"),
+            ("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s"), ("GB/tok", "GB/tok"),
+            ("decode_of_ceiling", "of ceiling"), ("peak_rss", "peak RSS GiB"), ("rss_over_fp32_weights", "/fp32 w"),
+            ("peak_anon", "anon GiB"), ("prefill_vs_transformers", "prefill/hf"), ("prefill_vs_genai", "prefill/genai"),
+            ("decode_vs_transformers", "decode/hf"), ("decode_vs_genai", "decode/genai"),
+            ("tokens_match_transformers", "tokens = hf"),
+        ])
+        versions = sorted({r["version"] for r in rows if "version" in r})
+        print("\n" + "; ".join(versions))
+
+    emit(result, args.json, table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
