@@ -56,8 +56,29 @@ def _set_cache_len(graph: ir.Graph, layer: int, length: int) -> None:
             v.shape = ir.Shape(dims)
 
 
+def rsqrt_as_div(graph: ir.Graph) -> int:
+    """``Mul(x, Reciprocal(Sqrt(v)))`` -> ``Div(x, Sqrt(v))``: torch exports rsqrt as Sqrt+Reciprocal, and ONNX
+    Runtime's SimplifiedLayerNormalization fusion only recognises RMSNorm written with Div. Returns the count."""
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Reciprocal" or node.domain != "":
+            continue
+        src = node.inputs[0].producer() if node.inputs[0] is not None else None
+        users = [u for u, _ in node.outputs[0].uses()]
+        if src is None or src.op_type != "Sqrt" or not users or any(u.op_type != "Mul" for u in users):
+            continue
+        for mul in users:
+            other = mul.inputs[1] if mul.inputs[0] is node.outputs[0] else mul.inputs[0]
+            div = ir.node("Div", [other, node.inputs[0]], name=f"{mul.name}_div")
+            _replace(graph, mul, div)
+            count += 1
+        graph.remove(node, safe=True)
+    return count
+
+
 def lower_ort(model: ir.Model, spec: ModelSpec | None = None, window_cache: bool = False) -> ir.Model:
     g = model.graph
+    rsqrt_as_div(g)
     for node in _attention_nodes(g):
         a = _attrs(node)
         layer = _layer_of(node)
