@@ -1,0 +1,166 @@
+"""Activation statistics of the float model, collected in ONNX Runtime.
+
+The fp32 bundle's canonical graph is lowered for ONNX Runtime and every linear layer's input activation is
+added as an extra graph output; the calibration samples run through it as prompt steps, and the activations
+stream into per-group accumulators. No torch is involved, the numbers come from the exact graph we ship (the
+same kernels, the same attention op), and memory stays at one batch of activations.
+
+Pass 1 gathers per-channel max |x| and mean |x| (SmoothQuant, AWQ), plus, for AWQ, a strided subsample of the
+tokens (the scale search) and per-block Gram matrices over all tokens (the clip search). Pass 2, needed only
+for the percentile and entropy methods, histograms |x / s| of the smoothed activation over the range pass 1
+found.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from ..exporter import lower
+from ..spec import ModelSpec
+from .graph import InputGroup, find_linears, input_groups
+from .numerics import HIST_BINS
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GroupStats", "CalibrationModel"]
+
+
+@dataclass
+class GroupStats:
+    name: str
+    in_features: int
+    absmax: np.ndarray = None  # per channel max |x|
+    sumabs: np.ndarray = None  # per channel sum |x|
+    count: int = 0  # tokens seen
+    token_rows: list = field(default_factory=list)  # AWQ scale search subsample
+    gram: np.ndarray | None = None  # [in/block, block, block] sum over tokens of x_b x_b^T (AWQ clip search)
+    hist: np.ndarray | None = None  # histogram of |x * inv_smooth| over [0, hist_max] (pass 2)
+    hist_max: float = 0.0
+
+    def __post_init__(self):
+        self.absmax = np.zeros(self.in_features, np.float32)
+        self.sumabs = np.zeros(self.in_features, np.float64)
+
+    @property
+    def meanabs(self) -> np.ndarray:
+        return self.sumabs / max(self.count, 1)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return np.concatenate(self.token_rows) if self.token_rows else np.zeros((0, self.in_features), np.float32)
+
+
+class CalibrationModel:
+    """The fp32 bundle's graph, lowered for ONNX Runtime, with the linear inputs as extra outputs."""
+
+    def __init__(self, bundle_dir: Path, spec: ModelSpec, canonical_file: str = "canonical.onnx",
+                 threads: int | None = None):
+        self.spec = spec
+        model = ir.load(Path(bundle_dir) / canonical_file)
+        self.groups: list[InputGroup] = input_groups(find_linears(model.graph))
+        model = lower.lower(model, spec, "ort")
+        by_name = {g.input.name: g for g in input_groups(find_linears(model.graph))}
+        self.outputs: dict[str, str] = {}  # group name -> value name in the lowered graph
+        for g in self.groups:
+            lowered = by_name.get(g.input.name)
+            if lowered is None or [m.name for m in lowered.members] != [m.name for m in g.members]:
+                raise RuntimeError(f"linear group {g.name} not found after lowering {bundle_dir}")
+            if lowered.input not in model.graph.outputs:
+                model.graph.outputs.append(lowered.input)
+            self.outputs[g.name] = lowered.input.name
+        # Weights stay in the bundle's external data file; only the graph is serialised.
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(bundle_dir))
+        if threads:
+            so.intra_op_num_threads = threads
+        proto = ir.serde.serialize_model(model)
+        self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    def run(self, tokens: np.ndarray, fn: Callable[[str, np.ndarray], None], batch_tokens: int = 2048,
+            progress: bool = False, desc: str = "calibrate") -> None:
+        """Run the samples (int64 [n, L]) as prompt steps; call ``fn(group_name, x [tokens, in])`` per group."""
+        from tqdm.auto import tqdm
+
+        n, L = tokens.shape
+        b = max(1, batch_tokens // L)
+        s = self.spec
+        with tqdm(total=n, desc=desc, unit="sample", disable=not progress, leave=False) as bar:
+            for start in range(0, n, b):
+                ids = np.ascontiguousarray(tokens[start:start + b], dtype=np.int64)
+                B = ids.shape[0]
+                caches = [np.zeros((B, s.num_kv_heads, L, s.head_dim), np.float32) for _ in range(2 * s.num_layers)]
+                inputs = {"input_ids": ids, "seqlens_k": np.full(B, L - 1, np.int32),
+                          "total_sequence_length": np.array(L, np.int32),
+                          "logits_index": np.full((B, 1), L - 1, np.int64)}
+                logits = np.empty((B, 1, s.vocab_size), np.float32)
+                io = self.session.io_binding()
+                for name, arr in inputs.items():
+                    io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+                for i in range(s.num_layers):
+                    for j, kv in enumerate(("key", "value")):
+                        c = caches[2 * i + j]
+                        io.bind_input(f"past_key_values.{i}.{kv}", "cpu", 0, np.float32, list(c.shape), c.ctypes.data)
+                        io.bind_output(f"present.{i}.{kv}", "cpu", 0, np.float32, list(c.shape), c.ctypes.data)
+                io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+                names = list(dict.fromkeys(self.outputs.values()))
+                for name in names:
+                    io.bind_output(name, "cpu")
+                self.session.run_with_iobinding(io)
+                values = dict(zip(names, io.get_outputs()[-len(names):]))
+                for group, value_name in self.outputs.items():
+                    x = values[value_name].numpy()
+                    fn(group, x.reshape(-1, x.shape[-1]))
+                bar.update(B)
+
+
+def collect(model: CalibrationModel, tokens: np.ndarray, *, awq_block: int | None = None, awq_tokens: int = 512,
+            progress: bool = False) -> dict[str, GroupStats]:
+    """Pass 1: per-channel ranges and means (and AWQ's token subsample and block Gram matrices)."""
+    stats = {g.name: GroupStats(g.name, g.in_features) for g in model.groups}
+    total = tokens.size
+    stride = max(1, -(-total // awq_tokens)) if awq_block else 0
+    seen = {name: 0 for name in stats}
+
+    def fn(name: str, x: np.ndarray) -> None:
+        st = stats[name]
+        a = np.abs(x)
+        np.maximum(st.absmax, a.max(axis=0), out=st.absmax)
+        st.sumabs += a.sum(axis=0, dtype=np.float64)
+        st.count += x.shape[0]
+        if awq_block:
+            first = (-seen[name]) % stride
+            st.token_rows.append(x[first::stride].astype(np.float32, copy=True))
+            seen[name] += x.shape[0]
+            xb = x.reshape(x.shape[0], -1, awq_block)
+            g = np.einsum("tbi,tbj->bij", xb, xb, dtype=np.float64)
+            st.gram = g if st.gram is None else st.gram + g
+
+    model.run(tokens, fn, progress=progress, desc="calibrate (ranges)")
+    return stats
+
+
+def collect_histograms(model: CalibrationModel, tokens: np.ndarray, stats: dict[str, GroupStats],
+                       inv_smooth: dict[str, np.ndarray | None], progress: bool = False) -> None:
+    """Pass 2: histogram of |x * inv_smooth| per group over [0, its max] (HIST_BINS bins)."""
+    for name, st in stats.items():
+        inv = inv_smooth.get(name)
+        st.hist_max = float((st.absmax * inv).max() if inv is not None else st.absmax.max())
+        st.hist = np.zeros(HIST_BINS, np.float64)
+
+    def fn(name: str, x: np.ndarray) -> None:
+        st = stats[name]
+        inv = inv_smooth.get(name)
+        a = np.abs(x * inv) if inv is not None else np.abs(x)
+        if st.hist_max > 0:
+            h, _ = np.histogram(a, bins=HIST_BINS, range=(0.0, st.hist_max))
+            st.hist += h
+
+    model.run(tokens, fn, progress=progress, desc="calibrate (histograms)")
