@@ -371,8 +371,13 @@ def _register_optional_commands() -> None:
     runtime/). Each module imports its heavy dependencies only when the command runs."""
     from .plugins.cli import build_command, compare_command
 
+    from .calibration.cli import eval_ppl_command, quantize_command, sensitivity_command
+
     main.add_command(build_command, "build")
     main.add_command(compare_command, "compare")
+    main.add_command(quantize_command, "quantize")
+    main.add_command(eval_ppl_command, "eval-ppl")
+    main.add_command(sensitivity_command, "sensitivity")
     try:
         from .runtime.server import serve_command
     except ImportError as e:  # an edge install without the 'serve' extra
