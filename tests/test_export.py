@@ -363,3 +363,14 @@ def test_full_length_cache_option(workdir, checkpoints, bundles):
     for t in (11, 12, 13):
         np.testing.assert_allclose(a.decode([0], [t]), b.decode([0], [t]), atol=1e-5)
     assert b.cache_bytes() < a.cache_bytes()
+
+
+def test_ort_needs_head_dim_multiple_of_16(workdir, checkpoints):
+    bad = workdir / "hd40"
+    shutil.copytree(checkpoints["1.2b"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["head_dim"] = 40
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match="head_dim 40 is not a multiple of 16"):
+        export_bundle(bad, workdir / "hd40-out", progress=False)
+    _no_partial(workdir, "hd40-out")

@@ -190,6 +190,9 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
 
 def _export_into(src: Path, tmp: Path, options: ExportOptions, progress: bool) -> None:
     spec = load_spec(src)
+    if options.target == "ort" and spec.head_dim % 16:
+        raise ExportError(f"{src / 'config.json'}: head_dim {spec.head_dim} is not a multiple of 16, which ONNX "
+                          "Runtime's GroupQueryAttention requires (EXAONE 4.0 uses 64 and 128)")
     ckpt = Checkpoint(src)
     ckpt.validate(spec)
     max_positions = options.max_seq_len or spec.max_position_embeddings
