@@ -38,10 +38,34 @@ class Backend(ABC):
 
     lengths: np.ndarray  # tokens held by each slot
 
-    @abstractmethod
+    windowed: bool = False  # caches that evict on write accept batched prompt steps of equal lengths only
+
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Run prompts into slots (their old contents are dropped). Returns float32 (len(slots), vocab)
-        logits of each prompt's last token."""
+        logits of each prompt's last token. Contiguous slots share one right-padded prompt step."""
+        slots = list(slots)
+        for p in prompts:
+            if not len(p):
+                raise ValueError("empty prompt")
+            self.check_fits(len(p))
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        ragged = len({len(p) for p in prompts}) > 1
+        if not contiguous or len(slots) == 1 or (ragged and self.windowed):
+            return np.concatenate([self._prefill_rows(s, [p]) for s, p in zip(slots, prompts)])
+        return self._prefill_rows(slots[0], prompts)
+
+    @abstractmethod
+    def _prefill_rows(self, r0: int, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """One prompt step over rows [r0, r0 + len(prompts)), caches starting empty; (B, vocab) logits."""
+
+    @staticmethod
+    def right_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (B, S) right-padded with 0, lengths (B,)) for a prompt step."""
+        lens = np.array([len(p) for p in prompts], dtype=np.int64)
+        ids = np.zeros((len(prompts), int(lens.max())), dtype=np.int64)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = p
+        return ids, lens
 
     @abstractmethod
     def extend(self, slot: int, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:

@@ -127,26 +127,10 @@ class OrtBackend(Backend):
         self.session.run_with_iobinding(io)
 
     # ---- Backend API --------------------------------------------------------------------------
-    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        slots = list(slots)
-        for p in prompts:
-            if not len(p):
-                raise ValueError("empty prompt")
-            self.check_fits(len(p))
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        # Window-sized caches accept a batched prompt step only when every row fills the whole chunk.
-        ragged = len({len(p) for p in prompts}) > 1
-        if not contiguous or len(slots) == 1 or (ragged and self.windowed):
-            return np.concatenate([self._prefill_rows(s, [p]) for s, p in zip(slots, prompts)])
-        return self._prefill_rows(slots[0], prompts)
-
     def _prefill_rows(self, r0: int, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """A prompt step over rows [r0, r0+B): right-padded, caches start empty."""
-        B, S = len(prompts), max(len(p) for p in prompts)
-        ids = np.zeros((B, S), dtype=np.int64)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = p
-        lens = np.array([len(p) for p in prompts], dtype=np.int64)
+        ids, lens = self.right_pad(prompts)
+        B, S = ids.shape
         inputs = {
             "input_ids": ids,
             "seqlens_k": (lens - 1).astype(np.int32),

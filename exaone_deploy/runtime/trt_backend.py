@@ -420,24 +420,10 @@ class TrtBackend(Backend):
         return changed
 
     # ---- Backend API --------------------------------------------------------------------------------------
-    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        slots = list(slots)
-        for p in prompts:
-            if not len(p):
-                raise ValueError("empty prompt")
-            self.check_fits(len(p))
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        if not contiguous or len(slots) == 1:
-            return np.concatenate([self._prefill_rows(s, [p]) for s, p in zip(slots, prompts)])
-        return self._prefill_rows(slots[0], prompts)
-
     def _prefill_rows(self, r0: int, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """A prompt step over rows [r0, r0+B): right-padded, the caches start empty."""
-        B, S = len(prompts), max(len(p) for p in prompts)
-        ids = np.zeros((B, S), dtype=np.int64)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = p
-        lens = np.array([len(p) for p in prompts], dtype=np.int64)
+        ids, lens = self.right_pad(prompts)
+        B, S = ids.shape
         logits = self._step(PROFILE_PREFILL, r0, ids, lens - 1, S, (lens - 1)[:, None])
         self.lengths[r0:r0 + B] = lens
         return logits[:, 0]
