@@ -78,8 +78,17 @@ def dequantize_int4(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
 
 
 def fake_quant_int4(w: np.ndarray, block: int, clip: np.ndarray | None = None) -> np.ndarray:
-    q, s = quantize_int4(w, block, clip)
-    return dequantize_int4(q, s, block)
+    """dequantize_int4(*quantize_int4(w, block, clip)), computed in place in float32 (the AWQ search's inner loop)."""
+    wb = _blocks(np.asarray(w, np.float32), block)
+    amax = np.abs(wb).max(axis=1, keepdims=True)
+    if clip is not None:
+        amax *= clip[:, None, :]
+    scale = (np.maximum(amax, TINY) / INT4_MAX).astype(np.float32)
+    out = wb / scale
+    np.rint(out, out=out)
+    np.clip(out, -8, 7, out=out)
+    out *= scale
+    return out.reshape(w.shape)
 
 
 def pack_matmulnbits(q: np.ndarray, scale: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -222,10 +231,13 @@ def awq_search_scale(x: np.ndarray, x_meanabs: np.ndarray, weights: list[np.ndar
         s = np.maximum(base ** r, 1e-4)
         s = (s / math.sqrt(s.max() * s.min())).astype(np.float32)
         err = 0.0
+        xs = x / s
         for w, ref in zip(weights, refs):
-            wq = fake_quant_int4(w * s[:, None], block) / s[:, None]
-            d = x @ wq - ref
-            err += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
+            chunk = max(64, (1 << 22) // w.shape[0])  # output columns per step: temporaries stay cache-sized
+            for c in range(0, w.shape[1], chunk):
+                d = xs @ fake_quant_int4(w[:, c:c + chunk] * s[:, None], block)
+                d -= ref[:, c:c + chunk]
+                err += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
         if i == 0:
             err0 = err
         if err < best[2]:
