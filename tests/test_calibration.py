@@ -121,6 +121,17 @@ def test_int8_per_channel_and_fp8_per_tensor():
     assert np.median(rel) < 0.04  # 3 mantissa bits
 
 
+def test_int4_partial_last_block():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((40, 3)).astype(np.float32)
+    q, s = nq.quantize_int4(w, 32)
+    assert q.shape == (40, 3) and s.shape == (2, 3)
+    np.testing.assert_allclose(s[1], np.abs(w[32:]).max(axis=0) / 7, rtol=1e-6)  # the last block: rows 32..39
+    np.testing.assert_allclose(nq.fake_quant_int4(w, 32), nq.dequantize_int4(q, s, 32), rtol=1e-6)
+    packed, _ = nq.pack_matmulnbits(q, s, 32)
+    assert packed.shape == (3, 2, 16) and (packed[:, 1, 4:] == 0x88).all()  # padding rows: value 0 (+8)
+
+
 def test_int4_blocks_and_matmulnbits_packing_layout():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 8)).astype(np.float32)
@@ -242,9 +253,11 @@ def test_fp8_ops_compute_the_numpy_numerics(linear_case, target):
     np.testing.assert_allclose(_run(m, x), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [64, 48])  # 48: a partial last block (the bundled tiny's 432 = 13.5 x 32)
 @pytest.mark.parametrize("target", ["ort", "trt"])
-def test_int4_ops_compute_the_numpy_numerics(linear_case, target):
+def test_int4_ops_compute_the_numpy_numerics(linear_case, target, rows):
     x, w, s = linear_case
+    x, w, s = x[:, :rows], w[:rows], s[:rows]
     clip = np.full((2, 48), 0.9, np.float32)
     m = _single_linear(w)
     apply_plan(m, Plan("int4-awq", 32, {"layers.0.down": GroupPlan(smooth=s, clip={"layers.0.mlp.down_proj": clip})}),

@@ -55,26 +55,33 @@ def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, np.float32]:
     return q, scale
 
 
+def pad_rows(w: np.ndarray, block: int) -> np.ndarray:
+    """``w`` with zero rows appended up to a multiple of ``block`` (the last block of a K that does not divide)."""
+    extra = -w.shape[0] % block
+    return np.pad(w, ((0, extra), (0, 0))) if extra else w
+
+
 def _blocks(w: np.ndarray, block: int) -> np.ndarray:
-    k, n = w.shape
-    if k % block:
-        raise ValueError(f"input size {k} is not a multiple of the block size {block}")
-    return w.reshape(k // block, block, n)
+    """[in, out] -> [ceil(in/block), block, out]; a partial last block is padded with zeros (which never set a
+    block's max and quantize to 0)."""
+    w = pad_rows(w, block)
+    return w.reshape(w.shape[0] // block, block, w.shape[1])
 
 
 def quantize_int4(w: np.ndarray, block: int, clip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Blockwise symmetric INT4 along the input axis: (q int8 in [-8, 7], [in, out]; scale float32 [in/block, out])."""
+    """Blockwise symmetric INT4 along the input axis: (q int8 in [-8, 7] [in, out], scale float32
+    [ceil(in/block), out])."""
     wb = _blocks(w, block)
     amax = np.abs(wb).max(axis=1)  # [nb, out]
     if clip is not None:
         amax = amax * clip
     scale = (np.maximum(amax, TINY) / INT4_MAX).astype(np.float32)
     q = np.clip(np.rint(wb / scale[:, None, :]), -8, 7).astype(np.int8)
-    return q.reshape(w.shape), scale
+    return q.reshape(-1, w.shape[1])[: w.shape[0]], scale
 
 
 def dequantize_int4(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
-    return (_blocks(q.astype(np.float32), block) * scale[:, None, :]).reshape(q.shape)
+    return (_blocks(q.astype(np.float32), block) * scale[:, None, :]).reshape(-1, q.shape[1])[: q.shape[0]]
 
 
 def fake_quant_int4(w: np.ndarray, block: int, clip: np.ndarray | None = None) -> np.ndarray:
@@ -88,16 +95,17 @@ def fake_quant_int4(w: np.ndarray, block: int, clip: np.ndarray | None = None) -
     np.rint(out, out=out)
     np.clip(out, -8, 7, out=out)
     out *= scale
-    return out.reshape(w.shape)
+    return out.reshape(-1, w.shape[1])[: w.shape[0]]
 
 
 def pack_matmulnbits(q: np.ndarray, scale: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """INT4 values [in, out] and scales [in/block, out] -> ``com.microsoft.MatMulNBits`` inputs.
+    """INT4 values [in, out] and scales [ceil(in/block), out] -> ``com.microsoft.MatMulNBits`` inputs.
 
     B is uint8 [out, in/block, block/2]: column n's blocks, two 4-bit values a byte, the even row in the low
     nibble, stored unsigned with the zero point 8 that MatMulNBits assumes without a zero_points input.
     Scales are float32 [out * in/block], column-major over blocks.
     """
+    q = pad_rows(q, block)  # MatMulNBits pads a partial last block too (K stays the real size)
     k, n = q.shape
     u = (q.astype(np.int16) + 8).astype(np.uint8).T.reshape(n, k // block, block)  # [out, nb, block]
     packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)

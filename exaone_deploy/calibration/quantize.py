@@ -142,7 +142,6 @@ def calibrate(source: Source, options: QuantOptions, progress: bool = False
     canonical = ir.load(source.bundle / CANONICAL_FILE)
     linears = find_linears(canonical.graph)
     groups = input_groups(linears)
-    _check_blocks(options, groups)
     stats = None
     if model is not None:
         awq = options.block_size if options.scheme == "int4-awq" else None
@@ -152,15 +151,6 @@ def calibrate(source: Source, options: QuantOptions, progress: bool = False
     plan = make_plan(options, spec, groups, stats, model, calib, progress=progress)
     timings["plan_s"] = time.perf_counter() - t
     return plan, calib, timings
-
-
-def _check_blocks(options: QuantOptions, groups: list[InputGroup]) -> None:
-    if not options.scheme.startswith("int4"):
-        return
-    for g in groups:
-        if g.in_features % options.block_size:
-            raise QuantizeError(f"{g.name}: input size {g.in_features} is not a multiple of --block-size "
-                                f"{options.block_size}")
 
 
 def make_plan(options: QuantOptions, spec, groups: list[InputGroup], stats: dict | None, model=None,
@@ -199,8 +189,9 @@ def make_plan(options: QuantOptions, spec, groups: list[InputGroup], stats: dict
             gp.smooth = s if ratio > 0 else None
             gp.info = {"awq_ratio": ratio, "awq_error_gain": (err0 / err) if err > 0 else 1.0}
             s_vec = s if ratio > 0 else np.ones(g.in_features, np.float32)
-            gram = st.gram / (s_vec.reshape(-1, options.block_size)[:, :, None]
-                              * s_vec.reshape(-1, options.block_size)[:, None, :])
+            sb = nq.pad_rows(s_vec[:, None], options.block_size).reshape(-1, options.block_size)  # padding: 0
+            sb = np.where(sb == 0, 1.0, sb)
+            gram = st.gram / (sb[:, :, None] * sb[:, None, :])
             for m, w in zip(g.members, ws):
                 if m.kind in ("q_proj", "k_proj"):  # as AWQ: clipping q/k disturbs attention scores
                     continue

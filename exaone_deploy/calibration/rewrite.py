@@ -167,6 +167,13 @@ def _quantize_activation(w: _Writer, plan: Plan, target: str, grp: InputGroup, g
                          before: ir.Node) -> dict:
     """Activation quantizer shared by a group's quantized members. Returns what the members need."""
     if plan.scheme.startswith("int4"):
+        extra = -grp.in_features % plan.block_size
+        if target == "trt" and extra:
+            # TensorRT wants the blocked axis to divide evenly: pad the activation with zero columns to match the
+            # zero rows padded onto the weight (MatMulNBits pads internally, so the ort graph needs no Pad).
+            rank = len(grp.input.shape) if grp.input.shape is not None else 3  # (the Mul output has no shape)
+            pads = w.init(f"{grp.name}.input_pads", np.array([0] * (2 * rank - 1) + [extra], np.int64))
+            x = w.node(before, "Pad", [x, pads], name=f"{grp.name}/input_pad")
         return {"x": x}
     if gp.act_amax is None:
         raise ValueError(f"{grp.name}: no activation range in the plan (calibration missing)")
@@ -230,7 +237,7 @@ def _quantize_linear(w: _Writer, plan: Plan, target: str, lin: Linear, weight: n
             w.replace(node, "MatMulNBits", [x["x"], wq, ws],
                       {"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": 4}, "com.microsoft")
         else:
-            wq = w.init(f"{base}.int4", q.astype(ml_dtypes.int4))
+            wq = w.init(f"{base}.int4", nq.pad_rows(q, block).astype(ml_dtypes.int4))
             ws = w.init(f"{base}.scale", scale)
             wd = w.node(node, "DequantizeLinear", [wq, ws], {"axis": 0, "block_size": block},
                         name=f"{lin.name}/weight_dequantize")

@@ -139,7 +139,8 @@ def collect(model: CalibrationModel, tokens: np.ndarray, *, awq_block: int | Non
             first = (-seen[name]) % stride
             st.token_rows.append(x[first::stride].astype(np.float32, copy=True))
             seen[name] += x.shape[0]
-            xb = x.reshape(x.shape[0], -1, awq_block)
+            xp = x if x.shape[1] % awq_block == 0 else np.pad(x, ((0, 0), (0, -x.shape[1] % awq_block)))
+            xb = xp.reshape(x.shape[0], -1, awq_block)
             g = np.einsum("tbi,tbj->bij", xb, xb, dtype=np.float64)
             st.gram = g if st.gram is None else st.gram + g
 
