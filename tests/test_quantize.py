@@ -10,8 +10,6 @@ from click.testing import CliRunner
 
 from exaone_deploy.bundle import load_manifest, sha256_file
 from exaone_deploy.calibration.cli import eval_ppl_command, quantize_command, sensitivity_command
-from exaone_deploy.calibration.graph import find_linears
-from exaone_deploy.calibration.ppl import perplexity
 from exaone_deploy.calibration.quantize import QuantizeError, QuantOptions, calibrate, open_source, quantize, \
     write_quantized_bundle
 from exaone_deploy.exporter import lower, ops

@@ -15,7 +15,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -270,10 +270,14 @@ def quantize(model_dir: str | Path, out_dir: str | Path, options: QuantOptions, 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
         plan, calib, timings = calibrate(source, options, progress=progress)
+        log.info("%s: calibrated on %s (%.1f s statistics, %.1f s plan)", options.scheme,
+                 calib.describe() if calib else "no data", timings["statistics_s"], timings["plan_s"])
         t = time.perf_counter()
         info = write_quantized_bundle(source, plan, options, tmp, calib=calib)
         timings["write_s"] = time.perf_counter() - t
         bundle_mod.commit_dir(tmp, out, force=force)
+        log.info("%s: %d linears quantized for %s, %d kept float -> %s", options.scheme, info["quantized"],
+                 options.target, len(info["keep_float"]), out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,8 +12,6 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..runtime.tokenizer import Tokenizer
 from .data import token_stream
 from .graph import find_linears

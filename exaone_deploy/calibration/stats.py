@@ -82,6 +82,7 @@ class CalibrationModel:
         if threads:
             so.intra_op_num_threads = threads
         proto = ir.serde.serialize_model(model)
+        log.info("calibration graph: %d linear input groups as extra outputs of %s", len(self.groups), bundle_dir)
         self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
     def run(self, tokens: np.ndarray, fn: Callable[[str, np.ndarray], None], batch_tokens: int = 2048,
