@@ -180,7 +180,11 @@ def test_graphs_pass_checker_and_have_contract(bundles):
         canon = onnx.load(str(path / "canonical.onnx"), load_external_data=False)
         assert sum(n.op_type == "EXAONEAttention" and n.domain == "ai.exaone_deploy" for n in canon.graph.node) \
             == m.spec.num_layers
-        assert {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"} \
+        # Weights live in the shared external file; the ort graph's fused q/k/v and gate/up weights in fused.data.
+        locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {"weights.data", "fused.data"}
+        assert sum(n.op_type == "MatMul" for n in model.graph.node) == 4 * m.spec.num_layers + 1
+        assert {e.value for t in canon.graph.initializer for e in t.external_data if e.key == "location"} \
             == {"weights.data"}
 
 

@@ -221,7 +221,7 @@ def _export_into(src: Path, tmp: Path, options: ExportOptions, progress: bool) -
         stage(3)
         canonical = ir.load(tmp / CANONICAL_FILE)
         window_cache = options.window_cache and options.target == "ort" and spec.is_hybrid
-        lowered = lower.lower(canonical, spec, options.target, window_cache=window_cache)
+        lowered = lower.lower(canonical, spec, options.target, window_cache=window_cache, data_dir=tmp)
         ir.save(lowered, tmp / MODEL_FILE)
         bar.update()
         stage(4)

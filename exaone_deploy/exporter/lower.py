@@ -76,9 +76,65 @@ def rsqrt_as_div(graph: ir.Graph) -> int:
     return count
 
 
-def lower_ort(model: ir.Model, spec: ModelSpec | None = None, window_cache: bool = False) -> ir.Model:
+def fuse_parallel_matmuls(graph: ir.Graph, data_dir: Path, file_name: str = "fused.data") -> int:
+    """MatMuls that read the same input with constant float weights (q/k/v; gate/up) become one MatMul over
+    the concatenated weights and a Split: fewer, larger GEMMs (one pass over the activations, one kernel
+    launch instead of three). The fused weights are written to ``data_dir/file_name``. Returns the count."""
+    groups: dict[int, list[ir.Node]] = {}
+    for node in graph:
+        w = node.inputs[1] if node.op_type == "MatMul" and node.domain == "" and len(node.inputs) == 2 else None
+        if w is None or not w.is_initializer() or w.const_value is None or w.shape is None or len(w.shape) != 2:
+            continue
+        if w.type.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+            continue
+        groups.setdefault(id(node.inputs[0]), []).append(node)
+    fused_values, count = [], 0
+    for nodes in groups.values():
+        if len(nodes) < 2 or len({n.inputs[1].shape[0] for n in nodes}) != 1 or len({n.inputs[1].type.dtype for n in nodes}) != 1:
+            continue
+        weights = [n.inputs[1] for n in nodes]
+        sizes = [int(w.shape[1]) for w in weights]
+        dtype = weights[0].type.dtype
+
+        def concat(ws=tuple(w.const_value for w in weights)):
+            return ir.tensor(np.concatenate([t.numpy() for t in ws], axis=1))
+
+        name = "+".join(w.name for w in weights)
+        fused = ir.Value(name=name, shape=ir.Shape([int(weights[0].shape[0]), sum(sizes)]), type=ir.TensorType(dtype),
+                         const_value=ir.LazyTensor(concat, dtype=dtype, shape=ir.Shape([int(weights[0].shape[0]),
+                                                                                         sum(sizes)]), name=name))
+        graph.register_initializer(fused)
+        split = ir.Value(name=f"{name}.split", shape=ir.Shape([len(sizes)]), type=ir.TensorType(ir.DataType.INT64),
+                         const_value=ir.tensor(np.array(sizes, dtype=np.int64), name=f"{name}.split"))
+        graph.register_initializer(split)
+        first = nodes[0]
+        mm = ir.node("MatMul", [first.inputs[0], fused], name=f"{first.name}_fused")
+        sp = ir.node("Split", [mm.outputs[0], split], attributes={"axis": -1}, num_outputs=len(nodes),
+                     name=f"{first.name}_split")
+        graph.insert_before(first, [mm, sp])
+        for node, out in zip(nodes, sp.outputs):
+            out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
+            node.outputs[0].replace_all_uses_with(out)
+            graph.remove(node, safe=True)
+        for w in weights:
+            if not w.uses():
+                del graph.initializers[w.name]
+        fused_values.append(fused)
+        count += 1
+    if fused_values:
+        external = ir.external_data.convert_tensors_to_external(
+            [v.const_value for v in fused_values], base_dir=data_dir, relative_path=file_name, alignment=65536)
+        for v, t in zip(fused_values, external):
+            v.const_value = t
+    return count
+
+
+def lower_ort(model: ir.Model, spec: ModelSpec | None = None, window_cache: bool = False,
+              data_dir: Path | None = None) -> ir.Model:
     g = model.graph
     rsqrt_as_div(g)
+    if data_dir is not None:
+        fuse_parallel_matmuls(g, data_dir)
     for node in _attention_nodes(g):
         a = _attrs(node)
         layer = _layer_of(node)
@@ -173,9 +229,11 @@ def lower_trt(model: ir.Model) -> ir.Model:
     return model
 
 
-def lower(model: ir.Model, spec: ModelSpec, target: str, window_cache: bool = False) -> ir.Model:
+def lower(model: ir.Model, spec: ModelSpec, target: str, window_cache: bool = False,
+          data_dir: Path | None = None) -> ir.Model:
+    """``data_dir``: where the ort lowering may write fused weights (no weight fusion without it)."""
     if target == "ort":
-        return lower_ort(model, spec, window_cache)
+        return lower_ort(model, spec, window_cache, data_dir)
     if target == "trt":
         return lower_trt(model)
     raise ValueError(f"unknown target {target!r}")
