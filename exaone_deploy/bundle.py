@@ -6,6 +6,7 @@ to open and verify bundles, the exporter to write them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ from typing import Any
 
 from .spec import ModelSpec
 
-__all__ = ["BundleError", "Manifest", "load_manifest", "write_manifest", "copy_tokenizer_files", "commit_dir",
+__all__ = ["BundleError", "Manifest", "load_manifest", "write_manifest", "copy_tokenizer_files", "commit_dir", "staged_dir",
            "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "exaone-deploy-bundle"
@@ -169,6 +170,28 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
             if sha256_file(f) != digest:
                 raise BundleError(f"{f}: sha256 mismatch with {MANIFEST} (the file is corrupt or was modified)")
     return Manifest(root, data)
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path, *, replace_checkpoint: bool = False):
+    """Yield a temporary sibling of ``out`` to write into; on success it becomes ``out`` atomically.
+
+    With ``replace_checkpoint`` an existing ``out`` that is empty or holds a checkpoint (config.json) is
+    replaced; any other existing directory is refused. On failure nothing is left behind.
+    """
+    out = Path(out).absolute()
+    replaceable = out.is_dir() and (not any(out.iterdir()) or (out / "config.json").exists())
+    if out.exists() and not (replace_checkpoint and replaceable):
+        raise FileExistsError(f"{out} exists and is not a checkpoint directory; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        commit_dir(tmp, out, force=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def commit_dir(tmp: Path, out: Path, force: bool = False) -> None:

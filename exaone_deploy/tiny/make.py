@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from ..bundle import staged_dir
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, train_tokenizer
 
 __all__ = ["PRESETS", "make_tiny", "training_texts"]
@@ -310,25 +309,8 @@ def make_tiny(
     if num_layers is not None and num_layers < 1:
         raise ValueError(f"num_layers must be positive, got {num_layers}")
     out_dir = Path(out_dir).absolute()
-    replaceable = out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / "config.json").exists())
-    if out_dir.exists() and not replaceable:
-        raise FileExistsError(f"{out_dir} exists and is not a checkpoint directory; refusing to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir, replace_checkpoint=True) as tmp:
         _write_checkpoint(tmp, preset, seed, num_layers, dtype)
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / "x")
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

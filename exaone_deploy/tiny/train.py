@@ -27,8 +27,6 @@ import argparse
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from ..assets import heldout_text, split_index, train_text
+from ..bundle import staged_dir
 from .make import TRANSFORMERS_VERSION, _config
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, train_tokenizer
 
@@ -123,17 +122,6 @@ def _save_weights(model, path: Path, tied: bool) -> int:
     return sum(v.numel() for v in state.values())
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    tmp.chmod(0o755)
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        out_dir.rename(old / "x")
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
-
-
 def _samples(model, tokenizer, seed: int, max_new_tokens: int = 120) -> dict[str, str]:
     model.eval()
     ids = tokenizer(SAMPLE_PROMPT, return_tensors="pt").input_ids
@@ -161,18 +149,8 @@ def train(out_dir: str | Path, **overrides) -> dict:
     torch.use_deterministic_algorithms(True)
     transformers.logging.set_verbosity_error()
 
-    out_dir = Path(out_dir).absolute()
-    replaceable = out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / "config.json").exists())
-    if out_dir.exists() and not replaceable:
-        raise FileExistsError(f"{out_dir} exists and is not a checkpoint directory; refusing to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(Path(out_dir), replace_checkpoint=True) as tmp:
         report = _train_into(tmp, args, AutoTokenizer, Exaone4Config, Exaone4ForCausalLM)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
