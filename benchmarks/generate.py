@@ -18,7 +18,10 @@ greedy tokens with end-of-sequence ignored, at each ``--batch`` size (rows of eq
 
 Each (system, batch) runs in its own fresh interpreter, one after another, with the same thread count
 (``--threads``, default all cores): load, one warm-up generation of 2 tokens, then ``--repeats`` timed
-generations (best kept). Reported: load time, time to first token (prompt in -> first token out), prefill
+generations (best kept). All of that is repeated for ``--rounds`` interleaved rounds (the systems' order rotates
+from round to round): this shared machine's bandwidth drifts by up to 2x over minutes, so a ratio between two
+systems is taken within each round, from neighbouring measurements, and the table shows the median over rounds
+(with its min-max); each system's own figures are from its best round. Reported: load time, time to first token (prompt in -> first token out), prefill
 tok/s (batch x prompt / TTFT), decode tok/s (batch x (new - 1) / time from the first token to the last),
 peak RSS (VmHWM of that interpreter, also as a multiple of the fp32 weights) and peak anonymous RSS (sampled;
 VmHWM also counts clean page-cache pages of memory-mapped weight files). The machine's read bandwidth is
@@ -86,6 +89,13 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
     for name in ("torch", "torch.onnx", "onnxscript", "onnx_ir", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def build_checkpoint(workdir: Path, layers: int | None) -> Path:
@@ -487,6 +497,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1, help="timed generations per measurement (best kept)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of measurements, interleaved; ratios are medians of within-round ratios (default 3)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="threads (default: all cores)")
     ap.add_argument("--bundle", type=_extra_bundle, action="append", default=[], metavar="PATH[=LABEL]",
                     help="another bundle to run through our runtime, as an extra row (repeatable)")
@@ -496,8 +508,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    if args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1 or args.threads < 1:
-        ap.error("--prompt-len, --repeats and --threads must be >= 1 and --new-tokens >= 2")
+    if args.prompt_len < 1 or args.new_tokens < 2 or min(args.repeats, args.rounds, args.threads) < 1:
+        ap.error("--prompt-len, --repeats, --rounds and --threads must be >= 1 and --new-tokens >= 2")
     if args.layers is not None and args.layers < 1:
         ap.error("--layers must be >= 1")
     return args
@@ -510,6 +522,39 @@ def _first_divergence(a: list[list[int]], b: list[list[int]]) -> int | None:
             if x != y:
                 return i
     return None
+
+
+def _combine(target: dict, batch: int, per_round: list[list[dict]]) -> dict:
+    """One (system, batch) row from its rounds: the best round's speeds (each figure's best), the largest peak
+    memory, the first round's tokens (all rounds must agree: greedy decoding is deterministic)."""
+    label = target["label"]
+    if "error" in target:
+        return {"system": label, "batch": batch, "error": target["error"]}
+    runs = [r for rnd in per_round for r in rnd if r["system"] == label and r["batch"] == batch]
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"system": label, "batch": batch, "error": runs[-1]["error"] if runs else "not measured"}
+    row = {k: v for k, v in ok[0].items() if k != "round"}
+    for k in ("load_s", "ttft_s", "prefill_s", "decode_s"):
+        row[k] = min(r[k] for r in ok)
+    for k in ("prefill_tok_s", "decode_tok_s"):
+        row[k] = max(r[k] for r in ok) if ok[0][k] is not None else None
+    for k in ("peak_rss", "peak_anon", "rss_loaded"):
+        row[k] = max(r[k] for r in ok)
+    row["rounds_ok"] = len(ok)
+    row["tokens_stable"] = all(r["tokens"] == ok[0]["tokens"] for r in ok)
+    return row
+
+
+def _paired_ratios(per_round: list[list[dict]], system: str, peer: str, batch: int, key: str) -> list[float]:
+    """system / peer for ``key``, one ratio per round in which both were measured."""
+    out = []
+    for rnd in per_round:
+        a = next((r for r in rnd if r["system"] == system and r["batch"] == batch and "error" not in r), None)
+        b = next((r for r in rnd if r["system"] == peer and r["batch"] == batch and "error" not in r), None)
+        if a and b and a.get(key) and b.get(key):
+            out.append(a[key] / b[key])
+    return out
 
 
 def main(argv=None) -> dict:
@@ -551,25 +596,34 @@ def main(argv=None) -> dict:
         return onnx_decode_bytes(load_manifest(path, verify=False).model_path)
 
     os.environ["OPENBLAS_NUM_THREADS"] = str(T)  # NumPy's BLAS in the measuring interpreters: same thread count
-    bw = run_isolated(measure_bandwidth, T, timeout=args.timeout)
-    log.info("read bandwidth %.1f GB/s", bw["read_Bps"] / 1e9)
-    rows: list[dict] = []  # one per (system, batch)
-    for b in args.batch:
-        for t in targets:
-            row = {"system": t["label"], "batch": b}
-            rows.append(row)
-            if "error" in t:
-                row["error"] = t["error"]
-                continue
-            print(f"measuring {t['label']}, batch {b} ...", file=sys.stderr)
-            row.update(path=str(t["path"]), decode_bytes_per_token=read_bytes(t["kind"], t["path"]))
-            try:
-                row.update(run_isolated(t["fn"], str(t["path"]), b, P, N, T, args.repeats, timeout=args.timeout))
-            except Exception as e:  # noqa: BLE001 - reported in the table
-                row["error"] = str(e).strip().splitlines()[-1][:200]
-                print(f"{t['label']} (batch {b}) failed: {e}", file=sys.stderr)
+    # Rounds: every (system, batch) once per round, the systems' order rotated from round to round. This shared
+    # machine's memory bandwidth drifts by 2x over minutes; a ratio of two measurements taken minutes apart
+    # measures the drift. Ratios are therefore taken within a round (neighbouring measurements) and the median
+    # over rounds is reported; each system's own figures are its best round.
+    bws: list[dict] = []
+    per_round: list[list[dict]] = []
+    live = [t for t in targets if "error" not in t]
+    for rnd in range(args.rounds):
+        bws.append(run_isolated(measure_bandwidth, T, timeout=args.timeout))
+        log.info("round %d: read bandwidth %.1f GB/s", rnd + 1, bws[-1]["read_Bps"] / 1e9)
+        measured = []
+        for b in args.batch:
+            k = rnd % max(len(live), 1)
+            for t in live[k:] + live[:k]:
+                row = {"system": t["label"], "batch": b, "round": rnd + 1, "path": str(t["path"]),
+                       "decode_bytes_per_token": read_bytes(t["kind"], t["path"])}
+                print(f"round {rnd + 1}/{args.rounds}: {t['label']}, batch {b} ...", file=sys.stderr)
+                try:
+                    row.update(run_isolated(t["fn"], str(t["path"]), b, P, N, T, args.repeats, timeout=args.timeout))
+                except Exception as e:  # noqa: BLE001 - reported in the table
+                    row["error"] = str(e).strip().splitlines()[-1][:200]
+                    print(f"{t['label']} (batch {b}) failed: {e}", file=sys.stderr)
+                measured.append(row)
+        per_round.append(measured)
+    bw = max(bws, key=lambda x: x["read_Bps"])
+    rows = [_combine(t, b, per_round) for b in args.batch for t in targets]
 
-    # Derived figures: ceilings and ratios within this run.
+    # Derived figures: ceilings, and ratios within each round (median over rounds).
     by = {(r["system"], r["batch"]): r for r in rows}
     for r in rows:
         if "error" in r:
@@ -580,8 +634,11 @@ def main(argv=None) -> dict:
         for peer in ("transformers", "genai"):
             p = by.get((peer, r["batch"]))
             if p and "error" not in p:
-                r[f"prefill_vs_{peer}"] = r["prefill_tok_s"] / p["prefill_tok_s"]
-                r[f"decode_vs_{peer}"] = r["decode_tok_s"] / p["decode_tok_s"]
+                for what in ("prefill", "decode"):
+                    ratios = _paired_ratios(per_round, r["system"], peer, r["batch"], f"{what}_tok_s")
+                    if ratios:
+                        r[f"{what}_vs_{peer}"] = float(np.median(ratios))
+                        r[f"{what}_vs_{peer}_rounds"] = ratios
         hf = by.get(("transformers", r["batch"]))
         if r["system"] == "ours" and hf and "error" not in hf:
             d = _first_divergence(r["tokens"], hf["tokens"])
@@ -590,8 +647,10 @@ def main(argv=None) -> dict:
     result = {
         "model": {"checkpoint": str(ckpt), "layers": json.loads((ckpt / "config.json").read_text())["num_hidden_layers"],
                   "fp32_weight_bytes": param_bytes},
-        "settings": {"prompt_len": P, "new_tokens": N, "batch": args.batch, "threads": T, "repeats": args.repeats},
-        "bandwidth": bw, "rows": rows,
+        "settings": {"prompt_len": P, "new_tokens": N, "batch": args.batch, "threads": T, "repeats": args.repeats,
+                     "rounds": args.rounds},
+        "bandwidth": bw, "bandwidth_rounds": [x["read_Bps"] for x in bws], "rows": rows,
+        "rounds": per_round,
     }
 
     def table():
@@ -601,6 +660,10 @@ def main(argv=None) -> dict:
         print(f"read bandwidth {cpu:.1f} GB/s (sgemv {bw['gemv_Bps'] / 1e9:.1f}, sum {bw['sum_Bps'] / 1e9:.1f}, "
               f"1-thread sum {bw['sum_1_thread_Bps'] / 1e9:.1f}); batch-1 decode ceiling at fp32: "
               f"{bw['read_Bps'] / hf_read_bytes:.2f} tok/s ({hf_read_bytes / 1e9:.2f} GB/token)")
+        if len(bws) > 1:
+            print(f"{len(bws)} interleaved rounds (read bandwidth per round: "
+                  f"{', '.join(format(x['read_Bps'] / 1e9, '.1f') for x in bws)} GB/s); speeds: each system's best round; "
+                  "ratios: median of within-round ratios (min-max)")
         print()
         shown = []
         for r in rows:
@@ -614,7 +677,9 @@ def main(argv=None) -> dict:
             for k in ("prefill_vs_transformers", "prefill_vs_genai", "decode_vs_transformers", "decode_vs_genai",
                       "rss_over_fp32_weights"):
                 if k in s:
-                    s[k] = f"{s[k]:.2f}x"
+                    rounds = s.get(f"{k}_rounds", [])
+                    spread = f" ({min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else ""
+                    s[k] = f"{s[k]:.2f}x{spread}"
             s["GB/tok"] = f"{r['decode_bytes_per_token'] / 1e9:.2f}" if "decode_bytes_per_token" in r else ""
             if "error" in r:
                 s["load_s"] = "failed: " + r["error"]
