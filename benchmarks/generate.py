@@ -14,7 +14,13 @@ greedy tokens with end-of-sequence ignored, at each ``--batch`` size (rows of eq
   model builder (``-e cpu -p fp32|int4|int8``). It refuses EXAONE, so it runs a Qwen3 *twin*: a Qwen3
   checkpoint with identical sizes holding the very same weight bytes (the EXAONE tensors renamed; Qwen3 is
   pre-norm where EXAONE is post-norm, which changes no byte and no FLOP per token).
+* ``genai-thp``: ``genai`` again, started under the same huge-page ``malloc`` setting as ours (below), to show
+  how much of a difference is that setting.
 * ``--bundle PATH[=LABEL]``: any other bundle (a quantized one, say) through our runtime, as an extra row.
+
+Ours runs the way the ``exaone-deploy`` command runs it: its interpreter is started under
+``exaone_deploy.runtime.hugepages.hugepage_env()`` (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` where THP is in
+``madvise`` mode), so ONNX Runtime's pre-packed weights sit in 2 MiB pages. The peers run as they come.
 
 Each (system, batch) runs in its own fresh interpreter, one after another, with the same thread count
 (``--threads``, default all cores): load, one warm-up generation of 2 tokens, then ``--repeats`` timed
@@ -40,6 +46,7 @@ check of the script (widths stay full size; its artifacts are cached separately)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -54,12 +61,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from exaone_deploy.runtime.hugepages import hugepage_env  # noqa: E402
 from _util import current_rss_bytes, emit, fmt_bytes, peak_rss_bytes, print_table, run_isolated  # noqa: E402
 
 log = logging.getLogger("bench.generate")
 
-SYSTEMS = ("ours", "transformers", "genai", "genai-int4", "genai-int8")
-GENAI_PRECISION = {"genai": "fp32", "genai-int4": "int4", "genai-int8": "int8"}
+SYSTEMS = ("ours", "transformers", "genai", "genai-int4", "genai-int8", "genai-thp")
+GENAI_PRECISION = {"genai": "fp32", "genai-int4": "int4", "genai-int8": "int8", "genai-thp": "fp32"}
 GiB = 1 << 30
 
 
@@ -524,6 +532,22 @@ def _first_divergence(a: list[list[int]], b: list[list[int]]) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def _environment(env: dict | None):
+    """os.environ replaced by ``env`` (when given) while a measuring interpreter is spawned."""
+    if env is None:
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def _combine(target: dict, batch: int, per_round: list[list[dict]]) -> dict:
     """One (system, batch) row from its rounds: the best round's speeds (each figure's best), the largest peak
     memory, the first round's tokens (all rounds must agree: greedy decoding is deterministic)."""
@@ -570,13 +594,14 @@ def main(argv=None) -> dict:
     targets: list[dict] = []  # label, kind, path (the artifact), fn (the measurement) or error (the build's)
     for system in args.systems:
         if system == "ours":
-            targets.append(dict(label=system, kind=system, path=build_bundle(workdir, L), fn=run_ours))
+            targets.append(dict(label=system, kind=system, path=build_bundle(workdir, L), fn=run_ours, hugepages=True))
         elif system == "transformers":
             targets.append(dict(label=system, kind=system, path=ckpt, fn=run_transformers))
         else:
             try:
                 path = build_genai(workdir, L, GENAI_PRECISION[system])
-                targets.append(dict(label=system, kind="genai", path=path, fn=run_genai))
+                targets.append(dict(label=system, kind="genai", path=path, fn=run_genai,
+                                    hugepages=system == "genai-thp"))
             except Exception as e:  # noqa: BLE001 - a peer that cannot be built is reported, not fatal
                 print(f"{system}: {e}", file=sys.stderr)
                 targets.append(dict(label=system, error=str(e).strip().splitlines()[0][:200]))
@@ -584,7 +609,7 @@ def main(argv=None) -> dict:
     if twin.is_dir():  # only the genai builder's input (5 GB): rebuilt in a minute if ever needed again
         shutil.rmtree(twin)
     for path, label in args.bundle:
-        targets.append(dict(label=label, kind="bundle", path=path, fn=run_ours))
+        targets.append(dict(label=label, kind="bundle", path=path, fn=run_ours, hugepages=True))
 
     def read_bytes(kind: str, path: Path) -> int:
         if kind == "transformers":
@@ -614,7 +639,9 @@ def main(argv=None) -> dict:
                        "decode_bytes_per_token": read_bytes(t["kind"], t["path"])}
                 print(f"round {rnd + 1}/{args.rounds}: {t['label']}, batch {b} ...", file=sys.stderr)
                 try:
-                    row.update(run_isolated(t["fn"], str(t["path"]), b, P, N, T, args.repeats, timeout=args.timeout))
+                    with _environment(hugepage_env() if t.get("hugepages") else None):
+                        row.update(run_isolated(t["fn"], str(t["path"]), b, P, N, T, args.repeats,
+                                                timeout=args.timeout))
                 except Exception as e:  # noqa: BLE001 - reported in the table
                     row["error"] = str(e).strip().splitlines()[-1][:200]
                     print(f"{t['label']} (batch {b}) failed: {e}", file=sys.stderr)

@@ -395,5 +395,14 @@ def _register_optional_commands() -> None:
 _register_optional_commands()
 
 
+def entry() -> None:
+    """The ``exaone-deploy`` console script: restart once with huge-page ``malloc`` where that helps (weights in
+    2 MiB pages: faster decode and load; see ``runtime/hugepages.py``), then run the command."""
+    from .runtime.hugepages import reexec
+
+    reexec([sys.executable, "-m", "exaone_deploy", *sys.argv[1:]])
+    main(prog_name="exaone-deploy")
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    entry()

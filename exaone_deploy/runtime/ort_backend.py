@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from ..bundle import BundleError, Manifest, load_manifest
 from .backend import Backend, ContextLengthError
+from .hugepages import TUNABLE, hugepage_env
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class OrtBackend(Backend):
             raise RuntimeError(f"{provider} is not available in this onnxruntime build "
                                f"(available: {', '.join(ort.get_available_providers())})")
         threads = threads or int(os.environ.get("EXAONE_DEPLOY_THREADS", "0")) or None
+        if device == "cpu" and hugepage_env() is not None:
+            log.info("weights will sit in 4 KiB pages: start Python with GLIBC_TUNABLES=%s for 2 MiB pages "
+                     "(faster decode; the exaone-deploy command does it itself)", TUNABLE)
         self.session = ort.InferenceSession(str(m.model_path), sess_options=session_options(threads),
                                             providers=[provider])
         self.np_dtype = _NP.get(m.dtype, np.float16)
