@@ -400,7 +400,8 @@ def entry() -> None:
     2 MiB pages: faster decode and load; see ``runtime/hugepages.py``), then run the command."""
     from .runtime.hugepages import reexec
 
-    reexec([sys.executable, "-m", "exaone_deploy", *sys.argv[1:]])
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # no cwd on sys.path: run the installed package
+    reexec([sys.executable, *safe_path, "-m", "exaone_deploy", *sys.argv[1:]])
     main(prog_name="exaone-deploy")
 
 

@@ -55,3 +55,12 @@ def test_reexec_gives_malloc_huge_pages():
     out = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, check=True).stdout.split()
     assert out[0].endswith(hp.TUNABLE)
     assert int(out[1]) >= 2048  # kB: at least one 2 MiB page backs the malloc'd buffer
+
+
+def test_console_entry_survives_its_reexecution(tmp_path):
+    # The console script restarts as `python -P -m exaone_deploy ...` where huge pages apply (and runs directly
+    # where they do not): either way the command runs, from any directory.
+    code = "import sys; from exaone_deploy.cli import entry; sys.argv = ['exaone-deploy', 'inspect', 'tiny']; entry()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("layers 6, hidden 128")
