@@ -28,16 +28,15 @@ import asyncio
 import json
 import logging
 import os
-import queue
 import re
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+
+from exaone_deploy.runtime.server import ServerProcess
 
 log = logging.getLogger("benchmarks.serve")
 
@@ -73,47 +72,6 @@ def build_default_bundle(workdir: Path, max_seq_len: int) -> Path:
 
 
 # ---- the server -----------------------------------------------------------------------------------
-
-class Server:
-    """`python -m exaone_deploy.runtime.server BUNDLE --port 0 ...` in a subprocess."""
-
-    def __init__(self, bundle: Path, *args: str, timeout: float = 600.0):
-        cmd = [sys.executable, "-m", "exaone_deploy.runtime.server", str(bundle), "--host", "127.0.0.1",
-               "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines: queue.Queue = queue.Queue()
-        self.output: list[str] = []
-
-        def pump():
-            for line in self.proc.stdout:
-                self.output.append(line)
-                lines.put(line)
-            lines.put(None)
-
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                self.close()
-                raise RuntimeError("the server did not start:\n" + "".join(self.output))
-            m = re.search(r"on (http://\S+)/v1", line)
-            if m:
-                self.url = m.group(1)
-                return
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
 
 def scrape(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=30).text
@@ -203,7 +161,7 @@ def main(argv=None) -> int:
 
     env_threads = {"EXAONE_DEPLOY_THREADS": str(args.threads)} if args.threads else {}
     os.environ.update(env_threads)
-    server = Server(bundle, "--no-verify", "--max-batch", str(max(levels)), "--context", str(args.context),
+    server = ServerProcess(bundle, "--no-verify", "--max-batch", str(max(levels)), "--context", str(args.context),
                     "--max-queue", str(4 * max(levels)), "--prefill-chunk", str(max(args.prompt_len, 64)))
     rows, reference = [], {}
     try:

@@ -14,9 +14,6 @@ import json
 import queue
 import random
 import re
-import subprocess
-import sys
-import threading
 import time
 
 import httpx
@@ -33,7 +30,7 @@ from exaone_deploy.runtime.chat import (  # noqa: E402
 )
 from exaone_deploy.runtime.generate import Generator  # noqa: E402
 from exaone_deploy.runtime.sampling import SamplingParams  # noqa: E402
-from exaone_deploy.runtime.server import _ChatChoice  # noqa: E402
+from exaone_deploy.runtime.server import ServerProcess, _ChatChoice  # noqa: E402
 from exaone_deploy.runtime.tokenizer import Tokenizer  # noqa: E402
 
 MODEL = "tiny-32b"
@@ -65,34 +62,9 @@ def bundle(tmp_path_factory):
                              progress=False)
 
 
-class LiveServer:
+class LiveServer(ServerProcess):
     def __init__(self, bundle, *args: str):
-        cmd = [sys.executable, "-m", "exaone_deploy.runtime.server", str(bundle), "--host", "127.0.0.1",
-               "--port", "0", "--served-model-name", MODEL, *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.output: list[str] = []
-        lines: queue.Queue = queue.Queue()
-
-        def pump():
-            for line in self.proc.stdout:
-                self.output.append(line)
-                lines.put(line)
-            lines.put(None)
-
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                self.close()
-                raise RuntimeError("server did not start:\n" + "".join(self.output))
-            m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", line)
-            if m:
-                self.url = m.group(1)
-                break
+        super().__init__(bundle, "--served-model-name", MODEL, *args, timeout=60)
         self.http = httpx.Client(base_url=self.url, timeout=60)
 
     def client(self, api_key: str = "unused", **kw) -> "openai.OpenAI":
@@ -115,13 +87,7 @@ class LiveServer:
         return float(m.group(1)) if m else 0.0
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        super().close(timeout=20)
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "create_app", "serve_command", "APIError"]
+__all__ = ["Engine", "create_app", "serve_command", "APIError", "ServerProcess"]
 
 MAX_CHOICES = 16  # n x prompts per HTTP request
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
@@ -951,6 +951,58 @@ def serve_command(bundle_dir: Path, host: str, port: int, max_batch: int, max_qu
                f"context {engine.context}, queue {max_queue})", nl=True)
     sys.stdout.flush()
     uvicorn.Server(config).run(sockets=[sock])
+
+
+class ServerProcess:
+    """``python -m exaone_deploy.runtime.server BUNDLE --host 127.0.0.1 --port 0 ARGS`` in a subprocess, for tests,
+    benchmarks and scripts. Returns once the server listens: ``url`` is its root (``url + "/v1"`` is the API),
+    ``output`` its merged stdout/stderr so far. Raises RuntimeError (with that output) if it exits or does not
+    listen within ``timeout`` seconds."""
+
+    def __init__(self, bundle: str | Path, *args: str, timeout: float = 600.0):
+        import queue
+        import re
+        import subprocess
+        import threading
+
+        cmd = [sys.executable, "-m", "exaone_deploy.runtime.server", str(bundle), "--host", "127.0.0.1",
+               "--port", "0", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.output: list[str] = []
+        lines: queue.Queue = queue.Queue()
+
+        def pump():
+            for line in self.proc.stdout:
+                self.output.append(line)
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                self.close()
+                raise RuntimeError("the server did not start:\n" + "".join(self.output))
+            m = re.search(r"on (http://\S+)/v1", line)  # the line serve_command prints once it listens
+            if m:
+                self.url = m.group(1)
+                return
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Terminate (SIGTERM, then SIGKILL after ``timeout`` s) and wait."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
 if __name__ == "__main__":  # pragma: no cover
