@@ -27,8 +27,8 @@ Each (system, batch) runs in its own fresh interpreter, one after another, with 
 generations (best kept). All of that is repeated for ``--rounds`` interleaved rounds (the systems' order rotates
 from round to round): this shared machine's bandwidth drifts by up to 2x over minutes, so a ratio between two
 systems is taken within each round, from neighbouring measurements, and the table shows the median over rounds
-(with its min-max); each system's own figures are from its best round. Reported: load time, time to first token (prompt in -> first token out), prefill
-tok/s (batch x prompt / TTFT), decode tok/s (batch x (new - 1) / time from the first token to the last),
+(with its min-max); each system's own figures are from its best round. Reported: load time, time to first
+token (prompt in -> first token out), prefill tok/s (batch x prompt / TTFT), decode tok/s (batch x (new - 1) / time from the first token to the last),
 peak RSS (VmHWM of that interpreter, also as a multiple of the fp32 weights) and peak anonymous RSS (sampled;
 VmHWM also counts clean page-cache pages of memory-mapped weight files). The machine's read bandwidth is
 measured in the same run (over a 2 GiB float32 array: BLAS sgemv, sums one slice per thread, a 1-thread
@@ -628,15 +628,18 @@ def main(argv=None) -> dict:
     bws: list[dict] = []
     per_round: list[list[dict]] = []
     live = [t for t in targets if "error" not in t]
+    for t in live:  # read once: it parses the model file
+        t["decode_bytes_per_token"] = read_bytes(t["kind"], t["path"])
     for rnd in range(args.rounds):
         bws.append(run_isolated(measure_bandwidth, T, timeout=args.timeout))
         log.info("round %d: read bandwidth %.1f GB/s", rnd + 1, bws[-1]["read_Bps"] / 1e9)
         measured = []
+        k = rnd % max(len(live), 1)
+        order = live[k:] + live[:k]
         for b in args.batch:
-            k = rnd % max(len(live), 1)
-            for t in live[k:] + live[:k]:
+            for t in order:
                 row = {"system": t["label"], "batch": b, "round": rnd + 1, "path": str(t["path"]),
-                       "decode_bytes_per_token": read_bytes(t["kind"], t["path"])}
+                       "decode_bytes_per_token": t["decode_bytes_per_token"]}
                 print(f"round {rnd + 1}/{args.rounds}: {t['label']}, batch {b} ...", file=sys.stderr)
                 try:
                     with _environment(hugepage_env() if t.get("hugepages") else None):

@@ -45,7 +45,7 @@ def thp_mode(path: str = _THP_ENABLED) -> str | None:
 def glibc_version() -> tuple[int, int] | None:
     """(major, minor) of the C library when it is glibc, else None (musl, macOS, Windows)."""
     try:
-        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        _, version = os.confstr("CS_GNU_LIBC_VERSION").split()
         major, minor = version.split(".")[:2]
         return int(major), int(minor)
     except (AttributeError, ValueError, OSError):
