@@ -1,4 +1,4 @@
-"""Decode-attention benchmark: our Triton kernels (exaone_deploy.plugins.triton_attention) vs torch SDPA.
+"""Decode-attention benchmark: our Triton kernels (exaone_deploy.tensorrt.kernels) vs torch SDPA.
 
 For EXAONE 4.0 head shapes (32B: 40/8 heads, head_dim 128; 1.2B: 32/8, 64) at 4k and 32k context, in fp16
 and bf16, for a global layer (linear cache, every past key read) and a local layer (4096-token sliding window
@@ -79,7 +79,7 @@ def bench_case(model: str, dtype_name: str, kind: str, ctx: int, batch: int, ite
     import torch
 
     from exaone_deploy import opref
-    from exaone_deploy.plugins.triton_attention import exaone_attention
+    from exaone_deploy.tensorrt.kernels import exaone_attention
 
     N, Nkv, H = MODELS[model]
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]

@@ -368,7 +368,7 @@ def run_ours(bundle: str, batch: int, prompt_len: int, new_tokens: int, threads:
     from exaone_deploy.runtime.generate import Generator
     from exaone_deploy.runtime.ort_backend import OrtBackend
     from exaone_deploy.runtime.sampling import SamplingParams
-    from exaone_deploy.runtime.tokenizer import Tokenizer
+    from exaone_deploy.text.tokenizer import Tokenizer
 
     anon = AnonPeak.start()
     t0 = time.perf_counter()

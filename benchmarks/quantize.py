@@ -70,11 +70,11 @@ def corpus_split(workdir: Path) -> tuple[Path, Path]:
 
 def accuracy(args) -> dict:
     _quiet()
-    from exaone_deploy.calibration.ppl import perplexity
+    from exaone_deploy.validate.ppl import perplexity
     from exaone_deploy.calibration.quantize import QuantizeError, QuantOptions, quantize
     from exaone_deploy.checkpoint import resolve_model_dir
     from exaone_deploy.exporter.export import ExportOptions, export_bundle
-    from exaone_deploy.runtime.tokenizer import Tokenizer
+    from exaone_deploy.text.tokenizer import Tokenizer
     from exaone_deploy.calibration.data import token_stream
 
     model = resolve_model_dir(args.model)
@@ -180,7 +180,7 @@ def _decode(bundle: str, prompt_len: int, new_tokens: int, repeats: int, relower
     import numpy as np
 
     from exaone_deploy.bundle import load_manifest
-    from exaone_deploy.calibration.ppl import ort_twin
+    from exaone_deploy.validate.ppl import ort_twin
     from exaone_deploy.runtime.ort_backend import OrtBackend
 
     source = load_manifest(bundle, verify=False)

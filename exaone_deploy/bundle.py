@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .graph_io import GraphIO
 from .spec import ModelSpec
 
 __all__ = ["BundleError", "Manifest", "load_manifest", "write_manifest", "copy_tokenizer_files", "commit_dir", "staged_dir",
@@ -69,10 +70,14 @@ class Manifest:
         return int(self.data["max_seq_len"])
 
     @property
+    def io(self) -> GraphIO:
+        """The graph I/O contract of this bundle (names, cache shapes, step inputs)."""
+        return GraphIO.from_manifest_data(self.spec, self.data)
+
+    @property
     def cache_lengths(self) -> list[int | str]:
         """Per layer: a fixed window-sized cache length, or "cache_len" (runtime-chosen)."""
-        cache = self.data.get("io", {}).get("cache", {})
-        return cache.get("per_layer_len") if cache.get("window_cache") else ["cache_len"] * self.spec.num_layers
+        return self.io.cache_lengths
 
     @property
     def model_path(self) -> Path:
@@ -91,33 +96,8 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def cache_lengths(spec: ModelSpec, window_cache: bool) -> list[int | str]:
-    """Per layer: the fixed window W (window-sized cache) or "cache_len" (chosen by the runtime)."""
-    return [layer.window if (window_cache and layer.sliding) else "cache_len" for layer in spec.layers]
-
-
 def io_spec(spec: ModelSpec, dtype: str, max_seq_len: int, window_cache: bool = False) -> dict[str, Any]:
-    kv = ["batch", spec.num_kv_heads, "cache_len", spec.head_dim]
-    return {
-        "inputs": [
-            {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
-            {"name": "seqlens_k", "dtype": "int32", "shape": ["batch"],
-             "doc": "tokens in the row after this step, minus one"},
-            {"name": "total_sequence_length", "dtype": "int32", "shape": [],
-             "doc": "max over rows of seqlens_k + 1; equal to sequence on a prompt step"},
-            {"name": "logits_index", "dtype": "int64", "shape": ["batch", "logits_len"],
-             "doc": "positions in the chunk whose logits are returned"},
-            {"name": "past_key_values.{i}.key|value", "dtype": dtype, "shape": kv},
-        ],
-        "outputs": [
-            {"name": "logits", "dtype": "float32", "shape": ["batch", "logits_len", spec.vocab_size]},
-            {"name": "present.{i}.key|value", "dtype": dtype, "shape": kv,
-             "doc": "the past buffers updated in place (bind the same memory)"},
-        ],
-        "cache": {"layout": "BNSH", "dtype": dtype, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-                  "max_len": max_seq_len, "in_place": True, "window_cache": window_cache,
-                  "per_layer_len": cache_lengths(spec, window_cache)},
-    }
+    return GraphIO(spec, dtype, max_seq_len, window_cache).manifest_io()
 
 
 def write_manifest(root: Path, *, spec: ModelSpec, target: str, dtype: str, max_seq_len: int, model_file: str,

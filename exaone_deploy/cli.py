@@ -139,7 +139,7 @@ def export(model_dir: str, out_dir: Path, target: str, dtype: str, max_seq_len: 
 def verify(bundle_dir: Path, model_dir: str, steps: int, prompt_len: int | None, as_json: bool) -> None:
     """Run BUNDLE_DIR in ONNX Runtime beside the PyTorch reference; non-zero exit past tolerance."""
     _quiet_export_tooling()
-    from .exporter.verify import verify_bundle
+    from .validate.verify import verify_bundle
 
     try:
         report = verify_bundle(bundle_dir, model_dir, steps=steps, prompt_len=prompt_len)
@@ -367,9 +367,9 @@ def demo(prompt, max_new_tokens, temperature, top_k, seed, bundle_dir):
 
 
 def _register_optional_commands() -> None:
-    """Commands that live with their stage (TensorRT in plugins/, quantization in calibration/, serving in
+    """Commands that live with their stage (TensorRT in tensorrt/, quantization in calibration/, serving in
     runtime/). Each module imports its heavy dependencies only when the command runs."""
-    from .plugins.cli import build_command, compare_command
+    from .tensorrt.cli import build_command, compare_command
 
     from .calibration.cli import eval_ppl_command, quantize_command, sensitivity_command
 

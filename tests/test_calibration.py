@@ -12,7 +12,7 @@ from exaone_deploy.calibration import numerics as nq
 from exaone_deploy.calibration.data import (CalibrationDataError, calibration_samples, read_documents, split_text,
                                             token_stream)
 from exaone_deploy.calibration.rewrite import GroupPlan, Plan, apply_plan
-from exaone_deploy.runtime.tokenizer import Tokenizer
+from exaone_deploy.text.tokenizer import Tokenizer
 from exaone_deploy.tiny.make import make_tiny
 
 KO_EN = """안녕하세요, 만나서 반갑습니다. 오늘 서울의 날씨는 맑고 따뜻합니다.

@@ -12,14 +12,14 @@ from pathlib import Path
 import jinja2.exceptions
 import pytest
 
-from exaone_deploy.runtime.chat import (
+from exaone_deploy.text.chat import (
     AssistantOutput,
     StreamSplitter,
     parse_assistant_output,
     parse_tool_call,
     render_chat_template,
 )
-from exaone_deploy.runtime.tokenizer import Tokenizer
+from exaone_deploy.text.tokenizer import Tokenizer
 from exaone_deploy.tiny.tokenizer import SPECIAL_TOKENS, chat_template, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -515,7 +515,7 @@ def test_stream_emits_before_tags_close():
 
 def test_runtime_imports_without_torch_or_transformers():
     code = (
-        "import sys; import exaone_deploy.runtime.tokenizer, exaone_deploy.runtime.chat, exaone_deploy.runtime.detok; "
+        "import sys; import exaone_deploy.text.tokenizer, exaone_deploy.text.chat, exaone_deploy.text.detok; "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from exaone_deploy.runtime.detok import IncrementalDecoder
-from exaone_deploy.runtime.tokenizer import Tokenizer
+from exaone_deploy.text.detok import IncrementalDecoder
+from exaone_deploy.text.tokenizer import Tokenizer
 from exaone_deploy.tiny.tokenizer import train_tokenizer
 
 CORPUS = [

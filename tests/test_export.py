@@ -85,7 +85,7 @@ def test_ort_fp32_matches_transformers(bundles, checkpoints, preset):
 
 @pytest.mark.parametrize("preset", ["1.2b", "32b"])
 def test_ort_fp16_greedy_identical(bundles, checkpoints, preset):
-    from exaone_deploy.exporter.verify import TOLERANCES
+    from exaone_deploy.validate.verify import TOLERANCES
 
     backend = OrtBackend(bundles[preset, "float16"], capacity=PROMPT_LEN + STEPS + 2)
     hf = hf_model(checkpoints[preset])

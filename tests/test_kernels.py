@@ -1,5 +1,5 @@
-"""Triton attention kernels (exaone_deploy.plugins.triton_attention) against the NumPy reference
-(exaone_deploy.opref.attention_ref), and the TensorRT plugin module (exaone_deploy.plugins.trt_plugin).
+"""Triton attention kernels (exaone_deploy.tensorrt.kernels) against the NumPy reference
+(exaone_deploy.opref.attention_ref), and the TensorRT plugin module (exaone_deploy.tensorrt.plugin).
 
 The kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below before triton is imported), so the
 shapes are small. With TRITON_INTERPRET=0 set explicitly and a CUDA GPU, the same tests run compiled on the GPU.
@@ -22,8 +22,8 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
                                      "in interpreter mode on CPU")
 
 from exaone_deploy import opref  # noqa: E402
-from exaone_deploy.plugins import triton_attention as ta  # noqa: E402
-from exaone_deploy.plugins import trt_plugin  # noqa: E402
+from exaone_deploy.tensorrt import kernels as ta  # noqa: E402
+from exaone_deploy.tensorrt import plugin as trt_plugin  # noqa: E402
 
 INTERPRET = type(ta._attention_kernel).__name__ == "InterpretedFunction"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -260,7 +260,7 @@ def test_aot_kernel_compiles_to_ptx_with_tensorrt_argument_list():
     """Compile the AOT kernel for sm_90 (no GPU needed) in a fresh interpreter without TRITON_INTERPRET."""
     code = textwrap.dedent("""\
         import re
-        from exaone_deploy.plugins import trt_plugin as tp
+        from exaone_deploy.tensorrt import plugin as tp
         k = tp.compile_aot_kernel("fp16", "fp16", "fp16", num_heads=40, kv_num_heads=8, head_dim=128, scale=0.0,
                                   window=4096, rotary=1, ring=1, tactic=tp.TACTIC_DECODE, target=("cuda", 90, 32))
         entry = re.search(r"\\.entry\\s+" + k.name + r"\\s*\\((.*?)\\)", k.ptx, re.S).group(1)

@@ -14,7 +14,7 @@ from exaone_deploy.calibration.quantize import QuantizeError, QuantOptions, cali
     write_quantized_bundle
 from exaone_deploy.exporter import lower, ops
 from exaone_deploy.exporter.export import ExportOptions, export_bundle
-from exaone_deploy.plugins.checks import check_bundle
+from exaone_deploy.tensorrt.checks import check_bundle
 from exaone_deploy.runtime.ort_backend import OrtBackend
 from exaone_deploy.tiny.make import make_tiny
 
@@ -66,7 +66,7 @@ def _prompt_logits(bundle, prompt):
     """Logits at every prompt position in ONNX Runtime (trt bundles through their ORT twin)."""
     import contextlib
 
-    from exaone_deploy.calibration.ppl import _bundle_scorer
+    from exaone_deploy.validate.ppl import _bundle_scorer
 
     with contextlib.ExitStack() as stack:
         score = _bundle_scorer(Path(bundle), 64, stack)

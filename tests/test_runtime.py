@@ -186,7 +186,7 @@ def test_cli_refuses_tampered_bundle(work):
 
 
 def test_cli_messages_use_the_chat_template(work):
-    from exaone_deploy.runtime.tokenizer import Tokenizer
+    from exaone_deploy.text.tokenizer import Tokenizer
 
     bundle = work["32b"][1]
     body = {

@@ -23,7 +23,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from exaone_deploy.runtime.chat import (  # noqa: E402
+from exaone_deploy.text.chat import (  # noqa: E402
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
     StreamSplitter,
@@ -31,7 +31,7 @@ from exaone_deploy.runtime.chat import (  # noqa: E402
 from exaone_deploy.runtime.generate import Generator  # noqa: E402
 from exaone_deploy.runtime.sampling import SamplingParams  # noqa: E402
 from exaone_deploy.runtime.server import ServerProcess, _ChatChoice  # noqa: E402
-from exaone_deploy.runtime.tokenizer import Tokenizer  # noqa: E402
+from exaone_deploy.text.tokenizer import Tokenizer  # noqa: E402
 
 MODEL = "tiny-32b"
 API_KEY = "sk-test-0123456789"

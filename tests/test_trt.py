@@ -19,14 +19,14 @@ from onnx import helper as oh
 from onnx import numpy_helper
 
 from exaone_deploy.bundle import BundleError, load_manifest
-from exaone_deploy.plugins import checks
-from exaone_deploy.plugins.build import (BuildError, BuildOptions, BuildProgress, build_engine, profile_shapes,
+from exaone_deploy.tensorrt import checks
+from exaone_deploy.tensorrt.builder import (BuildError, BuildOptions, BuildProgress, build_engine, profile_shapes,
                                          write_engine_bundle)
-from exaone_deploy.plugins.checks import check_bundle, check_model
-from exaone_deploy.plugins.cli import build_command, compare_command
-from exaone_deploy.plugins.compare import compare_bundles, error_stats
+from exaone_deploy.tensorrt.checks import check_bundle, check_model
+from exaone_deploy.tensorrt.cli import build_command, compare_command
+from exaone_deploy.validate.compare import compare_bundles, error_stats
 from exaone_deploy.runtime.ort_backend import OrtBackend
-from exaone_deploy.runtime.trt_backend import (PROFILE_DECODE, PROFILE_PREFILL, TensorRTUnavailable, TrtBackend,
+from exaone_deploy.tensorrt.backend import (PROFILE_DECODE, PROFILE_PREFILL, TensorRTUnavailable, TrtBackend,
                                                engine_compat_error)
 
 MAX_SEQ = 64
@@ -579,7 +579,7 @@ def test_trt_backend_decode_graphs_replay_the_right_step(bundles):
 def test_cuda_errors_and_missing_cuda_python_are_named(monkeypatch):
     import sys
 
-    from exaone_deploy.runtime import trt_backend
+    from exaone_deploy.tensorrt import backend as trt_backend
 
     try:
         import cuda.bindings.runtime  # noqa: F401
@@ -610,7 +610,7 @@ def test_error_stats_on_known_arrays():
 
 
 def test_compare_fp32_vs_fp16_ort_bundles(bundles):
-    from exaone_deploy.exporter.verify import TOLERANCES
+    from exaone_deploy.validate.verify import TOLERANCES
 
     a, b = bundles["ort-float32"], bundles["ort-float16"]
     same = compare_bundles(a, a, steps=3, seed=1)
@@ -690,7 +690,7 @@ def test_engine_generates_like_ort(engine, bundles):
 def test_engine_from_another_tensorrt_is_refused(engine, tmp_path):
     import shutil
 
-    from exaone_deploy.runtime.trt_backend import EngineMismatchError
+    from exaone_deploy.tensorrt.backend import EngineMismatchError
 
     copy_dir = tmp_path / "engine"
     shutil.copytree(engine["path"], copy_dir)

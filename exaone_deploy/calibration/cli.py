@@ -122,7 +122,7 @@ def quantize_command(model_dir: str, out_dir: Path, force: bool, no_progress: bo
 def eval_ppl_command(path: str, data: Path, seq_len: int, max_tokens: int | None, text_field: str, data_format: str,
                      as_json: bool) -> None:
     """Perplexity of a bundle (ONNX Runtime) or a checkpoint (PyTorch reference) on a text file."""
-    from .ppl import perplexity
+    from ..validate.ppl import perplexity
 
     try:
         r = perplexity(path, data, seq_len=seq_len, max_tokens=max_tokens, text_field=text_field, fmt=data_format,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 
 __all__ = ["CalibrationDataError", "CalibrationSet", "FORMATS", "read_documents", "token_stream",
            "calibration_samples", "split_text"]

@@ -25,7 +25,7 @@ from .. import bundle as bundle_mod
 from ..checkpoint import resolve_model_dir
 from ..exporter import lower
 from ..exporter.export import ALIGNMENT, CANONICAL_FILE, MODEL_FILE, WEIGHTS_FILE, ExportOptions, export_bundle
-from ..runtime.tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 from ..spec import load_spec
 from . import numerics as nq
 from . import stats as stats_mod

@@ -12,10 +12,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..runtime.tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 from .data import token_stream
 from .graph import find_linears
-from .ppl import perplexity
+from ..validate.ppl import perplexity
 from .quantize import QuantOptions, calibrate, open_source, write_quantized_bundle
 
 __all__ = ["LayerSensitivity", "sensitivity", "format_table"]

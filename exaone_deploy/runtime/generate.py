@@ -9,10 +9,10 @@ from typing import Iterator, Sequence
 
 from ..bundle import load_manifest
 from .backend import Backend, ContextLengthError
-from .chat import AssistantOutput, parse_assistant_output
-from .detok import IncrementalDecoder
+from ..text.chat import AssistantOutput, parse_assistant_output
+from ..text.detok import IncrementalDecoder
 from .sampling import Sampler, SamplingParams
-from .tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 
 __all__ = ["Generator", "GenerationResult", "RowState", "open_backend"]
 
@@ -197,7 +197,7 @@ def open_backend(manifest, *, device: str = "cpu", max_batch: int = 1, capacity:
 
         return OrtBackend(manifest, max_batch=max_batch, capacity=capacity, device=device)
     if manifest.target == "tensorrt":
-        from .trt_backend import TrtBackend
+        from ..tensorrt.backend import TrtBackend
 
         return TrtBackend(manifest, max_batch=max_batch, capacity=capacity)
     raise ValueError(f"{manifest.root}: a {manifest.target!r} bundle cannot run directly "

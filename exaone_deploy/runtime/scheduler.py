@@ -35,7 +35,7 @@ import numpy as np
 from .backend import Backend, ContextLengthError
 from .generate import GenerationResult, RowState
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ whole), ``GET /v1/models``, ``GET /health`` (slot, queue and scheduler state) an
 request becomes one scheduler request per choice, whose events come back through an asyncio queue.
 
 Chat answers are split into ``reasoning_content``, ``content`` and ``tool_calls`` by the same state machine
-streamed and whole (:class:`~exaone_deploy.runtime.chat.StreamSplitter`), so a streamed answer joins up to
+streamed and whole (:class:`~exaone_deploy.text.chat.StreamSplitter`), so a streamed answer joins up to
 the non-streamed one. Bad requests get an OpenAI-style error body ``{"error": {"message", "type", "param",
 "code"}}``: 400 for malformed JSON, wrong types, out-of-range values and prompts that do not fit the context,
 401 without the API key, 404 for an unknown model, 413 for an oversized body, 429 when the queue is full.
@@ -41,11 +41,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
 from ..bundle import load_manifest
-from .chat import THINK_OPEN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, StreamSplitter
+from ..text.chat import THINK_OPEN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, StreamSplitter
 from .generate import open_backend
 from .sampling import SamplingError, SamplingParams
 from .scheduler import Delta, Done, Failed, QueueFull, Request, Scheduler, SchedulerClosed, SchedulerObserver
-from .tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

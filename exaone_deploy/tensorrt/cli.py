@@ -20,8 +20,8 @@ __all__ = ["build_command", "compare_command"]
 def _errors():
     from ..bundle import BundleError
     from ..runtime.backend import ContextLengthError
-    from ..runtime.trt_backend import TensorRTUnavailable
-    from .build import BuildError
+    from .backend import TensorRTUnavailable
+    from .builder import BuildError
     from .checks import TrtGraphError
 
     return (BundleError, BuildError, TrtGraphError, TensorRTUnavailable, ContextLengthError, FileNotFoundError,
@@ -30,7 +30,7 @@ def _errors():
 
 def _message(e: Exception) -> str:
     """Missing TensorRT is one line; lists of graph or parser problems keep their lines."""
-    from ..runtime.trt_backend import TensorRTUnavailable
+    from .backend import TensorRTUnavailable
 
     return " ".join(str(e).split()) if isinstance(e, TensorRTUnavailable) else str(e)
 
@@ -73,7 +73,7 @@ def build_command(bundle_dir: Path, out_dir: Path | None, max_batch: int, max_se
             sys.exit(0 if report.ok else 1)
         if out_dir is None:
             raise click.UsageError("missing option '-o' / '--output' (the engine bundle directory)")
-        from .build import BuildOptions, build_engine
+        from .builder import BuildOptions, build_engine
 
         t = time.perf_counter()
         opts = BuildOptions(max_batch=max_batch, max_seq_len=max_seq_len, opt_level=opt_level,
@@ -101,7 +101,7 @@ def build_command(bundle_dir: Path, out_dir: Path | None, max_batch: int, max_se
 def compare_command(bundle_a: Path, bundle_b: Path, steps: int, prompt_len: int | None, seed: int, device: str,
                     as_json: bool) -> None:
     """Run the same inputs through BUNDLE_A and BUNDLE_B; print error statistics of B against A."""
-    from .compare import compare_bundles
+    from ..validate.compare import compare_bundles
 
     try:
         report = compare_bundles(bundle_a, bundle_b, steps=steps, prompt_len=prompt_len, seed=seed, device=device)

@@ -15,7 +15,7 @@ Steps (``build_engine``):
    ``--timing-cache`` (atomically), a progress display driven by TensorRT's ``IProgressMonitor``.
 5. The engine bundle: ``model.engine``, the tokenizer files and a manifest (target ``tensorrt``) recording the
    TensorRT version, the GPU and its compute capability, the plugins, the profiles, the precision and the
-   source bundle's hash. :class:`~exaone_deploy.runtime.trt_backend.TrtBackend` refuses an engine built by
+   source bundle's hash. :class:`~exaone_deploy.tensorrt.backend.TrtBackend` refuses an engine built by
    another TensorRT version or for another GPU with a message saying so.
 
 All TensorRT calls are in ``_build_serialized`` and its helpers and follow the TensorRT 10.x/11.x Python API; the
@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 from .. import bundle as bundle_mod
 from ..bundle import BundleError, Manifest, load_manifest
-from ..runtime.trt_backend import (ENGINE_TARGET, TensorRTUnavailable, gpu_info, require_tensorrt)
+from .backend import (ENGINE_TARGET, TensorRTUnavailable, gpu_info, require_tensorrt)
 from ..spec import ModelSpec
 from .checks import CheckReport, check_model, plugin_contract
 
@@ -331,7 +331,7 @@ def build_engine(bundle_dir: str | Path, out_dir: str | Path, options: BuildOpti
         log.warning("%s: %s", source.model_path, w)
     trt = require_tensorrt("`exaone-deploy build`")
     gpu = build_gpu_info()
-    from .trt_plugin import register_plugins
+    from .plugin import register_plugins
 
     register_plugins()
     t0 = time.perf_counter()

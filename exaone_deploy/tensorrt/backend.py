@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..bundle import BundleError, Manifest, load_manifest
-from .backend import Backend, ContextLengthError
+from ..runtime.backend import Backend, ContextLengthError
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +459,7 @@ class TrtBackend(Backend):
 def _register_plugins() -> None:
     """Register our TensorRT plugins before deserializing (engines whose plugins run Python need them)."""
     try:
-        from ..plugins.trt_plugin import register_plugins
+        from .plugin import register_plugins
 
         register_plugins()
     except (ImportError, RuntimeError) as e:

@@ -150,7 +150,7 @@ def compile_aot_kernel(dtype: str, cache_dtype: str, rope_dtype: str, *, num_hea
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from . import triton_attention as ta
+    from . import kernels as ta
 
     if tactic == TACTIC_DECODE:
         candidates = [(16, 64), (16, 32)]
@@ -267,7 +267,7 @@ def _register_aot(trt, trtp) -> None:
             scale=float(scale), window=window, rotary=rotary, ring=ring,
             tactic=TACTIC_DECODE if tactic == TACTIC_DECODE else TACTIC_PREFILL)
 
-        from .triton_attention import PROMPT_FROM_TENSOR
+        from .kernels import PROMPT_FROM_TENSOR
 
         batch, seq = query.shape_expr[0], query.shape_expr[1]
         group = num_heads // kv_num_heads
@@ -318,7 +318,7 @@ def _register_jit(trt, trtp) -> None:
     ) -> None:
         import torch
 
-        from .triton_attention import exaone_attention
+        from .kernels import exaone_attention
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             q, k, v, pk, pv, lens, tsl, cos, sin = (_as_torch(trt, x) for x in (

@@ -136,8 +136,8 @@ def supported_ops() -> dict:
 
 
 def plugin_contract() -> PluginContract:
-    """The contract of our TensorRT plugin, read from exaone_deploy.plugins.trt_plugin (no TensorRT needed)."""
-    from . import trt_plugin as p
+    """The contract of our TensorRT plugin, read from exaone_deploy.tensorrt.plugin (no TensorRT needed)."""
+    from . import plugin as p
 
     onnx_type = {int: A.INT, float: A.FLOAT, str: A.STRING}
     return PluginContract(p.PLUGIN_OP_TYPE, p.PLUGIN_NAMESPACE, str(p.PLUGIN_VERSION),

@@ -11,7 +11,7 @@ import torch
 from ..bundle import load_manifest
 from ..checkpoint import resolve_model_dir
 from ..runtime.ort_backend import OrtBackend
-from .reference import load_reference
+from ..exporter.reference import load_reference
 
 __all__ = ["TOLERANCES", "StepError", "verify_bundle"]
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from .. import bundle as bundle_mod
 from ..checkpoint import resolve_model_dir
-from ..runtime.tokenizer import Tokenizer
-from .data import token_stream
+from ..text.tokenizer import Tokenizer
+from ..calibration.data import token_stream
 
 log = logging.getLogger(__name__)
 

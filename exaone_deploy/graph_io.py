@@ -1,0 +1,190 @@
+"""The graph I/O contract of a decoder bundle, derived once from the ``ModelSpec`` and the export options.
+
+Every module that names a graph input or output, sizes a KV cache, or builds the inputs of a step goes through
+``GraphIO``: the exporter (input/output names, dynamic dims), the lowering passes (which cache belongs to which
+layer, window-sized cache lengths), the manifest (``io`` section), both backends and the calibration statistics
+(step inputs, cache shapes), and the TensorRT engine builder (profile shapes). This is the only module of the
+package that spells a KV-cache tensor name.
+
+The step contract (docs/bundle.md) is four inputs besides the caches:
+
+* ``input_ids`` (batch, sequence) int64, right-padded on a prompt step;
+* ``seqlens_k`` (batch,) int32: tokens in the row after this step, minus one;
+* ``total_sequence_length`` () int32: max over rows of ``seqlens_k + 1``;
+* ``logits_index`` (batch, logits_len) int64: positions of the chunk whose logits are returned.
+
+Alternatives rejected: optimum's ``OnnxConfig`` subclass hierarchy (one model family, one contract: a frozen
+dataclass is enough), and keeping the names in the manifest only (the exporter and the lowering need them before
+a manifest exists).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .spec import ModelSpec
+
+__all__ = ["GraphIO", "DEFAULT_CONTEXT", "STEP_INPUTS", "KV"]
+
+DEFAULT_CONTEXT = 4096  # runtime cache capacity when none is asked for (capped by the bundle's max_seq_len)
+STEP_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "logits_index")
+LOGITS = "logits"
+KV = ("key", "value")
+_PAST, _PRESENT = "past_key_values", "present"
+RUNTIME_CACHE_LEN = "cache_len"  # symbolic cache length of full-length (runtime-sized) caches
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    spec: ModelSpec
+    dtype: str = "float32"
+    max_seq_len: int = 0
+    window_cache: bool = False  # sliding layers hold window-sized caches (ort target)
+
+    # ---- names ----------------------------------------------------------------------------------
+    @staticmethod
+    def past_name(layer: int, kv: str) -> str:
+        return f"{_PAST}.{layer}.{kv}"
+
+    @staticmethod
+    def present_name(layer: int, kv: str) -> str:
+        return f"{_PRESENT}.{layer}.{kv}"
+
+    def cache_pairs(self) -> Iterator[tuple[int, str, str, str]]:
+        """(layer, kv, past name, present name) for every cache tensor, in graph order."""
+        for i in range(self.spec.num_layers):
+            for kv in KV:
+                yield i, kv, self.past_name(i, kv), self.present_name(i, kv)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [*STEP_INPUTS, *(p for _, _, p, _ in self.cache_pairs())]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [LOGITS, *(q for _, _, _, q in self.cache_pairs())]
+
+    @staticmethod
+    def cache_layer(name: str) -> int | None:
+        """The layer of a past/present cache tensor name, or None for any other name."""
+        parts = name.split(".")
+        if len(parts) == 3 and parts[0] in (_PAST, _PRESENT) and parts[2] in KV and parts[1].isdigit():
+            return int(parts[1])
+        return None
+
+    @staticmethod
+    def present_of(past: str) -> str | None:
+        """The present output that aliases a past input (None when ``past`` is no cache input)."""
+        return _PRESENT + past[len(_PAST):] if past.startswith(_PAST + ".") else None
+
+    @staticmethod
+    def is_cache(name: str) -> bool:
+        return GraphIO.cache_layer(name) is not None
+
+    # ---- dims -----------------------------------------------------------------------------------
+    def dim_names(self, name: str) -> tuple[str | None, ...] | None:
+        """Names of the dynamic axes of an input/output (None for a static axis)."""
+        fixed = {"input_ids": ("batch", "sequence"), "seqlens_k": ("batch",), "logits_index": ("batch", "logits_len"),
+                 LOGITS: ("batch", "logits_len", None)}
+        if name in fixed:
+            return fixed[name]
+        if self.is_cache(name):
+            return ("batch", None, RUNTIME_CACHE_LEN, None)
+        return None
+
+    @property
+    def cache_lengths(self) -> list[int | str]:
+        """Per layer: the fixed window W (window-sized cache) or ``"cache_len"`` (chosen by the runtime)."""
+        return [layer.window if (self.window_cache and layer.sliding) else RUNTIME_CACHE_LEN
+                for layer in self.spec.layers]
+
+    def cache_len(self, layer: int, capacity: int) -> int:
+        n = self.cache_lengths[layer]
+        return capacity if n == RUNTIME_CACHE_LEN else int(n)
+
+    def cache_shape(self, layer: int, batch: int, capacity: int) -> tuple[int, int, int, int]:
+        s = self.spec
+        return (batch, s.num_kv_heads, self.cache_len(layer, capacity), s.head_dim)
+
+    def default_context(self, requested: int | None = None) -> int:
+        """The runtime cache capacity: ``requested``, else min(max_seq_len, DEFAULT_CONTEXT)."""
+        return int(requested) if requested else min(self.max_seq_len, DEFAULT_CONTEXT)
+
+    # ---- step inputs ------------------------------------------------------------------------------
+    @staticmethod
+    def prefill_inputs(prompts: Sequence[Sequence[int]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """A prompt step over fresh rows, right-padded with 0: (inputs, per-row lengths)."""
+        lens = np.array([len(p) for p in prompts], dtype=np.int64)
+        ids = np.zeros((len(prompts), int(lens.max())), dtype=np.int64)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = p
+        inputs = {
+            "input_ids": ids,
+            "seqlens_k": (lens - 1).astype(np.int32),
+            "total_sequence_length": np.array(ids.shape[1], dtype=np.int32),
+            "logits_index": (lens - 1)[:, None],
+        }
+        return inputs, lens
+
+    @staticmethod
+    def extend_inputs(past: int, tokens: Sequence[int], all_logits: bool = False) -> dict[str, np.ndarray]:
+        """One row holding ``past`` tokens gets ``tokens`` appended (logits of every position or the last)."""
+        S = len(tokens)
+        return {
+            "input_ids": np.asarray(tokens, dtype=np.int64)[None],
+            "seqlens_k": np.array([past + S - 1], dtype=np.int32),
+            "total_sequence_length": np.array(past + S, dtype=np.int32),
+            "logits_index": (np.arange(S) if all_logits else np.array([S - 1]))[None].astype(np.int64),
+        }
+
+    @staticmethod
+    def decode_inputs(rows: int) -> dict[str, np.ndarray]:
+        """Buffers of a decode step over ``rows`` rows (filled per step by ``fill_decode``)."""
+        return {
+            "input_ids": np.zeros((rows, 1), dtype=np.int64),
+            "seqlens_k": np.zeros(rows, dtype=np.int32),
+            "total_sequence_length": np.array(1, dtype=np.int32),
+            "logits_index": np.zeros((rows, 1), dtype=np.int64),
+        }
+
+    @staticmethod
+    def fill_decode(inputs: dict[str, np.ndarray], tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Fill decode buffers in place: row r appends ``tokens[r]`` after ``lengths[r]`` held tokens."""
+        inputs["input_ids"][:, 0] = tokens
+        inputs["seqlens_k"][:] = lengths
+        inputs["total_sequence_length"][...] = int(lengths.max()) + 1
+
+    # ---- manifest -------------------------------------------------------------------------------
+    def manifest_io(self) -> dict[str, Any]:
+        """The manifest's ``io`` section (docs/bundle.md)."""
+        s, dtype = self.spec, self.dtype
+        kv = ["batch", s.num_kv_heads, RUNTIME_CACHE_LEN, s.head_dim]
+        return {
+            "inputs": [
+                {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+                {"name": "seqlens_k", "dtype": "int32", "shape": ["batch"],
+                 "doc": "tokens in the row after this step, minus one"},
+                {"name": "total_sequence_length", "dtype": "int32", "shape": [],
+                 "doc": "max over rows of seqlens_k + 1; equal to sequence on a prompt step"},
+                {"name": "logits_index", "dtype": "int64", "shape": ["batch", "logits_len"],
+                 "doc": "positions in the chunk whose logits are returned"},
+                {"name": f"{_PAST}.{{i}}.key|value", "dtype": dtype, "shape": kv},
+            ],
+            "outputs": [
+                {"name": LOGITS, "dtype": "float32", "shape": ["batch", "logits_len", s.vocab_size]},
+                {"name": f"{_PRESENT}.{{i}}.key|value", "dtype": dtype, "shape": kv,
+                 "doc": "the past buffers updated in place (bind the same memory)"},
+            ],
+            "cache": {"layout": "BNSH", "dtype": dtype, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
+                      "max_len": self.max_seq_len, "in_place": True, "window_cache": self.window_cache,
+                      "per_layer_len": self.cache_lengths},
+        }
+
+    @classmethod
+    def from_manifest_data(cls, spec: ModelSpec, data: dict[str, Any]) -> "GraphIO":
+        cache = data.get("io", {}).get("cache", {})
+        return cls(spec, dtype=data["dtype"], max_seq_len=int(data["max_seq_len"]),
+                   window_cache=bool(cache.get("window_cache")))

@@ -1,0 +1,1 @@
+"""Validation: compare two backends teacher-forced (verify = compare(reference, bundle)), perplexity scorers."""
