@@ -25,6 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import emit, print_table  # noqa: E402
 
+from exaone_deploy.graph_io import GraphIO  # noqa: E402
+
 
 def _session(path: str, threads: int, config: dict[str, str], past: int, capacity: int, head_dim: int):
     import onnxruntime as ort
@@ -36,21 +38,19 @@ def _session(path: str, threads: int, config: dict[str, str], past: int, capacit
         so.add_session_config_entry(k, v)
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     names = {i.name: i for i in sess.get_inputs()}
-    feeds: dict[str, np.ndarray] = {"input_ids": np.full((1, 1), 7, dtype=np.int64)}
     if "attention_mask" in names:
-        feeds["attention_mask"] = np.ones((1, past + 1), dtype=np.int64)
+        feeds = {"input_ids": np.full((1, 1), 7, dtype=np.int64), "attention_mask": np.ones((1, past + 1), np.int64)}
     else:
-        feeds.update(seqlens_k=np.array([past], np.int32), total_sequence_length=np.array(past + 1, np.int32),
-                     logits_index=np.zeros((1, 1), np.int64))
+        feeds = GraphIO.extend_inputs(past, [7])
     io = sess.io_binding()
     for name, info in names.items():
-        if name.startswith("past_key_values"):
+        present = GraphIO.present_of(name)
+        if present is not None:
             _, heads, length, dim = info.shape
             length = length if isinstance(length, int) else capacity
             dim = dim if isinstance(dim, int) else head_dim
             feeds[name] = buf = np.zeros((1, heads, length, dim), np.float32)
-            io.bind_output(name.replace("past_key_values", "present"), "cpu", 0, np.float32, list(buf.shape),
-                           buf.ctypes.data)
+            io.bind_output(present, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
     for name, arr in feeds.items():
         io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
     out = sess.get_outputs()[0]

@@ -101,13 +101,47 @@ class GraphIO:
         return [layer.window if (self.window_cache and layer.sliding) else RUNTIME_CACHE_LEN
                 for layer in self.spec.layers]
 
+    def cache_lengths_at(self, capacity: int) -> list[int]:
+        """Per layer, the cache length when the runtime-sized caches hold ``capacity`` tokens."""
+        return [capacity if n == RUNTIME_CACHE_LEN else int(n) for n in self.cache_lengths]
+
     def cache_len(self, layer: int, capacity: int) -> int:
-        n = self.cache_lengths[layer]
-        return capacity if n == RUNTIME_CACHE_LEN else int(n)
+        return self.cache_lengths_at(capacity)[layer]
 
     def cache_shape(self, layer: int, batch: int, capacity: int) -> tuple[int, int, int, int]:
         s = self.spec
         return (batch, s.num_kv_heads, self.cache_len(layer, capacity), s.head_dim)
+
+    def cache_shapes(self, batch: int, capacity: int) -> list[tuple[int, int, int, int]]:
+        """The shape of every cache tensor over ``batch`` rows, in ``cache_pairs`` order (K then V per layer)."""
+        return [self.cache_shape(i, batch, capacity) for i, _, _, _ in self.cache_pairs()]
+
+    def cache_views(self, rows: int, capacity: int) -> Iterator[tuple[int, str, str, tuple[int, int, int, int]]]:
+        """(k, past name, present name, shape over ``rows`` rows) per cache tensor; k indexes ``cache_shapes``.
+
+        A backend binds past and present of tensor k to the same memory (the rows of its buffer k from the
+        step's first row on): the op updates the cache in place."""
+        for k, (i, _, past, present) in enumerate(self.cache_pairs()):
+            yield k, past, present, self.cache_shape(i, rows, capacity)
+
+    def profile_shapes(self, max_batch: int, max_seq_len: int, prefill_opt_len: int | None = None
+                       ) -> list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
+        """(min, opt, max) shapes of every dynamic input for a TensorRT engine's prefill and decode profiles.
+
+        ``total_sequence_length`` is a scalar (no dynamic dimension) and needs no profile entry. A cache of
+        fixed (window) length has that length at min, opt and max."""
+        B, C = max_batch, max_seq_len
+        opt_s = min(C, prefill_opt_len or 256)
+        prefill = {"input_ids": ((1, 1), (1, opt_s), (B, C)), "seqlens_k": ((1,), (1,), (B,)),
+                   "logits_index": ((1, 1), (1, 1), (B, C))}
+        decode = {"input_ids": ((1, 1), (B, 1), (B, 1)), "seqlens_k": ((1,), (B,), (B,)),
+                  "logits_index": ((1, 1), (B, 1), (B, 1))}
+        for i, _, past, _ in self.cache_pairs():
+            _, heads, n, h = self.cache_shape(i, B, C)
+            lo = 1 if self.cache_lengths[i] == RUNTIME_CACHE_LEN else n
+            for prof, opt_b in ((prefill, 1), (decode, B)):
+                prof[past] = ((1, heads, lo, h), (opt_b, heads, n, h), (B, heads, n, h))
+        return [prefill, decode]
 
     def default_context(self, requested: int | None = None) -> int:
         """The runtime cache capacity: ``requested``, else min(max_seq_len, DEFAULT_CONTEXT)."""

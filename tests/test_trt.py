@@ -513,13 +513,14 @@ def test_trt_backend_slots_match_the_ort_backend(bundles):
     same(trt.extend(1, chunk, all_logits=True), ref.extend(1, chunk, all_logits=True))
     profile, shape, past0 = engine.calls[-1]
     assert profile == PROFILE_PREFILL and shape == (1, 6)
-    assert past0 == trt._caches[0] + 1 * trt._row_bytes  # slot 1 = one row into the layer-0 key buffer
+    assert past0 == trt._caches[0] + 1 * trt._row_bytes[0]  # slot 1 = one row into the layer-0 key buffer
     same(trt.extend(2, chunk[:1]), ref.extend(2, chunk[:1]))  # one token on a started slot: decode profile
     assert engine.calls[-1][0] == PROFILE_DECODE
     np.testing.assert_array_equal(trt.lengths, ref.lengths)
     trt.release(0), ref.release(0)
     same(trt.prefill([2, 0], prompts[:2]), ref.prefill([2, 0], prompts[:2]))  # non-contiguous slots
-    same(trt.score(prompts[1], chunk=8), ref.score(prompts[1], chunk=8))
+    trt.release(1), ref.release(1)
+    same(trt.score(prompts[1], slot=1, chunk=8), ref.score(prompts[1], slot=1, chunk=8))
     # Shapes and addresses are only re-set when they change: repeating a decode step sets nothing.
     trt.decode([0, 1], [5, 6])
     before = engine.sets

@@ -23,6 +23,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from ..exporter import lower
+from ..graph_io import GraphIO
+from ..runtime.ort_backend import bind_step
 from ..spec import ModelSpec
 from .graph import InputGroup, find_linears, input_groups
 from .numerics import HIST_BINS
@@ -63,6 +65,7 @@ class CalibrationModel:
     def __init__(self, bundle_dir: Path, spec: ModelSpec, canonical_file: str = "canonical.onnx",
                  threads: int | None = None):
         self.spec = spec
+        self.io = GraphIO(spec)  # float32, full-length caches (lowered without window caches)
         model = ir.load(Path(bundle_dir) / canonical_file)
         self.groups: list[InputGroup] = input_groups(find_linears(model.graph))
         model = lower.lower(model, spec, "ort")
@@ -95,22 +98,11 @@ class CalibrationModel:
         s = self.spec
         with tqdm(total=n, desc=desc, unit="sample", disable=not progress, leave=False) as bar:
             for start in range(0, n, b):
-                ids = np.ascontiguousarray(tokens[start:start + b], dtype=np.int64)
-                B = ids.shape[0]
-                caches = [np.zeros((B, s.num_kv_heads, L, s.head_dim), np.float32) for _ in range(2 * s.num_layers)]
-                inputs = {"input_ids": ids, "seqlens_k": np.full(B, L - 1, np.int32),
-                          "total_sequence_length": np.array(L, np.int32),
-                          "logits_index": np.full((B, 1), L - 1, np.int64)}
+                inputs, _ = self.io.prefill_inputs(tokens[start:start + b])
+                B = inputs["input_ids"].shape[0]
+                caches = [np.zeros(shape, np.float32) for shape in self.io.cache_shapes(B, L)]
                 logits = np.empty((B, 1, s.vocab_size), np.float32)
-                io = self.session.io_binding()
-                for name, arr in inputs.items():
-                    io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-                for i in range(s.num_layers):
-                    for j, kv in enumerate(("key", "value")):
-                        c = caches[2 * i + j]
-                        io.bind_input(f"past_key_values.{i}.{kv}", "cpu", 0, np.float32, list(c.shape), c.ctypes.data)
-                        io.bind_output(f"present.{i}.{kv}", "cpu", 0, np.float32, list(c.shape), c.ctypes.data)
-                io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+                io = bind_step(self.session, self.io, inputs, logits, [c.ctypes.data for c in caches], L, np.float32)
                 names = list(dict.fromkeys(self.outputs.values()))
                 for name in names:
                     io.bind_output(name, "cpu")

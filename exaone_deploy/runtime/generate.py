@@ -1,4 +1,8 @@
-"""Generation over any :class:`~exaone_deploy.runtime.backend.Backend`: batched, streamed, chat-aware."""
+"""Generation over any :class:`~exaone_deploy.runtime.backend.Backend`: batched, streamed, chat-aware.
+
+A prompt is a string (tokenized) or a sequence of token ids; ``generate`` and ``stream_rows`` take a batch of
+them, or one bare string as a batch of one (a string is not taken as a sequence of one-character prompts).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..bundle import load_manifest
-from .backend import Backend, ContextLengthError
+from .backend import Backend, ContextLengthError, backend_class
 from ..text.chat import AssistantOutput, parse_assistant_output
 from ..text.detok import IncrementalDecoder
 from .sampling import Sampler, SamplingParams
@@ -91,15 +95,12 @@ class Generator:
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, *, device: str = "cpu", max_batch: int = 1,
-                    capacity: int | None = None, verify: bool = True) -> "Generator":
+                    max_seq_len: int | None = None, verify: bool = True, capacity: int | None = None
+                    ) -> "Generator":
+        """``capacity``: deprecated alias of ``max_seq_len`` (the cache's initial context; it grows on demand)."""
         manifest = load_manifest(bundle_dir, verify=verify)
-        backend = open_backend(manifest, device=device, max_batch=max_batch, capacity=capacity)
+        backend = open_backend(manifest, device=device, max_batch=max_batch, max_seq_len=max_seq_len or capacity)
         return cls(backend, Tokenizer.from_dir(manifest.root))
-
-    @property
-    def max_context(self) -> int:
-        return int(getattr(self.backend, "manifest").max_seq_len) if hasattr(self.backend, "manifest") \
-            else self.backend.capacity
 
     # ---- prompts ------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -117,7 +118,7 @@ class Generator:
                                                   enable_thinking=enable_thinking, tokenize=True, **kwargs)
 
     def _limits(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[int]:
-        ctx = self.max_context
+        ctx = self.backend.io.max_seq_len  # the backend grows its cache up to the bundle's context
         limits = []
         for p, sp in zip(prompts, params):
             if len(p) >= ctx:
@@ -127,19 +128,17 @@ class Generator:
         return limits
 
     # ---- generation ---------------------------------------------------------------------------
-    def stream_rows(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    def stream_rows(self, prompts: str | Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
                     ) -> Iterator[tuple[int, str, RowState]]:
         """Generate for a batch; yields (row, text delta, state) as tokens arrive. Rows share decode steps."""
-        prompts = [self.encode(p) for p in prompts]
+        prompts = [self.encode(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         for p in params:
             p.validate()
         limits = self._limits(prompts, params)
         B = len(prompts)
         need = max(len(p) + n for p, n in zip(prompts, limits))
-        ensure = getattr(self.backend, "ensure", None)
-        if ensure:
-            ensure(B, need)
+        self.backend.ensure(B, need)
         rows = [RowState(self, p, sp, n) for p, sp, n in zip(prompts, params, limits)]
         t0 = time.perf_counter()
         logits = self.backend.prefill(list(range(B)), prompts)
@@ -174,8 +173,9 @@ class Generator:
                 "decode_steps": n_decode,
             }
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-                 = SamplingParams()) -> list[GenerationResult]:
+    def generate(self, prompts: str | Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[GenerationResult]:
+        """Results in prompt order (a bare string is one prompt: a list of one result)."""
         results: dict[int, GenerationResult] = {}
         for b, _, row in self.stream_rows(prompts, params):
             results[b] = row.result
@@ -190,16 +190,9 @@ class Generator:
                 yield delta
 
 
-def open_backend(manifest, *, device: str = "cpu", max_batch: int = 1, capacity: int | None = None) -> Backend:
-    """The backend for a bundle: ONNX Runtime for 'ort' bundles, TensorRT for engine bundles."""
-    if manifest.target == "ort":
-        from .ort_backend import OrtBackend
-
-        return OrtBackend(manifest, max_batch=max_batch, capacity=capacity, device=device)
-    if manifest.target == "tensorrt":
-        from ..tensorrt.backend import TrtBackend
-
-        return TrtBackend(manifest, max_batch=max_batch, capacity=capacity)
-    raise ValueError(f"{manifest.root}: a {manifest.target!r} bundle cannot run directly "
-                     "(build a TensorRT engine from it with `exaone-deploy build`)")
-
+def open_backend(manifest, *, device: str = "cpu", max_batch: int = 1, max_seq_len: int | None = None,
+                 capacity: int | None = None) -> Backend:
+    """The backend of a bundle's target (``backend.BACKENDS``: ONNX Runtime for 'ort', TensorRT for engine
+    bundles). ``capacity``: deprecated alias of ``max_seq_len``."""
+    cls = backend_class(manifest.target, manifest.root)
+    return cls.open(manifest, device=device, max_batch=max_batch, max_seq_len=max_seq_len or capacity)

@@ -1,11 +1,12 @@
 """ONNX Runtime backend: one session, KV-cache buffers allocated once, updated in place via IO binding.
 
 The cache of layer i is one buffer of shape (max_batch, kv_heads, L_i, head_dim) per K and V, where L_i is
-``capacity`` or, for sliding layers of a bundle exported with window caches, the window W (the op keeps
-the last W keys). A step over rows [r0, r1) binds ``past_key_values.i.*`` *and* ``present.i.*`` to the
-same memory (GQA's shared past/present buffer), so ONNX Runtime writes the new keys and values in place
-and no cache bytes are copied per step. Rows of a C-contiguous buffer are contiguous, so a slot range is a
-pointer offset.
+``max_seq_len`` or, for sliding layers of a bundle exported with window caches, the window W (the op keeps
+the last W keys): ``GraphIO.cache_shapes``. A step over rows [r0, r1) binds each cache's past input *and*
+present output to the same memory (GQA's shared past/present buffer, ``GraphIO.cache_views``), so ONNX
+Runtime writes the new keys and values in place and no cache bytes are copied per step. Rows of a
+C-contiguous buffer are contiguous, so a slot range is a pointer offset. Decode steps reuse one binding and
+one set of input buffers per (first row, rows), filled in place (``GraphIO.fill_decode``).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import numpy as np
 import onnxruntime as ort
 
 from ..bundle import BundleError, Manifest, load_manifest
-from .backend import Backend, ContextLengthError
+from ..graph_io import GraphIO
+from .backend import Backend
 from .hugepages import TUNABLE, hugepage_env
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OrtBackend"]
+__all__ = ["OrtBackend", "bind_step"]
 
 _NP = {"float32": np.float32, "float16": np.float16}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -39,11 +41,26 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return so
 
 
+def bind_step(session: ort.InferenceSession, io: GraphIO, inputs: dict[str, np.ndarray], logits: np.ndarray,
+              cache_ptrs: Sequence[int], max_seq_len: int, dtype, device: str = "cpu") -> ort.IOBinding:
+    """An IO binding of one step: host inputs and logits, and each cache's past *and* present at
+    ``cache_ptrs[k]`` (the step's first row of cache tensor k, ``GraphIO.cache_views`` order), in place."""
+    binding = session.io_binding()
+    for name, arr in inputs.items():
+        binding.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+    for k, past, present, shape in io.cache_views(inputs["input_ids"].shape[0], max_seq_len):
+        binding.bind_input(past, device, 0, dtype, list(shape), cache_ptrs[k])
+        binding.bind_output(present, device, 0, dtype, list(shape), cache_ptrs[k])
+    binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+    return binding
+
+
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, bundle: str | Path | Manifest, *, max_batch: int = 1, capacity: int | None = None,
-                 device: str = "cpu", threads: int | None = None, verify: bool = True):
+    def __init__(self, bundle: str | Path | Manifest, *, max_batch: int = 1, max_seq_len: int | None = None,
+                 device: str = "cpu", threads: int | None = None, verify: bool = True, capacity: int | None = None):
+        """``capacity``: deprecated alias of ``max_seq_len`` (default: ``GraphIO.default_context()``)."""
         self.manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle, verify=verify)
         m = self.manifest
         if m.target != "ort":
@@ -53,7 +70,7 @@ class OrtBackend(Backend):
             if m.dtype == "bfloat16" and device == "cpu":
                 raise BundleError(f"{m.root}: bfloat16 bundles need the CUDA execution provider "
                                   "(ONNX Runtime's CPU kernels are float32/float16)")
-        self.spec = m.spec
+        self.spec, self.io = m.spec, m.io
         self.device = device
         provider = PROVIDERS.get(device)
         if provider is None:
@@ -69,99 +86,42 @@ class OrtBackend(Backend):
                                             providers=[provider])
         self.np_dtype = _NP.get(m.dtype, np.float16)
         self.ort_dtype = self.np_dtype if m.dtype != "bfloat16" else None
-        self.max_batch = 0
-        self.capacity = 0
         self._caches: list[ort.OrtValue] = []
-        self._decode_cache: dict[int, tuple] = {}
-        self.allocate(max_batch, capacity or min(m.max_seq_len, 4096))
+        self._decode_cache: dict[tuple[int, int], tuple] = {}
+        self.allocate(max_batch, self.io.default_context(max_seq_len or capacity))
 
     # ---- buffers ------------------------------------------------------------------------------
-    def allocate(self, max_batch: int, capacity: int) -> None:
-        """(Re)allocate the KV cache for max_batch slots of capacity tokens (drops slot contents)."""
-        if capacity > self.manifest.max_seq_len:
-            raise ContextLengthError(f"a context of {capacity} tokens exceeds the bundle's max_seq_len "
-                                     f"{self.manifest.max_seq_len}")
-        if max_batch == self.max_batch and capacity == self.capacity:
-            return
-        s = self.spec
+    def _allocate(self, max_batch: int, max_seq_len: int) -> None:
         dev = "cuda" if self.device == "cuda" else "cpu"
-        self._cache_len = [capacity if n == "cache_len" else int(n) for n in self.manifest.cache_lengths]
-        self._caches = []
-        for length in self._cache_len:
-            shape = (max_batch, s.num_kv_heads, length, s.head_dim)
-            self._caches += [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.np_dtype), dev, 0)
-                             for _ in range(2)]
-        self.max_batch, self.capacity = max_batch, capacity
-        self.lengths = np.zeros(max_batch, dtype=np.int64)
+        shapes = self.io.cache_shapes(max_batch, max_seq_len)
+        self._caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.np_dtype), dev, 0) for shape in shapes]
         item = np.dtype(self.np_dtype).itemsize
-        self._row_bytes = [s.num_kv_heads * length * s.head_dim * item for length in self._cache_len]
+        self._row_bytes = [int(np.prod(shape[1:])) * item for shape in shapes]
         self._decode_cache.clear()
 
-    @property
-    def windowed(self) -> bool:
-        """Window-sized caches evict on every write, so rows must never see dummy writes."""
-        return any(length != self.capacity for length in self._cache_len)
-
     def cache_bytes(self) -> int:
-        return sum(v.numpy().nbytes for v in self._caches) if self.device == "cpu" else \
-            sum(2 * self.max_batch * r for r in self._row_bytes)
+        return sum(self.max_batch * r for r in self._row_bytes)
 
-    def ensure(self, max_batch: int, capacity: int) -> None:
-        """Grow the buffers if needed (slot contents are dropped when they are reallocated)."""
-        if max_batch > self.max_batch or capacity > self.capacity:
-            self.allocate(max(max_batch, self.max_batch), max(capacity, self.capacity))
+    def close(self) -> None:
+        self._caches, self._decode_cache = [], {}
 
     # ---- binding ------------------------------------------------------------------------------
     def _bind(self, r0: int, rows: int, inputs: dict[str, np.ndarray], logits: np.ndarray) -> ort.IOBinding:
-        s = self.spec
-        io = self.session.io_binding()
-        for name, arr in inputs.items():
-            io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-        dev = "cuda" if self.device == "cuda" else "cpu"
-        for i in range(s.num_layers):
-            shape = [rows, s.num_kv_heads, self._cache_len[i], s.head_dim]
-            for j, kv in enumerate(("key", "value")):
-                ptr = self._caches[2 * i + j].data_ptr() + r0 * self._row_bytes[i]
-                io.bind_input(f"past_key_values.{i}.{kv}", dev, 0, self.np_dtype, shape, ptr)
-                io.bind_output(f"present.{i}.{kv}", dev, 0, self.np_dtype, shape, ptr)
-        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        return io
+        ptrs = [c.data_ptr() + r0 * n for c, n in zip(self._caches, self._row_bytes)]
+        return bind_step(self.session, self.io, inputs, logits, ptrs, self.max_seq_len, self.np_dtype,
+                         "cuda" if self.device == "cuda" else "cpu")
 
     def _run(self, io: ort.IOBinding) -> None:
         self.session.run_with_iobinding(io)
 
     # ---- Backend API --------------------------------------------------------------------------
-    def _prefill_rows(self, r0: int, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        """A prompt step over rows [r0, r0+B): right-padded, caches start empty."""
-        ids, lens = self.right_pad(prompts)
-        B, S = ids.shape
-        inputs = {
-            "input_ids": ids,
-            "seqlens_k": (lens - 1).astype(np.int32),
-            "total_sequence_length": np.array(S, dtype=np.int32),
-            "logits_index": (lens - 1)[:, None],
-        }
-        logits = np.empty((B, 1, self.spec.vocab_size), dtype=np.float32)
+    def _step(self, r0: int, inputs: dict[str, np.ndarray], decode: bool) -> np.ndarray:
+        B, K = inputs["logits_index"].shape
+        logits = np.empty((B, K, self.spec.vocab_size), dtype=np.float32)
         self._run(self._bind(r0, B, inputs, logits))
-        self.lengths[r0:r0 + B] = lens
-        return logits[:, 0]
+        return logits
 
-    def extend(self, slot: int, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        past = int(self.lengths[slot])
-        S = len(tokens)
-        self.check_fits(past + S)
-        inputs = {
-            "input_ids": np.asarray(tokens, dtype=np.int64)[None],
-            "seqlens_k": np.array([past + S - 1], dtype=np.int32),
-            "total_sequence_length": np.array(past + S, dtype=np.int32),
-            "logits_index": (np.arange(S) if all_logits else np.array([S - 1]))[None].astype(np.int64),
-        }
-        logits = np.empty((1, inputs["logits_index"].shape[1], self.spec.vocab_size), dtype=np.float32)
-        self._run(self._bind(slot, 1, inputs, logits))
-        self.lengths[slot] = past + S
-        return logits[0]
-
-    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+    def _decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         """One token per slot, batched over rows [0, max(slots)].
 
         Rows in that range that are not decoding get a dummy token written just past their end, where
@@ -169,10 +129,6 @@ class OrtBackend(Backend):
         caches evict on each write, so with those, live rows that are not decoding split the batch into
         runs of contiguous rows instead.
         """
-        slots_arr = np.asarray(slots)
-        new_len = self.lengths[slots_arr] + 1
-        if new_len.max() > self.capacity:
-            raise ContextLengthError(f"slot context is full ({self.capacity} tokens)")
         want = dict(zip(slots, tokens))
         rows = max(slots) + 1
         if self.windowed:
@@ -196,24 +152,17 @@ class OrtBackend(Backend):
         key = (r0, rows)
         cached = self._decode_cache.get(key)
         if cached is None:
-            inputs = {
-                "input_ids": np.zeros((rows, 1), dtype=np.int64),
-                "seqlens_k": np.zeros(rows, dtype=np.int32),
-                "total_sequence_length": np.array(1, dtype=np.int32),
-                "logits_index": np.zeros((rows, 1), dtype=np.int64),
-            }
+            inputs = self.io.decode_inputs(rows)
             logits = np.empty((rows, 1, self.spec.vocab_size), dtype=np.float32)
             cached = (inputs, logits, self._bind(r0, rows, inputs, logits))
             self._decode_cache[key] = cached
         inputs, logits, io = cached
         idx = np.asarray(slots) - r0
-        ids = inputs["input_ids"]
-        ids[:, 0] = 0
-        ids[idx, 0] = [want[s] for s in slots]
-        seqlens = np.minimum(self.lengths[r0:r0 + rows], self.capacity - 1)  # idle rows: write past their end
+        ids = np.zeros(rows, dtype=np.int64)
+        ids[idx] = [want[s] for s in slots]
+        seqlens = np.minimum(self.lengths[r0:r0 + rows], self.max_seq_len - 1)  # idle rows: write past their end
         seqlens[idx] = self.lengths[slots]
-        inputs["seqlens_k"][:] = seqlens
-        inputs["total_sequence_length"][...] = seqlens.max() + 1
+        self.io.fill_decode(inputs, ids, seqlens)
         self._run(io)
         self.lengths[slots] += 1
         return logits[idx, 0]

@@ -127,7 +127,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.observer = observer or SchedulerObserver()
-        self.context = int(backend.capacity)  # tokens per slot: prompt + completion
+        self.context = int(backend.max_seq_len)  # tokens per slot: prompt + completion
         self.max_batch = int(backend.max_batch)
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # admitted: holding a slot (prefill or decode)

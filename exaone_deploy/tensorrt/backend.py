@@ -3,9 +3,10 @@
 Same contract as :class:`~exaone_deploy.runtime.ort_backend.OrtBackend`, so ``generate``, ``chat`` and ``serve``
 take an engine bundle unchanged:
 
-* The KV cache of layer i is one device buffer of shape (max_batch, kv_heads, capacity, head_dim) per K and V.
-  A step over rows [r0, r0+rows) binds ``past_key_values.i.*`` *and* ``present.i.*`` to the same address
-  (buffer + r0 * row_bytes): the attention plugin updates the cache in place, nothing is copied per step.
+* The KV cache is one device buffer per cache tensor of ``GraphIO.cache_shapes`` (max_batch rows of
+  max_seq_len tokens). A step over rows [r0, r0+rows) binds each cache's past input *and* present output to
+  the same address (buffer + r0 * row_bytes, ``GraphIO.cache_views``): the attention plugin updates the cache
+  in place, nothing is copied per step. Step inputs are built by ``GraphIO``, as in every backend.
 * Two execution contexts, one per optimisation profile of the engine: ``prefill`` (any batch and chunk length)
   and ``decode`` (one token per row). Each keeps its shapes and addresses between steps.
 * Decode steps are captured into CUDA graphs, one per row count, on their second occurrence (the first one
@@ -29,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..bundle import BundleError, Manifest, load_manifest
+from ..graph_io import GraphIO
 from ..runtime.backend import Backend, ContextLengthError
 
 log = logging.getLogger(__name__)
@@ -255,8 +257,10 @@ class _Buffers:
 class TrtBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, bundle: str | Path | Manifest, *, max_batch: int = 1, capacity: int | None = None,
-                 verify: bool = True, cuda_graphs: bool = True, device: int = 0, verbose: bool = False):
+    def __init__(self, bundle: str | Path | Manifest, *, max_batch: int = 1, max_seq_len: int | None = None,
+                 verify: bool = True, cuda_graphs: bool = True, device: int = 0, verbose: bool = False,
+                 capacity: int | None = None):
+        """``capacity``: deprecated alias of ``max_seq_len``; ``device``: the CUDA device index."""
         manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle, verify=verify)
         if manifest.target != ENGINE_TARGET:
             raise BundleError(f"{manifest.root}: bundle target is {manifest.target!r}; the TensorRT backend runs engine "
@@ -270,24 +274,27 @@ class TrtBackend(Backend):
         _register_plugins()
         mem = CudaMemory(device)
         engine = TrtEngine(trt, manifest.model_path, mem.stream_handle, verbose=verbose)
-        self._setup(manifest, engine, mem, max_batch, capacity, cuda_graphs)
+        self._setup(manifest, engine, mem, max_batch, max_seq_len or capacity, cuda_graphs)
 
     @classmethod
-    def from_parts(cls, manifest: Manifest, engine, mem, *, max_batch: int = 1, capacity: int | None = None,
-                   cuda_graphs: bool = True) -> "TrtBackend":
+    def open(cls, manifest: Manifest, *, device: str = "cpu", max_batch: int = 1,
+             max_seq_len: int | None = None) -> "TrtBackend":
+        """An engine runs on GPU 0 whatever ``device`` names (the CLI's default is 'cpu', meant for ONNX Runtime)."""
+        return cls(manifest, max_batch=max_batch, max_seq_len=max_seq_len)
+
+    @classmethod
+    def from_parts(cls, manifest: Manifest, engine, mem, *, max_batch: int = 1, max_seq_len: int | None = None,
+                   cuda_graphs: bool = True, capacity: int | None = None) -> "TrtBackend":
         """A backend over a given engine and memory (the constructor's checks are the caller's business)."""
         self = cls.__new__(cls)
-        self._setup(manifest, engine, mem, max_batch, capacity, cuda_graphs)
+        self._setup(manifest, engine, mem, max_batch, max_seq_len or capacity, cuda_graphs)
         return self
 
-    def _setup(self, manifest: Manifest, engine, mem, max_batch: int, capacity: int | None, cuda_graphs: bool):
+    def _setup(self, manifest: Manifest, engine, mem, max_batch: int, max_seq_len: int | None, cuda_graphs: bool):
         self.manifest, self.engine, self.mem = manifest, engine, mem
-        self.spec = manifest.spec
+        self.spec, self.io = manifest.spec, manifest.io
         info = manifest.get("tensorrt") or {}
-        self.engine_max_batch = int(info.get("max_batch", max_batch))
-        if max_batch > self.engine_max_batch:
-            raise ContextLengthError(f"max_batch {max_batch} exceeds the engine's {self.engine_max_batch} "
-                                     f"(rebuild with --max-batch {max_batch})")
+        self.batch_limit = int(info.get("max_batch", max_batch))
         if any(layer.get("ring") for layer in info.get("layers", [])):
             raise BundleError(f"{manifest.root}: the engine uses ring-buffer caches, which this backend does not "
                               f"allocate yet")
@@ -296,39 +303,25 @@ class TrtBackend(Backend):
         self._graphs: dict[int, Any] = {}
         self._decode_seen: set[int] = set()
         self._bound: list[dict | None] = [None, None]  # per profile: last (shapes, addresses)
+        self._decode_inputs: dict[int, dict[str, np.ndarray]] = {}  # per row count, filled in place
         self.buffers = _Buffers(mem)
         self._caches: list[int] = []
-        self.max_batch = self.capacity = 0
-        self.allocate(max_batch, capacity or min(manifest.max_seq_len, 4096))
+        self.allocate(max_batch, self.io.default_context(max_seq_len))
 
     # ---- buffers ------------------------------------------------------------------------------------------
-    def allocate(self, max_batch: int, capacity: int) -> None:
-        """(Re)allocate the KV cache for max_batch slots of capacity tokens (drops slot contents)."""
-        if capacity > self.manifest.max_seq_len:
-            raise ContextLengthError(f"a context of {capacity} tokens exceeds the engine's max_seq_len "
-                                     f"{self.manifest.max_seq_len}")
-        if max_batch > self.engine_max_batch:
-            raise ContextLengthError(f"{max_batch} slots exceed the engine's max_batch {self.engine_max_batch}")
-        if max_batch == self.max_batch and capacity == self.capacity:
-            return
+    def _allocate(self, max_batch: int, max_seq_len: int) -> None:
         self._drop_graphs()
         for ptr in self._caches:
             self.mem.free(ptr)
-        s = self.spec
-        self._row_bytes = s.num_kv_heads * capacity * s.head_dim * self.itemsize
+        shapes = self.io.cache_shapes(max_batch, max_seq_len)
+        self._row_bytes = [int(np.prod(shape[1:])) * self.itemsize for shape in shapes]
         self._caches = []
-        for _ in range(2 * s.num_layers):
-            ptr = self.mem.alloc(max_batch * self._row_bytes)
-            self.mem.zero(ptr, max_batch * self._row_bytes)
+        for row_bytes in self._row_bytes:
+            ptr = self.mem.alloc(max_batch * row_bytes)
+            self.mem.zero(ptr, max_batch * row_bytes)
             self._caches.append(ptr)
-        self.max_batch, self.capacity = max_batch, capacity
-        self.lengths = np.zeros(max_batch, dtype=np.int64)
         self._bound = [None, None]
         self.mem.sync()
-
-    def ensure(self, max_batch: int, capacity: int) -> None:
-        if max_batch > self.max_batch or capacity > self.capacity:
-            self.allocate(max(max_batch, self.max_batch), min(max(capacity, self.capacity), self.manifest.max_seq_len))
 
     def close(self) -> None:
         self._drop_graphs()
@@ -347,18 +340,12 @@ class TrtBackend(Backend):
         self._decode_seen.clear()
 
     # ---- one step -----------------------------------------------------------------------------------------
-    def _step(self, profile: int, r0: int, ids: np.ndarray, seqlens: np.ndarray, total: int,
-              logits_index: np.ndarray) -> np.ndarray:
-        """Run the engine over rows [r0, r0+B): inputs are host arrays; returns (B, K, vocab) float32 logits."""
+    def _step(self, r0: int, inputs: dict[str, np.ndarray], decode: bool) -> np.ndarray:
+        """Run the engine over rows [r0, r0+B) with the decode or the prefill profile: inputs are GraphIO host
+        arrays; returns (B, K, vocab) float32 logits."""
         s = self.spec
-        B, S = ids.shape
-        K = logits_index.shape[1]
-        inputs = {
-            "input_ids": np.ascontiguousarray(ids, dtype=np.int64),
-            "seqlens_k": np.ascontiguousarray(seqlens, dtype=np.int32),
-            "total_sequence_length": np.array(total, dtype=np.int32),
-            "logits_index": np.ascontiguousarray(logits_index, dtype=np.int64),
-        }
+        profile = PROFILE_DECODE if decode else PROFILE_PREFILL
+        B, K = inputs["logits_index"].shape
         logits = np.empty((B, K, s.vocab_size), dtype=np.float32)
         generation = self.buffers.generation
         ptrs = {name: self.buffers.get(name, max(arr.nbytes, self._min_bytes(name))) for name, arr in inputs.items()}
@@ -368,12 +355,9 @@ class TrtBackend(Backend):
         for name, arr in inputs.items():
             self.mem.upload(ptrs[name], arr)
         shapes = {name: arr.shape for name, arr in inputs.items()}
-        cache_shape = (B, s.num_kv_heads, self.capacity, s.head_dim)
-        for i in range(s.num_layers):
-            for j, kv in enumerate(("key", "value")):
-                ptr = self._caches[2 * i + j] + r0 * self._row_bytes
-                ptrs[f"past_key_values.{i}.{kv}"] = ptrs[f"present.{i}.{kv}"] = ptr  # in place
-                shapes[f"past_key_values.{i}.{kv}"] = cache_shape
+        for k, past, present, shape in self.io.cache_views(B, self.max_seq_len):
+            ptrs[past] = ptrs[present] = self._caches[k] + r0 * self._row_bytes[k]  # in place
+            shapes[past] = shape
         key = profile == PROFILE_DECODE and r0 == 0 and self.use_graphs
         if key and B in self._graphs:
             self.mem.launch(self._graphs[B])
@@ -420,39 +404,21 @@ class TrtBackend(Backend):
         return changed
 
     # ---- Backend API --------------------------------------------------------------------------------------
-    def _prefill_rows(self, r0: int, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        """A prompt step over rows [r0, r0+B): right-padded, the caches start empty."""
-        ids, lens = self.right_pad(prompts)
-        B, S = ids.shape
-        logits = self._step(PROFILE_PREFILL, r0, ids, lens - 1, S, (lens - 1)[:, None])
-        self.lengths[r0:r0 + B] = lens
-        return logits[:, 0]
-
-    def extend(self, slot: int, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        past, S = int(self.lengths[slot]), len(tokens)
-        self.check_fits(past + S)
-        index = (np.arange(S) if all_logits else np.array([S - 1]))[None]
-        profile = PROFILE_DECODE if S == 1 and past > 0 else PROFILE_PREFILL
-        logits = self._step(profile, slot, np.asarray(tokens, dtype=np.int64)[None],
-                            np.array([past + S - 1]), past + S, index)
-        self.lengths[slot] = past + S
-        return logits[0]
-
-    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+    def _decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         """One token per slot, batched over rows [0, max(slots)]; rows not decoding get a dummy token written
         just past their end (where their next token goes anyway), as in the ONNX Runtime backend."""
         rows = max(slots) + 1
         slots_arr = np.asarray(slots)
-        new_len = self.lengths[slots_arr] + 1
-        if new_len.max() > self.capacity:
-            raise ContextLengthError(f"slot context is full ({self.capacity} tokens)")
-        ids = np.zeros((rows, 1), dtype=np.int64)
-        ids[slots_arr, 0] = tokens
-        seqlens = np.minimum(self.lengths[:rows], self.capacity - 1)
-        seqlens[slots_arr] = new_len - 1
-        logits = self._step(PROFILE_DECODE, 0, ids, seqlens, int(seqlens.max()) + 1,
-                            np.zeros((rows, 1), dtype=np.int64))
-        self.lengths[slots_arr] = new_len
+        ids = np.zeros(rows, dtype=np.int64)
+        ids[slots_arr] = tokens
+        seqlens = np.minimum(self.lengths[:rows], self.max_seq_len - 1)
+        seqlens[slots_arr] = self.lengths[slots_arr]
+        inputs = self._decode_inputs.get(rows)
+        if inputs is None:
+            inputs = self._decode_inputs[rows] = GraphIO.decode_inputs(rows)
+        GraphIO.fill_decode(inputs, ids, seqlens)
+        logits = self._step(0, inputs, decode=True)
+        self.lengths[slots_arr] += 1
         return logits[slots_arr, 0]
 
 

@@ -9,7 +9,7 @@ graph are caught before a GPU machine is involved:
   attributes the plugin creator reads, each with the right ONNX type. The parser dispatches by op_type only
   (the domain is ignored), so an unknown op would become a plugin lookup that fails at build time.
 * **Plugin wiring.** Input/output counts, input types, RoPE tables present when ``rotary=1``, and the cache
-  inputs/outputs being the graph's ``past_key_values.i.*``/``present.i.*`` pairs that the runtime binds to
+  inputs/outputs being the graph's past/present pairs (``GraphIO.present_of``) that the runtime binds to
   the same memory.
 * **Q/DQ.** What a strongly typed network accepts (precision comes from the graph): Q->DQ pairs with constant,
   positive scales of a float type; quantized types INT8, FP8 (E4M3) and INT4 (FP4) with zero zero-points of
@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from ..graph_io import GraphIO
 
 __all__ = ["Issue", "CheckReport", "TrtGraphError", "PluginContract", "supported_ops", "plugin_contract",
            "check_model", "check_bundle"]
@@ -403,9 +405,8 @@ class _Checker:
             if past not in self.g.inputs or pres not in self.g.outputs:
                 self.error(node, f"cache {kind}: {past!r} must be a graph input and {pres!r} a graph output "
                                  f"(the runtime binds them to the same memory)")
-            elif past.startswith("past_key_values.") and pres != "present." + past[len("past_key_values."):]:
-                self.error(node, f"cache {kind}: {past!r} pairs with {pres!r}, expected "
-                                 f"'present.{past[len('past_key_values.'):]}'")
+            elif GraphIO.present_of(past) not in (None, pres):
+                self.error(node, f"cache {kind}: {past!r} pairs with {pres!r}, expected {GraphIO.present_of(past)!r}")
             ps, qs = self.g.shapes.get(past), self.g.shapes.get(pres)
             if ps is not None and qs is not None and len(ps) != 4:
                 self.error(node, f"cache {kind} {past!r} must be 4-D (B, Nkv, C, H), got rank {len(ps)}")

@@ -12,6 +12,9 @@ and driven through the backend API:
 For each output: max and mean absolute error, relative error (max abs error over max |A|), relative L2 error,
 cosine similarity and greedy agreement (argmax of A == argmax of B; for ``prompt`` the fraction of positions).
 
+The teacher-forced loop is :func:`teacher_forced` over any two backends; ``verify`` runs it with the PyTorch
+reference (:class:`~exaone_deploy.validate.reference.ReferenceBackend`) as A.
+
 Polygraphy's ``Comparator`` is not used: it runs stateless runners on feed dicts, while our bundles are
 stateful (KV-cache slots, prefill then decode), and a ``trt`` graph's plugin nodes do not run in ONNX
 Runtime, so the ORT-vs-TRT comparison must go through the two backends anyway. Polygraphy is installable
@@ -22,13 +25,38 @@ of :func:`error_stats`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from ..bundle import BundleError, load_manifest
+from ..runtime.backend import Backend
 from ..runtime.generate import open_backend
+from ..spec import ModelSpec
 
-__all__ = ["compare_bundles", "error_stats"]
+__all__ = ["compare_bundles", "error_stats", "teacher_forced", "default_prompt_len"]
+
+
+def default_prompt_len(spec: ModelSpec) -> int:
+    """Longer than the longest window, so the sliding-window rule takes part."""
+    return max(16, 2 * max((layer.window for layer in spec.layers), default=0) + 3)
+
+
+def teacher_forced(a: Backend, b: Backend, prompt: Sequence[int], steps: int, *, slot: int = 0
+                   ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(step, logits of A, logits of B), (vocab,) each: step 0 is the prompt's last position, step k the
+    logits after k decode steps. Both sides get A's greedy token, so errors do not compound through diverging
+    text. ``slot`` is released on both sides at the end."""
+    try:
+        la, lb = a.prefill([slot], [prompt])[0], b.prefill([slot], [prompt])[0]
+        for step in range(steps + 1):
+            yield step, la, lb
+            if step == steps:
+                break
+            token = int(np.argmax(la))
+            la, lb = a.decode([slot], [token])[0], b.decode([slot], [token])[0]
+    finally:
+        a.release(slot), b.release(slot)
 
 
 def error_stats(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
@@ -64,26 +92,17 @@ def compare_bundles(a: str | Path, b: str | Path, steps: int = 16, prompt_len: i
     if ma.spec.config_sha256 != mb.spec.config_sha256:
         raise BundleError(f"{b} was exported from a different config.json than {a}: nothing to compare")
     spec = ma.spec
-    window = max((layer.window for layer in spec.layers), default=0)
-    if prompt_len is None:
-        prompt_len = max(16, 2 * window + 3)  # longer than the window, so the window rule takes part
+    prompt_len = prompt_len or default_prompt_len(spec)
     need = prompt_len + steps + 1
     limit = min(ma.max_seq_len, mb.max_seq_len)
     if need > limit:
         raise ValueError(f"prompt_len + steps + 1 = {need} exceeds the bundles' context ({limit} tokens)")
     prompt = np.random.default_rng(seed).integers(0, spec.vocab_size, size=prompt_len).tolist()
-    backends = [open_backend(m, device=device, max_batch=1, capacity=need) for m in (ma, mb)]
+    backends = [open_backend(m, device=device, max_batch=1, max_seq_len=need) for m in (ma, mb)]
     try:
-        scores = [be.score(prompt) for be in backends]
+        scores = [be.score(prompt, slot=0) for be in backends]
         outputs = [{"output": "prompt", **error_stats(scores[0], scores[1])}]
-        la, lb = (be.prefill([0], [prompt]) for be in backends)
-        rows = []
-        for step in range(steps + 1):
-            rows.append({"step": step, **error_stats(la[0], lb[0])})
-            if step == steps:
-                break
-            token = int(np.argmax(la[0]))  # both sides continue with A's greedy token
-            la, lb = (be.decode([0], [token]) for be in backends)
+        rows = [{"step": step, **error_stats(la, lb)} for step, la, lb in teacher_forced(*backends, prompt, steps)]
     finally:
         for be in backends:
             be.close()

@@ -97,23 +97,15 @@ def _bundle_scorer(path: Path, seq_len: int, stack):
         work = Path(tempfile.mkdtemp(prefix="exaone-ppl-"))
         stack.callback(shutil.rmtree, work, True)
         manifest = ort_twin(manifest, work)
-    backend = OrtBackend(manifest, max_batch=1, capacity=seq_len, verify=False)
-    return lambda ids: backend.score(ids.tolist(), chunk=seq_len)
+    backend = OrtBackend(manifest, max_batch=1, max_seq_len=seq_len, verify=False)
+    return lambda ids: backend.score(ids.tolist(), slot=0, chunk=seq_len)
 
 
 def _checkpoint_scorer(path: Path, seq_len: int):
-    import torch
+    from .reference import ReferenceBackend
 
-    from ..exporter.reference import load_reference
-
-    ref = load_reference(path, "float32", max_positions=max(seq_len, 1))
-
-    def score(ids: np.ndarray) -> np.ndarray:
-        caches = ref.empty_cache(1, seq_len)
-        logits, _ = ref.step(torch.from_numpy(ids[None].astype(np.int64)), [0], caches, all_logits=True)
-        return logits[0].float().numpy()
-
-    return score
+    backend = ReferenceBackend(path, max_seq_len=max(seq_len, 1))
+    return lambda ids: backend.score(ids.tolist(), slot=0, chunk=seq_len)
 
 
 def perplexity(path: str | Path, data: str | Path, *, seq_len: int = 256, max_tokens: int | None = None,

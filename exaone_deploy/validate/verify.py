@@ -1,4 +1,8 @@
-"""Side-by-side check of a bundle (ONNX Runtime) against the PyTorch reference of its checkpoint."""
+"""Side-by-side check of a bundle (ONNX Runtime) against the PyTorch reference of its checkpoint.
+
+This is :func:`~exaone_deploy.validate.compare.teacher_forced` with the reference backend as A and the bundle
+as B, judged against a per-dtype tolerance (``TOLERANCES``) and greedy agreement per step.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..bundle import load_manifest
-from ..checkpoint import resolve_model_dir
 from ..runtime.ort_backend import OrtBackend
-from ..exporter.reference import load_reference
+from .compare import default_prompt_len, teacher_forced
+from .reference import ReferenceBackend
 
 __all__ = ["TOLERANCES", "StepError", "verify_bundle"]
 
@@ -38,38 +41,24 @@ def verify_bundle(bundle_dir: str | Path, model_dir: str | Path, steps: int = 32
                   seed: int = 0) -> dict:
     manifest = load_manifest(bundle_dir)
     spec = manifest.spec
-    ref = load_reference(resolve_model_dir(model_dir), "float32", max_positions=manifest.max_seq_len)
+    prompt_len = prompt_len or default_prompt_len(spec)
+    need = prompt_len + steps + 1
+    context = min(need, manifest.max_seq_len)
+    ref = ReferenceBackend(model_dir, max_seq_len=context, max_positions=manifest.max_seq_len)
     if ref.spec.config_sha256 != spec.config_sha256:
         raise ValueError(f"{bundle_dir} was exported from a different config.json than {model_dir}")
-    window = max((layer.window for layer in spec.layers), default=0)
-    if prompt_len is None:
-        prompt_len = max(16, 2 * window + 3)  # longer than the window, so the window rule is exercised
-    need = prompt_len + steps + 1
-    backend = OrtBackend(manifest, max_batch=1, capacity=min(need, manifest.max_seq_len), verify=False)
+    backend = OrtBackend(manifest, max_batch=1, max_seq_len=context, verify=False)
     backend.check_fits(need)
     tol = TOLERANCES[manifest.dtype]
-    rng = np.random.default_rng(seed)
-    prompt = rng.integers(0, spec.vocab_size, size=prompt_len).tolist()
-
-    caches = ref.empty_cache(1, backend.capacity)
-    ref_logits, caches = ref.step(torch.tensor([prompt]), [0], caches, all_logits=False)
-    got = backend.prefill([0], [prompt])
+    prompt = np.random.default_rng(seed).integers(0, spec.vocab_size, size=prompt_len).tolist()
     rows = []
-    past = prompt_len
-    for step in range(steps + 1):
-        r = ref_logits[0, -1].double().numpy()
-        g = got[0].astype(np.float64)
+    for step, r, g in teacher_forced(ref, backend, prompt, steps):
+        r, g = r.astype(np.float64), g.astype(np.float64)
         err = np.abs(g - r)
         scale = float(np.abs(r).max())
         bound = tol["abs"] + tol["rel"] * scale
         rows.append(StepError(step, float(err.max()), float((err / (np.abs(r) + 1e-6)).max()), scale,
                               bool(np.argmax(g) == np.argmax(r)), bool(err.max() <= bound)))
-        if step == steps:
-            break
-        token = int(np.argmax(r))  # both sides continue with the reference's greedy token
-        ref_logits, caches = ref.step(torch.tensor([[token]]), [past], caches, all_logits=False)
-        got = backend.decode([0], [token])
-        past += 1
     ok = all(r.within_tolerance and r.greedy_match for r in rows)
     return {
         "bundle": str(bundle_dir), "reference": str(model_dir), "dtype": manifest.dtype, "target": manifest.target,
