@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from exaone_deploy.bundle import BundleError
 from exaone_deploy.exporter.export import ExportOptions, export_bundle
-from exaone_deploy.runtime.backend import ContextLengthError
+from exaone_deploy.runtime.backend import Backend, ContextLengthError
 from exaone_deploy.runtime.generate import Generator
 from exaone_deploy.runtime.sampling import Sampler, SamplingError, SamplingParams
 from exaone_deploy.tiny.make import make_tiny
@@ -220,10 +222,120 @@ def test_chat_repl_commands(work):
 
 
 def test_runtime_does_not_import_torch(work):
-    code = ("import sys; from exaone_deploy.runtime.generate import Generator; "
+    code = ("import sys; import exaone_deploy.text.tokenizer, exaone_deploy.text.chat, exaone_deploy.text.detok; "
+            "assert not {'torch', 'onnx', 'onnx_ir'} & set(sys.modules), 'text/ imported torch or onnx'; "
+            "from exaone_deploy.runtime.generate import Generator; "
             f"g = Generator.from_bundle({str(work['32b'][1])!r}); g.generate(['hi']); "
-            "assert 'torch' not in sys.modules and 'onnx' not in sys.modules, 'torch imported'")
+            "assert not {'torch', 'onnx', 'onnx_ir'} & set(sys.modules), 'torch or onnx imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Absolute names of the modules one source file imports (relative imports resolved against ``package``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return names
+
+
+@pytest.mark.parametrize("package", ["runtime", "text"])
+def test_dependencies_run_one_way(package):
+    """runtime and text/ import nothing of the exporter, calibration, tensorrt or validate, nor torch or onnx;
+    text/ is a leaf below the runtime. (The runtime finds the TensorRT backend by an import string.)"""
+    import exaone_deploy
+
+    root = Path(exaone_deploy.__file__).parent
+    banned = ["torch", "onnx", "onnx_ir", "onnxscript", *(f"exaone_deploy.{p}" for p in
+                                                         ("exporter", "calibration", "tensorrt", "validate"))]
+    if package == "text":
+        banned.append("exaone_deploy.runtime")
+    files = sorted((root / package).rglob("*.py"))
+    assert files
+    for f in files:
+        pkg = ".".join(["exaone_deploy", *f.relative_to(root).parent.parts])
+        bad = [n for n in _imports(f, pkg) if any(n == b or n.startswith(b + ".") for b in banned)]
+        assert not bad, f"{f.relative_to(root)} imports {bad}"
+
+
+def test_backend_registry(work):
+    from exaone_deploy.bundle import load_manifest
+    from exaone_deploy.runtime.backend import BACKENDS, backend_class
+    from exaone_deploy.runtime.generate import open_backend
+    from exaone_deploy.runtime.ort_backend import OrtBackend
+
+    assert backend_class("ort") is OrtBackend
+    trt = backend_class("tensorrt")  # importable without TensorRT: it is imported when a backend is made
+    assert trt.__module__ == "exaone_deploy.tensorrt.backend" and issubclass(trt, Backend) and set(BACKENDS) == {
+        "ort", "tensorrt"}
+    manifest = load_manifest(work["1.2b"][1])
+    backend = open_backend(manifest, max_batch=2, max_seq_len=64)
+    assert isinstance(backend, OrtBackend) and (backend.max_batch, backend.max_seq_len) == (2, 64)
+    manifest.data["target"] = "trt"
+    with pytest.raises(BundleError, match=r"bundle-1.2b: a 'trt' bundle cannot run directly .*exaone-deploy build"):
+        open_backend(manifest)
+    with pytest.raises(BundleError, match=r"nowhere: a 'genai' bundle cannot run directly \(runnable targets: ort, "
+                                          r"tensorrt"):
+        backend_class("genai", "nowhere")
+
+
+def test_backend_contract(work):
+    """The Backend API as declared: one context length name (capacity: deprecated alias), allocate checks in the
+    base, ensure only grows, and the manifest and GraphIO are there."""
+    from exaone_deploy.runtime.ort_backend import OrtBackend
+
+    backend = OrtBackend(work["32b"][1], max_batch=1, capacity=32, verify=False)
+    assert backend.max_seq_len == backend.capacity == 32 and backend.manifest.max_seq_len == MAX_SEQ
+    assert backend.io.max_seq_len == MAX_SEQ and backend.windowed  # 32b preset: window-sized caches
+    assert OrtBackend(work["1.2b"][1], verify=False).max_seq_len == min(MAX_SEQ, 4096)  # GraphIO.default_context
+    with pytest.raises(ContextLengthError, match=f"exceeds the bundle's max_seq_len {MAX_SEQ}"):
+        backend.allocate(1, MAX_SEQ + 1)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        backend.allocate(0, 16)
+    backend.ensure(3, 16)
+    assert (backend.max_batch, backend.max_seq_len) == (3, 32)
+    with pytest.raises(ValueError, match="slot 3 is out of range"):
+        backend.prefill([3], [[1, 2]])
+    with pytest.raises(ValueError, match="one token per slot"):
+        backend.decode([0, 1], [5])
+    with pytest.raises(AttributeError):
+        backend.capacity = 8  # read-only
+    backend.close()
+
+
+def test_score_in_an_explicit_slot_leaves_other_slots_alone(work):
+    from exaone_deploy.runtime.ort_backend import OrtBackend
+
+    bundle = work["32b"][1]  # window-sized caches: a stray write to slot 0 would evict its keys
+    rng = np.random.default_rng(5)
+    prompt, other = rng.integers(9, 500, 20).tolist(), rng.integers(9, 500, 30).tolist()
+    backend = OrtBackend(bundle, max_batch=2, max_seq_len=64, verify=False)
+    alone = OrtBackend(bundle, max_batch=1, max_seq_len=64, verify=False)
+    backend.prefill([0], [prompt])
+    alone.prefill([0], [prompt])
+    with pytest.raises(ValueError, match="slot 0 holds 20 tokens; score needs a free slot"):
+        backend.score(other, slot=0)
+    scored = backend.score(other, slot=1, chunk=8)
+    assert backend.lengths.tolist() == [20, 0]
+    fresh = OrtBackend(bundle, max_batch=1, max_seq_len=64, verify=False).score(other, slot=0)
+    assert scored.shape == (30, backend.spec.vocab_size)
+    np.testing.assert_allclose(scored, fresh, rtol=0, atol=1e-5)
+    for token in (7, 8, 9):  # slot 0 continues exactly as in a backend that never scored
+        np.testing.assert_array_equal(backend.decode([0], [token]), alone.decode([0], [token]))
+
+
+def test_generate_takes_a_bare_string_as_one_prompt(work):
+    gen = Generator.from_bundle(work["32b"][1])
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    one = gen.generate("To be, or not", params)
+    assert len(one) == 1 and one[0].prompt_ids == gen.tokenizer.encode("To be, or not")
+    assert one[0].token_ids == gen.generate(["To be, or not"], params)[0].token_ids
+    batch = gen.generate(["To be", "or not"], params)  # a list of strings is a batch
+    assert [r.prompt_ids for r in batch] == [gen.tokenizer.encode("To be"), gen.tokenizer.encode("or not")]
 
 
 def test_every_command_has_help():
