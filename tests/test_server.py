@@ -1,7 +1,7 @@
 """The OpenAI-compatible server, live on 127.0.0.1, driven by the real `openai` client and raw HTTP.
 
 A tiny random-weight bundle (32b preset: LLLG hybrid attention, window 8) is served by `python -m
-exaone_deploy.runtime.server` in a subprocess. Greedy answers are checked against the offline Generator and,
+exaone_deploy.server` in a subprocess. Greedy answers are checked against the offline Generator and,
 under load, against the same requests served one at a time; fault tests (clients vanishing, bad inputs, a
 full queue, a missing API key) are followed by requests that must still be answered correctly, and no cache
 slot may stay in use.
@@ -30,7 +30,7 @@ from exaone_deploy.text.chat import (  # noqa: E402
 )
 from exaone_deploy.runtime.generate import Generator  # noqa: E402
 from exaone_deploy.runtime.sampling import SamplingParams  # noqa: E402
-from exaone_deploy.runtime.server import ServerProcess, _ChatChoice  # noqa: E402
+from exaone_deploy.server.launcher import ServerProcess  # noqa: E402
 from exaone_deploy.text.tokenizer import Tokenizer  # noqa: E402
 
 MODEL = "tiny-32b"
@@ -254,11 +254,16 @@ def test_stream_formatting_of_reasoning_and_tool_calls():
     from openai.types.chat import ChatCompletionMessage
     from openai.types.chat.chat_completion_chunk import ChoiceDelta
 
+    from exaone_deploy.server.serving import ChatChoice
+
+    def message_of(deltas):  # as it goes on the wire
+        return ChatChoice.message(deltas).model_dump()
+
     text = ("The user wants the weather.\n</think>\n\nLet me check.\n"
             '<tool_call>{"name": "get_weather", "arguments": {"city": "Seoul"}}</tool_call>\n'
             '<tool_call>{"name": "get_time", "arguments": {"tz": "Asia/Seoul"}}</tool_call>')
-    whole = _ChatChoice(reasoning_opened=True, parse_tools=True)
-    message = _ChatChoice.message(whole.feed(text) + whole.finish())
+    whole = ChatChoice(reasoning_opened=True, parse_tools=True)
+    message = message_of(whole.feed(text) + whole.finish())
     assert whole.finish_reason("stop") == "tool_calls"
     assert message["reasoning_content"] == "The user wants the weather."
     assert message["content"] == "Let me check."
@@ -269,17 +274,17 @@ def test_stream_formatting_of_reasoning_and_tool_calls():
     for _ in range(20):
         cuts = sorted(rng.sample(range(1, len(text)), 12))
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
-        c = _ChatChoice(reasoning_opened=True, parse_tools=True)
+        c = ChatChoice(reasoning_opened=True, parse_tools=True)
         deltas = [d for p in pieces for d in c.feed(p)] + c.finish()
         for d in deltas:
-            ChoiceDelta.model_validate(d)
-        streamed = _ChatChoice.message(deltas)
+            ChoiceDelta.model_validate(d.model_dump())
+        streamed = message_of(deltas)
         assert [t["function"] for t in streamed["tool_calls"]] == [t["function"] for t in message["tool_calls"]]
         assert (streamed["content"], streamed["reasoning_content"]) == (message["content"],
                                                                         message["reasoning_content"])
     # tools not offered (tool_choice "none"): the call stays text
-    off = _ChatChoice(reasoning_opened=True, parse_tools=False)
-    msg = _ChatChoice.message(off.feed(text) + off.finish())
+    off = ChatChoice(reasoning_opened=True, parse_tools=False)
+    msg = message_of(off.feed(text) + off.finish())
     assert "tool_calls" not in msg and off.finish_reason("stop") == "stop"
     assert TOOL_CALL_OPEN in msg["content"] and TOOL_CALL_CLOSE in msg["content"]
 
