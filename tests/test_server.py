@@ -478,6 +478,55 @@ def test_bad_inputs_get_openai_errors(server, offline, tok):
     _assert_idle(server)
 
 
+def test_engine_generate_streams_and_cancels_on_close(bundle, offline, tok):
+    """The async engine facade without HTTP: a group's events carry each sequence's index and end with its Done
+    (tokens equal the offline Generator's); closing a group, before or after its first event, frees its slots."""
+    import asyncio
+
+    from exaone_deploy.server.engine import AsyncEngine, Delta, Done, QueueFull
+
+    engine = AsyncEngine.from_bundle(bundle, max_batch=2, context=CONTEXT, max_queue=2, model_name=MODEL)
+    prompts = [tok.encode("to be or not"), tok.encode("that is the question")]
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    endless = SamplingParams(max_new_tokens=900, ignore_eos=True)
+
+    async def idle() -> dict:
+        for _ in range(400):
+            stats = engine.stats()
+            if (stats["slots_used"], stats["running"], stats["queue_depth"]) == (0, 0, 0):
+                return stats
+            await asyncio.sleep(0.01)
+        return stats
+
+    async def main():
+        gen = engine.generate(prompts, [greedy, greedy])
+        events = [e async for e in gen]
+        done = {e.index: e.result for e in events if isinstance(e, Done)}
+        text = {i: "".join(e.text for e in events if isinstance(e, Delta) and e.index == i) for i in (0, 1)}
+        want = offline.generate(prompts, greedy)
+        assert [done[i].token_ids for i in (0, 1)] == [w.token_ids for w in want]
+        assert [text[i] for i in (0, 1)] == [w.text for w in want]
+
+        running = engine.generate(prompts, [endless, endless])  # both slots
+        first = await running.__anext__()
+        assert isinstance(first, Delta)
+        waiting = engine.generate(prompts[:1], [endless])  # one of two queue places
+        with pytest.raises(QueueFull):  # all or none: a group of two does not fit
+            engine.generate(prompts, [greedy, greedy])
+        await waiting.aclose()  # never iterated
+        await running.aclose()
+        stats = await idle()
+        assert (stats["slots_used"], stats["cache_tokens"], stats["cancelled"]) == (0, 0, 3), stats
+        async with engine.generate(prompts[:1], [greedy]) as again:  # still serves
+            assert [e.result.token_ids async for e in again if isinstance(e, Done)] == [want[0].token_ids]
+
+    engine.start()
+    try:
+        asyncio.run(main())
+    finally:
+        asyncio.run(engine.stop())
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the broken request overflows on purpose
 def test_scheduler_survives_failing_requests(bundle, offline, tok):
     """A failing decode step fails the requests in it, a request whose sampling breaks fails alone; their slots

@@ -271,6 +271,15 @@ class DeltaToolCall(ToolCallOut):
     index: int  # which call of the message this delta belongs to
 
 
+class _Choice(BaseModel):
+    """What every choice carries, whole or streamed (``finish_reason`` is null until the choice's last chunk)."""
+
+    index: int
+    logprobs: None = None  # logprobs are refused at the request, so always null
+    finish_reason: str | None = None
+    token_ids: list[int] | None = _omitted()  # vLLM's return_token_ids: the completion's (or the chunk's) ids
+
+
 # ---- chat ----
 
 
@@ -288,12 +297,8 @@ class DeltaMessage(BaseModel):
     tool_calls: list[DeltaToolCall] | None = _omitted()
 
 
-class ChatCompletionChoice(BaseModel):
-    index: int
+class ChatCompletionChoice(_Choice):
     message: AssistantMessage
-    logprobs: None = None
-    finish_reason: str
-    token_ids: list[int] | None = _omitted()
 
 
 class ChatCompletionResponse(_Response):
@@ -303,12 +308,8 @@ class ChatCompletionResponse(_Response):
     prompt_token_ids: list[int] | None = _omitted()
 
 
-class ChatCompletionStreamChoice(BaseModel):
-    index: int
+class ChatCompletionStreamChoice(_Choice):
     delta: DeltaMessage
-    logprobs: None = None
-    finish_reason: str | None = None
-    token_ids: list[int] | None = _omitted()
 
 
 class ChatCompletionStreamResponse(_Response):
@@ -320,13 +321,11 @@ class ChatCompletionStreamResponse(_Response):
 # ---- text completions ----
 
 
-class CompletionChoice(BaseModel):
-    index: int
+class CompletionChoice(_Choice):
+    """A choice of a whole response or of a stream chunk (the same shape, as in OpenAI's API)."""
+
     text: str
-    logprobs: None = None
-    finish_reason: str | None = None
     prompt_token_ids: list[int] | None = _omitted()
-    token_ids: list[int] | None = _omitted()
 
 
 class CompletionResponse(_Response):
