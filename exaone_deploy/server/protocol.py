@@ -256,6 +256,13 @@ class _Response(BaseModel):
     model: str
 
 
+class _StreamResponse(_Response):
+    """A stream chunk: one choice's delta, or (last, with ``stream_options.include_usage``) no choices and the
+    usage."""
+
+    usage: UsageInfo | None = _omitted()
+
+
 class FunctionOut(BaseModel):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
@@ -312,10 +319,9 @@ class ChatCompletionStreamChoice(_Choice):
     delta: DeltaMessage
 
 
-class ChatCompletionStreamResponse(_Response):
+class ChatCompletionStreamResponse(_StreamResponse):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatCompletionStreamChoice]
-    usage: UsageInfo | None = _omitted()
 
 
 # ---- text completions ----
@@ -334,10 +340,9 @@ class CompletionResponse(_Response):
     usage: UsageInfo
 
 
-class CompletionStreamResponse(_Response):
+class CompletionStreamResponse(_StreamResponse):
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
-    usage: UsageInfo | None = _omitted()
 
 
 class HealthResponse(BaseModel):
