@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from exaone_deploy.runtime.server import ServerProcess
+from exaone_deploy.server.launcher import ServerProcess
 
 log = logging.getLogger("benchmarks.serve")
 

@@ -379,7 +379,7 @@ def _register_optional_commands() -> None:
     main.add_command(eval_ppl_command, "eval-ppl")
     main.add_command(sensitivity_command, "sensitivity")
     try:
-        from .runtime.server import serve_command
+        from .server.command import serve_command
     except ImportError as e:  # an edge install without the 'serve' extra
         missing = e.name or str(e)
 

@@ -1,7 +1,7 @@
 """The OpenAI-compatible server, live on 127.0.0.1, driven by the real `openai` client and raw HTTP.
 
 A tiny random-weight bundle (32b preset: LLLG hybrid attention, window 8) is served by `python -m
-exaone_deploy.runtime.server` in a subprocess. Greedy answers are checked against the offline Generator and,
+exaone_deploy.server` in a subprocess. Greedy answers are checked against the offline Generator and,
 under load, against the same requests served one at a time; fault tests (clients vanishing, bad inputs, a
 full queue, a missing API key) are followed by requests that must still be answered correctly, and no cache
 slot may stay in use.
@@ -30,7 +30,7 @@ from exaone_deploy.text.chat import (  # noqa: E402
 )
 from exaone_deploy.runtime.generate import Generator  # noqa: E402
 from exaone_deploy.runtime.sampling import SamplingParams  # noqa: E402
-from exaone_deploy.runtime.server import ServerProcess, _ChatChoice  # noqa: E402
+from exaone_deploy.server.launcher import ServerProcess  # noqa: E402
 from exaone_deploy.text.tokenizer import Tokenizer  # noqa: E402
 
 MODEL = "tiny-32b"
@@ -254,11 +254,16 @@ def test_stream_formatting_of_reasoning_and_tool_calls():
     from openai.types.chat import ChatCompletionMessage
     from openai.types.chat.chat_completion_chunk import ChoiceDelta
 
+    from exaone_deploy.server.serving import ChatChoice
+
+    def message_of(deltas):  # as it goes on the wire
+        return ChatChoice.message(deltas).model_dump()
+
     text = ("The user wants the weather.\n</think>\n\nLet me check.\n"
             '<tool_call>{"name": "get_weather", "arguments": {"city": "Seoul"}}</tool_call>\n'
             '<tool_call>{"name": "get_time", "arguments": {"tz": "Asia/Seoul"}}</tool_call>')
-    whole = _ChatChoice(reasoning_opened=True, parse_tools=True)
-    message = _ChatChoice.message(whole.feed(text) + whole.finish())
+    whole = ChatChoice(reasoning_opened=True, parse_tools=True)
+    message = message_of(whole.feed(text) + whole.finish())
     assert whole.finish_reason("stop") == "tool_calls"
     assert message["reasoning_content"] == "The user wants the weather."
     assert message["content"] == "Let me check."
@@ -269,17 +274,17 @@ def test_stream_formatting_of_reasoning_and_tool_calls():
     for _ in range(20):
         cuts = sorted(rng.sample(range(1, len(text)), 12))
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
-        c = _ChatChoice(reasoning_opened=True, parse_tools=True)
+        c = ChatChoice(reasoning_opened=True, parse_tools=True)
         deltas = [d for p in pieces for d in c.feed(p)] + c.finish()
         for d in deltas:
-            ChoiceDelta.model_validate(d)
-        streamed = _ChatChoice.message(deltas)
+            ChoiceDelta.model_validate(d.model_dump())
+        streamed = message_of(deltas)
         assert [t["function"] for t in streamed["tool_calls"]] == [t["function"] for t in message["tool_calls"]]
         assert (streamed["content"], streamed["reasoning_content"]) == (message["content"],
                                                                         message["reasoning_content"])
     # tools not offered (tool_choice "none"): the call stays text
-    off = _ChatChoice(reasoning_opened=True, parse_tools=False)
-    msg = _ChatChoice.message(off.feed(text) + off.finish())
+    off = ChatChoice(reasoning_opened=True, parse_tools=False)
+    msg = message_of(off.feed(text) + off.finish())
     assert "tool_calls" not in msg and off.finish_reason("stop") == "stop"
     assert TOOL_CALL_OPEN in msg["content"] and TOOL_CALL_CLOSE in msg["content"]
 
@@ -471,6 +476,55 @@ def test_bad_inputs_get_openai_errors(server, offline, tok):
     r = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
     assert r.choices[0].text == want.text
     _assert_idle(server)
+
+
+def test_engine_generate_streams_and_cancels_on_close(bundle, offline, tok):
+    """The async engine facade without HTTP: a group's events carry each sequence's index and end with its Done
+    (tokens equal the offline Generator's); closing a group, before or after its first event, frees its slots."""
+    import asyncio
+
+    from exaone_deploy.server.engine import AsyncEngine, Delta, Done, QueueFull
+
+    engine = AsyncEngine.from_bundle(bundle, max_batch=2, context=CONTEXT, max_queue=2, model_name=MODEL)
+    prompts = [tok.encode("to be or not"), tok.encode("that is the question")]
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    endless = SamplingParams(max_new_tokens=900, ignore_eos=True)
+
+    async def idle() -> dict:
+        for _ in range(400):
+            stats = engine.stats()
+            if (stats["slots_used"], stats["running"], stats["queue_depth"]) == (0, 0, 0):
+                return stats
+            await asyncio.sleep(0.01)
+        return stats
+
+    async def main():
+        gen = engine.generate(prompts, [greedy, greedy])
+        events = [e async for e in gen]
+        done = {e.index: e.result for e in events if isinstance(e, Done)}
+        text = {i: "".join(e.text for e in events if isinstance(e, Delta) and e.index == i) for i in (0, 1)}
+        want = offline.generate(prompts, greedy)
+        assert [done[i].token_ids for i in (0, 1)] == [w.token_ids for w in want]
+        assert [text[i] for i in (0, 1)] == [w.text for w in want]
+
+        running = engine.generate(prompts, [endless, endless])  # both slots
+        first = await running.__anext__()
+        assert isinstance(first, Delta)
+        waiting = engine.generate(prompts[:1], [endless])  # one of two queue places
+        with pytest.raises(QueueFull):  # all or none: a group of two does not fit
+            engine.generate(prompts, [greedy, greedy])
+        await waiting.aclose()  # never iterated
+        await running.aclose()
+        stats = await idle()
+        assert (stats["slots_used"], stats["cache_tokens"], stats["cancelled"]) == (0, 0, 3), stats
+        async with engine.generate(prompts[:1], [greedy]) as again:  # still serves
+            assert [e.result.token_ids async for e in again if isinstance(e, Done)] == [want[0].token_ids]
+
+    engine.start()
+    try:
+        asyncio.run(main())
+    finally:
+        asyncio.run(engine.stop())
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the broken request overflows on purpose
