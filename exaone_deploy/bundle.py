@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .graph_io import GraphIO
-from .spec import ModelSpec
+from .spec import LIMITS, ModelSpec
 
 __all__ = ["BundleError", "Manifest", "load_manifest", "write_manifest", "copy_tokenizer_files", "commit_dir", "staged_dir",
            "FORMAT", "FORMAT_VERSION"]
@@ -53,9 +53,9 @@ def _tool_versions() -> dict[str, str]:
 
 
 class Manifest:
-    def __init__(self, root: Path, data: dict[str, Any]):
+    def __init__(self, root: Path, data: dict[str, Any], spec: ModelSpec | None = None):
         self.root, self.data = root, data
-        self.spec = ModelSpec.from_json(data["spec"])
+        self.spec = spec if spec is not None else ModelSpec.from_json(data["spec"])
 
     @property
     def target(self) -> str:
@@ -126,6 +126,106 @@ def write_manifest(root: Path, *, spec: ModelSpec, target: str, dtype: str, max_
     return data
 
 
+TARGETS = ("ort", "trt", "tensorrt")  # "tensorrt": an engine bundle (tensorrt/backend.py)
+_HEX = frozenset("0123456789abcdef")
+MAX_FILES = 10_000  # a bundle holds a handful of files; a directory of millions is not one
+
+
+def bundle_file(root: Path, name: object, what: str) -> Path:
+    """``root / name`` for a file name taken from a manifest, confined to the bundle directory.
+
+    A bundle is data, not instructions: a name must be a plain relative path inside ``root`` (no ``..``, no
+    absolute path, no symbolic link anywhere on the way), naming a regular file (never a device or a FIFO,
+    which would make hashing or loading block forever).
+    """
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise BundleError(f"{root / MANIFEST}: {what}: expected a file name, got {name!r}")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or name.startswith("~"):
+        raise BundleError(f"{root / MANIFEST}: {what}: {name!r} points outside the bundle directory")
+    path = root
+    for part in rel.parts:
+        path = path / part
+        if path.is_symlink():
+            raise BundleError(f"{path}: {what} is a symbolic link; bundle files must be regular files")
+    if not path.exists():
+        raise BundleError(f"{path}: listed in {MANIFEST} but missing")
+    if not path.is_file():
+        raise BundleError(f"{path}: {what} is not a regular file")
+    return path
+
+
+def _check_manifest(root: Path, data: object) -> dict[str, Any]:
+    """Types and ranges of every manifest field the runtime reads; one BundleError naming the field."""
+    path = root / MANIFEST
+
+    def bad(field_name: str, problem: str) -> BundleError:
+        return BundleError(f"{path}: field '{field_name}': {problem}")
+
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: not an exaone-deploy bundle manifest (expected a JSON object)")
+    if data.get("format") != FORMAT:
+        raise BundleError(f"{path}: not an exaone-deploy bundle manifest")
+    version = data.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise bad("format_version", f"expected a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {version} is newer than this exaone-deploy supports "
+                          f"({FORMAT_VERSION}); upgrade exaone-deploy")
+    if data.get("target") not in TARGETS:
+        raise bad("target", f"expected one of {', '.join(TARGETS)}, got {data.get('target')!r}")
+    if not isinstance(data.get("dtype"), str):
+        raise bad("dtype", f"expected a string, got {data.get('dtype')!r}")
+    n = data.get("max_seq_len")
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= LIMITS["max_position_embeddings"]:
+        raise bad("max_seq_len", f"expected a positive integer, got {n!r}")
+    files = data.get("files")
+    if not isinstance(files, dict) or not isinstance(files.get("model"), str):
+        raise bad("files", "expected an object with the model file name under 'model'")
+    for key, value in files.items():
+        if value is not None:
+            bundle_file(root, value, f"files.{key}")
+    digests = data.get("sha256", {})
+    if not isinstance(digests, dict):
+        raise bad("sha256", "expected an object of file name -> digest")
+    if len(digests) > MAX_FILES:
+        raise bad("sha256", f"lists {len(digests)} files (more than {MAX_FILES})")
+    unhashed = [v for v in files.values() if v is not None and v not in digests]
+    if unhashed:  # the file that is loaded must be a file that was hashed
+        raise bad("sha256", f"has no digest for {', '.join(map(str, unhashed))}")
+    for name, digest in digests.items():
+        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+            raise bad(f"sha256.{name}", f"expected a 64-digit hex sha256, got {digest!r}")
+        bundle_file(root, name, f"sha256 entry {name!r}")
+    if not isinstance(data.get("io", {}), dict):
+        raise bad("io", "expected an object")
+    if not isinstance(data.get("spec"), dict):
+        raise bad("spec", "expected an object")
+    return data
+
+
+def _spec_of(root: Path, data: dict[str, Any]) -> ModelSpec:
+    """The manifest's spec, with the same bounds config.json gets (a hostile one must not size caches)."""
+    field_name = f"{root / MANIFEST}: field 'spec'"
+    try:
+        spec = ModelSpec.from_json(data["spec"])
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        raise BundleError(f"{field_name}: malformed ({type(e).__name__}: {e})") from None
+    sizes = {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+             "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
+             "num_key_value_heads": spec.num_kv_heads, "vocab_size": spec.vocab_size, "head_dim": spec.head_dim}
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= LIMITS[key]:
+            raise BundleError(f"{field_name}: {key} {value!r} is not a supported size")
+    if len(spec.layers) != spec.num_layers or spec.num_heads % spec.num_kv_heads:
+        raise BundleError(f"{field_name}: inconsistent layer or head counts")
+    for layer in spec.layers:
+        if isinstance(layer.window, bool) or not isinstance(layer.window, int) or not \
+                0 <= layer.window <= LIMITS["sliding_window"]:
+            raise BundleError(f"{field_name}: layer {layer.index} window {layer.window!r} is not a supported size")
+    return spec
+
+
 def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     root = Path(bundle_dir)
     if not root.is_dir():
@@ -133,23 +233,21 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     path = root / MANIFEST
     if not path.exists():
         raise BundleError(f"{root}: not a bundle ({MANIFEST} missing; an interrupted export leaves none)")
+    if path.is_symlink() or not path.is_file():
+        raise BundleError(f"{path}: not a regular file")
+    if path.stat().st_size > 64 * 2**20:
+        raise BundleError(f"{path}: {path.stat().st_size} bytes is too large for a manifest")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{path}: not valid JSON ({e})") from None
-    if data.get("format") != FORMAT:
-        raise BundleError(f"{path}: not an exaone-deploy bundle manifest")
-    if data.get("format_version", 0) > FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format {data.get('format_version')} is newer than this exaone-deploy "
-                          f"supports ({FORMAT_VERSION}); upgrade exaone-deploy")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise BundleError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+    data = _check_manifest(root, data)
     if verify:
         for name, digest in data.get("sha256", {}).items():
-            f = root / name
-            if not f.exists():
-                raise BundleError(f"{f}: listed in {MANIFEST} but missing")
-            if sha256_file(f) != digest:
-                raise BundleError(f"{f}: sha256 mismatch with {MANIFEST} (the file is corrupt or was modified)")
-    return Manifest(root, data)
+            if sha256_file(root / name) != digest:
+                raise BundleError(f"{root / name}: sha256 mismatch with {MANIFEST} (the file is corrupt or was "
+                                  "modified)")
+    return Manifest(root, data, _spec_of(root, data))
 
 
 @contextlib.contextmanager

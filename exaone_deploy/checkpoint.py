@@ -73,6 +73,7 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     out = {}
     base = 8 + n
+    spans = []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
@@ -92,6 +93,15 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
         if end - start != nbytes or base + end > size:
             raise CheckpointError(f"{path}: tensor '{name}' data lies outside the file or has the wrong length")
         out[name] = TensorInfo(name, path, dtype, shape, base + start, nbytes)
+        spans.append((start, end, name))
+    # As the safetensors library does: tensors tile the data area, in order, without overlap or gaps (two
+    # entries over the same bytes would let one tensor silently alias another).
+    position = 0
+    for start, end, name in sorted(spans):
+        if start != position:
+            what = "overlaps the previous tensor" if start < position else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor '{name}' {what} (data_offsets [{start}, {end}])")
+        position = end
     return out
 
 
@@ -158,12 +168,21 @@ class Checkpoint:
         return _DTYPES[max(counts, key=counts.get)][1]
 
     # ---- reading -------------------------------------------------------------------------------
+    # Every read checks that the values are finite: a NaN or inf weight makes every logit NaN, and greedy decoding
+    # then silently emits token 0. The check is one pass over data that was just read (cheap next to the read).
     def read_numpy(self, name: str) -> np.ndarray:
         """The tensor in its stored dtype (bfloat16 comes back as its raw uint16 bits)."""
         info = self.tensors[name]
         arr = np.empty(info.shape, dtype=_DTYPES[info.dtype][0])
         self._readinto(info, arr)
+        finite = (arr & 0x7F80) != 0x7F80 if info.dtype == "BF16" else np.isfinite(arr)
+        self._check_finite(info, bool(finite.all()))
         return arr
+
+    @staticmethod
+    def _check_finite(info: TensorInfo, ok: bool) -> None:
+        if not ok:
+            raise CheckpointError(f"{info.file}: tensor '{info.name}' contains NaN or infinite values")
 
     @staticmethod
     def _readinto(info: TensorInfo, arr: np.ndarray) -> None:
@@ -190,6 +209,7 @@ class Checkpoint:
         if dtype is None or dtype == src:
             t = torch.empty(info.shape, dtype=src)
             self._readinto(info, (t.view(torch.int16) if src == torch.bfloat16 else t).numpy())
+            self._check_finite(info, bool(torch.isfinite(t).all()))
             return t
         out = torch.empty(info.shape, dtype=dtype)
         flat = out.view(-1)
@@ -212,6 +232,7 @@ class Checkpoint:
                         raise CheckpointError(f"{info.file}: truncated while reading '{info.name}'")
                     got += k
                 flat[start:start + n].copy_(scratch[:n])
+                self._check_finite(info, bool(torch.isfinite(scratch[:n]).all()))
         return out
 
     # ---- validation ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,17 +151,44 @@ class ModelSpec:
 # ---- parsing --------------------------------------------------------------------------------------
 
 
+# Upper bounds on sizes read from config.json, checked before anything is allocated from them: far above any
+# real model (EXAONE 4.0 32B: hidden 5120, 64 layers, vocab 102,400, 131,072 positions), far below what would
+# hang `inspect` or exhaust memory when a hostile file asks for it.
+LIMITS = {
+    "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "num_hidden_layers": 1 << 10,
+    "num_attention_heads": 1 << 10, "num_key_value_heads": 1 << 10, "vocab_size": 1 << 22, "head_dim": 1 << 11,
+    "max_position_embeddings": 1 << 24, "sliding_window": 1 << 24, "original_max_position_embeddings": 1 << 24,
+}
+
+
 def _require(cfg: dict, key: str, path, kind=int):
     if key not in cfg or cfg[key] is None:
         raise ConfigError(path, key, "required field is missing")
-    value = cfg[key]
+    return _checked(cfg[key], key, path, kind)
+
+
+def _checked(value, key: str, path, kind=int):
+    """A positive int (bounded by LIMITS) or a positive finite number; else a ConfigError naming the field."""
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(path, key, f"expected an integer, got {value!r}")
-    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ConfigError(path, key, f"expected a number, got {value!r}")
-    if kind in (int, float) and value <= 0:
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise ConfigError(path, key, f"expected a finite number, got {value!r}")
+    if value <= 0:
         raise ConfigError(path, key, f"must be positive, got {value!r}")
+    limit = LIMITS.get(key.rsplit(".", 1)[-1])
+    if limit is not None and value > limit:
+        raise ConfigError(path, key, f"{value} is larger than any supported model ({limit})")
     return value
+
+
+def _token_ids(cfg: dict, key: str, path, vocab: int) -> tuple[int, ...]:
+    """A token id or list of ids (or null) from config.json, each within the vocabulary."""
+    value = cfg.get(key)
+    ids = value if isinstance(value, list) else ([] if value is None else [value])
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+            raise ConfigError(path, key, f"expected token id(s) in [0, {vocab}), got {value!r}")
+    return tuple(ids)
 
 
 def _parse_rope(cfg: dict, path) -> RopeSpec:
@@ -174,10 +202,7 @@ def _parse_rope(cfg: dict, path) -> RopeSpec:
     params = dict(params or {})
     # transformers 5 keeps rope_theta inside rope_parameters; 4.x has it at the top level.
     theta = params.get("rope_theta", cfg.get("rope_theta"))
-    if theta is None:
-        theta = 10000.0
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
-        raise ConfigError(path, "rope_theta", f"must be a positive number, got {theta!r}")
+    theta = 10000.0 if theta is None else _checked(theta, "rope_theta", path, float)
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
@@ -186,17 +211,14 @@ def _parse_rope(cfg: dict, path) -> RopeSpec:
         )
     if rope_type == "default":
         return RopeSpec("default", float(theta))
-    try:
-        return RopeSpec(
-            "llama3",
-            float(theta),
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-        )
-    except KeyError as e:
-        raise ConfigError(path, f"{field_name}.{e.args[0]}", "required for rope_type 'llama3'") from None
+    def get(key, kind=float):
+        if params.get(key) is None:
+            raise ConfigError(path, f"{field_name}.{key}", "required for rope_type 'llama3'")
+        return _checked(params[key], f"{field_name}.{key}", path, kind)
+
+    return RopeSpec("llama3", float(theta), factor=float(get("factor")), low_freq_factor=float(get("low_freq_factor")),
+                    high_freq_factor=float(get("high_freq_factor")),
+                    original_max_position_embeddings=get("original_max_position_embeddings", int))
 
 
 def _parse_layer_kinds(cfg: dict, num_layers: int, sliding_window: int | None, path) -> list[bool]:
@@ -268,12 +290,18 @@ def spec_from_config(cfg: dict, path: str | Path = "config.json", raw: bytes | N
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ConfigError(path, "hidden_act", f"unsupported activation {act!r} (EXAONE 4 uses 'silu')")
-    eps = cfg.get("rms_norm_eps", 1e-5)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
-        raise ConfigError(path, "rms_norm_eps", f"must be a positive number, got {eps!r}")
+    eps = _checked(cfg.get("rms_norm_eps", 1e-5), "rms_norm_eps", path, float)
     window = cfg.get("sliding_window")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
-        raise ConfigError(path, "sliding_window", f"expected a positive integer or null, got {window!r}")
+    if window is not None:
+        window = _checked(window, "sliding_window", path)
+    max_pos = cfg.get("max_position_embeddings")
+    max_pos = 2048 if max_pos is None else _checked(max_pos, "max_position_embeddings", path)
+    tie = cfg.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise ConfigError(path, "tie_word_embeddings", f"expected true or false, got {tie!r}")
+    bos, pad = (_token_ids(cfg, k, path, vocab) for k in ("bos_token_id", "pad_token_id"))
+    if len(bos) > 1 or len(pad) > 1:
+        raise ConfigError(path, "bos_token_id" if len(bos) > 1 else "pad_token_id", "expected a single token id")
     rope = _parse_rope(cfg, path)
     kinds = _parse_layer_kinds(cfg, num_layers, window, path)
     # RoPE applies when the model has no sliding window at all, or on sliding layers (global layers of a
@@ -282,8 +310,7 @@ def spec_from_config(cfg: dict, path: str | Path = "config.json", raw: bytes | N
         LayerSpec(index=i, sliding=s, window=window if s else 0, rope=(window is None) or s)
         for i, s in enumerate(kinds)
     )
-    eos = cfg.get("eos_token_id")
-    eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    eos = _token_ids(cfg, "eos_token_id", path, vocab)
     if raw is None:
         raw = json.dumps(cfg, sort_keys=True).encode()
     return ModelSpec(
@@ -295,15 +322,15 @@ def spec_from_config(cfg: dict, path: str | Path = "config.json", raw: bytes | N
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         rms_norm_eps=float(eps),
-        max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=tie,
         rope=rope,
         sliding_window=window,
         layers=layers,
         hidden_act="silu",
-        bos_token_id=cfg.get("bos_token_id"),
+        bos_token_id=bos[0] if bos else None,
         eos_token_id=eos,
-        pad_token_id=cfg.get("pad_token_id"),
+        pad_token_id=pad[0] if pad else None,
         config_sha256=hashlib.sha256(raw).hexdigest(),
         source=str(path),
     )

@@ -10,13 +10,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import tokenizers
 
-from .chat import render_chat_template
+from .chat import _plain, render_chat_template
 
 # The named special tokens transformers passes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -210,8 +212,64 @@ class Tokenizer:
         tokens and `kwargs` are template variables, and the text is encoded without adding special tokens.
         """
         template = self.get_chat_template(chat_template, tools)
+        documents = kwargs.pop("documents", None)
         variables = {**self.special_tokens, "enable_thinking": enable_thinking, **kwargs}
-        text = render_chat_template(
-            template, messages, tools=tools, add_generation_prompt=add_generation_prompt, **variables
-        )
-        return self.encode(text) if tokenize else text
+        if not tokenize:
+            return render_chat_template(template, messages, tools=tools, documents=documents,
+                                        add_generation_prompt=add_generation_prompt, **variables)
+        # Text from the client (message contents, tool definitions and arguments, documents) that spells a control
+        # token ("[|endofturn|]", "[|system|]") must stay text, or a user could forge turns; the template's own
+        # markup still produces the control tokens. Each occurrence in client text is swapped for a placeholder
+        # before rendering, and encoded as text after it.
+        user = {"messages": _plain(list(getattr(messages, "messages", messages))), "tools": _plain(tools),
+                "documents": _plain(documents)}
+        sentinel = self._sentinel(json.dumps(user, ensure_ascii=False))
+        if sentinel is None:  # cannot happen with real input: every candidate character occurs in it
+            raise ValueError("chat messages contain every placeholder character; cannot render them safely")
+        user = self._defuse(user, sentinel)
+        text = render_chat_template(template, user["messages"], tools=user["tools"], documents=user["documents"],
+                                    add_generation_prompt=add_generation_prompt, **variables)
+        return self._encode_defused(text, sentinel)
+
+    # ---- control tokens in client text ------------------------------------------------------------
+
+    @cached_property
+    def control_tokens(self) -> list[str]:
+        """Contents of the added tokens marked special ([|user|], [|endofturn|], bos/eos...), longest first."""
+        tokens = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special and t.content}
+        return sorted(tokens, key=lambda t: (-len(t), t))
+
+    @cached_property
+    def _text_backend(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that encodes control-token spellings as ordinary text."""
+        backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
+
+    @staticmethod
+    def _sentinel(text: str) -> str | None:
+        """A Unicode noncharacter that does not occur in `text` (they are never assigned to characters)."""
+        return next((c for c in map(chr, range(0xFDD0, 0xFDF0)) if c not in text), None)
+
+    def _defuse(self, value: Any, sentinel: str) -> Any:
+        """`value` with each control token in its strings (not dict keys, not message roles) as a placeholder."""
+        if isinstance(value, str):
+            for k, token in enumerate(self.control_tokens):
+                if token in value:
+                    value = value.replace(token, f"{sentinel}{k}{sentinel}")
+            return value
+        if isinstance(value, Mapping):
+            return {k: (v if k == "role" else self._defuse(v, sentinel)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._defuse(v, sentinel) for v in value]
+        return value
+
+    def _encode_defused(self, text: str, sentinel: str) -> list[int]:
+        ids: list[int] = []
+        parts = re.split(f"{sentinel}(\\d+){sentinel}", text)
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids += self._text_backend.encode(self.control_tokens[int(part)], add_special_tokens=False).ids
+            elif part:
+                ids += self.encode(part)
+        return ids
