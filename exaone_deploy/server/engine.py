@@ -102,8 +102,8 @@ class AsyncEngine:
                     max_queue: int = 256, prefill_chunk: int = 512, model_name: str | None = None,
                     device: str = "cpu", verify: bool = True) -> AsyncEngine:
         manifest = load_manifest(bundle_dir, verify=verify)
-        capacity = context or min(manifest.max_seq_len, 4096)
-        backend = open_backend(manifest, device=device, max_batch=max_batch, capacity=capacity)
+        backend = open_backend(manifest, device=device, max_batch=max_batch,
+                               max_seq_len=manifest.io.default_context(context))
         defaults = {}
         gen_config = Path(manifest.root) / "generation_config.json"
         if gen_config.is_file():

@@ -444,12 +444,12 @@ class ServingChat(OpenAIServing):
 
     def _render(self, messages: list[dict], tools: list[dict] | None, kwargs: dict[str, Any]) -> tuple[list[int], str]:
         tokenizer = self.engine.tokenizer
-        try:
-            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)
+        try:  # ids from the template itself: control tokens spelled in client text stay text (tokenizer.py)
+            ids = tokenizer.apply_chat_template(messages, tools=tools, **kwargs)
         except Exception as e:  # noqa: BLE001 - jinja TemplateError / TypeError from the template
             raise APIError(400, f"cannot render the chat template: {e}", param="messages",
                            code="invalid_value") from None
-        return tokenizer.encode(text), text
+        return ids, tokenizer.decode(ids)
 
 
 class ServingCompletion(OpenAIServing):
