@@ -10,8 +10,18 @@ from .config import PrequantConfigError, PrequantScheme, read_scheme, scheme_fro
 from .formats import Fp8Weight, IntWeight, read_linear
 from .load import dequantized_linears, iter_quantized_linears
 
-__all__ = ["PrequantConfigError", "PrequantScheme", "read_scheme", "scheme_from_dict", "Fp8Weight", "IntWeight",
-           "read_linear", "iter_quantized_linears", "dequantized_linears", "make_prequantized"]
+__all__ = [
+    "Fp8Weight",
+    "IntWeight",
+    "PrequantConfigError",
+    "PrequantScheme",
+    "dequantized_linears",
+    "iter_quantized_linears",
+    "make_prequantized",
+    "read_linear",
+    "read_scheme",
+    "scheme_from_dict",
+]
 
 
 def make_prequantized(src_dir, out_dir, fmt: str, **opts):

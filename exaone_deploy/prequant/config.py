@@ -15,7 +15,9 @@ weights). Field spellings follow the writers:
   writers use ``ignored_layers``).
 * compressed-tensors (llm-compressor): ``quant_method`` "compressed-tensors", ``format``, ``config_groups``
   of ``{targets, weights: {num_bits, type, symmetric, strategy, group_size, block_structure, actorder},
-  input_activations}``, ``ignore``.
+  input_activations}``, ``ignore``. ``actorder: group`` (a stored g_idx) is refused: compressed-tensors
+  0.20's own decompressor no longer applies one (``QuantizationArgs.actorder`` docs), so there is no
+  reference reading to match.
 
 Everything we cannot import exactly is refused with one line naming the file, the field and its value
 (3-bit and 2-bit codes, marlin/bitblas/exllama/GEMV packings, per-module bit overrides, static activation
@@ -182,8 +184,10 @@ def _compressed_tensors(q: dict, source: str) -> PrequantScheme:
     strategy = w.get("strategy")
     if strategy not in strategies:
         raise _refuse(source, f"{where}.weights.strategy", strategy, f"supported: {', '.join(strategies)}")
-    if w.get("actorder") not in (None, "group", "weight"):
-        raise _refuse(source, f"{where}.weights.actorder", w["actorder"], "supported: null, group, weight")
+    if w.get("actorder") not in (None, "weight"):  # "weight" reorders during calibration only
+        raise _refuse(source, f"{where}.weights.actorder", w["actorder"],
+                      "group activation order (a g_idx) is dropped by compressed-tensors itself; supported: "
+                      "null, weight")
     block = _block(w.get("block_structure"), source, f"{where}.weights.block_structure") \
         if strategy == "block" else None
     group_size = w.get("group_size") if strategy == "group" else -1
@@ -192,7 +196,7 @@ def _compressed_tensors(q: dict, source: str) -> PrequantScheme:
     sym = bool(w.get("symmetric", True))
     return PrequantScheme(
         "compressed-tensors", bits, group_size if wtype == "int" else None, sym=sym,
-        desc_act=w.get("actorder") == "group", zero_point=wtype == "int" and not sym, weight_type=wtype,
+        zero_point=wtype == "int" and not sym, weight_type=wtype,
         strategy=strategy, weight_block_size=block, activation_scheme="dynamic" if act else None,
         ignore=_ignore_list(q, "ignore"), source=source,
     )

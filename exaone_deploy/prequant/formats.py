@@ -36,7 +36,7 @@ Layouts, from the reference implementations (read in their sources, cited per re
 * compressed-tensors pack-quantized: ``weight_packed`` int32 [out, ceil(in*bits/32)], signed codes plus
   ``2**(bits-1)`` packed LSB-first along the input dim; ``weight_zero_point`` (asymmetric only) the same
   packing along the OUTPUT dim (dim 0) of the [out, groups] zero points; ``weight_scale`` [out, groups];
-  ``weight_shape`` int [2]; ``weight_g_idx`` with activation order. float-quantized: ``weight`` fp8 with
+  ``weight_shape`` int [2]. float-quantized: ``weight`` fp8 with
   ``weight_scale`` per channel [out, 1], tensor [1] or block. compressed-tensors
   ``compressors/pack_quantized/helpers.py`` (``pack_to_int32``, ``unpack_from_int32``) and
   ``compressors/pack_quantized/base.py``. Codes and zeros are returned offset to unsigned (``+2**(bits-1)``),
@@ -45,16 +45,27 @@ Layouts, from the reference implementations (read in their sources, cited per re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import ml_dtypes
 import numpy as np
 
 from .config import PrequantScheme
 
-__all__ = ["AWQ_ORDER", "Fp8Weight", "IntWeight", "read_linear", "read_gptq", "read_awq", "read_fp8",
-           "read_compressed_tensors", "unpack_rows", "unpack_cols", "LINEAR_SUFFIXES"]
+__all__ = [
+    "AWQ_ORDER",
+    "LINEAR_SUFFIXES",
+    "Fp8Weight",
+    "IntWeight",
+    "read_awq",
+    "read_compressed_tensors",
+    "read_fp8",
+    "read_gptq",
+    "read_linear",
+    "unpack_cols",
+    "unpack_rows",
+]
 
 Getter = Callable[[str], np.ndarray]
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of an AWQ word holds output column AWQ_ORDER[j] of its 8
@@ -186,10 +197,7 @@ def read_compressed_tensors(get: Getter, prefix: str, scheme: PrequantScheme) ->
     else:
         zeros = unpack_rows(get(prefix + ".weight_zero_point"), bits)[:out]
         _check(prefix, "weight_zero_point", zeros.shape, (out, groups))
-    try:
-        g_idx = get(prefix + ".weight_g_idx").astype(np.int32)
-    except KeyError:
-        g_idx = np.arange(inp, dtype=np.int32) // group
+    g_idx = np.arange(inp, dtype=np.int32) // group
     return IntWeight(np.ascontiguousarray(codes), scale, np.ascontiguousarray(zeros), g_idx, bits, group)
 
 

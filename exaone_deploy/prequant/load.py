@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -11,7 +11,7 @@ from .config import PrequantConfigError, PrequantScheme, read_scheme
 from .formats import LINEAR_SUFFIXES, Fp8Weight, IntWeight, read_linear
 from .st import SafetensorsDir
 
-__all__ = ["iter_quantized_linears", "dequantized_linears"]
+__all__ = ["dequantized_linears", "iter_quantized_linears"]
 
 # The tensor that marks a linear as quantized, per format (a linear without it is left in float).
 _MARKER = {"gptq": "qweight", "awq": "qweight", "fp8": "weight_scale_inv", "compressed-tensors": "weight_scale"}

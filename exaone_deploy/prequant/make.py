@@ -57,6 +57,8 @@ def quantization_config(fmt: str, *, bits: int = 4, group_size: int = 32, sym: b
                 "weight_block_size": list(block_size), **({"modules_to_not_convert": list(skip)} if skip else {})}
     if fmt != "compressed-tensors":
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if desc_act:
+        raise ValueError("compressed-tensors has no act-order g_idx layout we import (see prequant.config)")
     if weight_type == "float":
         weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block", "group_size": None,
                    "block_structure": list(block_size), "dynamic": False, "actorder": None, "observer": "minmax"}
@@ -66,7 +68,7 @@ def quantization_config(fmt: str, *, bits: int = 4, group_size: int = 32, sym: b
     else:
         weights = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group",
                    "group_size": group_size, "block_structure": None, "dynamic": False,
-                   "actorder": "group" if desc_act else None, "observer": "minmax"}
+                   "actorder": None, "observer": "minmax"}
         acts, ct_format = None, "pack-quantized"
     return {"quant_method": "compressed-tensors", "format": ct_format, "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,

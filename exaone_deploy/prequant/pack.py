@@ -19,8 +19,18 @@ import numpy as np
 
 from .formats import AWQ_ORDER, Fp8Weight, IntWeight
 
-__all__ = ["quantize_int", "quantize_fp8", "pack_rows", "pack_cols", "pack_gptq", "pack_awq",
-           "pack_compressed_tensors", "pack_fp8", "act_order_g_idx", "FP8_MAX"]
+__all__ = [
+    "FP8_MAX",
+    "act_order_g_idx",
+    "pack_awq",
+    "pack_cols",
+    "pack_compressed_tensors",
+    "pack_fp8",
+    "pack_gptq",
+    "pack_rows",
+    "quantize_fp8",
+    "quantize_int",
+]
 
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 
@@ -40,7 +50,7 @@ def act_order_g_idx(w: np.ndarray, group_size: int) -> np.ndarray:
 def quantize_int(w: np.ndarray, bits: int, group_size: int, *, sym: bool, scale_dtype=np.float16,
                  g_idx: np.ndarray | None = None) -> IntWeight:
     """Round-to-nearest integer quantization of ``w`` [out, in] per (row, group) -> :class:`IntWeight`."""
-    out, inp = w.shape
+    _out, inp = w.shape
     group = inp if group_size == -1 else group_size
     g_idx = np.arange(inp, dtype=np.int32) // group if g_idx is None else g_idx.astype(np.int32)
     groups, maxq = int(g_idx.max()) + 1, (1 << bits) - 1
@@ -114,8 +124,6 @@ def pack_compressed_tensors(q: IntWeight, sym: bool, scale_dtype=ml_dtypes.bfloa
         zeros = np.zeros((-(-out // pf) * pf, q.zeros.shape[1]), np.uint8)
         zeros[:out] = q.zeros
         t["weight_zero_point"] = pack_rows(zeros, q.bits)
-    if not np.array_equal(q.g_idx, np.arange(inp) // q.group_size):
-        t["weight_g_idx"] = q.g_idx.astype(np.int32)
     return t
 
 
