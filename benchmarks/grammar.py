@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import add_json_flag, emit, print_table  # noqa: E402
+from _util import add_json_flag, emit, print_table
 
 SCHEMA = {
     "type": "object",
@@ -242,7 +242,11 @@ def main() -> None:
     documents = [tokenizer.encode(json.dumps(instance(doc_rng), ensure_ascii=False)) for _ in range(50)]
     rows = []
     for name in args.engines.split(","):
-        info_s, compile_s, make, fill, accept, done = ENGINES[name](tok_dir, args.vocab, eos)
+        try:
+            info_s, compile_s, make, fill, accept, done = ENGINES[name](tok_dir, args.vocab, eos)
+        except ImportError as e:
+            print(f"{name}: skipped ({e}; pip install 'exaone-deploy[bench,grammar]')", file=sys.stderr)
+            continue
         row = {"engine": name, "vocab": args.vocab, "tokenizer_info_s": round(info_s, 3),
                "compile_ms": round(1e3 * compile_s, 1)}
         for mode, docs in (("random", None), ("document", documents)):
