@@ -16,8 +16,8 @@ pseudo-words so the vocabulary fills up with multi-byte and JSON-ish tokens the 
   restricted to the mask (mostly long strings: the model that knows no JSON), and "doc", the tokens of valid
   documents of the schema (keys, numbers, enums, Korean and accented strings: a model that writes JSON); a
   matcher restarts when its JSON is complete or after 256 tokens;
-- apply ms: unpacking one bitmask and setting the disallowed logits of a (1, V) float32 row to -inf in numpy
-  (what ``runtime.grammar`` does per constrained row).
+- apply ms: ``runtime.grammar.apply_bitmask`` on the step's real masks and (batch, V) float32 logits (unpack
+  the bits, set the disallowed logits to -inf), the numpy half of a constrained step.
 
 The per-step mask time is what a constrained decode step adds unless it is overlapped with the model's forward.
 """
@@ -36,6 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import add_json_flag, emit, print_table
+
+from exaone_deploy.runtime.grammar import apply_bitmask
 
 SCHEMA = {
     "type": "object",
@@ -159,14 +161,6 @@ def _xgrammar(tok_dir: Path, vocab: int, eos: int):
 ENGINES = {"llguidance": _llguidance, "xgrammar": _xgrammar}
 
 
-def allowed(bitmask_row: np.ndarray, vocab: int) -> np.ndarray:
-    return np.unpackbits(bitmask_row.view(np.uint8), bitorder="little")[:vocab].astype(bool)
-
-
-def apply_mask(logits: np.ndarray, bitmask_row: np.ndarray) -> None:
-    logits[~allowed(bitmask_row, logits.shape[-1])] = -np.inf
-
-
 def instance(rng: random.Random) -> dict:
     """A random document valid under SCHEMA, as a model would write it (the "document" driver's path)."""
     words = ["Seoul", "서울특별시", "Busan", "King Lear", "quarterly report", "naïve café", "data", "x"]
@@ -184,8 +178,8 @@ def instance(rng: random.Random) -> dict:
 
 
 def drive(make, fill, accept, done, batch: int, steps: int, vocab: int, eos: int, seed: int,
-          documents=None) -> list[float]:
-    """Per-step mask times (s) for ``batch`` matchers.
+          documents=None) -> tuple[list[float], list[float]]:
+    """Per-step times (s) of computing the masks of ``batch`` matchers and of applying them to (batch, V) logits.
 
     With ``documents`` (a list of token-id lists), each matcher is fed whole documents in turn; else its tokens
     are sampled at temperature 1 from random logits restricted to the mask.
@@ -195,21 +189,23 @@ def drive(make, fill, accept, done, batch: int, steps: int, vocab: int, eos: int
     matchers = make(batch)
     counts = [0] * batch
     bitmask = np.full((batch, (vocab + 31) // 32), -1, dtype=np.int32)
-    times = []
+    times, apply_times = [], []
     for _ in range(steps):
         t = time.perf_counter()
         fill(matchers, bitmask)
         times.append(time.perf_counter() - t)
+        logits = rng.standard_normal((batch, vocab)).astype(np.float32)
+        t = time.perf_counter()
+        apply_bitmask(logits, bitmask)
+        apply_times.append(time.perf_counter() - t)
         for i, m in enumerate(matchers):
             if documents is not None:
                 doc = documents[(i * 7919 + len(times)) % len(documents)] if counts[i] == 0 else doc_of[i]
                 token = doc[counts[i]] if counts[i] < len(doc) else eos
                 doc_of[i] = doc
-                assert allowed(bitmask[i], vocab)[token], "a valid document's token is masked out"
+                assert logits[i, token] > -np.inf, "a valid document's token is masked out"
             else:
-                logits = rng.standard_normal(vocab).astype(np.float32)
-                apply_mask(logits, bitmask[i])
-                p = np.exp(logits - logits.max())
+                p = np.exp(logits[i] - logits[i].max())
                 token = int(rng.choice(vocab, p=p / p.sum()))
             if token == eos or counts[i] >= MAX_TOKENS or done(m):
                 matchers[i] = make(1)[0]
@@ -217,7 +213,7 @@ def drive(make, fill, accept, done, batch: int, steps: int, vocab: int, eos: int
                 continue
             accept(m, token)
             counts[i] += 1
-    return times
+    return times, apply_times
 
 
 def _ms(times, q):
@@ -252,26 +248,20 @@ def main() -> None:
         for mode, docs in (("random", None), ("document", documents)):
             for batch in (1, 8):
                 drive(make, fill, accept, done, batch, 20, args.vocab, eos, 1, docs)  # warm-up
-                times = drive(make, fill, accept, done, batch, args.tokens, args.vocab, eos, 0, docs)
+                times, apply_times = drive(make, fill, accept, done, batch, args.tokens, args.vocab, eos, 0, docs)
                 row[f"{mode}_b{batch}_p50_ms"] = round(_ms(times, 50), 3)
                 row[f"{mode}_b{batch}_p99_ms"] = round(_ms(times, 99), 3)
+                row[f"{mode}_b{batch}_apply_p50_ms"] = round(_ms(apply_times, 50), 3)
         rows.append(row)
 
-    bitmask = np.random.default_rng(0).integers(-(2**31), 2**31, (args.vocab + 31) // 32, dtype=np.int32)
-    logits = np.zeros(args.vocab, np.float32)
-    apply_times = []
-    for _ in range(200):
-        t = time.perf_counter()
-        apply_mask(logits, bitmask)
-        apply_times.append(time.perf_counter() - t)
-    result = {"rows": rows, "apply_p50_ms": round(_ms(apply_times, 50), 3)}
-    cols = ["engine", "vocab", ("tokenizer_info_s", "info s"), ("compile_ms", "compile ms")] + [
-        (f"{m}_b{b}_{q}_ms", f"{m[:3]} b{b} {q}") for m in ("random", "document") for b in (1, 8) for q in ("p50", "p99")
-    ]
+    result = {"rows": rows}
+    cells = [(m, b, q) for m in ("random", "document") for b in (1, 8) for q in ("p50", "p99", "apply_p50")]
+    cols = ["engine", "vocab", ("tokenizer_info_s", "info s"), ("compile_ms", "compile ms")]
+    cols += [(f"{m}_b{b}_{q}_ms", f"{m[:3]} b{b} {q.replace('_', ' ')}") for m, b, q in cells]
 
     def table():
-        print_table(rows, cols, title="next-token mask ms per decode step (b8: all 8 masks; ran: random logits, doc: valid documents)")
-        print(f"numpy apply of one bitmask row to (V,) logits: p50 {result['apply_p50_ms']} ms")
+        print_table(rows, cols, title="ms per decode step: compute the masks (b8: 8 at once), apply them to logits "
+                    "(runtime.grammar.apply_bitmask); ran: random logits, doc: valid documents")
 
     emit(result, args.json, table)
 

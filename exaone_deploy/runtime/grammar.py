@@ -319,7 +319,8 @@ def apply_batch(logits: np.ndarray, constraints: Sequence[GrammarConstraint | No
     matchers = [(constraints[b]._matcher, k) for k, b in enumerate(rows)]
     for b in rows:
         if constraints[b].vocab_size != logits.shape[-1]:
-            raise ValueError(f"row {b}: constraint masks {constraints[b].vocab_size} ids, logits have {logits.shape[-1]}")
+            width = constraints[b].vocab_size
+            raise ValueError(f"row {b}: the constraint masks {width} ids, the logits have {logits.shape[-1]}")
     if len(rows) == 1:
         llnp.fill_next_token_bitmask(matchers[0][0], bitmask, 0)
     else:

@@ -145,7 +145,8 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
 
 
 def _alternative(tokenizer: Tokenizer, token_id: int, logprob: float) -> dict:
-    return {"token": token_text(tokenizer, token_id), "logprob": logprob, "bytes": list(token_bytes(tokenizer, token_id))}
+    raw = token_bytes(tokenizer, token_id)
+    return {"token": token_text(tokenizer, token_id), "logprob": logprob, "bytes": list(raw)}
 
 
 def chat_logprobs(tokenizer: Tokenizer, entries: Sequence[TokenLogprob]) -> list[dict]:
