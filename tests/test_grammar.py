@@ -248,3 +248,20 @@ def test_missing_engine_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "llguidance", None)
     with pytest.raises(ImportError, match=r"exaone-deploy\[grammar\]"):
         require_llguidance()
+
+
+def test_tags_as_text_when_the_tokenizer_has_no_such_tokens(tok):
+    import tokenizers
+
+    spec = json.loads(tok.backend.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["special"]]  # drop <think>, <tool_call>, ...
+    plain = Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)), dict(tok.special_tokens), eos_ids=tok.eos_ids)
+    assert plain.token_to_id("</think>") is None and plain.token_to_id("<tool_call>") is None
+    text = 'hmm {"x"} </thin</think>\n\n<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    constraint = GrammarConstraint.tool_calls(plain, TOOLS, vocab_size=tok.vocab_size, reasoning=True)
+    for token in plain.encode(text):
+        assert not constraint.is_complete()
+        constraint.accept(token)
+    assert constraint.is_complete() and not constraint.is_finished()  # another call may follow, or EOS
+    out = parse_assistant_output(text, reasoning_opened=True)
+    assert out.reasoning == 'hmm {"x"} </thin' and out.tool_calls[0].name == "add"
