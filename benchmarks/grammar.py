@@ -10,8 +10,9 @@ pseudo-words so the vocabulary fills up with multi-byte and JSON-ish tokens the 
 - tokenizer-info time: building the engine's per-tokenizer index once (a server does this once at start-up);
 - compile time: a nested JSON schema (objects, arrays, enums, required fields) compiled to a grammar (per request,
   unless cached);
-- mask ms/step p50/p99 at batch 1 (one matcher) and batch 8 (eight matchers, one bitmask each, the engine's own
-  batch call: llguidance's ``LLExecutor``, xgrammar's ``BatchGrammarMatcher``): the time to compute the next-token
+- mask ms/step p50/p99 at batch 1 (one matcher) and batch 8 (eight matchers, one bitmask each, by the engine's
+  own batch call: llguidance's ``LLExecutor``, xgrammar's ``BatchGrammarMatcher``; ``llguidance-seq``: one
+  matcher after another, what ``runtime.grammar.apply_batch`` does): the time to compute the next-token
   bitmask(s) for one decode step, with two drivers: "ran", tokens sampled at temperature 1 from random logits
   restricted to the mask (mostly long strings: the model that knows no JSON), and "doc", the tokens of valid
   documents of the schema (keys, numbers, enums, Korean and accented strings: a model that writes JSON); a
@@ -101,7 +102,7 @@ def build_tokenizer(vocab: int, cache: Path) -> Path:
 # ---- engines: each returns (info_s, compile_s, make_matchers(n), fill(matchers, bitmask), accept, done) ------------
 
 
-def _llguidance(tok_dir: Path, vocab: int, eos: int):
+def _llguidance(tok_dir: Path, vocab: int, eos: int, parallel: bool = True):
     import llguidance
     import llguidance.numpy as llnp
 
@@ -119,8 +120,9 @@ def _llguidance(tok_dir: Path, vocab: int, eos: int):
         return [first.deep_copy() for _ in range(n)]
 
     def fill(matchers, bitmask):
-        if len(matchers) == 1:
-            llnp.fill_next_token_bitmask(matchers[0], bitmask, 0)
+        if len(matchers) == 1 or not parallel:
+            for i, m in enumerate(matchers):
+                llnp.fill_next_token_bitmask(m, bitmask, i)
         else:
             llnp.fill_next_token_bitmask_par(executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
 
@@ -158,7 +160,11 @@ def _xgrammar(tok_dir: Path, vocab: int, eos: int):
     return t1 - t0, t2 - t1, make, fill, accept, lambda m: m.is_terminated() or m.is_completed()
 
 
-ENGINES = {"llguidance": _llguidance, "xgrammar": _xgrammar}
+ENGINES = {
+    "llguidance": _llguidance,  # batch 8: LLExecutor (native threads)
+    "llguidance-seq": lambda *a: _llguidance(*a, parallel=False),  # batch 8: one matcher after another
+    "xgrammar": _xgrammar,
+}
 
 
 def instance(rng: random.Random) -> dict:
@@ -224,7 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab", type=int, default=102400)
     parser.add_argument("--tokens", type=int, default=400, help="decode steps measured per engine and batch")
-    parser.add_argument("--engines", default="llguidance,xgrammar")
+    parser.add_argument("--engines", default="llguidance,llguidance-seq,xgrammar")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "exaone-deploy-bench-grammar")
     add_json_flag(parser)
     args = parser.parse_args()
