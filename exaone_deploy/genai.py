@@ -48,8 +48,18 @@ from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AttentionMaskInputs", "SymbolicWindowCaches", "GENAI_FILE", "GENAI_CONFIG", "MODEL_TYPE",
-           "genai_config", "lower_for_genai", "write_genai_variant", "add_genai_variant", "cache_bytes"]
+__all__ = [
+    "GENAI_CONFIG",
+    "GENAI_FILE",
+    "MODEL_TYPE",
+    "AttentionMaskInputs",
+    "SymbolicWindowCaches",
+    "add_genai_variant",
+    "cache_bytes",
+    "genai_config",
+    "lower_for_genai",
+    "write_genai_variant",
+]
 
 GENAI_FILE = "genai.onnx"
 GENAI_CONFIG = "genai_config.json"
