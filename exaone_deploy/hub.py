@@ -60,12 +60,12 @@ def snapshot(repo_id: str, revision: str | None = None) -> Path:
     except hf_errors.RepositoryNotFoundError:
         raise CheckpointError(f"{where}: no such local directory, and no such repo on the Hugging Face Hub "
                               "(private repos need HF_TOKEN)") from None
-    except (hf_errors.LocalEntryNotFoundError, hf_errors.IncompleteSnapshotError) as e:
+    except hf_errors.LocalEntryNotFoundError as e:  # IncompleteSnapshotError (huggingface_hub 2.x) included
         from huggingface_hub import constants
 
         reason = ("not in the Hugging Face cache and HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else
                   "the Hugging Face Hub is unreachable and the cache does not hold it")
-        detail = " (incomplete snapshot)" if isinstance(e, hf_errors.IncompleteSnapshotError) else ""
+        detail = " (incomplete snapshot)" if type(e).__name__ == "IncompleteSnapshotError" else ""
         raise CheckpointError(f"{where}: {reason}{detail} (cache: {constants.HF_HUB_CACHE})") from None
     except (hf_errors.HfHubHTTPError, hf_errors.HFValidationError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
