@@ -152,11 +152,13 @@ def _ids(value: Any) -> list[int]:
 
 
 def genai_config(spec: ModelSpec, *, max_seq_len: int, window_cache: bool, filename: str = GENAI_FILE,
-                 generation_config: dict[str, Any] | None = None) -> dict[str, Any]:
+                 generation_config: dict[str, Any] | None = None, max_length: int | None = None) -> dict[str, Any]:
     """``genai_config.json`` for the variant graph (schema: genai's ``src/config.h``, as its builder writes it).
 
-    ``context_length`` and ``search.max_length`` are the bundle's ``max_seq_len`` (its RoPE tables end there);
-    eos/bos/pad and the search defaults come from ``generation_config.json`` over ``config.json``.
+    ``context_length`` is the bundle's ``max_seq_len`` (its RoPE tables end there); ``search.max_length``, the
+    positions genai allocates up front for every global layer's cache, defaults to it as genai's builder does
+    (applications lower it with ``set_search_options(max_length=...)``); eos/bos/pad and the search defaults come
+    from ``generation_config.json`` over ``config.json``.
     """
     gen = generation_config or {}
     eos = _ids(gen.get("eos_token_id")) or list(spec.eos_token_id)
@@ -189,7 +191,7 @@ def genai_config(spec: ModelSpec, *, max_seq_len: int, window_cache: bool, filen
                                      "cache_slack": 0}
     search = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
               **{k: gen[k] for k in _SEARCH_KEYS if gen.get(k) is not None}}
-    search.update({"max_length": max_seq_len, "min_length": 0, "num_beams": 1, "num_return_sequences": 1,
+    search.update({"max_length": min(max_length or max_seq_len, max_seq_len), "min_length": 0, "num_beams": 1, "num_return_sequences": 1,
                    "past_present_share_buffer": True, "early_stopping": True, "length_penalty": 1.0,
                    "no_repeat_ngram_size": 0, "diversity_penalty": 0.0})
     return {

@@ -101,6 +101,7 @@ def test_genai_config_schema():
     assert (cfg["search"]["temperature"], cfg["search"]["top_p"], cfg["search"]["do_sample"]) == (0.6, 0.95, True)
     # Full-length caches: no sliding_window section (genai then sizes every layer max_length).
     assert "sliding_window" not in genai.genai_config(spec, max_seq_len=512, window_cache=False)["model"]["decoder"]
+    assert genai.genai_config(spec, max_seq_len=512, window_cache=True, max_length=64)["search"]["max_length"] == 64
     # eos falls back to config.json.
     assert genai.genai_config(spec, max_seq_len=512, window_cache=True)["model"]["eos_token_id"] == 8
 
