@@ -47,12 +47,18 @@ class TensorInfo:
     nbytes: int
 
 
-def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """``tiny`` names the bundled trained model; anything else is a directory path."""
+def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """``tiny`` names the bundled trained model; a string ``ORG/NAME`` that is not an existing path is a Hugging
+    Face Hub id, resolved to its cached snapshot at ``revision`` (see ``hub.py``); anything else is a directory
+    path."""
     if str(name_or_path) == "tiny":
         from . import assets
 
         return assets.tiny_model_dir()
+    from . import hub
+
+    if hub.is_repo_id(name_or_path):
+        return hub.snapshot(str(name_or_path), revision)
     return Path(name_or_path)
 
 
