@@ -12,8 +12,10 @@ built on the ``make_tiny`` backbones (the hybrid ``32b`` preset and the all-glob
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -113,7 +115,7 @@ def test_head_checkpoint_mismatch_is_named(head_dirs, tmp_path):
 
 def _batch(path, texts):
     tok = Tokenizer.from_dir(path)
-    rows = [tok.encode(t) for t in texts]
+    rows = [rh.encode_text(tok, t).ids for t in texts]
     ids, lengths = rh.pad_batch(rows, load_spec(path).head.pad_token_id)
     return rows, ids, lengths
 
@@ -143,3 +145,93 @@ def test_head_logits_match_transformers(head_dirs, preset, task):
         assert o.dtype == torch.float32 and o.shape[:2] == ids.shape
         for b, n in enumerate(lengths):  # padded positions are unspecified
             torch.testing.assert_close(o[b, :n], r[b, :n], atol=1e-4, rtol=1e-4)
+
+
+# ---- post-processing against transformers' pipelines ---------------------------------------------
+
+
+def _hf_logits(path, task, texts):
+    _, ids, lengths = _batch(path, texts)
+    mask = (np.arange(ids.shape[1])[None] < lengths[:, None]).astype(np.int64)
+    with torch.no_grad():
+        out = _hf_model(path, task)(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    return out, lengths
+
+
+@pytest.mark.parametrize("problem_type", [None, "multi_label_classification", "regression"])
+def test_classify_matches_text_classification_pipeline(head_dirs, problem_type):
+    path = head_dirs[("32b", "sequence-classification")]
+    out, _ = _hf_logits(path, "sequence-classification", TEXTS)
+    model = _hf_model(path, "sequence-classification")
+    model.config.problem_type = problem_type
+    pipe = transformers.pipeline("text-classification", model=model, tokenizer=_hf_tokenizer(path))
+    head = dataclasses.replace(load_spec(path).head, problem_type=problem_type)
+    got = rh.classify(out.logits.numpy(), head)
+    top2 = rh.classify(out.logits.numpy(), head, top_k=2)
+    labels = {r["label"] for r in got}
+    assert len(labels) > 1 or problem_type == "regression"  # not a constant answer
+    for text, ours, ours2 in zip(TEXTS, got, top2):
+        want = pipe(text)[0] if problem_type is None else pipe(text, top_k=1)[0]
+        assert ours["label"] == want["label"] and ours["score"] == pytest.approx(want["score"], rel=1e-5)
+        ranked = pipe(text, top_k=None)
+        assert list(ours["probs"]) == [r["label"] for r in ranked]
+        assert list(ours["probs"].values()) == pytest.approx([r["score"] for r in ranked], rel=1e-5)
+        assert list(ours2["probs"]) == [r["label"] for r in ranked[:2]]
+
+
+def test_token_entities_match_token_classification_pipeline(head_dirs):
+    path = head_dirs[("32b", "token-classification")]
+    texts = [*TEXTS, "Juliet and Romeo walked from Verona to Mantua with Friar Laurence."]
+    out, lengths = _hf_logits(path, "token-classification", texts)
+    pipe = transformers.pipeline("token-classification", model=_hf_model(path, "token-classification"),
+                                 tokenizer=_hf_tokenizer(path), aggregation_strategy="simple")
+    tok = Tokenizer.from_dir(path)
+    grouped = 0
+    for b, text in enumerate(texts):
+        enc = rh.encode_text(tok, text)
+        ours = rh.token_entities(text, enc, out.logits[b, : lengths[b]].numpy(), TOKEN_LABELS, tok)
+        want = pipe(text)
+        assert [{k: e[k] for k in ("entity_group", "word", "start", "end")} for e in ours] == \
+            [{k: e[k] for k in ("entity_group", "word", "start", "end")} for e in want]
+        assert [e["score"] for e in ours] == pytest.approx([float(e["score"]) for e in want], rel=1e-5)
+        assert all(text[e["start"]:e["end"]].strip() == e["word"].strip() for e in ours)
+        grouped += sum(e["end"] - e["start"] > len(tok.encode(e["word"])[:1]) for e in ours)
+    assert grouped, "no multi-token entity: the grouping rules went untested"
+
+
+def test_qa_windows_match_transformers_tokenizer(head_dirs):
+    """qa_encode's windows are the pipeline's: HF fast tokenizer, only_second truncation with a stride."""
+    path = head_dirs[("32b", "question-answering")]
+    tok, hf = Tokenizer.from_dir(path), _hf_tokenizer(path)
+    question, context = "Who is the prince?", " ".join(TEXTS * 3)
+    windows = rh.qa_encode(tok, question, context, max_seq_len=48, doc_stride=16)
+    want = hf(question, context, truncation="only_second", max_length=48, stride=16, padding="do_not_pad",
+              return_overflowing_tokens=True, return_offsets_mapping=True)
+    assert len(windows) == len(want["input_ids"]) > 2
+    for i, w in enumerate(windows):
+        assert w.ids == want["input_ids"][i] and w.offsets == [tuple(o) for o in want["offset_mapping"][i]]
+        assert w.sequence_ids == want.sequence_ids(i)
+        assert len(w.ids) <= 48
+    with pytest.raises(ValueError, match="larger than max_seq_len"):
+        rh.qa_encode(tok, question, context, max_seq_len=16, doc_stride=32)
+
+
+def test_qa_span_scores_match_select_starts_ends(head_dirs):
+    """Per window, the span search equals transformers' select_starts_ends (kept in 5.x for document QA)."""
+    from transformers.pipelines.document_question_answering import select_starts_ends
+
+    path = head_dirs[("32b", "question-answering")]
+    tok = Tokenizer.from_dir(path)
+    windows = rh.qa_encode(tok, "Who speaks?", " ".join(TEXTS * 2), max_seq_len=40, doc_stride=12)
+    ids, lengths = rh.pad_batch([w.ids for w in windows], tok.pad_id)
+    with torch.no_grad():
+        start, end = load_head_reference(path, max_positions=64)(torch.from_numpy(ids), torch.from_numpy(lengths))
+    for b, w in enumerate(windows):
+        n = lengths[b]
+        p_mask = np.array([[sid != 1 for sid in w.sequence_ids]], dtype=np.int64)
+        want = select_starts_ends(start[b:b + 1, :n].numpy(), end[b:b + 1, :n].numpy(), p_mask,
+                                  np.ones((1, n), np.int64), top_k=7, max_answer_len=6)
+        got = rh._spans(start[b:b + 1, :n].numpy(), end[b:b + 1, :n].numpy(), p_mask == 0, 7, 6, 1e6, False)
+        for g, x in zip(got[:3], want[:3]):
+            np.testing.assert_allclose(g, x, rtol=1e-6)
+        assert all(w.sequence_ids[s] == 1 and s <= e < s + 6 for s, e in zip(*got[:2]))

@@ -26,12 +26,20 @@ from collections.abc import Sequence
 
 import numpy as np
 import tokenizers
+import tokenizers.processors
 
 from ..spec import HeadSpec
 from ..text.tokenizer import Tokenizer
 
 __all__ = [
-    "INPUTS", "classify", "output_names", "pad_batch", "qa_answers", "qa_encode", "token_encode", "token_entities",
+    "INPUTS",
+    "classify",
+    "encode_text",
+    "output_names",
+    "pad_batch",
+    "qa_answers",
+    "qa_encode",
+    "token_entities",
 ]
 
 INPUTS = ("input_ids", "attention_lengths")
@@ -93,7 +101,7 @@ def classify(logits: np.ndarray, head: HeadSpec, top_k: int | None = None, funct
 # ---- token classification -------------------------------------------------------------------------
 
 
-def token_encode(tokenizer: Tokenizer, text: str, max_length: int | None = None) -> tokenizers.Encoding:
+def encode_text(tokenizer: Tokenizer, text: str, max_length: int | None = None) -> tokenizers.Encoding:
     """The encoding the pipeline makes: special tokens added, truncated to ``max_length`` if given."""
     enc = tokenizer.backend.encode(text, add_special_tokens=True)
     if max_length is not None and len(enc.ids) > max_length:
@@ -157,8 +165,15 @@ def token_entities(text: str, encoding: tokenizers.Encoding, logits: np.ndarray,
 
 @functools.lru_cache(maxsize=8)
 def _truncating(tokenizer: Tokenizer, max_len: int, stride: int) -> tokenizers.Tokenizer:
-    """A copy of the backend that truncates the second sequence into overlapping windows (the original is shared)."""
+    """A copy of the backend that truncates the second sequence into overlapping windows (the original is shared).
+
+    Without a post-processor (EXAONE's tokenizer.json has none) the overflow windows of ``tokenizers`` lose
+    their sequence ids, so, as transformers 5's tokenizer does, the copy gets a plain ``$A $B:1`` template.
+    (transformers 4.x's pipeline did not: there only the first window of a long context could answer.)
+    """
     copy = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
+    if copy.post_processor is None:
+        copy.post_processor = tokenizers.processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
     copy.no_padding()
     copy.enable_truncation(max_len, stride=stride, strategy="only_second", direction="right")
     return copy
