@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from .spec import ModelSpec
 
-__all__ = ["CheckpointError", "Checkpoint", "TensorInfo", "expected_tensors", "resolve_model_dir"]
+__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "expected_tensors", "resolve_model_dir"]
 
 _SCRATCH_BYTES = 1 << 24  # dtype conversion chunk
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -247,7 +247,7 @@ class Checkpoint:
         expected = expected_tensors(spec)
         problems = []
         missing = [n for n in expected if n not in self.tensors]
-        optional = {"lm_head.weight"} if spec.tie_word_embeddings else set()
+        optional = {"lm_head.weight"} if spec.tie_word_embeddings and spec.head.is_lm else set()
         unexpected = [n for n in self.tensors if n not in expected and n not in optional]
         shapes = [
             f"{n}: expected {list(expected[n])}, found {list(self.tensors[n].shape)} in {self.tensors[n].file.name}"
@@ -268,11 +268,16 @@ class Checkpoint:
 
 
 def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors of a transformers-format EXAONE 4 checkpoint."""
+    """Names and shapes of the tensors of a transformers-format EXAONE 4 checkpoint.
+
+    The backbone sits under the head class's prefix (``model.``, or ``transformer.`` for QA); a task head
+    replaces ``lm_head`` by its own layer (see :class:`~exaone_deploy.spec.HeadSpec`).
+    """
     d, f, v, hd = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.head_dim
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d)}
+    head, m = spec.head, spec.head.prefix
+    out: dict[str, tuple[int, ...]] = {f"{m}.embed_tokens.weight": (v, d)}
     for i in range(spec.num_layers):
-        p = f"model.layers.{i}."
+        p = f"{m}.layers.{i}."
         out[p + "self_attn.q_proj.weight"] = (spec.q_size, d)
         out[p + "self_attn.k_proj.weight"] = (spec.kv_size, d)
         out[p + "self_attn.v_proj.weight"] = (spec.kv_size, d)
@@ -284,7 +289,12 @@ def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         out[p + "mlp.down_proj.weight"] = (d, f)
         out[p + "post_attention_layernorm.weight"] = (d,)
         out[p + "post_feedforward_layernorm.weight"] = (d,)
-    out["model.norm.weight"] = (d,)
-    if not spec.tie_word_embeddings:
+    out[f"{m}.norm.weight"] = (d,)
+    if not head.is_lm:
+        layer, rows = ("qa_outputs", 2) if head.task == "question-answering" else ("score", head.num_labels)
+        out[f"{layer}.weight"] = (rows, d)
+        if head.bias:
+            out[f"{layer}.bias"] = (rows,)
+    elif not spec.tie_word_embeddings:
         out["lm_head.weight"] = (v, d)
     return out

@@ -8,6 +8,7 @@ Real EXAONE 4.0 checkpoints spell their config in several ways (see ../shared/re
 * ``sliding_window_pattern``: int (every n-th layer global), a string of ``L``/``G`` letters, or absent
   with ``layer_types`` given.
 * ``head_dim`` may be absent (then hidden_size // num_attention_heads).
+* ``architectures``: the model class, which fixes the task head (:class:`HeadSpec`); absent means the causal LM.
 
 This module is pure Python (NumPy for RoPE tables): the runtime imports it without torch.
 """
@@ -24,10 +25,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ConfigError", "LayerSpec", "ModelSpec", "RopeSpec", "load_spec"]
+__all__ = ["TASKS", "ConfigError", "HeadSpec", "LayerSpec", "ModelSpec", "RopeSpec", "load_spec"]
 
 SUPPORTED_MODEL_TYPES = ("exaone4",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+# transformers' EXAONE 4 classes -> the task of their head
+TASKS = {
+    "Exaone4ForCausalLM": "causal-lm",
+    "Exaone4ForSequenceClassification": "sequence-classification",
+    "Exaone4ForTokenClassification": "token-classification",
+    "Exaone4ForQuestionAnswering": "question-answering",
+}
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
 class ConfigError(ValueError):
@@ -78,6 +87,42 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
+class HeadSpec:
+    """What sits on top of the decoder, as transformers' ``Exaone4For*`` class of config.json defines it.
+
+    * ``causal-lm``: ``lm_head`` (or the tied embedding); the backbone's tensors are under ``model.``.
+    * ``sequence-classification``: ``score.weight`` (num_labels, d), no bias, applied to the final hidden state
+      of the last non-pad token of each row (``GenericForSequenceClassification``); backbone ``model.``.
+    * ``token-classification``: ``score.weight`` (num_labels, d) and ``score.bias`` unless
+      ``token_classification_bias`` is false, on every position (dropout is the identity at inference).
+    * ``question-answering``: ``qa_outputs.weight`` (2, d) and ``qa_outputs.bias`` (2,), split into start
+      and end logits; the backbone is under ``transformer.`` (transformers keeps that prefix for this class).
+
+    ``labels`` are id2label in id order (empty for the causal LM and QA); ``problem_type`` picks softmax,
+    sigmoid or nothing in post-processing, as transformers' text-classification pipeline does.
+    """
+
+    task: str = "causal-lm"
+    labels: tuple[str, ...] = ()
+    problem_type: str | None = None
+    pad_token_id: int | None = None
+    bias: bool = False  # the head's linear layer has a bias
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def prefix(self) -> str:
+        """The name under which the head class keeps the backbone (its ``base_model_prefix``)."""
+        return "transformer" if self.task == "question-answering" else "model"
+
+    @property
+    def is_lm(self) -> bool:
+        return self.task == "causal-lm"
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     vocab_size: int
     hidden_size: int
@@ -96,6 +141,7 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    head: HeadSpec = HeadSpec()
     config_sha256: str = ""
     source: str = field(default="", compare=False)
 
@@ -124,6 +170,10 @@ class ModelSpec:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         per_layer = d * (self.q_size + 2 * self.kv_size) + self.q_size * d + 3 * d * f + 2 * self.head_dim + 2 * d
         total = v * d + self.num_layers * per_layer + d
+        if self.head.task == "question-answering":
+            return total + 2 * d + 2
+        if not self.head.is_lm:
+            return total + self.head.num_labels * (d + int(self.head.bias))
         return total + (0 if self.tie_word_embeddings else v * d)
 
     def kv_cache_bytes(self, context: int, batch: int = 1, bytes_per_elem: int = 2, windowed: bool = True) -> int:
@@ -140,11 +190,14 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ModelSpec":
+    def from_json(cls, d: dict[str, Any]) -> ModelSpec:
         d = dict(d)
         d["rope"] = RopeSpec(**d["rope"])
         d["layers"] = tuple(LayerSpec(**layer) for layer in d["layers"])
         d["eos_token_id"] = tuple(d.get("eos_token_id") or ())
+        head = d.pop("head", None)  # manifests written before heads existed are causal LMs
+        if head is not None:
+            d["head"] = HeadSpec(**dict(head, labels=tuple(head.get("labels") or ())))
         return cls(**d)
 
 
@@ -260,6 +313,53 @@ def _parse_layer_kinds(cfg: dict, num_layers: int, sliding_window: int | None, p
     return kinds
 
 
+def _parse_labels(cfg: dict, path) -> tuple[str, ...]:
+    """id2label in id order, checked against num_labels and label2id (JSON object keys are strings).
+
+    Without id2label, transformers names ``num_labels`` (default 2) labels ``LABEL_0``, ``LABEL_1``, ...
+    """
+    id2label, label2id, n = cfg.get("id2label"), cfg.get("label2id"), cfg.get("num_labels")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+        raise ConfigError(path, "num_labels", f"expected a positive integer, got {n!r}")
+    if id2label is None:
+        return tuple(f"LABEL_{i}" for i in range(2 if n is None else n))
+    if not isinstance(id2label, dict) or not id2label:
+        raise ConfigError(path, "id2label", f"expected a non-empty object of id -> label, got {id2label!r}")
+    labels: dict[int, str] = {}
+    for key, label in id2label.items():
+        if not str(key).isdigit() or not isinstance(label, str):
+            raise ConfigError(path, "id2label", f"expected integer ids and string labels, got {key!r}: {label!r}")
+        labels[int(key)] = label
+    if sorted(labels) != list(range(len(labels))):
+        raise ConfigError(path, "id2label", f"ids must be 0..{len(labels) - 1}, got {sorted(labels)}")
+    if n is not None and n != len(labels):
+        raise ConfigError(path, "num_labels", f"is {n} but id2label has {len(labels)} labels")
+    if label2id is not None:
+        inverse = {v: k for k, v in labels.items()}
+        if len(inverse) != len(labels) or label2id != inverse:
+            raise ConfigError(path, "label2id", f"does not agree with id2label {id2label!r}")
+    return tuple(labels[i] for i in range(len(labels)))
+
+
+def _parse_head(cfg: dict, path) -> HeadSpec:
+    archs = cfg.get("architectures")
+    if archs is None:
+        return HeadSpec(pad_token_id=cfg.get("pad_token_id"))
+    if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
+        raise ConfigError(path, "architectures", f"expected a list of one class name, got {archs!r}")
+    task = TASKS.get(archs[0])
+    if task is None:
+        raise ConfigError(path, "architectures", f"unsupported architecture {archs[0]!r} (supported: {', '.join(TASKS)})")
+    pad = cfg.get("pad_token_id")
+    if task in ("causal-lm", "question-answering"):
+        return HeadSpec(task, pad_token_id=pad, bias=task == "question-answering")
+    problem = cfg.get("problem_type")
+    if problem is not None and problem not in PROBLEM_TYPES:
+        raise ConfigError(path, "problem_type", f"unknown problem type {problem!r} (known: {', '.join(PROBLEM_TYPES)})")
+    bias = task == "token-classification" and cfg.get("token_classification_bias", True) is not False
+    return HeadSpec(task, _parse_labels(cfg, path), problem, pad, bias)
+
+
 def spec_from_config(cfg: dict, path: str | Path = "config.json", raw: bytes | None = None) -> ModelSpec:
     if not isinstance(cfg, dict):
         raise ConfigError(path, "<root>", "expected a JSON object")
@@ -331,6 +431,7 @@ def spec_from_config(cfg: dict, path: str | Path = "config.json", raw: bytes | N
         bos_token_id=bos[0] if bos else None,
         eos_token_id=eos,
         pad_token_id=pad[0] if pad else None,
+        head=_parse_head(cfg, path),
         config_sha256=hashlib.sha256(raw).hexdigest(),
         source=str(path),
     )

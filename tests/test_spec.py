@@ -12,7 +12,13 @@ import json
 import numpy as np
 import pytest
 
-from exaone_deploy.spec import ConfigError, ModelSpec, load_spec, spec_from_config
+from exaone_deploy.spec import (
+    ConfigError,
+    HeadSpec,
+    ModelSpec,
+    load_spec,
+    spec_from_config,
+)
 
 
 def _write(tmp_path, cfg, name="config.json"):
@@ -433,3 +439,70 @@ def test_missing_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_spec(tmp_path / "nope" / "my-config.json")
     assert "my-config.json" in str(info.value)
+
+
+# ---- task heads (architectures) ------------------------------------------------------------------
+
+
+def test_causal_lm_head_by_default(real_config):
+    cfg = real_config("1.2b")
+    assert spec_from_config(cfg).head == HeadSpec("causal-lm", pad_token_id=0)
+    del cfg["architectures"]
+    assert spec_from_config(cfg).head.task == "causal-lm"
+
+
+@pytest.mark.parametrize("arch,task,prefix,bias", [
+    ("Exaone4ForSequenceClassification", "sequence-classification", "model", False),
+    ("Exaone4ForTokenClassification", "token-classification", "model", True),
+    ("Exaone4ForQuestionAnswering", "question-answering", "transformer", True),
+])
+def test_head_architectures(real_config, arch, task, prefix, bias):
+    cfg = dict(real_config("1.2b"), architectures=[arch], id2label={"0": "NEG", "1": "POS", "2": "MIXED"},
+               label2id={"NEG": 0, "POS": 1, "MIXED": 2}, problem_type="single_label_classification")
+    head = spec_from_config(cfg).head
+    assert (head.task, head.prefix, head.bias, head.pad_token_id) == (task, prefix, bias, 0)
+    assert head.labels == (() if task == "question-answering" else ("NEG", "POS", "MIXED"))
+    lm = spec_from_config(real_config("1.2b"))
+    # heads replace the (tied) LM head: QA adds 2 * d + 2, the classifiers num_labels * (d + bias)
+    extra = 2 * 2048 + 2 if task == "question-answering" else 3 * (2048 + bias)
+    assert spec_from_config(cfg).num_parameters() == lm.num_parameters() + extra
+
+
+def test_labels_default_and_num_labels(real_config):
+    cfg = dict(real_config("1.2b"), architectures=["Exaone4ForSequenceClassification"])
+    assert spec_from_config(cfg).head.labels == ("LABEL_0", "LABEL_1")
+    assert spec_from_config(dict(cfg, num_labels=1)).head.labels == ("LABEL_0",)
+    cfg = dict(cfg, id2label={"1": "b", "0": "a"}, token_classification_bias=False)
+    assert spec_from_config(cfg).head.labels == ("a", "b")
+    tok = spec_from_config(dict(cfg, architectures=["Exaone4ForTokenClassification"])).head
+    assert tok.bias is False and tok.problem_type is None
+
+
+@pytest.mark.parametrize("extra,field,problem", [
+    ({"architectures": ["LlamaForCausalLM"]}, "architectures", "unsupported architecture 'LlamaForCausalLM'"),
+    ({"architectures": "Exaone4ForCausalLM"}, "architectures", "list of one class name"),
+    ({"id2label": {"0": "a", "2": "b"}}, "id2label", "ids must be 0..1"),
+    ({"id2label": {"x": "a"}}, "id2label", "integer ids"),
+    ({"id2label": {"0": "a", "1": "b"}, "num_labels": 3}, "num_labels", "is 3 but id2label has 2"),
+    ({"id2label": {"0": "a", "1": "b"}, "label2id": {"a": 1, "b": 0}}, "label2id", "does not agree"),
+    ({"id2label": {"0": "a", "1": "a"}, "label2id": {"a": 0}}, "label2id", "does not agree"),
+    ({"num_labels": 0}, "num_labels", "positive integer"),
+    ({"problem_type": "ranking"}, "problem_type", "unknown problem type 'ranking'"),
+])
+def test_bad_head_fields(tmp_path, real_config, extra, field, problem):
+    cfg = {**real_config("1.2b"), "architectures": ["Exaone4ForSequenceClassification"], **extra}
+    path = _write(tmp_path, cfg)
+    with pytest.raises(ConfigError, match=problem) as e:
+        load_spec(path)
+    assert e.value.field == field and str(path) in str(e.value)
+
+
+def test_head_json_roundtrip_and_old_manifests(real_config):
+    cfg = dict(real_config("32b"), architectures=["Exaone4ForTokenClassification"],
+               id2label={"0": "O", "1": "B-PER", "2": "I-PER"})
+    spec = spec_from_config(cfg)
+    d = json.loads(json.dumps(spec.to_json()))
+    assert d["head"]["labels"] == ["O", "B-PER", "I-PER"]
+    assert ModelSpec.from_json(d) == spec
+    d.pop("head")  # a manifest written before heads existed
+    assert ModelSpec.from_json(d).head == HeadSpec()

@@ -28,7 +28,7 @@ from ..checkpoint import Checkpoint
 from ..spec import ModelSpec, load_spec
 from . import ops  # noqa: F401  (registers torch.ops.exaone_deploy.attention)
 
-__all__ = ["Exaone4Reference", "load_reference", "DTYPES"]
+__all__ = ["DTYPES", "Exaone4Reference", "load_reference", "load_weights"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -118,6 +118,15 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
+    def forward(self, input_ids, seqlens_k, total_sequence_length, pasts, cos, sin):
+        """Hidden states before the final norm (B, S, d), and the updated caches."""
+        h = self.embed_tokens(input_ids)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            h, pk, pv = layer(h, seqlens_k, total_sequence_length, pasts[2 * i], pasts[2 * i + 1], cos, sin)
+            presents += [pk, pv]
+        return h, presents
+
 
 class Exaone4Reference(nn.Module):
     def __init__(self, spec: ModelSpec, max_positions: int | None = None):
@@ -137,13 +146,9 @@ class Exaone4Reference(nn.Module):
 
     def forward(self, input_ids, seqlens_k, total_sequence_length, logits_index, *pasts):
         spec = self.spec
-        h = self.model.embed_tokens(input_ids)
-        dtype = h.dtype
+        dtype = self.model.embed_tokens.weight.dtype
         cos, sin = self.cos_cache.to(dtype), self.sin_cache.to(dtype)  # transformers casts cos/sin to x.dtype
-        presents = []
-        for i, layer in enumerate(self.model.layers):
-            h, pk, pv = layer(h, seqlens_k, total_sequence_length, pasts[2 * i], pasts[2 * i + 1], cos, sin)
-            presents += [pk, pv]
+        h, presents = self.model(input_ids, seqlens_k, total_sequence_length, pasts, cos, sin)
         idx = logits_index.unsqueeze(-1).expand(-1, -1, spec.hidden_size)
         h = torch.gather(h, 1, idx)
         h = self.model.norm(h)
@@ -202,10 +207,18 @@ def load_reference(model_dir: str | Path, dtype: str = "float32", max_positions:
     """
     ckpt = Checkpoint(model_dir)
     spec = load_spec(ckpt.dir)
-    ckpt.validate(spec)
-    torch_dtype = DTYPES[dtype]
+    if not spec.head.is_lm:
+        raise ValueError(f"{ckpt.dir}: a {spec.head.task} checkpoint; load it with exporter.heads.load_head_reference")
     with torch.device("meta"):
         model = Exaone4Reference(spec, max_positions)
+    return load_weights(model, ckpt, dtype, device)
+
+
+def load_weights(model: nn.Module, ckpt: Checkpoint, dtype: str = "float32", device: str = "cpu") -> nn.Module:
+    """Validate ``ckpt`` against ``model.spec`` and fill the meta-device ``model``'s parameters by name."""
+    spec = model.spec
+    ckpt.validate(spec)
+    torch_dtype = DTYPES[dtype]
     for name, _ in list(model.named_parameters()):
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
