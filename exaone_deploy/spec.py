@@ -23,13 +23,15 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ExaoneDeployError
+
 __all__ = ["ConfigError", "LayerSpec", "ModelSpec", "RopeSpec", "load_spec"]
 
 SUPPORTED_MODEL_TYPES = ("exaone4",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
-class ConfigError(ValueError):
+class ConfigError(ExaoneDeployError, ValueError):
     """A config.json that we cannot interpret. The message names the file and the field."""
 
     def __init__(self, path: str | Path, field_name: str, problem: str):

@@ -21,12 +21,13 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import ExaoneDeployError
 from ..spec import ModelSpec
 
 __all__ = ["Backend", "ContextLengthError"]
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(ExaoneDeployError, ValueError):
     """A prompt (plus requested tokens) that does not fit the model's context."""
 
 

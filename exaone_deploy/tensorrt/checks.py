@@ -33,6 +33,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..errors import ExaoneDeployError
+
 __all__ = ["Issue", "CheckReport", "TrtGraphError", "PluginContract", "supported_ops", "plugin_contract",
            "check_model", "check_bundle"]
 
@@ -83,7 +85,7 @@ class Issue:
         return f"{self.severity}: {where}: {self.message}"
 
 
-class TrtGraphError(ValueError):
+class TrtGraphError(ExaoneDeployError, ValueError):
     def __init__(self, path: str, issues: list[Issue]):
         self.path, self.issues = path, issues
         errors = [i for i in issues if i.severity == "error"]

@@ -1,4 +1,4 @@
-"""Click commands ``build`` and ``compare`` (registered on the main group by exaone_deploy.cli).
+"""TensorRT verbs: ``build`` (an engine bundle from a 'trt' bundle) and ``compare`` (any two bundles).
 
     exaone-deploy build BUNDLE_DIR -o ENGINE_DIR [--max-batch N] [--max-seq-len N] [--opt-level N]
                         [--timing-cache FILE] [--workspace-gib G] [--check-only] [--json] [--force]
@@ -15,24 +15,6 @@ from pathlib import Path
 import click
 
 __all__ = ["build_command", "compare_command"]
-
-
-def _errors():
-    from ..bundle import BundleError
-    from ..runtime.backend import ContextLengthError
-    from .backend import TensorRTUnavailable
-    from .builder import BuildError
-    from .checks import TrtGraphError
-
-    return (BundleError, BuildError, TrtGraphError, TensorRTUnavailable, ContextLengthError, FileNotFoundError,
-            ValueError)
-
-
-def _message(e: Exception) -> str:
-    """Missing TensorRT is one line; lists of graph or parser problems keep their lines."""
-    from .backend import TensorRTUnavailable
-
-    return " ".join(str(e).split()) if isinstance(e, TensorRTUnavailable) else str(e)
 
 
 @click.command("build")
@@ -57,30 +39,27 @@ def build_command(bundle_dir: Path, out_dir: Path | None, max_batch: int, max_se
                   timing_cache: Path | None, workspace_gib: float | None, check_only: bool, as_json: bool,
                   force: bool, no_progress: bool) -> None:
     """Build a TensorRT engine bundle from a 'trt' bundle (checks the graph first)."""
-    try:
-        if check_only:
-            from .checks import check_bundle
+    if check_only:
+        from ..tensorrt.checks import check_bundle
 
-            report = check_bundle(bundle_dir)
-            if as_json:
-                click.echo(json.dumps(report.to_json(), indent=2))
-            else:
-                for issue in report.issues:
-                    click.echo(str(issue))
-                click.echo(f"{report.path}: {report.nodes} nodes, {report.plugin_nodes} plugin nodes, quantized DQ "
-                           f"{report.quantization or 'none'}: {'OK' if report.ok else 'FAILED'} "
-                           f"(op list of TensorRT {report.tensorrt_version})")
-            sys.exit(0 if report.ok else 1)
-        if out_dir is None:
-            raise click.UsageError("missing option '-o' / '--output' (the engine bundle directory)")
-        from .builder import BuildOptions, build_engine
+        report = check_bundle(bundle_dir)
+        if as_json:
+            click.echo(json.dumps(report.to_json(), indent=2))
+        else:
+            for issue in report.issues:
+                click.echo(str(issue))
+            click.echo(f"{report.path}: {report.nodes} nodes, {report.plugin_nodes} plugin nodes, quantized DQ "
+                       f"{report.quantization or 'none'}: {'OK' if report.ok else 'FAILED'} "
+                       f"(op list of TensorRT {report.tensorrt_version})")
+        sys.exit(0 if report.ok else 1)
+    if out_dir is None:
+        raise click.UsageError("missing option '-o' / '--output' (the engine bundle directory)")
+    from ..tensorrt.builder import BuildOptions, build_engine
 
-        t = time.perf_counter()
-        opts = BuildOptions(max_batch=max_batch, max_seq_len=max_seq_len, opt_level=opt_level,
-                            timing_cache=timing_cache, workspace_gib=workspace_gib)
-        path = build_engine(bundle_dir, out_dir, opts, force=force, progress=not no_progress and not as_json)
-    except _errors() as e:
-        raise click.ClickException(_message(e)) from e
+    t = time.perf_counter()
+    opts = BuildOptions(max_batch=max_batch, max_seq_len=max_seq_len, opt_level=opt_level,
+                        timing_cache=timing_cache, workspace_gib=workspace_gib)
+    path = build_engine(bundle_dir, out_dir, opts, force=force, progress=not no_progress and not as_json)
     if as_json:
         from ..bundle import load_manifest
 
@@ -103,10 +82,7 @@ def compare_command(bundle_a: Path, bundle_b: Path, steps: int, prompt_len: int 
     """Run the same inputs through BUNDLE_A and BUNDLE_B; print error statistics of B against A."""
     from ..validate.compare import compare_bundles
 
-    try:
-        report = compare_bundles(bundle_a, bundle_b, steps=steps, prompt_len=prompt_len, seed=seed, device=device)
-    except _errors() as e:
-        raise click.ClickException(_message(e)) from e
+    report = compare_bundles(bundle_a, bundle_b, steps=steps, prompt_len=prompt_len, seed=seed, device=device)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

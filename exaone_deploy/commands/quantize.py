@@ -1,4 +1,4 @@
-"""Click commands for quantization (registered on the main CLI with ``main.add_command``):
+"""Quantization verbs: ``quantize``, ``eval-ppl``, ``sensitivity``.
 
     exaone-deploy quantize MODEL_DIR -o BUNDLE_DIR --scheme int8-sq|fp8|int4-awq|int4-rtn --calib-data FILE ...
     exaone-deploy eval-ppl (BUNDLE_DIR | MODEL_DIR) --data FILE [--seq-len L] [--max-tokens N] [--json]
@@ -13,32 +13,10 @@ from pathlib import Path
 
 import click
 
-from .data import FORMATS
+from ..calibration.data import FORMATS
+from .common import quiet_export_tooling
 
 __all__ = ["quantize_command", "eval_ppl_command", "sensitivity_command"]
-
-
-def _errors():
-    from ..bundle import BundleError
-    from ..checkpoint import CheckpointError
-    from ..spec import ConfigError
-    from .data import CalibrationDataError
-    from .quantize import QuantizeError
-
-    return (BundleError, CheckpointError, ConfigError, CalibrationDataError, QuantizeError, FileNotFoundError,
-            ValueError)
-
-
-def _quiet() -> None:
-    import logging
-    import warnings
-
-    import torch  # noqa: F401  (sets up its loggers on import; quiet them afterwards)
-
-    warnings.filterwarnings("ignore")
-    if not logging.getLogger("exaone_deploy").isEnabledFor(logging.INFO):
-        for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript"):
-            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _calibration_options(f):
@@ -74,7 +52,7 @@ def _calibration_options(f):
 
 
 def _options(kw: dict):
-    from .quantize import QuantOptions
+    from ..calibration.quantize import QuantOptions
 
     return QuantOptions(
         scheme=kw["scheme"], calib_data=kw["calib_data"], target=kw["target"], calib_samples=kw["calib_samples"],
@@ -92,14 +70,11 @@ def _options(kw: dict):
 @click.option("--json", "as_json", is_flag=True, help="Print the quantization record as JSON.")
 def quantize_command(model_dir: str, out_dir: Path, force: bool, no_progress: bool, as_json: bool, **kw) -> None:
     """Quantize MODEL_DIR (a checkpoint, 'tiny', or a float32 bundle) into a bundle."""
-    _quiet()
-    from .quantize import quantize
+    quiet_export_tooling()
+    from ..calibration.quantize import quantize
 
     t = time.perf_counter()
-    try:
-        info = quantize(model_dir, out_dir, _options(kw), force=force, progress=not no_progress and not as_json)
-    except _errors() as e:
-        raise click.ClickException(str(e)) from e
+    info = quantize(model_dir, out_dir, _options(kw), force=force, progress=not no_progress and not as_json)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -124,11 +99,8 @@ def eval_ppl_command(path: str, data: Path, seq_len: int, max_tokens: int | None
     """Perplexity of a bundle (ONNX Runtime) or a checkpoint (PyTorch reference) on a text file."""
     from ..validate.ppl import perplexity
 
-    try:
-        r = perplexity(path, data, seq_len=seq_len, max_tokens=max_tokens, text_field=text_field, fmt=data_format,
-                       progress=not as_json)
-    except _errors() as e:
-        raise click.ClickException(str(e)) from e
+    r = perplexity(path, data, seq_len=seq_len, max_tokens=max_tokens, text_field=text_field, fmt=data_format,
+                   progress=not as_json)
     if as_json:
         click.echo(json.dumps(r.to_json()))
     else:
@@ -146,12 +118,9 @@ def eval_ppl_command(path: str, data: Path, seq_len: int, max_tokens: int | None
 @click.option("--json", "as_json", is_flag=True)
 def sensitivity_command(model_dir: str, eval_data: Path, seq_len: int, max_tokens: int, as_json: bool, **kw) -> None:
     """Perplexity added by quantizing each decoder layer (and the LM head) alone: what to --keep-float."""
-    _quiet()
-    from .sensitivity import format_table, sensitivity
+    quiet_export_tooling()
+    from ..calibration.sensitivity import format_table, sensitivity
 
-    try:
-        report = sensitivity(model_dir, eval_data, _options(kw), seq_len=seq_len, max_tokens=max_tokens,
-                             progress=not as_json)
-    except _errors() as e:
-        raise click.ClickException(str(e)) from e
+    report = sensitivity(model_dir, eval_data, _options(kw), seq_len=seq_len, max_tokens=max_tokens,
+                         progress=not as_json)
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
