@@ -62,8 +62,9 @@ class Model:
             raise TypeError(f"stream takes one prompt string, got {type(prompt).__name__}")
         yield from self.generator.stream(prompt, _params(sampling))
 
-    def chat(self, messages: str | Sequence[dict], *, tools: Sequence[dict] | None = None, thinking: bool = False,
-             **sampling) -> dict[str, Any]:
+    def chat(
+        self, messages: str | Sequence[dict], *, tools: Sequence[dict] | None = None, thinking: bool = False, **sampling
+    ) -> dict[str, Any]:
         """The assistant's reply to ``messages`` (OpenAI-style dicts; a string is one user message) as an
         OpenAI-style message: ``{"role": "assistant", "content", "reasoning_content"?, "tool_calls"?}``, ready
         to append to the conversation. ``thinking=True`` turns on reasoning mode."""
@@ -78,30 +79,35 @@ class Model:
         return reply
 
 
-def load(bundle_dir: str | Path, *, device: str = "cpu", max_batch: int = 1, capacity: int | None = None,
-         verify: bool = True) -> Model:
+def load(
+    bundle_dir: str | Path, *, device: str = "cpu", max_batch: int = 1, capacity: int | None = None, verify: bool = True
+) -> Model:
     """Open a bundle (ONNX Runtime, or a TensorRT engine bundle) for generation. ``max_batch``: most prompts
     decoded together; ``capacity``: KV-cache length (default: the bundle's context); ``verify``: check the
     files' sha256 against the manifest."""
     from .runtime.generate import Generator
 
-    return Model(Generator.from_bundle(bundle_dir, device=device, max_batch=max_batch, capacity=capacity,
-                                       verify=verify))
+    return Model(
+        Generator.from_bundle(bundle_dir, device=device, max_batch=max_batch, capacity=capacity, verify=verify)
+    )
 
 
-def export(checkpoint_dir: str | Path, out_dir: str | Path, *, force: bool = False, progress: bool = False,
-           **options) -> Path:
+def export(
+    checkpoint_dir: str | Path, out_dir: str | Path, *, force: bool = False, progress: bool = False, **options
+) -> Path:
     """Export a checkpoint directory ('tiny': the bundled model) into a bundle; returns its path. ``options``:
-    the fields of ``ExportOptions`` (``target="ort"|"trt"``, ``dtype``, ``max_seq_len``, ...)."""
+    the fields of ``ExportOptions`` (``target="ort"|"trt"``, ``dtype``, ``max_seq_len``, ...). The path is
+    absolute, so it stays valid when the working directory changes."""
     from .exporter.export import ExportOptions, export_bundle
 
-    return export_bundle(checkpoint_dir, out_dir, ExportOptions(**options), force=force, progress=progress)
+    return export_bundle(checkpoint_dir, out_dir, ExportOptions(**options), force=force, progress=progress).absolute()
 
 
-def quantize(model_dir: str | Path, out_dir: str | Path, scheme: str, *, force: bool = False,
-             progress: bool = False, **options) -> Path:
+def quantize(
+    model_dir: str | Path, out_dir: str | Path, scheme: str, *, force: bool = False, progress: bool = False, **options
+) -> Path:
     """Quantize a checkpoint or float32 bundle into a bundle (``scheme``: int8-sq, fp8, int4-awq, int4-rtn);
-    returns its path (the manifest's ``quantization`` record says what was done). ``options``: the fields of
+    returns its absolute path (the manifest's ``quantization`` record says what was done). ``options``: the fields of
     ``QuantOptions`` (``calib_data``, ``target``, ``keep_float``, ``block_size``, ...)."""
     from .calibration.quantize import QuantOptions
     from .calibration.quantize import quantize as quantize_bundle
@@ -110,4 +116,4 @@ def quantize(model_dir: str | Path, out_dir: str | Path, scheme: str, *, force: 
     if options.get("calib_data") is not None:
         options["calib_data"] = Path(options["calib_data"])
     quantize_bundle(model_dir, out_dir, QuantOptions(scheme=scheme, **options), force=force, progress=progress)
-    return Path(out_dir)
+    return Path(out_dir).absolute()

@@ -32,13 +32,14 @@ _PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirector
 
 
 def error_message(e: BaseException) -> str:
-    """The text after ``Error:``. Wrapped text (an ImportError's, say) is folded onto one line; a message whose
-    continuation lines are indented is a list of findings (TensorRT parser or graph problems) and keeps them."""
+    """The text after ``Error:``: one line. Line breaks inside a message (a wrapped ImportError's, say) are folded;
+    only a list of findings keeps its lines: a first line ending in ':' followed by indented lines (TensorRT's
+    parser errors, the graph checks)."""
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         return f"{e.filename}: {e.strerror}"
     text = str(e).strip()
-    rest = text.split("\n")[1:]
-    if rest and all(line.startswith((" ", "\t")) for line in rest):
+    first, *rest = text.split("\n")
+    if rest and first.endswith(":") and all(line.startswith((" ", "\t")) for line in rest):
         return text
     return " ".join(text.split())
 
@@ -74,9 +75,17 @@ def main(verbose: int) -> None:
 
 for _cmd in (model.make_tiny_command, model.inspect_command):
     main.add_command(_cmd)
-for _cmd in (model.export_command, model.verify_command, run.generate_command, run.chat_command, run.demo_command,
-             quantize.quantize_command, quantize.eval_ppl_command, quantize.sensitivity_command,
-             tensorrt.compare_command):
+for _cmd in (
+    model.export_command,
+    model.verify_command,
+    run.generate_command,
+    run.chat_command,
+    run.demo_command,
+    quantize.quantize_command,
+    quantize.eval_ppl_command,
+    quantize.sensitivity_command,
+    tensorrt.compare_command,
+):
     main.add_command(loads_weights(_cmd))
 main.add_command(loads_weights(tensorrt.build_command, unless="check_only"))
 

@@ -14,7 +14,14 @@ from collections.abc import Sequence
 
 import click
 
-__all__ = ["sampling_options", "device_option", "loads_weights", "enable_restart", "console_argv", "quiet_export_tooling"]
+__all__ = [
+    "sampling_options",
+    "device_option",
+    "loads_weights",
+    "enable_restart",
+    "console_argv",
+    "quiet_export_tooling",
+]
 
 log = logging.getLogger("exaone_deploy")
 

@@ -1,9 +1,9 @@
 """Checkpoint and bundle verbs: ``make-tiny``, ``inspect``, ``export``, ``verify``.
 
-    exaone-deploy make-tiny OUT_DIR [--preset 1.2b|32b|1.2b-full|32b-full] [--seed N] [--num-layers N] [--dtype D]
-    exaone-deploy inspect MODEL_DIR [--json]
-    exaone-deploy export MODEL_DIR -o BUNDLE_DIR [--target ort|trt] [--dtype D] [--max-seq-len N] [--force]
-    exaone-deploy verify BUNDLE_DIR --reference MODEL_DIR [--steps N] [--prompt-len N] [--json]
+exaone-deploy make-tiny OUT_DIR [--preset 1.2b|32b|1.2b-full|32b-full] [--seed N] [--num-layers N] [--dtype D]
+exaone-deploy inspect MODEL_DIR [--json]
+exaone-deploy export MODEL_DIR -o BUNDLE_DIR [--target ort|trt] [--dtype D] [--max-seq-len N] [--force]
+exaone-deploy verify BUNDLE_DIR --reference MODEL_DIR [--steps N] [--prompt-len N] [--json]
 """
 
 from __future__ import annotations
@@ -24,10 +24,14 @@ _DTYPES = click.Choice(["float32", "float16", "bfloat16"])
 
 @click.command("make-tiny")
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(["1.2b", "32b", "1.2b-full", "32b-full"]), default="1.2b",
-              show_default=True,
-              help="1.2b: all global, RoPE everywhere, tied; 32b: LLLG hybrid, NoPE global layers, untied; "
-                   "*-full: the real models' sizes (random weights, for benchmarks).")
+@click.option(
+    "--preset",
+    type=click.Choice(["1.2b", "32b", "1.2b-full", "32b-full"]),
+    default="1.2b",
+    show_default=True,
+    help="1.2b: all global, RoPE everywhere, tied; 32b: LLLG hybrid, NoPE global layers, untied; "
+    "*-full: the real models' sizes (random weights, for benchmarks).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--num-layers", type=click.IntRange(min=1), default=None, help="Override the preset's layer count.")
 @click.option("--dtype", type=_DTYPES, default=None, help="Storage dtype (default: the preset's).")
@@ -50,8 +54,10 @@ def inspect_command(model_dir: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(spec.to_json(), indent=2))
         return
-    click.echo(f"layers {spec.num_layers}, hidden {spec.hidden_size}, heads {spec.num_heads}/{spec.num_kv_heads} "
-               f"x {spec.head_dim}, vocab {spec.vocab_size}, tied {spec.tie_word_embeddings}, rope {spec.rope.rope_type}")
+    click.echo(
+        f"layers {spec.num_layers}, hidden {spec.hidden_size}, heads {spec.num_heads}/{spec.num_kv_heads} "
+        f"x {spec.head_dim}, vocab {spec.vocab_size}, tied {spec.tie_word_embeddings}, rope {spec.rope.rope_type}"
+    )
     for layer in spec.layers:
         click.echo(f"  {layer.index:3d} {layer.kind:7s} window={layer.window:<6d} rope={'on' if layer.rope else 'off'}")
 
@@ -61,19 +67,29 @@ def inspect_command(model_dir: str, as_json: bool) -> None:
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
 @click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
 @click.option("--dtype", type=_DTYPES, default="float32", show_default=True)
-@click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
-              help="Longest context the bundle supports (default: the config's max_position_embeddings).")
+@click.option(
+    "--max-seq-len",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Longest context the bundle supports (default: the config's max_position_embeddings).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True)
-def export_command(model_dir: str, out_dir: Path, target: str, dtype: str, max_seq_len: int | None, force: bool,
-                   no_progress: bool) -> None:
+def export_command(
+    model_dir: str, out_dir: Path, target: str, dtype: str, max_seq_len: int | None, force: bool, no_progress: bool
+) -> None:
     """Export MODEL_DIR ('tiny' for the bundled model) into a self-contained bundle."""
     quiet_export_tooling()
     from ..exporter.export import ExportOptions, export_bundle
 
     t = time.perf_counter()
-    path = export_bundle(model_dir, out_dir, ExportOptions(target=target, dtype=dtype, max_seq_len=max_seq_len),
-                         force=force, progress=not no_progress)
+    path = export_bundle(
+        model_dir,
+        out_dir,
+        ExportOptions(target=target, dtype=dtype, max_seq_len=max_seq_len),
+        force=force,
+        progress=not no_progress,
+    )
     click.echo(f"bundle written to {path} ({time.perf_counter() - t:.1f} s)")
 
 
@@ -94,8 +110,12 @@ def verify_command(bundle_dir: Path, model_dir: str, steps: int, prompt_len: int
     else:
         click.echo(f"{'step':>5} {'max_abs':>10} {'max_rel':>10} {'greedy':>7} {'ok':>3}")
         for r in report["per_step"]:
-            click.echo(f"{r['step']:>5} {r['max_abs']:>10.3g} {r['max_rel']:>10.3g} "
-                       f"{'same' if r['greedy_match'] else 'DIFF':>7} {'yes' if r['within_tolerance'] else 'NO':>3}")
-        click.echo(f"{report['dtype']}: max abs {report['max_abs']:.3g} (tolerance {report['tolerance']}), "
-                   f"greedy agreement {report['greedy_agreement']:.0%}: {'PASS' if report['ok'] else 'FAIL'}")
+            click.echo(
+                f"{r['step']:>5} {r['max_abs']:>10.3g} {r['max_rel']:>10.3g} "
+                f"{'same' if r['greedy_match'] else 'DIFF':>7} {'yes' if r['within_tolerance'] else 'NO':>3}"
+            )
+        click.echo(
+            f"{report['dtype']}: max abs {report['max_abs']:.3g} (tolerance {report['tolerance']}), "
+            f"greedy agreement {report['greedy_agreement']:.0%}: {'PASS' if report['ok'] else 'FAIL'}"
+        )
     sys.exit(0 if report["ok"] else 1)

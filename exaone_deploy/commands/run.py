@@ -1,9 +1,9 @@
 """Verbs that run a bundle: ``generate``, ``chat``, ``demo``. They need no torch (an edge install runs them).
 
-    exaone-deploy generate BUNDLE_DIR (--prompt TEXT | --input-ids 1,2,3 | --messages FILE) [--chat] [--thinking]
-                           [sampling options] [--device cpu|cuda] [--stream] [--json]
-    exaone-deploy chat BUNDLE_DIR [--system TEXT] [--thinking] [sampling options] [--device cpu|cuda]
-    exaone-deploy demo [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--seed N] [--bundle DIR]
+exaone-deploy generate BUNDLE_DIR (--prompt TEXT | --input-ids 1,2,3 | --messages FILE) [--chat] [--thinking]
+                       [sampling options] [--device cpu|cuda] [--stream] [--json]
+exaone-deploy chat BUNDLE_DIR [--system TEXT] [--thinking] [sampling options] [--device cpu|cuda]
+exaone-deploy demo [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--seed N] [--bundle DIR]
 """
 
 from __future__ import annotations
@@ -68,16 +68,32 @@ def _parse_ids(ctx, param, value: str | None) -> list[int] | None:
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--input-ids", "ids", default=None, callback=_parse_ids, help="Comma-separated prompt token ids.")
-@click.option("--messages", "request", type=click.Path(path_type=Path), default=None, callback=_read_messages,
-              help="OpenAI-style request body {messages, tools} or a list of messages (JSON).")
+@click.option(
+    "--messages",
+    "request",
+    type=click.Path(path_type=Path),
+    default=None,
+    callback=_read_messages,
+    help="OpenAI-style request body {messages, tools} or a list of messages (JSON).",
+)
 @click.option("--chat", is_flag=True, help="Wrap --prompt in the chat template as a user turn.")
 @click.option("--thinking", is_flag=True, help="Reasoning mode (enable_thinking).")
 @sampling_options
 @device_option
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def generate_command(bundle_dir: Path, prompt: str | None, ids: list[int] | None, request, chat: bool, thinking: bool,
-                     params, device: str, stream: bool, as_json: bool) -> None:
+def generate_command(
+    bundle_dir: Path,
+    prompt: str | None,
+    ids: list[int] | None,
+    request,
+    chat: bool,
+    thinking: bool,
+    params,
+    device: str,
+    stream: bool,
+    as_json: bool,
+) -> None:
     """Generate text from a bundle."""
     from ..runtime.generate import Generator
 
@@ -101,17 +117,22 @@ def generate_command(bundle_dir: Path, prompt: str | None, ids: list[int] | None
         result = gen.generate([ids], params)[0]
     if as_json:
         parsed = result.parsed(reasoning_opened=thinking) if chat_mode else None
-        click.echo(json.dumps({
-            "token_ids": result.token_ids,
-            "text": result.text if parsed is None else parsed.content,
-            "raw_text": result.text,
-            "reasoning": parsed.reasoning if parsed else None,
-            "tool_calls": [c.to_openai() for c in parsed.tool_calls] if parsed else [],
-            "errors": parsed.errors if parsed else [],
-            "finish_reason": result.finish_reason,
-            "usage": result.usage,
-            "timings": result.timings,
-        }, ensure_ascii=False))
+        click.echo(
+            json.dumps(
+                {
+                    "token_ids": result.token_ids,
+                    "text": result.text if parsed is None else parsed.content,
+                    "raw_text": result.text,
+                    "reasoning": parsed.reasoning if parsed else None,
+                    "tool_calls": [c.to_openai() for c in parsed.tool_calls] if parsed else [],
+                    "errors": parsed.errors if parsed else [],
+                    "finish_reason": result.finish_reason,
+                    "usage": result.usage,
+                    "timings": result.timings,
+                },
+                ensure_ascii=False,
+            )
+        )
     elif not stream:
         click.echo(result.text)
 
@@ -161,8 +182,13 @@ def chat_command(bundle_dir: Path, system: str | None, thinking: bool, params, d
             click.echo(f"error: {e}", err=True)
             continue
         parsed = gen.last_result.parsed(reasoning_opened=thinking)
-        history.append({"role": "assistant", "content": parsed.content,
-                        **({"reasoning_content": parsed.reasoning} if parsed.reasoning else {})})
+        history.append(
+            {
+                "role": "assistant",
+                "content": parsed.content,
+                **({"reasoning_content": parsed.reasoning} if parsed.reasoning else {}),
+            }
+        )
 
 
 def _cache_dir() -> Path:
@@ -176,10 +202,16 @@ def _cache_dir() -> Path:
 @click.option("--temperature", type=float, default=0.8, show_default=True)
 @click.option("--top-k", type=int, default=40, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
-              help="Where to keep the exported bundle (default: the user cache).")
-def demo_command(prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
-                 bundle_dir: Path | None) -> None:
+@click.option(
+    "--bundle",
+    "bundle_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where to keep the exported bundle (default: the user cache).",
+)
+def demo_command(
+    prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int, bundle_dir: Path | None
+) -> None:
     """Export the bundled model (cached after the first run), generate, print text and speed."""
     from ..bundle import BundleError, load_manifest
     from ..runtime.generate import Generator
@@ -204,5 +236,7 @@ def demo_command(prompt: str, max_new_tokens: int, temperature: float, top_k: in
     click.echo()
     click.echo("-" * 60)
     t = gen.last_result.timings
-    click.echo(f"{len(gen.last_result.token_ids)} tokens; prefill {t['prefill_tokens_per_s']:.0f} tok/s, "
-               f"decode {t['decode_tokens_per_s']:.0f} tok/s; bundle: {bundle_dir}")
+    click.echo(
+        f"{len(gen.last_result.token_ids)} tokens; prefill {t['prefill_tokens_per_s']:.0f} tok/s, "
+        f"decode {t['decode_tokens_per_s']:.0f} tok/s; bundle: {bundle_dir}"
+    )

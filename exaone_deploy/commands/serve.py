@@ -38,7 +38,8 @@ def load_serve_command() -> click.Command:
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def serve_unavailable(args):
         """OpenAI-compatible server (needs: pip install 'exaone-deploy[serve]')."""
-        raise click.ClickException(f"`exaone-deploy serve` needs the '{missing}' package: "
-                                   "pip install 'exaone-deploy[serve]'")
+        raise click.ClickException(
+            f"`exaone-deploy serve` needs the '{missing}' package: pip install 'exaone-deploy[serve]'"
+        )
 
     return serve_unavailable

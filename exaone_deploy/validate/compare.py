@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import BundleError, load_manifest
+from ..runtime.backend import ContextLengthError
 from ..runtime.generate import open_backend
 
 __all__ = ["compare_bundles", "error_stats"]
@@ -70,7 +71,7 @@ def compare_bundles(a: str | Path, b: str | Path, steps: int = 16, prompt_len: i
     need = prompt_len + steps + 1
     limit = min(ma.max_seq_len, mb.max_seq_len)
     if need > limit:
-        raise ValueError(f"prompt_len + steps + 1 = {need} exceeds the bundles' context ({limit} tokens)")
+        raise ContextLengthError(f"prompt_len + steps + 1 = {need} exceeds the bundles' context ({limit} tokens)")
     prompt = np.random.default_rng(seed).integers(0, spec.vocab_size, size=prompt_len).tolist()
     backends = [open_backend(m, device=device, max_batch=1, capacity=need) for m in (ma, mb)]
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bundle import load_manifest
+from ..bundle import BundleError, load_manifest
 from ..checkpoint import resolve_model_dir
 from ..runtime.ort_backend import OrtBackend
 from ..exporter.reference import load_reference
@@ -40,7 +40,7 @@ def verify_bundle(bundle_dir: str | Path, model_dir: str | Path, steps: int = 32
     spec = manifest.spec
     ref = load_reference(resolve_model_dir(model_dir), "float32", max_positions=manifest.max_seq_len)
     if ref.spec.config_sha256 != spec.config_sha256:
-        raise ValueError(f"{bundle_dir} was exported from a different config.json than {model_dir}")
+        raise BundleError(f"{bundle_dir} was exported from a different config.json than {model_dir}")
     window = max((layer.window for layer in spec.layers), default=0)
     if prompt_len is None:
         prompt_len = max(16, 2 * window + 3)  # longer than the window, so the window rule is exercised
