@@ -1,5 +1,5 @@
 """``python -m exaone_deploy``: the same as the ``exaone-deploy`` command."""
 
-from .cli import entry
+from .commands import entry
 
 entry()

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import ExaoneDeployError
 from .graph_io import GraphIO
 from .spec import LIMITS, ModelSpec
 
@@ -28,7 +29,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "generation_config.json", "config.json")
 
 
-class BundleError(ValueError):
+class BundleError(ExaoneDeployError, ValueError):
     pass
 
 

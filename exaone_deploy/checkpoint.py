@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ExaoneDeployError
 from .spec import ModelSpec
 
 __all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "expected_tensors", "resolve_model_dir"]
@@ -33,7 +34,7 @@ _DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ExaoneDeployError, ValueError):
     """A checkpoint we refuse to load; the message names the file(s) and the problem(s)."""
 
 

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["TASKS", "ConfigError", "HeadSpec", "LayerSpec", "ModelSpec", "RopeSpec", "load_spec"]
+from .errors import ExaoneDeployError
+
 
 SUPPORTED_MODEL_TYPES = ("exaone4",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -39,7 +41,7 @@ TASKS = {
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
-class ConfigError(ValueError):
+class ConfigError(ExaoneDeployError, ValueError):
     """A config.json that we cannot interpret. The message names the file and the field."""
 
     def __init__(self, path: str | Path, field_name: str, problem: str):

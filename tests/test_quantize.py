@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from exaone_deploy.bundle import load_manifest, sha256_file
-from exaone_deploy.calibration.cli import eval_ppl_command, quantize_command, sensitivity_command
+from exaone_deploy.commands import main
 from exaone_deploy.calibration.quantize import QuantizeError, QuantOptions, calibrate, open_source, quantize, \
     write_quantized_bundle
 from exaone_deploy.exporter import lower, ops
@@ -273,18 +273,18 @@ def test_cli_quantize_checkpoint_and_eval_ppl(work, tmp_path):
     """From a checkpoint (exported inside quantize), Korean+English calibration text, then eval-ppl on both."""
     runner = CliRunner()
     out = tmp_path / "cli-int4"
-    r = runner.invoke(quantize_command, [str(work["ckpt"]), "-o", str(out), "--scheme", "int4-awq", "--calib-data",
+    r = runner.invoke(main, ["quantize", str(work["ckpt"]), "-o", str(out), "--scheme", "int4-awq", "--calib-data",
                                          str(work["calib"]), "--calib-samples", "4", "--calib-seq-len", "64",
                                          "--block-size", "64", "--no-progress"])
     assert r.exit_code == 0, r.output
     assert "int4-awq bundle for ort written to" in r.output and "15 linears quantized" in r.output
     assert load_manifest(out).get("quantization")["block_size"] == 64
-    r = runner.invoke(quantize_command, [str(work["ckpt"]), "-o", str(out), "--scheme", "fp8", "--calib-data",
+    r = runner.invoke(main, ["quantize", str(work["ckpt"]), "-o", str(out), "--scheme", "fp8", "--calib-data",
                                          str(work["calib"])])
     assert r.exit_code != 0 and "already exists (use --force" in r.output
     ppl = {}
     for name, path in {"q": out, "fp32": work["fp32"], "ckpt": work["ckpt"]}.items():
-        r = runner.invoke(eval_ppl_command, [str(path), "--data", str(work["calib"]), "--seq-len", "32",
+        r = runner.invoke(main, ["eval-ppl", str(path), "--data", str(work["calib"]), "--seq-len", "32",
                                              "--max-tokens", "96", "--json"])
         assert r.exit_code == 0, r.output
         ppl[name] = json.loads(r.output)
@@ -297,13 +297,13 @@ def test_cli_quantize_checkpoint_and_eval_ppl(work, tmp_path):
 def test_cli_bad_calibration_file_names_it(work, tmp_path):
     bad = tmp_path / "calib.jsonl"
     bad.write_text('{"content": "hello"}\n')
-    r = CliRunner().invoke(quantize_command, [str(work["fp32"]), "-o", str(tmp_path / "x"), "--scheme", "int8-sq",
+    r = CliRunner().invoke(main, ["quantize", str(work["fp32"]), "-o", str(tmp_path / "x"), "--scheme", "int8-sq",
                                               "--calib-data", str(bad), "--no-progress"])
     assert r.exit_code != 0 and "calib.jsonl:1: no 'text' field (fields: content); pass --text-field" in r.output
-    r = CliRunner().invoke(quantize_command, [str(work["fp32"]), "-o", str(tmp_path / "x"), "--scheme", "fp8",
+    r = CliRunner().invoke(main, ["quantize", str(work["fp32"]), "-o", str(tmp_path / "x"), "--scheme", "fp8",
                                               "--calib-data", str(work["calib"]), "--calib-samples", "1000"])
     assert r.exit_code != 0 and "ko_en.txt:" in r.output and "1000 were asked" in r.output
-    r = CliRunner().invoke(quantize_command, [str(work["fp32"]), "-o", str(tmp_path / "x"), "--scheme", "int8-sq"])
+    r = CliRunner().invoke(main, ["quantize", str(work["fp32"]), "-o", str(tmp_path / "x"), "--scheme", "int8-sq"])
     assert r.exit_code != 0 and "needs --calib-data" in r.output
     assert not (tmp_path / "x").exists()
 
@@ -314,7 +314,7 @@ def test_quantize_refuses_a_quantized_bundle(work, bundles, tmp_path):
 
 
 def test_sensitivity_report(work):
-    r = CliRunner().invoke(sensitivity_command, [str(work["fp32"]), "--scheme", "int4-rtn", "--data",
+    r = CliRunner().invoke(main, ["sensitivity", str(work["fp32"]), "--scheme", "int4-rtn", "--data",
                                                  str(work["calib"]), "--seq-len", "32", "--max-tokens", "128",
                                                  "--json"])
     assert r.exit_code == 0, r.output

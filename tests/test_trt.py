@@ -23,7 +23,7 @@ from exaone_deploy.tensorrt import checks
 from exaone_deploy.tensorrt.builder import (BuildError, BuildOptions, BuildProgress, build_engine, profile_shapes,
                                          write_engine_bundle)
 from exaone_deploy.tensorrt.checks import check_bundle, check_model
-from exaone_deploy.tensorrt.cli import build_command, compare_command
+from exaone_deploy.commands import main
 from exaone_deploy.validate.compare import compare_bundles, error_stats
 from exaone_deploy.runtime.ort_backend import OrtBackend
 from exaone_deploy.tensorrt.backend import (PROFILE_DECODE, PROFILE_PREFILL, TensorRTUnavailable, TrtBackend,
@@ -314,7 +314,7 @@ def test_build_without_tensorrt_fails_cleanly(bundles, tmp_path):
     with pytest.raises(TensorRTUnavailable, match="Python package 'tensorrt' is not installed"):
         build_engine(bundles["trt-1.2b"], tmp_path / "engine")
     assert not (tmp_path / "engine").exists()
-    result = CliRunner().invoke(build_command, [str(bundles["trt-1.2b"]), "-o", str(tmp_path / "engine"),
+    result = CliRunner().invoke(main, ["build", str(bundles["trt-1.2b"]), "-o", str(tmp_path / "engine"),
                                                 "--max-batch", "2", "--opt-level", "2"])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
@@ -323,11 +323,11 @@ def test_build_without_tensorrt_fails_cleanly(bundles, tmp_path):
 
 
 def test_build_check_only_cli(bundles):
-    ok = CliRunner().invoke(build_command, [str(bundles["trt-1.2b"]), "--check-only", "--json"])
+    ok = CliRunner().invoke(main, ["build", str(bundles["trt-1.2b"]), "--check-only", "--json"])
     assert ok.exit_code == 0, ok.output
     data = json.loads(ok.output)
     assert data["ok"] and data["plugin_nodes"] == 4 and data["tensorrt_version"] == "10.15"
-    bad = CliRunner().invoke(build_command, [str(bundles["ort-float32"]), "--check-only"])
+    bad = CliRunner().invoke(main, ["build", str(bundles["ort-float32"]), "--check-only"])
     assert bad.exit_code == 1 and "'trt' bundles" in bad.output
 
 
@@ -632,14 +632,14 @@ def test_compare_fp32_vs_fp16_ort_bundles(bundles):
 
 
 def test_compare_cli_and_mismatched_bundles(bundles):
-    result = CliRunner().invoke(compare_command, [str(bundles["ort-float32"]), str(bundles["ort-float16"]),
+    result = CliRunner().invoke(main, ["compare", str(bundles["ort-float32"]), str(bundles["ort-float16"]),
                                                   "--steps", "2", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["summary"]["min_cosine"] > 0.999
-    table = CliRunner().invoke(compare_command, [str(bundles["ort-float32"]), str(bundles["ort-float16"]),
+    table = CliRunner().invoke(main, ["compare", str(bundles["ort-float32"]), str(bundles["ort-float16"]),
                                                  "--steps", "2"])
     assert table.exit_code == 0 and "step 2" in table.output and "greedy agreement" in table.output
-    bad = CliRunner().invoke(compare_command, [str(bundles["ort-float32"]), str(bundles["trt-32b"])])
+    bad = CliRunner().invoke(main, ["compare", str(bundles["ort-float32"]), str(bundles["trt-32b"])])
     assert bad.exit_code == 1 and "different config.json" in bad.output
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ExaoneDeployError
 from ..text.tokenizer import Tokenizer
 
 __all__ = ["CalibrationDataError", "CalibrationSet", "FORMATS", "read_documents", "token_stream",
@@ -30,7 +31,7 @@ __all__ = ["CalibrationDataError", "CalibrationSet", "FORMATS", "read_documents"
 FORMATS = ("auto", "text", "jsonl", "chat")
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(ExaoneDeployError, ValueError):
     """A calibration or evaluation file we cannot use; the message names the file and the problem."""
 
 

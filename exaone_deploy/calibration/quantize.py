@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from ..errors import ExaoneDeployError
 from .. import bundle as bundle_mod
 from ..checkpoint import resolve_model_dir
 from ..exporter import lower
@@ -42,7 +43,7 @@ METHODS = ("max", "percentile", "entropy")
 BLOCK_SIZES = (32, 64, 128)
 
 
-class QuantizeError(ValueError):
+class QuantizeError(ExaoneDeployError, ValueError):
     pass
 
 

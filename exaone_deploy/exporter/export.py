@@ -19,6 +19,7 @@ import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor
 
+from ..errors import ExaoneDeployError
 from .. import bundle as bundle_mod
 from ..checkpoint import Checkpoint, CheckpointError, resolve_model_dir
 from ..spec import ModelSpec, load_spec
@@ -36,7 +37,7 @@ MODEL_FILE = "model.onnx"
 ALIGNMENT = 65536  # aligned external data lets ONNX Runtime memory-map the weights
 
 
-class ExportError(RuntimeError):
+class ExportError(ExaoneDeployError, RuntimeError):
     pass
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..bundle import BundleError
 from ..graph_io import GraphIO
+from ..errors import ExaoneDeployError
 from ..spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ BACKENDS = {
 }
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(ExaoneDeployError, ValueError):
     """A prompt (plus requested tokens) that does not fit the model's context."""
 
 

@@ -7,8 +7,8 @@ transparent huge pages in ``madvise`` mode, where only memory that asks for them
 glibc's allocator asks only when started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: the weights then
 sit in 2 MiB pages, a decode step is a few percent faster and loading is faster too (fewer page faults).
 
-glibc reads its tunables once, at process start, so the ``exaone-deploy`` command re-executes itself with
-the tunable set (:func:`reexec`) before it does anything else. Programs that use the runtime as a library
+glibc reads its tunables once, at process start, so the ``exaone-deploy`` verbs that load weights re-execute
+the command with the tunable set (:func:`reexec`, via ``commands.common.loads_weights``) before they do anything. Programs that use the runtime as a library
 can start their Python with the environment :func:`hugepage_env` returns. ``EXAONE_DEPLOY_HUGEPAGES=0``
 turns it off. Nothing here changes any result: only the page size of the same memory.
 """

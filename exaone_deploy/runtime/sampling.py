@@ -7,10 +7,12 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import ExaoneDeployError
+
 __all__ = ["SamplingParams", "Sampler", "SamplingError"]
 
 
-class SamplingError(ValueError):
+class SamplingError(ExaoneDeployError, ValueError):
     pass
 
 

@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..errors import ExaoneDeployError
 from .backend import Backend, ContextLengthError
 from .generate import GenerationResult, RowState
 from .sampling import SamplingParams
@@ -42,11 +43,11 @@ log = logging.getLogger(__name__)
 __all__ = ["Scheduler", "Request", "Delta", "Done", "Failed", "QueueFull", "SchedulerClosed", "SchedulerObserver"]
 
 
-class QueueFull(RuntimeError):
+class QueueFull(ExaoneDeployError, RuntimeError):
     """The waiting queue is at its bound; the caller should retry later (HTTP 429)."""
 
 
-class SchedulerClosed(RuntimeError):
+class SchedulerClosed(ExaoneDeployError, RuntimeError):
     """The scheduler is stopped (or its thread died); no new requests are accepted."""
 
 

@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..errors import ExaoneDeployError
+
 MAX_CHOICES = 16  # n x prompts per HTTP request
 
 __all__ = [
@@ -65,7 +67,7 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-class APIError(Exception):
+class APIError(ExaoneDeployError):
     """An error answered with an HTTP status and an :class:`ErrorResponse` body."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..errors import ExaoneDeployError
 from ..bundle import BundleError, Manifest, load_manifest
 from ..graph_io import GraphIO
 from ..runtime.backend import Backend, ContextLengthError
@@ -44,7 +45,7 @@ PROFILE_PREFILL, PROFILE_DECODE = 0, 1
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(ExaoneDeployError, RuntimeError):
     """TensorRT (or cuda-python) is not installed or cannot load on this machine."""
 
 

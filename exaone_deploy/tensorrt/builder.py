@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import ExaoneDeployError
 from .. import bundle as bundle_mod
 from ..bundle import BundleError, Manifest, load_manifest
 from .backend import (ENGINE_TARGET, TensorRTUnavailable, gpu_info, require_tensorrt)
@@ -50,7 +51,7 @@ ENGINE_FILE = "model.engine"
 PROFILE_NAMES = ("prefill", "decode")
 
 
-class BuildError(RuntimeError):
+class BuildError(ExaoneDeployError, RuntimeError):
     pass
 
 

@@ -34,6 +34,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph_io import GraphIO
+from ..errors import ExaoneDeployError
 
 __all__ = ["Issue", "CheckReport", "TrtGraphError", "PluginContract", "supported_ops", "plugin_contract",
            "check_model", "check_bundle"]
@@ -85,7 +86,7 @@ class Issue:
         return f"{self.severity}: {where}: {self.message}"
 
 
-class TrtGraphError(ValueError):
+class TrtGraphError(ExaoneDeployError, ValueError):
     def __init__(self, path: str, issues: list[Issue]):
         self.path, self.issues = path, issues
         errors = [i for i in issues if i.severity == "error"]

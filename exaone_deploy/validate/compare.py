@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..bundle import BundleError, load_manifest
-from ..runtime.backend import Backend
+from ..runtime.backend import Backend, ContextLengthError
 from ..runtime.generate import open_backend
 from ..spec import ModelSpec
 
@@ -96,7 +96,7 @@ def compare_bundles(a: str | Path, b: str | Path, steps: int = 16, prompt_len: i
     need = prompt_len + steps + 1
     limit = min(ma.max_seq_len, mb.max_seq_len)
     if need > limit:
-        raise ValueError(f"prompt_len + steps + 1 = {need} exceeds the bundles' context ({limit} tokens)")
+        raise ContextLengthError(f"prompt_len + steps + 1 = {need} exceeds the bundles' context ({limit} tokens)")
     prompt = np.random.default_rng(seed).integers(0, spec.vocab_size, size=prompt_len).tolist()
     backends = [open_backend(m, device=device, max_batch=1, max_seq_len=need) for m in (ma, mb)]
     try:

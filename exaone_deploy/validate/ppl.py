@@ -24,7 +24,7 @@ import numpy as np
 from .. import bundle as bundle_mod
 from ..checkpoint import resolve_model_dir
 from ..text.tokenizer import Tokenizer
-from ..calibration.data import token_stream
+from ..calibration.data import CalibrationDataError, token_stream
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None) -> 
         tokens = tokens[:max_tokens]
     n = tokens.size // seq_len
     if n == 0:
-        raise ValueError(f"{tokens.size} tokens do not fill one window of {seq_len}; use a shorter --seq-len")
+        raise CalibrationDataError(f"{tokens.size} tokens do not fill one window of {seq_len}; use a shorter --seq-len")
     return [tokens[i * seq_len:(i + 1) * seq_len] for i in range(n)]
 
 
@@ -119,7 +119,7 @@ def perplexity(path: str | Path, data: str | Path, *, seq_len: int = 256, max_to
     root = resolve_model_dir(path)
     is_bundle = (root / bundle_mod.MANIFEST).exists()
     if not is_bundle and not (root / "config.json").exists():
-        raise ValueError(f"{root}: neither a bundle (manifest.json) nor a checkpoint (config.json)")
+        raise bundle_mod.BundleError(f"{root}: neither a bundle (manifest.json) nor a checkpoint (config.json)")
     if tokens is None:
         tok = Tokenizer.from_dir(root)
         tokens, _ = token_stream(data, tok, text_field=text_field, fmt=fmt)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import load_manifest
+from ..bundle import BundleError, load_manifest
 from ..runtime.ort_backend import OrtBackend
 from .compare import default_prompt_len, teacher_forced
 from .reference import ReferenceBackend
@@ -46,7 +46,7 @@ def verify_bundle(bundle_dir: str | Path, model_dir: str | Path, steps: int = 32
     context = min(need, manifest.max_seq_len)
     ref = ReferenceBackend(model_dir, max_seq_len=context, max_positions=manifest.max_seq_len)
     if ref.spec.config_sha256 != spec.config_sha256:
-        raise ValueError(f"{bundle_dir} was exported from a different config.json than {model_dir}")
+        raise BundleError(f"{bundle_dir} was exported from a different config.json than {model_dir}")
     backend = OrtBackend(manifest, max_batch=1, max_seq_len=context, verify=False)
     backend.check_fits(need)
     tol = TOLERANCES[manifest.dtype]
