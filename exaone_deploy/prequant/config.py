@@ -32,16 +32,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ExaoneDeployError
+
 __all__ = ["PrequantConfigError", "PrequantScheme", "read_scheme", "scheme_from_dict"]
 
-try:  # the common root another change adds; ValueError alone until it lands
-    from ..errors import ExaoneDeployError as _Root  # type: ignore[attr-defined]
-    _BASES: tuple[type, ...] = (_Root, ValueError) if not issubclass(_Root, ValueError) else (_Root,)
-except ImportError:  # pragma: no cover - depends on the integration order
-    _BASES = (ValueError,)
 
-
-class PrequantConfigError(*_BASES):
+class PrequantConfigError(ExaoneDeployError, ValueError):
     """A quantization_config we refuse; the one-line message names the file, the field and the value."""
 
 

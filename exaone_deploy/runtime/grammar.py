@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ExaoneDeployError
 from ..text.chat import THINK_CLOSE, THINK_OPEN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from ..text.tokenizer import Tokenizer
 
@@ -66,7 +67,7 @@ EXTRA = "grammar"
 _ENGINE_HINT = f"pip install 'exaone-deploy[{EXTRA}]'"
 
 
-class GrammarError(ValueError):
+class GrammarError(ExaoneDeployError, ValueError):
     """A request's schema, response_format or tool_choice cannot be turned into a grammar (a client error)."""
 
 
