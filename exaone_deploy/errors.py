@@ -15,8 +15,12 @@ would then also hide programming errors).
 
 from __future__ import annotations
 
-__all__ = ["ExaoneDeployError"]
+__all__ = ["ExaoneDeployError", "InputError"]
 
 
 class ExaoneDeployError(Exception):
     """An error the user can act on: its message names the file or option and says what is wrong."""
+
+
+class InputError(ExaoneDeployError, ValueError):
+    """A prompt, token id, option value or text file the user gave that cannot be used (the message says why)."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from ..errors import InputError
+
 __all__ = ["Linear", "InputGroup", "find_linears", "input_groups", "resolve_keep_float", "linear_name"]
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.weight\.T$")
@@ -122,12 +124,12 @@ def resolve_keep_float(spec: str | list[str] | tuple[str, ...] | None, linears: 
         else:
             hit = {lin.name for lin in linears if lin.name == item or lin.name.endswith("." + item)}
             if not hit:
-                raise ValueError(f"--keep-float {item!r} matches no linear layer (names look like "
+                raise InputError(f"--keep-float {item!r} matches no linear layer (names look like "
                                  f"'layers.0.mlp.down_proj', 'mlp.down_proj', 'lm_head' or layer indices 0-{layers[-1]})")
             keep |= hit
             continue
         bad = sorted(i for i in idx if i not in layers)
         if bad:
-            raise ValueError(f"--keep-float {item!r}: the model has layers 0-{layers[-1]}, not {bad}")
+            raise InputError(f"--keep-float {item!r}: the model has layers 0-{layers[-1]}, not {bad}")
         keep |= {lin.name for lin in linears if lin.layer in idx}
     return keep

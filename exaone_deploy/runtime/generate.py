@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from ..errors import InputError
 from ..bundle import load_manifest
 from .backend import Backend, ContextLengthError, backend_class
 from ..text.chat import AssistantOutput, parse_assistant_output
@@ -106,11 +107,11 @@ class Generator:
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise InputError("the prompt is empty")
         vocab = self.backend.spec.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"token ids out of range [0, {vocab}): {bad[:5]}")
+            raise InputError(f"token ids out of range [0, {vocab}): {bad[:5]}")
         return ids
 
     def chat_prompt(self, messages, tools=None, enable_thinking: bool = False, **kwargs) -> list[int]:

@@ -603,7 +603,7 @@ def check_model(model: str | Path | onnx.ModelProto, *, contract: PluginContract
         try:
             proto = onnx.load(path, load_external_data=False)
         except Exception as e:  # noqa: BLE001 - protobuf errors have many types
-            raise ValueError(f"{path}: not a readable ONNX model ({e})") from None
+            raise TrtGraphError(f"{path}: not a readable ONNX model ({e})") from None
     else:
         proto, path = model, name or (model.graph.name or "<model>")
     if contract is None:

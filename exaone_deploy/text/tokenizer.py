@@ -18,7 +18,13 @@ from typing import Any
 
 import tokenizers
 
+from ..errors import ExaoneDeployError
 from .chat import _plain, render_chat_template
+
+
+class TokenizerError(ExaoneDeployError, ValueError):
+    """Tokenizer files that cannot be read, or a chat template that is absent or ambiguous."""
+
 
 # The named special tokens transformers passes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -32,16 +38,16 @@ def _token_content(value: Any, source: Path) -> str | None:
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(f"{source}: not a token: {value!r}")
+    raise TokenizerError(f"{source}: not a token: {value!r}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
+        raise TokenizerError(f"cannot read {path}: {e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"cannot read {path}: expected a JSON object")
+        raise TokenizerError(f"cannot read {path}: expected a JSON object")
     return data
 
 
@@ -92,7 +98,7 @@ class Tokenizer:
         try:
             backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
-            raise ValueError(f"cannot load {tokenizer_file}: {e}") from e
+            raise TokenizerError(f"cannot load {tokenizer_file}: {e}") from e
 
         config_file = path / "tokenizer_config.json"
         config = _read_json(config_file) if config_file.is_file() else {}
@@ -189,11 +195,11 @@ class Tokenizer:
                 return self.chat_template["tool_use"]
             if "default" in self.chat_template:
                 return self.chat_template["default"]
-            raise ValueError(f"several chat templates and no default: pass one of {sorted(self.chat_template)}")
+            raise TokenizerError(f"several chat templates and no default: pass one of {sorted(self.chat_template)}")
         if chat_template is not None:
             return chat_template
         if self.chat_template is None:
-            raise ValueError("this tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)")
+            raise TokenizerError("this tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)")
         return self.chat_template
 
     def apply_chat_template(
@@ -225,7 +231,7 @@ class Tokenizer:
                 "documents": _plain(documents)}
         sentinel = self._sentinel(json.dumps(user, ensure_ascii=False))
         if sentinel is None:  # cannot happen with real input: every candidate character occurs in it
-            raise ValueError("chat messages contain every placeholder character; cannot render them safely")
+            raise TokenizerError("chat messages contain every placeholder character; cannot render them safely")
         user = self._defuse(user, sentinel)
         text = render_chat_template(template, user["messages"], tools=user["tools"], documents=user["documents"],
                                     add_generation_prompt=add_generation_prompt, **variables)
