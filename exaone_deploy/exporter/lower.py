@@ -25,14 +25,19 @@ __all__ = ["lower", "check_model", "register_trt_schema", "TRT_OP_TYPE", "TRT_PL
            "TRT_PLUGIN_VERSION", "TRT_DOMAIN"]
 
 
-def lower(model: ir.Model, spec: ModelSpec, target: str, window_cache: bool = False,
-          io: GraphIO | None = None) -> ir.Model:
+def lower(model: ir.Model, spec: ModelSpec, target: str, window_cache: bool = False, *,
+          io: GraphIO | None = None, fuse_linears: bool = False) -> ir.Model:
     """Lower a canonical model in place for ``target`` (its pass list, :func:`.passes.target_passes`).
 
     ``io`` is the bundle's graph I/O contract; without one it is derived from ``spec`` and ``window_cache``.
-    Fused weights stay in memory (lazy): save with the bundle writer, which writes them as external data.
+    The bundle writer lowers with ``fuse_linears=True`` (what every written bundle gets); the default is the
+    analysis view of the in-process callers (calibration statistics tap each linear's input; perplexity of a
+    ``trt`` bundle in ONNX Runtime), which keep one MatMul per linear. Fused weights stay in memory (lazy):
+    save with ``writer.save_lowered``, which writes them as external data.
     """
-    return run_passes(model, target, io or GraphIO(spec, window_cache=window_cache))
+    if target == "trt":
+        register_trt_schema()
+    return run_passes(model, target, io or GraphIO(spec, window_cache=window_cache), fuse_linears)
 
 
 def register_trt_schema() -> None:

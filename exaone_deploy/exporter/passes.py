@@ -230,16 +230,19 @@ def _rope_tables(graph: ir.Graph, like: ir.Node) -> tuple[ir.Value, ir.Value]:
     return tables[0], tables[1]
 
 
-def target_passes(target: str, io: GraphIO) -> list[PassBase]:
-    """The pass list that lowers a canonical graph for ``target``."""
+def target_passes(target: str, io: GraphIO, fuse_linears: bool = True) -> list[PassBase]:
+    """The pass list that lowers a canonical graph for ``target``. Bundles are always written with the full
+    list; ``fuse_linears=False`` gives the analysis view that keeps one MatMul per linear layer (calibration
+    statistics tap each linear's input)."""
     if target == "ort":
-        return [RsqrtAsDiv(), FuseParallelMatMuls(), AttentionToGroupQueryAttention(io)]
+        fuse = [FuseParallelMatMuls()] if fuse_linears else []
+        return [RsqrtAsDiv(), *fuse, AttentionToGroupQueryAttention(io)]
     if target == "trt":
         return [AttentionToTrtPlugin(io)]
     raise ValueError(f"unknown target {target!r}")
 
 
-def run_passes(model: ir.Model, target: str, io: GraphIO) -> ir.Model:
+def run_passes(model: ir.Model, target: str, io: GraphIO, fuse_linears: bool = True) -> ir.Model:
     """Lower ``model`` in place for ``target``; returns it."""
-    PassManager(target_passes(target, io))(model)
+    PassManager(target_passes(target, io, fuse_linears))(model)
     return model

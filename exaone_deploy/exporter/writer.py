@@ -1,6 +1,7 @@
 """The one bundle writer: canonical model -> a complete, checked bundle directory, written atomically.
 
-``write_bundle(out, canonical, io, target, ...)`` stages a sibling directory (``bundle.atomic_dir``) and, in it:
+Used as ``with bundle.atomic_dir(out, force=...) as tmp: ...; write_into(tmp, canonical, io, target, ...)``
+(the caller stages first, so that a refused or unwritable output fails before any tracing or calibration):
 
 1. saves the canonical model with every initializer in ``weights.data`` (64 KiB-aligned, memory-mappable);
 2. reloads it and lowers it with the target's pass list (:mod:`.passes`);
@@ -10,7 +11,7 @@
 5. copies the tokenizer files and writes the manifest (``io`` section from ``GraphIO.manifest_io``);
 6. renames the directory into place (an interrupted write leaves nothing).
 
-Export, quantize and sensitivity all write through ``write_into`` (the steps 1-5); ``tensorrt/builder.py`` has
+Export, quantize and sensitivity all write through ``write_into`` (steps 1-5; ``atomic_dir`` does 6); ``tensorrt/builder.py`` has
 no ONNX to write and uses the shared tail (``bundle.finish_bundle``) inside the same ``atomic_dir``.
 Rejected: lowering the in-memory canonical model directly (the reloaded graph references ``weights.data``, so
 the lowered model shares the canonical's weights instead of writing a second copy).
@@ -27,7 +28,7 @@ from .. import bundle as bundle_mod
 from ..graph_io import GraphIO
 from . import lower
 
-__all__ = ["write_bundle", "write_into", "save_lowered", "WEIGHTS_FILE", "CANONICAL_FILE", "MODEL_FILE",
+__all__ = ["write_into", "save_lowered", "WEIGHTS_FILE", "CANONICAL_FILE", "MODEL_FILE",
            "FUSED_FILE", "ALIGNMENT"]
 
 WEIGHTS_FILE = "weights.data"
@@ -63,7 +64,7 @@ def write_into(root: Path, canonical: ir.Model, io: GraphIO, target: str, *, sou
     ir.save(canonical, root / CANONICAL_FILE, external_data=WEIGHTS_FILE, alignment=ALIGNMENT,
             callback=on_tensor)
     stage(f"lower ({target})")
-    lowered = lower.lower(ir.load(root / CANONICAL_FILE), io.spec, target, io=io)
+    lowered = lower.lower(ir.load(root / CANONICAL_FILE), io.spec, target, io=io, fuse_linears=True)
     save_lowered(lowered, root / MODEL_FILE)
     del lowered
     stage("check")
@@ -76,10 +77,3 @@ def write_into(root: Path, canonical: ir.Model, io: GraphIO, target: str, *, sou
                                     extra=extra)
 
 
-def write_bundle(out: str | Path, canonical: ir.Model, io: GraphIO, target: str, *, force: bool = False,
-                 error: type[Exception] = bundle_mod.BundleError, **kwargs) -> Path:
-    """``write_into`` a staging sibling of ``out``, then move it into place (``bundle.atomic_dir``; ``force``
-    replaces an existing ``out``, else ``error`` is raised)."""
-    with bundle_mod.atomic_dir(out, force=force, error=error) as tmp:
-        write_into(tmp, canonical, io, target, **kwargs)
-    return Path(out)
