@@ -61,6 +61,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from exaone_deploy.bundle import atomic_dir  # noqa: E402
 from exaone_deploy.runtime.hugepages import hugepage_env  # noqa: E402
 from _util import current_rss_bytes, emit, fmt_bytes, peak_rss_bytes, print_table, run_isolated  # noqa: E402
 
@@ -76,19 +77,6 @@ GiB = 1 << 30
 
 def _suffix(layers: int | None) -> str:
     return f"-L{layers}" if layers else ""
-
-
-def _atomic_dir(out: Path):
-    """A temporary sibling of ``out`` to build into; ``_commit(tmp, out)`` renames it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    tmp.chmod(0o755)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 def _quiet() -> None:
@@ -161,8 +149,7 @@ def build_qwen3_twin(workdir: Path, layers: int | None) -> Path:
     src = build_checkpoint(workdir, layers)
     cfg = json.loads((src / "config.json").read_text())
     print(f"writing the Qwen3 twin {out} ...", file=sys.stderr)
-    tmp = _atomic_dir(out)
-    try:
+    with atomic_dir(out, force=True) as tmp:  # an incomplete leftover (no config.json) is replaced
         index = json.loads((src / "model.safetensors.index.json").read_text())
         for file in sorted(set(index["weight_map"].values())):
             with open(src / file, "rb") as f, open(tmp / file, "wb") as g:
@@ -188,10 +175,6 @@ def build_qwen3_twin(workdir: Path, layers: int | None) -> Path:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
             if (src / name).is_file():
                 shutil.copy(src / name, tmp / name)
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -207,19 +190,15 @@ def build_genai(workdir: Path, layers: int | None, precision: str) -> Path:
                            "it needs onnxruntime >= 1.31, which --no-deps keeps as it is)")
     twin = build_qwen3_twin(workdir, layers)
     print(f"building onnxruntime-genai {precision} model {out} ...", file=sys.stderr)
-    tmp = _atomic_dir(out)
     cache = Path(tempfile.mkdtemp(prefix=".genai-cache-", dir=workdir))
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(twin), "-o", str(tmp),
-           "-p", precision, "-e", "cpu", "-c", str(cache)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not (tmp / "genai_config.json").is_file():
-            raise RuntimeError(f"the onnxruntime-genai builder failed for {twin} (-p {precision}):\n"
-                               + (proc.stdout + proc.stderr)[-3000:])
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out, force=True) as tmp:
+            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(twin), "-o", str(tmp),
+                   "-p", precision, "-e", "cpu", "-c", str(cache)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0 or not (tmp / "genai_config.json").is_file():
+                raise RuntimeError(f"the onnxruntime-genai builder failed for {twin} (-p {precision}):\n"
+                                   + (proc.stdout + proc.stderr)[-3000:])
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     return out

@@ -148,10 +148,7 @@ def build_fp32(workdir: Path, layers: int | None) -> tuple[Path, Path]:
         from exaone_deploy.tiny.make import make_tiny
 
         print(f"writing the random-weight checkpoint {ckpt} ...", file=sys.stderr)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{ckpt.name}.tmp-", dir=workdir))
-        make_tiny(tmp / "m", "1.2b-full", seed=0, num_layers=layers, dtype="float32")
-        (tmp / "m").rename(ckpt)
-        shutil.rmtree(tmp, ignore_errors=True)
+        make_tiny(ckpt, "1.2b-full", seed=0, num_layers=layers, dtype="float32")  # written atomically
     if not (bundle / "manifest.json").is_file():
         print(f"exporting {ckpt} -> {bundle} ...", file=sys.stderr)
         run_isolated(_export, str(ckpt), str(bundle))

@@ -1,7 +1,10 @@
 """The bundle: a directory with the ONNX model(s), weights, tokenizer files and a JSON manifest.
 
-The format is specified in docs/bundle.md. This module is pure Python (no torch): the runtime uses it
-to open and verify bundles, the exporter to write them.
+The format is specified in docs/bundle.md. This module is pure Python (no torch, no onnx): the runtime uses it
+to open and verify bundles; every writer of a directory (export, quantize, build, ``tiny/``, the benchmarks)
+stages it with ``atomic_dir`` and finishes a bundle with ``finish_bundle`` (tokenizer files, then the manifest,
+whose ``io`` section comes from :class:`~exaone_deploy.graph_io.GraphIO`). The ONNX part of writing a bundle
+(save canonical, lower, check) is :mod:`exaone_deploy.exporter.writer`.
 """
 
 from __future__ import annotations
@@ -13,14 +16,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from .errors import ExaoneDeployError
 from .graph_io import GraphIO
 from .spec import LIMITS, ModelSpec
 
-__all__ = ["BundleError", "Manifest", "load_manifest", "write_manifest", "copy_tokenizer_files", "commit_dir", "staged_dir",
-           "FORMAT", "FORMAT_VERSION"]
+__all__ = ["BundleError", "Manifest", "load_manifest", "write_manifest", "copy_tokenizer_files", "finish_bundle",
+           "atomic_dir", "is_checkpoint_dir", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "exaone-deploy-bundle"
 FORMAT_VERSION = 1
@@ -89,6 +92,7 @@ class Manifest:
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer/config files present in ``src``; returns their names."""
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).exists():
@@ -97,24 +101,21 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def io_spec(spec: ModelSpec, dtype: str, max_seq_len: int, window_cache: bool = False) -> dict[str, Any]:
-    return GraphIO(spec, dtype, max_seq_len, window_cache).manifest_io()
-
-
-def write_manifest(root: Path, *, spec: ModelSpec, target: str, dtype: str, max_seq_len: int, model_file: str,
-                   canonical_file: str | None, weights_file: str | None, source_dir: Path,
-                   window_cache: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_manifest(root: Path, *, io: GraphIO, target: str, model_file: str, canonical_file: str | None,
+                   weights_file: str | None, source_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``root/manifest.json`` (atomically) listing the sha256 of every other file in ``root``."""
+    spec = io.spec
     files = sorted(p.name for p in root.iterdir() if p.is_file() and p.name != MANIFEST)
     data: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "target": target,
-        "dtype": dtype,
-        "max_seq_len": max_seq_len,
+        "dtype": io.dtype,
+        "max_seq_len": io.max_seq_len,
         "source": {"config_sha256": spec.config_sha256, "name": source_dir.name},
         "spec": spec.to_json(),
         "layers": [{"index": l.index, "kind": l.kind, "window": l.window, "rope": l.rope} for l in spec.layers],
-        "io": io_spec(spec, dtype, max_seq_len, window_cache),
+        "io": io.manifest_io(),
         "files": {"model": model_file, "canonical": canonical_file, "weights": weights_file},
         "tools": _tool_versions(),
         "sha256": {name: sha256_file(root / name) for name in files},
@@ -251,36 +252,63 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     return Manifest(root, data, _spec_of(root, data))
 
 
-@contextlib.contextmanager
-def staged_dir(out: Path, *, replace_checkpoint: bool = False):
-    """Yield a temporary sibling of ``out`` to write into; on success it becomes ``out`` atomically.
+def finish_bundle(root: Path, io: GraphIO, *, target: str, model_file: str, source_dir: Path,
+                  tokenizer_dirs: tuple[Path, ...] = (), canonical_file: str | None = None,
+                  weights_file: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The last steps of writing any bundle into its staging directory ``root``: the tokenizer files of the first
+    of ``tokenizer_dirs`` (default: ``source_dir``) that has any, then the manifest (written last: a directory
+    without one is no bundle)."""
+    for d in tokenizer_dirs or (source_dir,):
+        if copy_tokenizer_files(Path(d), root):
+            break
+    return write_manifest(root, io=io, target=target, model_file=model_file, canonical_file=canonical_file,
+                          weights_file=weights_file, source_dir=source_dir, extra=extra)
 
-    With ``replace_checkpoint`` an existing ``out`` that is empty or holds a checkpoint (config.json) is
-    replaced; any other existing directory is refused. On failure nothing is left behind.
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, *, force: bool = False, replaceable: Callable[[Path], bool] | None = None,
+               error: type[Exception] = BundleError) -> Iterator[Path]:
+    """Yield a fresh sibling directory of ``out`` (mode 0755) to write into; when the block succeeds it
+    replaces ``out`` atomically (a rename), when it fails (any exception, KeyboardInterrupt included) it is
+    removed and ``out`` is left as it was.
+
+    An existing ``out`` is replaced only with ``force``, or when ``replaceable(out)`` says so (``tiny/``
+    replaces an empty or checkpoint directory); otherwise ``error`` is raised before anything is written, as it
+    is when the parent cannot be written. The one place that stages and commits a directory (export, quantize,
+    build, ``tiny/``, the benchmarks). Rejected: writing in place (an interrupted export would leave a
+    half-bundle that looks like one) and a lock file (a rename is atomic on one file system, which a sibling is).
     """
-    out = Path(out).absolute()
-    replaceable = out.is_dir() and (not any(out.iterdir()) or (out / "config.json").exists())
-    if out.exists() and not (replace_checkpoint and replaceable):
-        raise FileExistsError(f"{out} exists and is not a checkpoint directory; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    out = Path(out)
+    if out.exists() and not (force or (replaceable is not None and replaceable(out))):
+        hint = "use --force to replace it" if replaceable is None else "refusing to replace it"
+        raise error(f"{out}: output already exists ({hint})")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
+    except OSError as e:
+        if issubclass(error, OSError):
+            raise
+        raise error(f"{out}: cannot write the output directory ({e.strerror or e})") from None
     try:
         yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
-        commit_dir(tmp, out, force=True)
+        _commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def commit_dir(tmp: Path, out: Path, force: bool = False) -> None:
-    """Atomically move a finished temporary directory into place (replacing ``out`` when forced)."""
+def _commit(tmp: Path, out: Path) -> None:
+    """Move a finished directory into place; an existing ``out`` is first renamed aside, then deleted."""
     if out.exists():
-        if not force:
-            raise BundleError(f"{out}: output already exists (use --force to replace it)")
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / out.name)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """An empty directory or one holding a checkpoint (config.json): what ``tiny/`` may overwrite."""
+    return path.is_dir() and (not any(path.iterdir()) or (path / "config.json").exists())

@@ -324,3 +324,18 @@ def test_sensitivity_report(work):
     incs = [row["increase_pct"] for row in report["layers"]]
     assert incs == sorted(incs, reverse=True) and report["float_ppl"] > 1
     assert report["suggested_keep_float"] == report["layers"][0]["unit"]
+
+
+def test_quantized_ort_bundle_gets_the_export_fusions(work, tmp_path):
+    """The writer lowers quantized bundles with the export's pass list: linears kept in float are fused
+    (q/k/v and gate/up as one MatMul + Split, weights in fused.data), and the manifest covers that file."""
+    out = tmp_path / "kf-ort"
+    quantize(work["fp32"], out, _opts("int4-rtn", "ort", None, keep_float=("0",)))
+    m = onnx.load(out / "model.onnx", load_external_data=False)
+    fused = [n for n in _inits(m) if "+" in n and not n.endswith(".split")]
+    assert sorted(fused) == ["model.layers.0.mlp.gate_proj.weight.T+model.layers.0.mlp.up_proj.weight.T",
+                             "model.layers.0.self_attn.q_proj.weight.T+model.layers.0.self_attn.k_proj.weight.T+"
+                             "model.layers.0.self_attn.v_proj.weight.T"]
+    assert sum(n.op_type == "Split" for n in m.graph.node) == 2
+    assert "fused.data" in load_manifest(out).get("sha256")
+    assert oct(out.stat().st_mode & 0o777) == "0o755"

@@ -14,19 +14,21 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from ..errors import InputError
+from ..exporter.export import untransposed_name
 
 __all__ = ["Linear", "InputGroup", "find_linears", "input_groups", "resolve_keep_float", "linear_name"]
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.weight\.T$")
-LM_HEAD_WEIGHTS = ("lm_head.weight.T", "model.embed_tokens.weight.T")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.weight$")
+_LM_HEAD = ("lm_head.weight", "model.embed_tokens.weight")  # untied head; tied: the embedding
 
 
 def linear_name(weight_name: str) -> tuple[str, int | None, str] | None:
     """``model.layers.3.mlp.down_proj.weight.T`` -> ("layers.3.mlp.down_proj", 3, "down_proj")."""
-    m = _LAYER.match(weight_name)
+    source = untransposed_name(weight_name)
+    m = _LAYER.match(source) if source is not None else None
     if m:
         return f"layers.{m.group(1)}.{m.group(2)}.{m.group(3)}", int(m.group(1)), m.group(3)
-    if weight_name in LM_HEAD_WEIGHTS:
+    if source in _LM_HEAD:
         return "lm_head", None, "lm_head"
     return None
 

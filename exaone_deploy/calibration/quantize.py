@@ -24,8 +24,8 @@ import onnx_ir as ir
 from ..errors import ExaoneDeployError
 from .. import bundle as bundle_mod
 from ..checkpoint import resolve_model_dir
-from ..exporter import lower
-from ..exporter.export import ALIGNMENT, CANONICAL_FILE, MODEL_FILE, WEIGHTS_FILE, ExportOptions, export_bundle
+from ..exporter import writer
+from ..exporter.export import CANONICAL_FILE, ExportOptions, export_bundle, graph_io
 from ..text.tokenizer import Tokenizer
 from ..spec import load_spec
 from . import numerics as nq
@@ -222,19 +222,6 @@ def write_quantized_bundle(source: Source, plan: Plan, options: QuantOptions, ou
     include = (names - keep) if include is None else (include & names) - keep
     summary = apply_plan(model, plan, options.target, include, quantize=not smooth_only)
     model.doc_string = f"EXAONE 4 canonical graph, {options.scheme} quantized for {options.target} by exaone-deploy"
-    ir.save(model, out_tmp / CANONICAL_FILE, external_data=WEIGHTS_FILE, alignment=ALIGNMENT)
-    del model
-    canonical = ir.load(out_tmp / CANONICAL_FILE)
-    window_cache = options.target == "ort" and source.spec.is_hybrid  # as the exporter: window-sized caches
-    lowered = lower.lower(canonical, source.spec, options.target, window_cache=window_cache)
-    ir.save(lowered, out_tmp / MODEL_FILE)
-    if check:
-        lower.check_model(out_tmp / CANONICAL_FILE)
-        lower.check_model(out_tmp / MODEL_FILE)
-    copied = bundle_mod.copy_tokenizer_files(source.bundle, out_tmp)
-    if not copied:
-        bundle_mod.copy_tokenizer_files(source.model_dir, out_tmp)
-    src_manifest = bundle_mod.load_manifest(source.bundle, verify=False)
     info = {
         "scheme": options.scheme,
         "target": options.target,
@@ -248,11 +235,11 @@ def write_quantized_bundle(source: Source, plan: Plan, options: QuantOptions, ou
         "layers": summary,
         **(extra_info or {}),
     }
-    bundle_mod.write_manifest(
-        out_tmp, spec=source.spec, target=options.target, dtype="float32", max_seq_len=src_manifest.max_seq_len,
-        model_file=MODEL_FILE, canonical_file=CANONICAL_FILE, weights_file=WEIGHTS_FILE,
-        source_dir=source.model_dir, window_cache=window_cache, extra={"quantization": info},
-    )
+    # The same contract and lowering as an export of the source for this target (fusions included).
+    src_manifest = bundle_mod.load_manifest(source.bundle, verify=False)
+    io = graph_io(source.spec, ExportOptions(options.target, "float32"), max_seq_len=src_manifest.max_seq_len)
+    writer.write_into(out_tmp, model, io, options.target, source_dir=source.model_dir,
+                      tokenizer_dirs=(source.bundle, source.model_dir), extra={"quantization": info}, check=check)
     return info
 
 
@@ -262,27 +249,19 @@ def quantize(model_dir: str | Path, out_dir: str | Path, options: QuantOptions, 
     ``quantization`` record plus timings."""
     options.validate()
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise QuantizeError(f"{out}: output already exists (use --force to replace it)")
-    parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    source = open_source(model_dir, parent, options.max_seq_len, progress=progress)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    try:
-        plan, calib, timings = calibrate(source, options, progress=progress)
-        log.info("%s: calibrated on %s (%.1f s statistics, %.1f s plan)", options.scheme,
-                 calib.describe() if calib else "no data", timings["statistics_s"], timings["plan_s"])
-        t = time.perf_counter()
-        info = write_quantized_bundle(source, plan, options, tmp, calib=calib)
-        timings["write_s"] = time.perf_counter() - t
-        bundle_mod.commit_dir(tmp, out, force=force)
-        log.info("%s: %d linears quantized for %s, %d kept float -> %s", options.scheme, info["quantized"],
-                 options.target, len(info["keep_float"]), out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        source.close()
+    with bundle_mod.atomic_dir(out, force=force, error=QuantizeError) as tmp:
+        source = open_source(model_dir, out.parent, options.max_seq_len, progress=progress)
+        try:
+            plan, calib, timings = calibrate(source, options, progress=progress)
+            log.info("%s: calibrated on %s (%.1f s statistics, %.1f s plan)", options.scheme,
+                     calib.describe() if calib else "no data", timings["statistics_s"], timings["plan_s"])
+            t = time.perf_counter()
+            info = write_quantized_bundle(source, plan, options, tmp, calib=calib)
+            timings["write_s"] = time.perf_counter() - t
+        finally:
+            source.close()
+    log.info("%s: %d linears quantized for %s, %d kept float -> %s", options.scheme, info["quantized"],
+             options.target, len(info["keep_float"]), out)
     timings["total_s"] = time.perf_counter() - t0
     return {**info, "timings": timings, "bundle": str(out)}

@@ -9,9 +9,6 @@ external-data file is written, so exporting a 32B checkpoint needs about one lay
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,19 +19,29 @@ from onnx_ir.tensor_adapters import TorchTensor
 from ..errors import ExaoneDeployError
 from .. import bundle as bundle_mod
 from ..checkpoint import Checkpoint, CheckpointError, resolve_model_dir
+from ..graph_io import GraphIO
 from ..spec import ModelSpec, load_spec
-from . import lower, ops
+from . import lower, ops, writer  # noqa: F401 (lower: tests patch export.lower.check_model)
 from .reference import DTYPES, Exaone4Reference
+from .writer import ALIGNMENT, CANONICAL_FILE, MODEL_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "ExportOptions", "export_bundle", "trace_canonical"]
+__all__ = ["ExportError", "ExportOptions", "export_bundle", "trace_canonical", "graph_io", "transposed_name",
+           "untransposed_name", "WEIGHTS_FILE", "CANONICAL_FILE", "MODEL_FILE", "ALIGNMENT"]
 
 TARGETS = ("ort", "trt")
-WEIGHTS_FILE = "weights.data"
-CANONICAL_FILE = "canonical.onnx"
-MODEL_FILE = "model.onnx"
-ALIGNMENT = 65536  # aligned external data lets ONNX Runtime memory-map the weights
+TRANSPOSED = ".T"  # suffix of a pre-transposed weight: W^T of checkpoint tensor W, shape [in, out]
+
+
+def transposed_name(name: str) -> str:
+    """The initializer name of checkpoint tensor ``name`` written transposed (``x @ W.t()`` -> ``x @ W^T``)."""
+    return name + TRANSPOSED
+
+
+def untransposed_name(name: str) -> str | None:
+    """The checkpoint tensor a pre-transposed initializer holds (None for any other name)."""
+    return name[: -len(TRANSPOSED)] if name.endswith(TRANSPOSED) else None
 
 
 class ExportError(ExaoneDeployError, RuntimeError):
@@ -58,10 +65,12 @@ class ExportOptions:
             raise ExportError(f"max_seq_len must be positive, got {self.max_seq_len}")
 
 
-def io_names(spec: ModelSpec) -> tuple[list[str], list[str]]:
-    pasts = [f"past_key_values.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
-    presents = [f"present.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
-    return ["input_ids", "seqlens_k", "total_sequence_length", "logits_index", *pasts], ["logits", *presents]
+def graph_io(spec: ModelSpec, options: ExportOptions, max_seq_len: int | None = None) -> GraphIO:
+    """The graph I/O contract a bundle exported with ``options`` has: window-sized caches only for ``ort`` on a
+    hybrid model, and only when asked (the one place that decides it; quantize writes through it too)."""
+    window_cache = options.window_cache and options.target == "ort" and spec.is_hybrid
+    max_positions = max_seq_len or options.max_seq_len or spec.max_position_embeddings
+    return GraphIO(spec, options.dtype, max_positions, window_cache)
 
 
 def trace_canonical(spec: ModelSpec, dtype: str, max_positions: int, opset: int = 21) -> ir.Model:
@@ -86,25 +95,21 @@ def trace_canonical(spec: ModelSpec, dtype: str, max_positions: int, opset: int 
     batch, seq, keep, cache = (torch.export.Dim(n) for n in ("batch", "sequence", "logits_len", "cache_len"))
     dynamic = ({0: batch, 1: seq}, {0: batch}, None, {0: batch, 1: keep},
                tuple({0: batch, 2: cache} for _ in pasts))
-    inputs, outputs = io_names(spec)
+    io = GraphIO(spec, dtype, max_positions)
     program = torch.onnx.export(
-        model, args, dynamo=True, input_names=inputs, output_names=outputs, dynamic_shapes=dynamic,
+        model, args, dynamo=True, input_names=io.input_names, output_names=io.output_names, dynamic_shapes=dynamic,
         custom_translation_table=ops.custom_translation_table(), optimize=False, opset_version=opset,
         verbose=False, report=False,
     )
     m = program.model
-    _name_dims(m, spec)
+    _name_dims(m, io)
     return m
 
 
-def _name_dims(m: ir.Model, spec: ModelSpec) -> None:
-    """Give the dynamic axes stable, meaningful names."""
-    names = {"input_ids": ("batch", "sequence"), "seqlens_k": ("batch",), "logits_index": ("batch", "logits_len"),
-             "logits": ("batch", "logits_len", None)}
+def _name_dims(m: ir.Model, io: GraphIO) -> None:
+    """Give the dynamic axes stable, meaningful names (``GraphIO.dim_names``)."""
     for v in [*m.graph.inputs, *m.graph.outputs]:
-        dims = names.get(v.name)
-        if dims is None and (v.name.startswith("past_key_values.") or v.name.startswith("present.")):
-            dims = ("batch", None, "cache_len", None)
+        dims = io.dim_names(v.name)
         if dims is None or v.shape is None:
             continue
         v.shape = ir.Shape([d if n is None or not isinstance(d, ir.SymbolicDim) else n
@@ -138,14 +143,14 @@ def bind_weights(m: ir.Model, spec: ModelSpec, ckpt: Checkpoint, dtype: str, max
         src = node.inputs[0]
         if src is None or not src.is_initializer() or src.name not in ckpt.tensors:
             continue
-        new = ir.Value(name=f"{src.name}.T", shape=ir.Shape(tuple(reversed(ckpt.tensors[src.name].shape))),
+        new = ir.Value(name=transposed_name(src.name), shape=ir.Shape(tuple(reversed(ckpt.tensors[src.name].shape))),
                        type=ir.TensorType(ir.tensor_adapters.from_torch_dtype(torch_dtype)),
                        const_value=lazy(src.name, transpose=True))
         g.register_initializer(new)
         node.outputs[0].replace_all_uses_with(new)
         g.remove(node, safe=True)
     for name, value in list(g.initializers.items()):
-        if name.endswith(".T"):
+        if untransposed_name(name) is not None:
             continue
         if not value.uses() and name not in [o.name for o in g.outputs]:
             del g.initializers[name]
@@ -171,22 +176,9 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     """Export a checkpoint directory into a bundle directory (atomically). Returns the bundle path."""
     options.validate()
     src = resolve_model_dir(model_dir)
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise ExportError(f"{out}: output already exists (use --force to replace it)")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise ExportError(f"{out}: cannot write the output directory ({e.strerror or e})") from None
-    try:
+    with bundle_mod.atomic_dir(out_dir, force=force, error=ExportError) as tmp:
         _export_into(src, tmp, options, progress)
-        bundle_mod.commit_dir(tmp, out, force=force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def _export_into(src: Path, tmp: Path, options: ExportOptions, progress: bool) -> None:
@@ -196,46 +188,27 @@ def _export_into(src: Path, tmp: Path, options: ExportOptions, progress: bool) -
                           "Runtime's GroupQueryAttention requires (EXAONE 4.0 uses 64 and 128)")
     ckpt = Checkpoint(src)
     ckpt.validate(spec)
-    max_positions = options.max_seq_len or spec.max_position_embeddings
-    stages = ["trace", "bind weights", "write weights", f"lower ({options.target})", "check", "manifest"]
+    io = graph_io(spec, options)
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(stages), desc="export", disable=not progress, unit="stage") as bar:
-        def stage(i):
-            bar.set_postfix_str(stages[i])
+    with tqdm(total=6, desc="export", disable=not progress, unit="stage") as bar:
+        started = []
 
-        stage(0)
-        m = trace_canonical(spec, options.dtype, max_positions, options.opset)
-        bar.update()
-        stage(1)
-        bind_weights(m, spec, ckpt, options.dtype, max_positions)
+        def stage(name: str) -> None:
+            if started:  # the previous stage is done
+                bar.update()
+            started.append(name)
+            bar.set_postfix_str(name)
+
+        stage("trace")
+        m = trace_canonical(spec, options.dtype, io.max_seq_len, options.opset)
+        stage("bind weights")
+        bind_weights(m, spec, ckpt, options.dtype, io.max_seq_len)
         m.producer_name, m.producer_version = "exaone-deploy", _version()
         m.doc_string = f"EXAONE 4 canonical graph ({options.dtype}) exported by exaone-deploy"
-        bar.update()
-        stage(2)
-        n = len(m.graph.initializers)
-        with _progress(progress, "weights", n) as wbar:
-            ir.save(m, tmp / CANONICAL_FILE, external_data=WEIGHTS_FILE, alignment=ALIGNMENT,
-                    callback=lambda *_: wbar.update())
-        del m
-        bar.update()
-        stage(3)
-        canonical = ir.load(tmp / CANONICAL_FILE)
-        window_cache = options.window_cache and options.target == "ort" and spec.is_hybrid
-        lowered = lower.lower(canonical, spec, options.target, window_cache=window_cache, data_dir=tmp)
-        ir.save(lowered, tmp / MODEL_FILE)
-        bar.update()
-        stage(4)
-        lower.check_model(tmp / CANONICAL_FILE)
-        lower.check_model(tmp / MODEL_FILE)
-        bar.update()
-        stage(5)
-        bundle_mod.copy_tokenizer_files(src, tmp)
-        bundle_mod.write_manifest(
-            tmp, spec=spec, target=options.target, dtype=options.dtype, max_seq_len=max_positions,
-            model_file=MODEL_FILE, canonical_file=CANONICAL_FILE, weights_file=WEIGHTS_FILE, source_dir=src,
-            window_cache=window_cache,
-        )
+        with _progress(progress, "weights", len(m.graph.initializers)) as wbar:
+            writer.write_into(tmp, m, io, options.target, source_dir=src, on_stage=stage,
+                              on_tensor=lambda *_: wbar.update())
         bar.update()
 
 

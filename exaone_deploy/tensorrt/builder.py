@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -39,6 +38,7 @@ from ..errors import ExaoneDeployError
 from .. import bundle as bundle_mod
 from ..bundle import BundleError, Manifest, load_manifest
 from .backend import (ENGINE_TARGET, TensorRTUnavailable, gpu_info, require_tensorrt)
+from ..graph_io import GraphIO
 from ..spec import ModelSpec
 from .checks import CheckReport, check_model, plugin_contract
 
@@ -84,21 +84,7 @@ def profile_shapes(spec: ModelSpec, max_batch: int, max_seq_len: int, prefill_op
 
     ``total_sequence_length`` is a scalar (no dynamic dimension) and needs no profile entry.
     """
-    B, C, N, H = max_batch, max_seq_len, spec.num_kv_heads, spec.head_dim
-    opt_s = min(C, prefill_opt_len or 256)
-
-    def cache(opt_b: int):
-        return (1, N, 1, H), (opt_b, N, C, H), (B, N, C, H)
-
-    prefill = {"input_ids": ((1, 1), (1, opt_s), (B, C)), "seqlens_k": ((1,), (1,), (B,)),
-               "logits_index": ((1, 1), (1, 1), (B, C))}
-    decode = {"input_ids": ((1, 1), (B, 1), (B, 1)), "seqlens_k": ((1,), (B,), (B,)),
-              "logits_index": ((1, 1), (B, 1), (B, 1))}
-    for i in range(spec.num_layers):
-        for kv in ("key", "value"):
-            prefill[f"past_key_values.{i}.{kv}"] = cache(1)
-            decode[f"past_key_values.{i}.{kv}"] = cache(B)
-    return [prefill, decode]
+    return GraphIO(spec).trt_profile_shapes(max_batch, max_seq_len, prefill_opt_len)
 
 
 class BuildProgress:
@@ -176,33 +162,22 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def write_engine_bundle(source: Manifest, out_dir: str | Path, engine: bytes, tensorrt_info: dict[str, Any],
                         *, max_seq_len: int, force: bool = False) -> Path:
     """Write an engine bundle atomically: model.engine, the source's tokenizer files, manifest.json."""
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise BuildError(f"{out}: output already exists (use --force to replace it)")
-    parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    try:
+    io = GraphIO(source.spec, source.dtype, max_seq_len)
+    with bundle_mod.atomic_dir(out_dir, force=force, error=BuildError) as tmp:
         (tmp / ENGINE_FILE).write_bytes(engine)
-        bundle_mod.copy_tokenizer_files(source.root, tmp)
-        src_manifest = source.root / bundle_mod.MANIFEST
-        bundle_mod.write_manifest(
-            tmp, spec=source.spec, target=ENGINE_TARGET, dtype=source.dtype, max_seq_len=max_seq_len,
-            model_file=ENGINE_FILE, canonical_file=None, weights_file=None, source_dir=source.root,
+        bundle_mod.finish_bundle(
+            tmp, io, target=ENGINE_TARGET, model_file=ENGINE_FILE, source_dir=source.root,
             extra={
                 "tensorrt": tensorrt_info,
                 "source_bundle": {
                     "path": str(source.root.resolve()), "target": source.target, "dtype": source.dtype,
-                    "max_seq_len": source.max_seq_len, "manifest_sha256": _sha256(src_manifest),
+                    "max_seq_len": source.max_seq_len,
+                    "manifest_sha256": _sha256(source.root / bundle_mod.MANIFEST),
                     "model_sha256": source.get("sha256", {}).get(source.data["files"]["model"]),
                 },
             },
         )
-        bundle_mod.commit_dir(tmp, out, force=force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 # ---- TensorRT --------------------------------------------------------------------------------------------
@@ -301,8 +276,7 @@ def _build_serialized(trt, model_path: Path, spec: ModelSpec, opts: BuildOptions
         index = config.add_optimization_profile(profile)
         if index < 0:
             raise BuildError(f"TensorRT rejected the {name} optimisation profile")
-        summary = {k: v for k, v in prof.items() if not k.startswith("past_key_values.")}
-        summary["past_key_values.*"] = prof["past_key_values.0.key"]
+        summary = GraphIO(spec).trt_profile_summary(prof)
         recorded.append({"name": name, "index": index,
                          "shapes": {k: [list(dims) for dims in v] for k, v in summary.items()}})
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from ..bundle import staged_dir
+from ..bundle import atomic_dir, is_checkpoint_dir
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, train_tokenizer
 
 __all__ = ["PRESETS", "make_tiny", "training_texts"]
@@ -309,7 +309,7 @@ def make_tiny(
     if num_layers is not None and num_layers < 1:
         raise ValueError(f"num_layers must be positive, got {num_layers}")
     out_dir = Path(out_dir).absolute()
-    with staged_dir(out_dir, replace_checkpoint=True) as tmp:
+    with atomic_dir(out_dir, replaceable=is_checkpoint_dir, error=FileExistsError) as tmp:
         _write_checkpoint(tmp, preset, seed, num_layers, dtype)
     return out_dir
 

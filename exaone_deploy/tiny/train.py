@@ -37,7 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from ..assets import heldout_text, split_index, train_text
-from ..bundle import staged_dir
+from ..bundle import atomic_dir, is_checkpoint_dir
 from .make import TRANSFORMERS_VERSION, _config
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, train_tokenizer
 
@@ -149,7 +149,7 @@ def train(out_dir: str | Path, **overrides) -> dict:
     torch.use_deterministic_algorithms(True)
     transformers.logging.set_verbosity_error()
 
-    with staged_dir(Path(out_dir), replace_checkpoint=True) as tmp:
+    with atomic_dir(out_dir, replaceable=is_checkpoint_dir, error=FileExistsError) as tmp:
         report = _train_into(tmp, args, AutoTokenizer, Exaone4Config, Exaone4ForCausalLM)
     return report
 
