@@ -149,7 +149,7 @@ def build_qwen3_twin(workdir: Path, layers: int | None) -> Path:
     src = build_checkpoint(workdir, layers)
     cfg = json.loads((src / "config.json").read_text())
     print(f"writing the Qwen3 twin {out} ...", file=sys.stderr)
-    with atomic_dir(out, force=True) as tmp:  # an incomplete leftover (no config.json) is replaced
+    with atomic_dir(out, replaceable=Path.is_dir) as tmp:  # the benchmark's own work dir: leftovers replaced
         index = json.loads((src / "model.safetensors.index.json").read_text())
         for file in sorted(set(index["weight_map"].values())):
             with open(src / file, "rb") as f, open(tmp / file, "wb") as g:
@@ -192,7 +192,7 @@ def build_genai(workdir: Path, layers: int | None, precision: str) -> Path:
     print(f"building onnxruntime-genai {precision} model {out} ...", file=sys.stderr)
     cache = Path(tempfile.mkdtemp(prefix=".genai-cache-", dir=workdir))
     try:
-        with atomic_dir(out, force=True) as tmp:
+        with atomic_dir(out, replaceable=Path.is_dir) as tmp:
             cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(twin), "-o", str(tmp),
                    "-p", precision, "-e", "cpu", "-c", str(cache)]
             proc = subprocess.run(cmd, capture_output=True, text=True)

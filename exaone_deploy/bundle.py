@@ -272,20 +272,32 @@ def atomic_dir(out: str | Path, *, force: bool = False, replaceable: Callable[[P
     replaces ``out`` atomically (a rename), when it fails (any exception, KeyboardInterrupt included) it is
     removed and ``out`` is left as it was.
 
-    An existing ``out`` is replaced only with ``force``, or when ``replaceable(out)`` says so (``tiny/``
-    replaces an empty or checkpoint directory); otherwise ``error`` is raised before anything is written, as it
-    is when the parent cannot be written. The one place that stages and commits a directory (export, quantize,
-    build, ``tiny/``, the benchmarks). Rejected: writing in place (an interrupted export would leave a
-    half-bundle that looks like one) and a lock file (a rename is atomic on one file system, which a sibling is).
+    Never destroy what we did not create: an existing ``out`` is replaced only when it is ours. By default that
+    is an empty directory or a bundle (a directory with our manifest), and only with ``force``; a caller that
+    writes something else passes ``replaceable`` (``tiny/`` replaces an empty or checkpoint directory without
+    ``force``). Anything else, a directory of documents or a regular file, is refused even with ``force``, and
+    ``error`` is raised before anything is written (as it is when the parent cannot be written).
+
+    Staging directories are named ``.NAME.tmp-PID-*``: ones left by a killed run (its process is gone) are removed
+    on the next run to the same output. The one place that stages and commits a directory (export, quantize,
+    build, ``tiny/``, the benchmarks). Rejected: writing in place (an interrupted export would leave a half-bundle
+    that looks like one) and a lock file (a rename is atomic on one file system, which a sibling is).
     """
     out = Path(out)
-    if out.exists() and not (force or (replaceable is not None and replaceable(out))):
-        hint = "use --force to replace it" if replaceable is None else "refusing to replace it"
-        raise error(f"{out}: output already exists ({hint})")
+    if out.exists() or out.is_symlink():
+        if replaceable is not None:
+            if out.is_symlink() or not replaceable(out):
+                raise error(f"{out}: output already exists (refusing to replace it)")
+        elif out.is_symlink() or not is_bundle_dir(out):
+            raise error(f"{out}: exists and is not an exaone-deploy bundle or an empty directory; refusing to replace "
+                        "it (choose another output path)")
+        elif not force:
+            raise error(f"{out}: output already exists (use --force to replace it)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        _remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it 0700: a service account could not read a bundle root exported
     except OSError as e:
         if issubclass(error, OSError):
             raise
@@ -298,10 +310,43 @@ def atomic_dir(out: str | Path, *, force: bool = False, replaceable: Callable[[P
         raise
 
 
+def is_bundle_dir(path: Path) -> bool:
+    """An empty directory, or one whose manifest says it is an exaone-deploy bundle: what ``--force`` replaces."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove staging directories of ``out`` whose writing process no longer exists (a killed export)."""
+    for prefix in (f".{out.name}.tmp-", f".{out.name}.old-"):
+        for p in out.parent.iterdir():
+            if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
+                continue
+            pid = p.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but is another user's
+        return True
+    return True
+
+
 def _commit(tmp: Path, out: Path) -> None:
     """Move a finished directory into place; an existing ``out`` is first renamed aside, then deleted."""
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
         os.replace(out, old / out.name)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

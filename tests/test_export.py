@@ -381,22 +381,25 @@ def test_ort_needs_head_dim_multiple_of_16(workdir, checkpoints):
 
 
 def test_atomic_dir_commits_0755_replaces_only_when_allowed_and_cleans_up(tmp_path):
-    from exaone_deploy.bundle import atomic_dir, is_checkpoint_dir
+    from exaone_deploy.bundle import FORMAT, MANIFEST, atomic_dir, is_checkpoint_dir
 
     out = tmp_path / "d"
     with atomic_dir(out) as tmp:
-        (tmp / "a").write_text("1")
-    assert (out / "a").read_text() == "1" and oct(out.stat().st_mode & 0o777) == "0o755"
+        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT}))
+    assert (out / MANIFEST).exists() and oct(out.stat().st_mode & 0o777) == "0o755"
     with pytest.raises(BundleError, match="already exists \\(use --force"):
         with atomic_dir(out):
             raise AssertionError("not reached")
     with pytest.raises(RuntimeError, match="boom"), atomic_dir(out, force=True) as tmp:
         (tmp / "b").write_text("2")
         raise RuntimeError("boom")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"] and (out / "a").exists()  # untouched, no leftovers
-    with atomic_dir(out, force=True) as tmp:
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"] and (out / MANIFEST).exists()  # untouched, no leftovers
+    with atomic_dir(out, force=True) as tmp:  # a bundle of ours: --force replaces it
         (tmp / "b").write_text("2")
     assert [p.name for p in out.iterdir()] == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    with pytest.raises(BundleError, match="not an exaone-deploy bundle"):  # no longer ours: never replaced
+        with atomic_dir(out, force=True):
+            raise AssertionError("not reached")
     with pytest.raises(FileExistsError, match="refusing"):  # tiny/: only empty or checkpoint directories
         with atomic_dir(out, replaceable=is_checkpoint_dir, error=FileExistsError):
             pass

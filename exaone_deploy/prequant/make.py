@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import staged_dir
+from ..bundle import atomic_dir, is_checkpoint_dir
 from . import pack
 from .config import scheme_from_dict
 from .formats import LINEAR_SUFFIXES
@@ -118,7 +118,7 @@ def make_prequantized(src_dir: str | Path, out_dir: str | Path, fmt: str, **opts
         shards.setdefault(src.file_of(name), {}).update(tensors)
     config = json.loads((Path(src_dir) / "config.json").read_text())
     config["quantization_config"] = q
-    with staged_dir(out_dir, replace_checkpoint=True) as tmp:
+    with atomic_dir(out_dir, replaceable=is_checkpoint_dir, error=FileExistsError) as tmp:
         for path in Path(src_dir).iterdir():
             if path.is_file() and path.suffix != ".safetensors" and path.name not in (
                     "config.json", "model.safetensors.index.json"):
