@@ -223,23 +223,7 @@ class GraphIO:
         return cls(spec, dtype=data["dtype"], max_seq_len=int(data["max_seq_len"]),
                    window_cache=bool(cache.get("window_cache")))
 
-    # ---- TensorRT profiles (added for tensorrt/builder.py) --------------------------------------------
-    def trt_profile_shapes(self, max_batch: int, max_seq_len: int, prefill_opt_len: int | None = None
-                           ) -> list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
-        """(min, opt, max) shapes of every dynamic input for the ``prefill`` and ``decode`` optimisation profiles;
-        the caches range over 1..max_seq_len positions. ``total_sequence_length`` is a scalar (no entry)."""
-        B, C, N, H = max_batch, max_seq_len, self.spec.num_kv_heads, self.spec.head_dim
-        opt_s = min(C, prefill_opt_len or 256)
-        prefill = {"input_ids": ((1, 1), (1, opt_s), (B, C)), "seqlens_k": ((1,), (1,), (B,)),
-                   "logits_index": ((1, 1), (1, 1), (B, C))}
-        decode = {"input_ids": ((1, 1), (B, 1), (B, 1)), "seqlens_k": ((1,), (B,), (B,)),
-                  "logits_index": ((1, 1), (B, 1), (B, 1))}
-        for _, _, past, _ in self.cache_pairs():
-            prefill[past] = ((1, N, 1, H), (1, N, C, H), (B, N, C, H))
-            decode[past] = ((1, N, 1, H), (B, N, C, H), (B, N, C, H))
-        return [prefill, decode]
-
-    def trt_profile_summary(self, profile: dict[str, Any]) -> dict[str, Any]:
+    def profile_summary(self, profile: dict[str, Any]) -> dict[str, Any]:
         """A profile as recorded in an engine manifest: the step inputs, and the caches once as ``past_key_values.*``."""
         summary = {k: v for k, v in profile.items() if not self.is_cache(k)}
         summary[f"{_PAST}.*"] = profile[self.past_name(0, KV[0])]

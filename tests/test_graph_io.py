@@ -98,10 +98,10 @@ def test_decode_inputs_filled_in_place():
 
 
 def test_profile_shapes(specs):
-    from exaone_deploy.tensorrt.builder import profile_shapes
-
     spec = specs["1.2b"]
-    assert GraphIO(spec).profile_shapes(4, 48) == profile_shapes(spec, max_batch=4, max_seq_len=48)
+    prefill, decode = GraphIO(spec).profile_shapes(4, 48)
+    assert prefill["past_key_values.0.key"] == ((1, 8, 1, 64), (1, 8, 48, 64), (4, 8, 48, 64))
+    assert decode["input_ids"] == ((1, 1), (4, 1), (4, 1)) and "total_sequence_length" not in decode
     prefill, decode = GraphIO(spec).profile_shapes(2, 100, prefill_opt_len=32)
     assert prefill["input_ids"] == ((1, 1), (1, 32), (2, 100)) and decode["seqlens_k"] == ((1,), (2,), (2,))
     # A window-sized cache is fixed at its window in every profile.

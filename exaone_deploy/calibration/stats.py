@@ -68,7 +68,7 @@ class CalibrationModel:
         self.io = GraphIO(spec)  # float32, full-length caches (lowered without window caches)
         model = ir.load(Path(bundle_dir) / canonical_file)
         self.groups: list[InputGroup] = input_groups(find_linears(model.graph))
-        model = lower.lower(model, spec, "ort")
+        model = lower.lower(model, spec, "ort", fuse_linears=False)  # each linear keeps its own MatMul to tap
         by_name = {g.input.name: g for g in input_groups(find_linears(model.graph))}
         self.outputs: dict[str, str] = {}  # group name -> value name in the lowered graph
         for g in self.groups:

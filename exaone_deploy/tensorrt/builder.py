@@ -84,7 +84,7 @@ def profile_shapes(spec: ModelSpec, max_batch: int, max_seq_len: int, prefill_op
 
     ``total_sequence_length`` is a scalar (no dynamic dimension) and needs no profile entry.
     """
-    return GraphIO(spec).trt_profile_shapes(max_batch, max_seq_len, prefill_opt_len)
+    return GraphIO(spec).profile_shapes(max_batch, max_seq_len, prefill_opt_len)
 
 
 class BuildProgress:
@@ -276,7 +276,7 @@ def _build_serialized(trt, model_path: Path, spec: ModelSpec, opts: BuildOptions
         index = config.add_optimization_profile(profile)
         if index < 0:
             raise BuildError(f"TensorRT rejected the {name} optimisation profile")
-        summary = GraphIO(spec).trt_profile_summary(prof)
+        summary = GraphIO(spec).profile_summary(prof)
         recorded.append({"name": name, "index": index,
                          "shapes": {k: [list(dims) for dims in v] for k, v in summary.items()}})
 

@@ -80,7 +80,7 @@ def ort_twin(manifest: bundle_mod.Manifest, work: Path) -> bundle_mod.Manifest:
         except OSError:
             shutil.copyfile(manifest.root / weights, work / weights)
     model = ir.load(manifest.root / files["canonical"])
-    model = lower.lower(model, manifest.spec, "ort")
+    model = lower.lower(model, manifest.spec, "ort", fuse_linears=False)
     ir.save(model, work / "model.onnx")
     data = json.loads(json.dumps(manifest.data))
     data["target"] = "ort"
