@@ -75,7 +75,7 @@ def accuracy(args) -> dict:
     from exaone_deploy.checkpoint import resolve_model_dir
     from exaone_deploy.exporter.export import ExportOptions, export_bundle
     from exaone_deploy.text.tokenizer import Tokenizer
-    from exaone_deploy.calibration.data import token_stream
+    from exaone_deploy.text.corpus import token_stream
 
     model = resolve_model_dir(args.model)
     if not (model / "config.json").is_file():

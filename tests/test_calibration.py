@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from exaone_deploy.calibration import numerics as nq
-from exaone_deploy.calibration.data import (CalibrationDataError, calibration_samples, read_documents, split_text,
+from exaone_deploy.text.corpus import (CalibrationDataError, calibration_samples, read_documents, split_text,
                                             token_stream)
 from exaone_deploy.calibration.rewrite import GroupPlan, Plan, apply_plan
 from exaone_deploy.text.tokenizer import Tokenizer

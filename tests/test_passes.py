@@ -121,6 +121,73 @@ def test_fused_weights_are_written_at_save_time(tmp_path):
     np.testing.assert_array_equal(fused.numpy(), expected)
 
 
+def _ort_run(model: ir.Model, feeds: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), so,
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _quantized_parallel(op: str, sizes=(64, 32, 32), k=64, block=32, zero_points=False) -> ir.Model:
+    """q/k/v-like quantized linears as calibration/rewrite.py writes them, reading one activation."""
+    from exaone_deploy.calibration import numerics as nq
+
+    x = _input("x", [3, k])
+    nodes, inits = [], []
+    if op == "MatMulIntegerToFloat":
+        dq = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name="dq")
+        nodes.append(dq)
+    for i, n in enumerate(sizes):
+        w = RNG.standard_normal((k, n)).astype(np.float32)
+        if op == "MatMulNBits":
+            q, scale = nq.quantize_int4(w, block)
+            packed, flat = nq.pack_matmulnbits(q, scale, block)
+            ins = [x, _init(f"w{i}.nbits", packed), _init(f"w{i}.scale", flat)]
+            if zero_points:  # 4-bit zero points, two a byte per output column (MatMulNBits' layout), value 8
+                ins.append(_init(f"w{i}.zp", np.full(n * ((k // block + 1) // 2), 0x88, np.uint8)))
+            attrs = {"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": 4}
+        else:
+            q, scale = nq.quantize_int8(w)
+            xq, xs, xz = dq.outputs
+            ins = [xq, _init(f"w{i}.int8", q), xs, _init(f"w{i}.scale", scale), xz]
+            attrs = {}
+        inits += [v for v in ins if v.const_value is not None]
+        nodes.append(ir.node(op, ins, attributes=attrs, domain="com.microsoft", name=f"lin{i}"))
+    outs = []
+    for i, node in enumerate(nodes[-len(sizes):]):
+        ident = ir.node("Identity", [node.outputs[0]], name=f"id{i}")
+        ident.outputs[0].name, ident.outputs[0].shape, ident.outputs[0].type = f"y{i}", ir.Shape([3, sizes[i]]), \
+            ir.TensorType(F32)
+        nodes.append(ident)
+        outs.append(ident.outputs[0])
+    return _model([x], outs, nodes, inits, opsets={"": 21, "com.microsoft": 1})
+
+
+@pytest.mark.parametrize("op,zero_points", [("MatMulNBits", False), ("MatMulNBits", True),
+                                            ("MatMulIntegerToFloat", False)])
+def test_fuse_parallel_quantized_linears(op, zero_points):
+    model = _quantized_parallel(op, zero_points=zero_points)
+    feeds = {"x": RNG.standard_normal((3, 64)).astype(np.float32)}
+    before = _ort_run(model, feeds)
+    assert passes.FuseParallelMatMuls()(model).modified
+    fused = [n for n in model.graph if n.op_type == op]
+    assert len(fused) == 1 and [n.op_type for n in model.graph].count("Split") == 1
+    if op == "MatMulNBits":
+        assert fused[0].attributes["N"].value == 128 and fused[0].attributes["accuracy_level"].value == 4
+    for a, b in zip(_ort_run(model, feeds), before):  # exact: the same integer arithmetic per column
+        np.testing.assert_array_equal(a, b)
+
+
+def test_quantized_linears_with_different_blocks_are_left_alone():
+    model = _quantized_parallel("MatMulNBits")
+    lin = next(n for n in model.graph if n.name == "lin1")
+    lin.attributes["block_size"] = ir.AttrInt64("block_size", 16)
+    assert not passes.FuseParallelMatMuls()(model).modified
+
+
 # ---- attention lowerings ----------------------------------------------------------------------------------
 
 SPEC = spec_from_config({

@@ -30,7 +30,7 @@ from ..text.tokenizer import Tokenizer
 from ..spec import load_spec
 from . import numerics as nq
 from . import stats as stats_mod
-from .data import CalibrationSet, calibration_samples
+from ..text.corpus import CalibrationSet, calibration_samples
 from .graph import InputGroup, find_linears, input_groups, resolve_keep_float
 from .rewrite import SCHEMES, GroupPlan, Plan, apply_plan, fold_target
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..text.tokenizer import Tokenizer
-from .data import token_stream
+from ..text.corpus import token_stream
 from .graph import find_linears
 from ..validate.ppl import perplexity
 from .quantize import QuantOptions, calibrate, open_source, write_quantized_bundle

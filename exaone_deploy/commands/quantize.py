@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from ..calibration.data import FORMATS
+from ..text.corpus import FORMATS
 from .common import quiet_export_tooling
 
 __all__ = ["quantize_command", "eval_ppl_command", "sensitivity_command"]

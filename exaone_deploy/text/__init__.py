@@ -1,1 +1,2 @@
-"""Text side shared by the runtime and calibration: tokenizer, chat template, detokenizer, output parsing (no torch, no onnx)."""
+"""Text side shared by the runtime, calibration and validation: tokenizer, chat template, detokenizer, output
+parsing, and corpus files (text / JSONL / chat -> token streams). No torch, no onnx."""

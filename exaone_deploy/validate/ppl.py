@@ -24,7 +24,7 @@ import numpy as np
 from .. import bundle as bundle_mod
 from ..checkpoint import resolve_model_dir
 from ..text.tokenizer import Tokenizer
-from ..calibration.data import CalibrationDataError, token_stream
+from ..text.corpus import CalibrationDataError, token_stream
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExaoneDeployError
-from ..text.tokenizer import Tokenizer
+from .tokenizer import Tokenizer
 
 __all__ = ["CalibrationDataError", "CalibrationSet", "FORMATS", "read_documents", "token_stream",
            "calibration_samples", "split_text"]
