@@ -17,6 +17,12 @@ greedy tokens with end-of-sequence ignored, at each ``--batch`` size (rows of eq
 * ``genai-thp``: ``genai`` again, started under the same huge-page ``malloc`` setting as ours (below), to show
   how much of a difference is that setting.
 * ``--bundle PATH[=LABEL]``: any other bundle (a quantized one, say) through our runtime, as an extra row.
+* ``llamacpp-f32`` / ``llamacpp-q8_0`` / ``llamacpp-q4_0``: llama.cpp's ``llama-bench`` on GGUF files converted
+  from the same checkpoint (``benchmarks/llamacpp.py``: ``LLAMA_CPP_BIN`` points at a build, or
+  ``--build-llamacpp`` builds one from the ``llama-cpp-python`` sdist). Batch 1; prefill of the same prompt length
+  from an empty context, decode at context depth ``--prompt-len`` (``-d``), where ours decodes. Its peers: ``ours``
+  (fp32) against F32, ``--bundle`` rows by their manifest's scheme (int8-sq against Q8_0, int4-* against Q4_0):
+  the ``/llama.cpp`` columns are medians of within-round ratios like the others.
 
 Ours runs the way the ``exaone-deploy`` command runs it: its interpreter is started under
 ``exaone_deploy.runtime.hugepages.hugepage_env()`` (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` where THP is in
@@ -67,7 +73,11 @@ from _util import current_rss_bytes, emit, fmt_bytes, peak_rss_bytes, print_tabl
 
 log = logging.getLogger("bench.generate")
 
-SYSTEMS = ("ours", "transformers", "genai", "genai-int4", "genai-int8", "genai-thp")
+SYSTEMS = ("ours", "transformers", "genai", "genai-int4", "genai-int8", "genai-thp", "llamacpp-f32", "llamacpp-q8_0",
+           "llamacpp-q4_0")
+LLAMACPP_PRECISION = {"llamacpp-f32": "f32", "llamacpp-q8_0": "q8_0", "llamacpp-q4_0": "q4_0"}
+LLAMACPP_PEER = {None: "llamacpp-f32", "int8-sq": "llamacpp-q8_0", "int4-awq": "llamacpp-q4_0",
+                 "int4-rtn": "llamacpp-q4_0"}  # our bundle's quantization scheme -> the llama.cpp row it is held to
 GENAI_PRECISION = {"genai": "fp32", "genai-int4": "int4", "genai-int8": "int8", "genai-thp": "fp32"}
 GiB = 1 << 30
 
@@ -446,6 +456,30 @@ def run_genai(model_dir: str, batch: int, prompt_len: int, new_tokens: int, thre
     return dict(_best(runs), peak_anon=anon.peak, version=f"onnxruntime-genai {og.__version__}")
 
 
+def run_llamacpp(gguf: str, batch: int, prompt_len: int, new_tokens: int, threads: int, repeats: int) -> dict:
+    """llama-bench (benchmarks/llamacpp.py): prefill from an empty context, decode at depth ``prompt_len``."""
+    import llamacpp
+
+    if batch != 1:
+        raise RuntimeError("llama-bench measures batch 1 only")
+    llama = llamacpp.locate()
+    r = llamacpp.bench(llama, Path(gguf), threads, prompt_len, new_tokens - 1, prompt_len, repetitions=repeats)
+    ttft = prompt_len / r["prefill_tok_s"]
+    out = _result(r["load_s"], ttft, ttft, (new_tokens - 1) / r["decode_tok_s"], 1, prompt_len, new_tokens, [[]],
+                  r["peak_rss"])
+    return dict(out, peak_rss=r["peak_rss"], peak_anon=r["peak_rss"], version=r["build"])
+
+
+def build_llamacpp(workdir: Path, layers: int | None, system: str, build: bool) -> Path:
+    """The checkpoint's GGUF for a llama.cpp system (converted and quantized once, cached under --workdir)."""
+    import llamacpp
+
+    llama = llamacpp.locate(workdir, build_if_missing=build)
+    os.environ.setdefault("LLAMA_CPP_BIN", str(llama.bin_dir))  # the measuring interpreters find the same build
+    os.environ.setdefault("LLAMA_CPP_SRC", str(llama.src_dir))
+    return llamacpp.gguf_for(llama, build_checkpoint(workdir, layers), LLAMACPP_PRECISION[system], workdir)
+
+
 # ---- the run ------------------------------------------------------------------------------------------------
 
 
@@ -492,6 +526,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick check (default: 30)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/exaone-deploy-bench"))
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
+    ap.add_argument("--build-llamacpp", action="store_true",
+                    help="build llama.cpp under --workdir when LLAMA_CPP_BIN is unset (pip sdist + cmake, slow)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -500,6 +536,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.layers is not None and args.layers < 1:
         ap.error("--layers must be >= 1")
     return args
+
+
+def _scheme(target: dict) -> str | None:
+    """The quantization scheme of the bundle a target runs (None: float)."""
+    from exaone_deploy.bundle import load_manifest
+
+    return (load_manifest(target["path"], verify=False).get("quantization") or {}).get("scheme")
 
 
 def _first_divergence(a: list[list[int]], b: list[list[int]]) -> int | None:
@@ -576,6 +619,13 @@ def main(argv=None) -> dict:
             targets.append(dict(label=system, kind=system, path=build_bundle(workdir, L), fn=run_ours, hugepages=True))
         elif system == "transformers":
             targets.append(dict(label=system, kind=system, path=ckpt, fn=run_transformers))
+        elif system in LLAMACPP_PRECISION:
+            try:
+                targets.append(dict(label=system, kind="llamacpp", fn=run_llamacpp,
+                                    path=build_llamacpp(workdir, L, system, args.build_llamacpp)))
+            except Exception as e:  # noqa: BLE001 - a peer that cannot be built is reported, not fatal
+                print(f"{system}: {e}", file=sys.stderr)
+                targets.append(dict(label=system, error=str(e).strip().splitlines()[0][:200]))
         else:
             try:
                 path = build_genai(workdir, L, GENAI_PRECISION[system])
@@ -595,6 +645,10 @@ def main(argv=None) -> dict:
             return hf_read_bytes
         if kind == "genai":
             return onnx_decode_bytes(path / "model.onnx")
+        if kind == "llamacpp":
+            import llamacpp
+
+            return llamacpp.gguf_decode_bytes(path, Path(os.environ["LLAMA_CPP_SRC"]))
         from exaone_deploy.bundle import load_manifest
 
         return onnx_decode_bytes(load_manifest(path, verify=False).model_path)
@@ -634,6 +688,7 @@ def main(argv=None) -> dict:
 
     # Derived figures: ceilings, and ratios within each round (median over rounds).
     by = {(r["system"], r["batch"]): r for r in rows}
+    llamacpp_peer = {t["label"]: LLAMACPP_PEER.get(_scheme(t)) for t in live if t["kind"] in ("ours", "bundle")}
     for r in rows:
         if "error" in r:
             continue
@@ -648,6 +703,12 @@ def main(argv=None) -> dict:
                     if ratios:
                         r[f"{what}_vs_{peer}"] = float(np.median(ratios))
                         r[f"{what}_vs_{peer}_rounds"] = ratios
+        peer = llamacpp_peer.get(r["system"])
+        if peer and "error" not in by.get((peer, r["batch"]), {"error": 1}):
+            for what in ("prefill", "decode"):
+                ratios = _paired_ratios(per_round, r["system"], peer, r["batch"], f"{what}_tok_s")
+                if ratios:
+                    r[f"{what}_vs_llamacpp"], r[f"{what}_vs_llamacpp_rounds"] = float(np.median(ratios)), ratios
         hf = by.get(("transformers", r["batch"]))
         if r["system"] == "ours" and hf and "error" not in hf:
             d = _first_divergence(r["tokens"], hf["tokens"])
@@ -684,7 +745,7 @@ def main(argv=None) -> dict:
                 if k in s:
                     s[k] = f"{100 * s[k]:.0f}%"
             for k in ("prefill_vs_transformers", "prefill_vs_genai", "decode_vs_transformers", "decode_vs_genai",
-                      "rss_over_fp32_weights"):
+                      "prefill_vs_llamacpp", "decode_vs_llamacpp", "rss_over_fp32_weights"):
                 if k in s:
                     rounds = s.get(f"{k}_rounds", [])
                     spread = f" ({min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else ""
@@ -699,6 +760,7 @@ def main(argv=None) -> dict:
             ("decode_of_ceiling", "of ceiling"), ("peak_rss", "peak RSS GiB"), ("rss_over_fp32_weights", "/fp32 w"),
             ("peak_anon", "anon GiB"), ("prefill_vs_transformers", "prefill/hf"), ("prefill_vs_genai", "prefill/genai"),
             ("decode_vs_transformers", "decode/hf"), ("decode_vs_genai", "decode/genai"),
+            ("prefill_vs_llamacpp", "prefill/llama.cpp"), ("decode_vs_llamacpp", "decode/llama.cpp"),
             ("tokens_match_transformers", "tokens = hf"),
         ])
         versions = sorted({r["version"] for r in rows if "version" in r})

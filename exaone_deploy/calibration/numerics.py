@@ -20,10 +20,10 @@ import math
 import ml_dtypes
 import numpy as np
 
-__all__ = ["INT8_MAX", "FP8_MAX", "INT4_MAX", "quantize_int8", "quantize_fp8", "quantize_int4", "dequantize_int4",
-           "fake_quant_int4", "pack_matmulnbits", "quantize_activation_int8", "fp8_round", "amax_from_histogram",
-           "entropy_threshold", "smoothquant_scales", "tie_heads", "awq_search_scale", "awq_search_clip",
-           "HIST_BINS"]
+__all__ = ["INT8_MAX", "FP8_MAX", "INT4_MAX", "quantize_int8", "quantize_fp8", "quantize_int4",
+           "quantize_int8_blocks", "dequantize_int4", "fake_quant_int4", "pack_matmulnbits", "quantize_activation_int8",
+           "fp8_round", "amax_from_histogram", "entropy_threshold", "smoothquant_scales", "tie_heads",
+           "awq_search_scale", "awq_search_clip", "HIST_BINS"]
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # largest finite float8 E4M3FN
@@ -71,12 +71,22 @@ def _blocks(w: np.ndarray, block: int) -> np.ndarray:
 def quantize_int4(w: np.ndarray, block: int, clip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Blockwise symmetric INT4 along the input axis: (q int8 in [-8, 7] [in, out], scale float32
     [ceil(in/block), out])."""
+    return _quantize_blocks(w, block, INT4_MAX, -8, clip)
+
+
+def quantize_int8_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blockwise symmetric INT8 along the input axis (the 8-bit ``MatMulNBits`` layout, llama.cpp's Q8_0 has
+    the same shape of scales): (q int8 in [-127, 127] [in, out], scale float32 [ceil(in/block), out])."""
+    return _quantize_blocks(w, block, INT8_MAX, -INT8_MAX, None)
+
+
+def _quantize_blocks(w, block, qmax, qmin, clip):
     wb = _blocks(w, block)
     amax = np.abs(wb).max(axis=1)  # [nb, out]
     if clip is not None:
         amax = amax * clip
-    scale = (np.maximum(amax, TINY) / INT4_MAX).astype(np.float32)
-    q = np.clip(np.rint(wb / scale[:, None, :]), -8, 7).astype(np.int8)
+    scale = (np.maximum(amax, TINY) / qmax).astype(np.float32)
+    q = np.clip(np.rint(wb / scale[:, None, :]), qmin, qmax).astype(np.int8)
     return q.reshape(-1, w.shape[1])[: w.shape[0]], scale
 
 
@@ -98,17 +108,18 @@ def fake_quant_int4(w: np.ndarray, block: int, clip: np.ndarray | None = None) -
     return out.reshape(-1, w.shape[1])[: w.shape[0]]
 
 
-def pack_matmulnbits(q: np.ndarray, scale: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """INT4 values [in, out] and scales [ceil(in/block), out] -> ``com.microsoft.MatMulNBits`` inputs.
+def pack_matmulnbits(q: np.ndarray, scale: np.ndarray, block: int, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """INT4 (or INT8, ``bits=8``) values [in, out] and scales [ceil(in/block), out] -> ``com.microsoft.MatMulNBits``
+    inputs.
 
-    B is uint8 [out, in/block, block/2]: column n's blocks, two 4-bit values a byte, the even row in the low
-    nibble, stored unsigned with the zero point 8 that MatMulNBits assumes without a zero_points input.
-    Scales are float32 [out * in/block], column-major over blocks.
+    B is uint8 [out, in/block, block * bits / 8]: column n's blocks; at 4 bits two values a byte, the even row in
+    the low nibble. Values are stored unsigned with the zero point 2^(bits-1) (8, 128) that MatMulNBits assumes
+    without a zero_points input. Scales are float32 [out * in/block], column-major over blocks.
     """
     q = pad_rows(q, block)  # MatMulNBits pads a partial last block too (K stays the real size)
     k, n = q.shape
-    u = (q.astype(np.int16) + 8).astype(np.uint8).T.reshape(n, k // block, block)  # [out, nb, block]
-    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    u = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8).T.reshape(n, k // block, block)  # [out, nb, block]
+    packed = u if bits == 8 else (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
     return np.ascontiguousarray(packed), np.ascontiguousarray(scale.T.reshape(-1).astype(np.float32))
 
 

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import ExaoneDeployError
 from .. import bundle as bundle_mod
 from ..checkpoint import resolve_model_dir
+from ..errors import ExaoneDeployError
 from ..exporter import writer
 from ..exporter.export import CANONICAL_FILE, ExportOptions, export_bundle, graph_io
-from ..text.tokenizer import Tokenizer
 from ..spec import load_spec
+from ..text.tokenizer import Tokenizer
 from . import numerics as nq
 from . import stats as stats_mod
 from ..text.corpus import CalibrationSet, calibration_samples
@@ -40,6 +40,7 @@ __all__ = ["QuantizeError", "QuantOptions", "quantize", "METHODS", "SCHEMES", "o
            "write_quantized_bundle"]
 
 METHODS = ("max", "percentile", "entropy")
+LM_HEADS = ("same", "int8")
 BLOCK_SIZES = (32, 64, 128)
 
 
@@ -64,6 +65,7 @@ class QuantOptions:
     percentile: float = 99.99
     awq_tokens: int = 512  # tokens the AWQ scale search evaluates (the clip search uses all of them)
     max_seq_len: int | None = None
+    lm_head: str = "same"  # int4 schemes: "same" = INT4 head; "int8" = 8-bit head (llama.cpp keeps it at Q6_K)
 
     def validate(self) -> None:
         if self.scheme not in SCHEMES:
@@ -75,6 +77,8 @@ class QuantOptions:
         if self.scheme == "fp8" and self.method == "entropy":
             raise QuantizeError("--method entropy fits INT8's 128 uniform levels, not FP8's; use max or percentile "
                                 "with fp8")
+        if self.lm_head not in LM_HEADS:
+            raise QuantizeError(f"unknown LM head quantization {self.lm_head!r} (choose from {', '.join(LM_HEADS)})")
         if self.block_size not in BLOCK_SIZES:
             raise QuantizeError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -156,7 +160,8 @@ def calibrate(source: Source, options: QuantOptions, progress: bool = False
 
 def make_plan(options: QuantOptions, spec, groups: list[InputGroup], stats: dict | None, model=None,
               calib: CalibrationSet | None = None, progress: bool = False) -> Plan:
-    plan = Plan(options.scheme, options.block_size, {}, (spec.num_heads, spec.num_kv_heads, spec.head_dim))
+    plan = Plan(options.scheme, options.block_size, {}, (spec.num_heads, spec.num_kv_heads, spec.head_dim),
+                lm_head=options.lm_head)
     by_name = {m.name: m for g in groups for m in g.members}
 
     def tie_for(g: InputGroup):
@@ -183,9 +188,9 @@ def make_plan(options: QuantOptions, spec, groups: list[InputGroup], stats: dict
             gp.act_amax = float((st.absmax / gp.smooth).max())
         elif options.scheme == "fp8":
             gp.act_amax = float(st.absmax.max())
-        elif options.scheme == "int4-awq":
+        elif options.scheme == "int4-awq" and not any(plan.head_int8(m) for m in g.members):
             ws = weights(g)
-            tie_mean = (lambda v: tie(v, "mean")) if tie is not None else None
+            tie_mean = (lambda v, tie=tie: tie(v, "mean")) if tie is not None else None
             s, ratio, err, err0 = nq.awq_search_scale(st.tokens, st.meanabs, ws, options.block_size, tie=tie_mean)
             gp.smooth = s if ratio > 0 else None
             gp.info = {"awq_ratio": ratio, "awq_error_gain": (err0 / err) if err > 0 else 1.0}
@@ -229,6 +234,7 @@ def write_quantized_bundle(source: Source, plan: Plan, options: QuantOptions, ou
         "alpha": options.alpha if options.scheme == "int8-sq" else None,
         "percentile": options.percentile if options.method == "percentile" else None,
         "block_size": options.block_size if options.scheme.startswith("int4") else None,
+        "lm_head": options.lm_head if options.scheme.startswith("int4") else None,
         "calibration": calib.describe() if calib is not None else None,
         "keep_float": sorted(names - include),
         "quantized": len(summary),
