@@ -65,6 +65,7 @@ class Delta:
     text: str  # may be "" (an unfinished UTF-8 character, text held back for stop strings)
     token_ids: tuple[int, ...]  # the tokens this step added
     logprobs: tuple[TokenLogprob, ...] = ()  # theirs, when the request asked for logprobs
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # on a scoring request's first Delta: the prompt's
 
 
 @dataclass(frozen=True)
@@ -353,7 +354,9 @@ class Scheduler:
                 self.observer.on_first_token(req)
             if delta or len(ids) > n:  # (an end-of-sequence token is not part of the completion)
                 lps = tuple(row.result.logprobs[n:]) if row.result.logprobs is not None else ()
-                self._emit(req, Delta(req.index, delta, tuple(ids[n:]), lps))
+                scored = row.result.prompt_logprobs
+                self._emit(req, Delta(req.index, delta, tuple(ids[n:]), lps,
+                                      tuple(scored) if n == 0 and scored is not None else None))
             if row.done:
                 self._finish(req, row.result.finish_reason)
             else:
