@@ -481,7 +481,7 @@ class ServingChat(OpenAIServing):
         prompt, text = await asyncio.to_thread(self._render, self._messages(raw), tools, kwargs)
         reasoning = opens_reasoning(text)
         grammar = await asyncio.to_thread(self._grammar, raw.get("response_format"), tools, raw.get("tool_choice"),
-                                          reasoning)
+                                          reasoning, body.parallel_tool_calls is not False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self.sampling_params(body, max_tokens, len(prompt), "messages", body.n, logprobs=logprobs,
@@ -491,8 +491,8 @@ class ServingChat(OpenAIServing):
                          return_token_ids=body.return_token_ids, logprobs=bool(body.logprobs))
         return await self.respond(request, body, fmt, gen)
 
-    def _grammar(self, response_format: dict | None, tools: list[dict] | None, tool_choice, reasoning: bool
-                 ) -> str | None:
+    def _grammar(self, response_format: dict | None, tools: list[dict] | None, tool_choice, reasoning: bool,
+                 parallel: bool) -> str | None:
         """The llguidance grammar a request asks for (None: free text); a bad schema is a 400 here."""
         if tool_choice in ("auto", "none"):
             tool_choice = None
@@ -500,7 +500,8 @@ class ServingChat(OpenAIServing):
             return None
         try:
             constraint = GrammarConstraint.from_request(self.engine.tokenizer, response_format, tools, tool_choice,
-                                                        vocab_size=self.engine.vocab_size, reasoning=reasoning)
+                                                        vocab_size=self.engine.vocab_size, reasoning=reasoning,
+                                                        parallel_tool_calls=parallel)
         except GrammarError as e:
             raise APIError(400, str(e), param="tool_choice" if tool_choice is not None else "response_format",
                            code="invalid_value") from None
