@@ -382,7 +382,7 @@ def test_lm_eval_local_completions(server, tok, backend, bundle, tmp_path, monke
                            "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: byte_perplexity\n",
         "shakespeare_mc": f"task: shakespeare_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
                           f"    test: {tmp_path / 'mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
-                          "doc_to_text: '{{context}}\\n'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+                          "doc_to_text: \"{{context}}\\n\"\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
                           "target_delimiter: ''\nmetric_list:\n  - metric: acc\n",
     }.items():
         (tmp_path / f"{name}.yaml").write_text(body)
@@ -415,5 +415,8 @@ def test_lm_eval_local_completions(server, tok, backend, bundle, tmp_path, monke
             lp = _score(backend, whole)
             lls.append(sum(float(lp[j - 1, whole[j]]) for j in range(len(head), len(whole))))
         correct += int(np.argmax(lls)) == doc["label"]
+        sample = next(x for x in out["samples"]["shakespeare_mc"] if x["doc"]["context"] == doc["context"])
+        assert [a[0] + a[1] for a in sample["arguments"]] == [doc["context"] + "\n" + c for c in doc["choices"]]
+        assert np.allclose([r[0][0] for r in sample["resps"]], lls, atol=1e-3)
     assert results["shakespeare_mc"]["acc,none"] == pytest.approx(correct / len(mc), abs=1e-9)
     assert 0 < correct < len(mc)  # a task the model neither always passes nor always fails
