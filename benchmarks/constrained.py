@@ -3,6 +3,12 @@
     exaone-deploy make-tiny /tmp/ckpt-1.2b --preset 1.2b-full
     exaone-deploy export /tmp/ckpt-1.2b /tmp/bundle-1.2b --max-seq-len 1024
     python benchmarks/constrained.py /tmp/bundle-1.2b [--batch 1,8] [--tokens 64] [--rounds 3] [--json]
+                                     [--tokenizer DIR]
+
+A random-weight bundle's own tokenizer is small (make-tiny trains it on a little text), and the grammar's mask
+cost grows with the number of real tokens: ``--tokenizer DIR`` decodes with another tokenizer of at most the
+model's vocabulary instead, e.g. the 102,400-token byte-level BPE that ``benchmarks/grammar.py`` builds (cached in
+``$TMPDIR/exaone-deploy-bench-grammar/bpe-102400``), so the masks cost what they would with EXAONE's vocabulary.
 
 Each round runs, for each batch size, a free and a constrained generation of the same prompts, one right after the
 other (interleaved, so a loaded machine slows both alike), with ``generate.Generator`` (the path the scheduler's
@@ -26,6 +32,7 @@ from _util import add_json_flag, emit, print_table
 from exaone_deploy.runtime.generate import Generator
 from exaone_deploy.runtime.grammar import GrammarConstraint
 from exaone_deploy.runtime.sampling import SamplingParams
+from exaone_deploy.text.tokenizer import Tokenizer
 
 SCHEMA = {"type": "object", "properties": {"role": {"enum": ["king", "queen", "fool"]}, "speech": {"type": "string"}},
           "required": ["role", "speech"]}
@@ -44,10 +51,13 @@ def main() -> None:
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokenizer", type=Path, default=None, help="decode with this tokenizer directory")
     add_json_flag(parser)
     args = parser.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     gen = Generator.from_bundle(args.bundle, max_batch=max(batches), verify=False)
+    if args.tokenizer is not None:
+        gen = Generator(gen.backend, Tokenizer.from_dir(args.tokenizer))
     grammar = GrammarConstraint.json_schema(gen.tokenizer, SCHEMA, gen.backend.spec.vocab_size).grammar
     free = SamplingParams(max_new_tokens=args.tokens, temperature=1.0, ignore_eos=True)
     constrained = dataclasses.replace(free, ignore_eos=False, grammar=grammar)
@@ -62,7 +72,8 @@ def main() -> None:
         f, c = (statistics.median(runs[(b, n)]) for n in ("free", "constrained"))
         rows.append({"batch": b, "free_tok_s": round(f, 2), "constrained_tok_s": round(c, 2),
                      "overhead_pct": round(100 * (f / c - 1), 2), "rounds": args.rounds, "tokens": args.tokens})
-    result = {"bundle": str(args.bundle), "vocab": gen.backend.spec.vocab_size, "results": rows}
+    result = {"bundle": str(args.bundle), "vocab": gen.backend.spec.vocab_size,
+              "tokenizer_tokens": gen.tokenizer.vocab_size, "results": rows}
     emit(result, args.json, lambda: print_table(rows, list(rows[0])))
 
 
