@@ -174,6 +174,15 @@ def test_completion_echo_scores_prompts_in_one_batch(server, tok, backend):
                                          temperature=0)
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == len(tok.encode(texts[0])) + 1 and r.choices[0].text.startswith(texts[0])
+    # streamed: the echo (with the prompt's logprobs) first, then the tokens; the same text and numbers
+    kw = dict(model=MODEL, prompt=texts[0], max_tokens=6, echo=True, logprobs=1, temperature=0)
+    whole = server.client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in server.client.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text
+    streamed = [x for c in chunks if c.logprobs for x in c.logprobs.token_logprobs]
+    assert streamed == whole.logprobs.token_logprobs
+    offsets = [x for c in chunks if c.logprobs for x in c.logprobs.text_offset]
+    assert offsets == whole.logprobs.text_offset
 
 
 def test_scheduler_scores_many_prompts_in_one_backend_call(bundle, tok, backend):
