@@ -30,9 +30,15 @@ def _tuples(options: dict[str, Any], *names: str) -> dict[str, Any]:
     return {k: ((v,) if isinstance(v, str) else tuple(v)) if k in names else v for k, v in options.items()}
 
 
-def _params(sampling: dict[str, Any]):
+def _params(sampling: dict[str, Any], generator=None, json_schema: dict | None = None, reasoning: bool = False):
+    """SamplingParams from keywords; ``json_schema`` (with the generator's tokenizer) becomes a grammar."""
     from .runtime.sampling import SamplingParams
 
+    if json_schema is not None:
+        from .runtime.grammar import GrammarConstraint
+
+        sampling["grammar"] = GrammarConstraint.json_schema(generator.tokenizer, json_schema,
+                                                            generator.backend.spec.vocab_size, reasoning).grammar
     return SamplingParams(**_tuples(sampling, "stop", "stop_token_ids")).validate()
 
 
@@ -47,12 +53,13 @@ class Model:
     def __init__(self, generator):
         self.generator = generator
 
-    def generate(self, prompt: str | Sequence[str], **sampling) -> str | list[str]:
+    def generate(self, prompt: str | Sequence[str], *, json_schema: dict | None = None, **sampling) -> str | list[str]:
         """The completion of ``prompt`` (a string: one prompt, returns a string) or of each prompt in a list
-        (decoded as one batch, returns a list)."""
+        (decoded as one batch, returns a list). ``json_schema``: the completion is JSON valid under it
+        (grammar-constrained decoding; needs the 'grammar' extra); parse it with ``json.loads``."""
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
-        results = self.generator.generate(prompts, _params(sampling))
+        results = self.generator.generate(prompts, _params(sampling, self.generator, json_schema))
         texts = [r.text for r in results]
         return texts[0] if single else texts
 
@@ -63,14 +70,22 @@ class Model:
         yield from self.generator.stream(prompt, _params(sampling))
 
     def chat(
-        self, messages: str | Sequence[dict], *, tools: Sequence[dict] | None = None, thinking: bool = False, **sampling
+        self,
+        messages: str | Sequence[dict],
+        *,
+        tools: Sequence[dict] | None = None,
+        thinking: bool = False,
+        json_schema: dict | None = None,
+        **sampling,
     ) -> dict[str, Any]:
         """The assistant's reply to ``messages`` (OpenAI-style dicts; a string is one user message) as an
         OpenAI-style message: ``{"role": "assistant", "content", "reasoning_content"?, "tool_calls"?}``, ready
-        to append to the conversation. ``thinking=True`` turns on reasoning mode."""
+        to append to the conversation. ``thinking=True`` turns on reasoning mode; ``json_schema``: the content
+        is JSON valid under it (after the reasoning, when thinking)."""
         gen = self.generator
         ids = gen.chat_prompt(_messages(messages), tools=list(tools) if tools else None, enable_thinking=thinking)
-        parsed = gen.generate([ids], _params(sampling))[0].parsed(reasoning_opened=thinking)
+        params = _params(sampling, gen, json_schema, reasoning=thinking)
+        parsed = gen.generate([ids], params)[0].parsed(reasoning_opened=thinking)
         reply: dict[str, Any] = {"role": "assistant", "content": parsed.content}
         if parsed.reasoning:
             reply["reasoning_content"] = parsed.reasoning

@@ -149,8 +149,10 @@ class GraphIO:
 
     # ---- step inputs ------------------------------------------------------------------------------
     @staticmethod
-    def prefill_inputs(prompts: Sequence[Sequence[int]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """A prompt step over fresh rows, right-padded with 0: (inputs, per-row lengths)."""
+    def prefill_inputs(prompts: Sequence[Sequence[int]], all_logits: bool = False
+                       ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """A prompt step over fresh rows, right-padded with 0: (inputs, per-row lengths). Logits of each row's
+        last token, or (``all_logits``) of every position of the padded chunk."""
         lens = np.array([len(p) for p in prompts], dtype=np.int64)
         ids = np.zeros((len(prompts), int(lens.max())), dtype=np.int64)
         for b, p in enumerate(prompts):
@@ -159,7 +161,8 @@ class GraphIO:
             "input_ids": ids,
             "seqlens_k": (lens - 1).astype(np.int32),
             "total_sequence_length": np.array(ids.shape[1], dtype=np.int32),
-            "logits_index": (lens - 1)[:, None],
+            "logits_index": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy() if all_logits
+            else (lens - 1)[:, None],
         }
         return inputs, lens
 

@@ -1,13 +1,14 @@
 """Verbs that run a bundle: ``generate``, ``chat``, ``demo``. They need no torch (an edge install runs them).
 
 exaone-deploy generate BUNDLE_DIR (--prompt TEXT | --input-ids 1,2,3 | --messages FILE) [--chat] [--thinking]
-                       [sampling options] [--device cpu|cuda] [--stream] [--json]
+                       [--json-schema FILE] [sampling options] [--device cpu|cuda] [--stream] [--json]
 exaone-deploy chat BUNDLE_DIR [--system TEXT] [--thinking] [sampling options] [--device cpu|cuda]
 exaone-deploy demo [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--seed N] [--bundle DIR]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -55,6 +56,21 @@ def _read_messages(ctx, param, path: Path | None) -> tuple[list, list | None] | 
     return body, tools
 
 
+def _read_schema(ctx, param, path: Path | None) -> dict | None:
+    """``--json-schema FILE``: a JSON schema object (the output is constrained to match it)."""
+    if path is None:
+        return None
+    try:
+        schema = json.loads(path.read_text())
+    except OSError as e:
+        raise click.BadParameter(f"{path}: cannot read ({e.strerror})", ctx=ctx, param=param) from None
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"{path}: invalid JSON ({e})", ctx=ctx, param=param) from None
+    if not isinstance(schema, dict):
+        raise click.BadParameter(f"{path}: a JSON schema must be an object", ctx=ctx, param=param)
+    return schema
+
+
 def _parse_ids(ctx, param, value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -78,6 +94,8 @@ def _parse_ids(ctx, param, value: str | None) -> list[int] | None:
 )
 @click.option("--chat", is_flag=True, help="Wrap --prompt in the chat template as a user turn.")
 @click.option("--thinking", is_flag=True, help="Reasoning mode (enable_thinking).")
+@click.option("--json-schema", "schema", type=click.Path(path_type=Path), default=None, callback=_read_schema,
+              help="Constrain the output to JSON valid under this schema (file); after </think> with --thinking.")
 @sampling_options
 @device_option
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
@@ -89,6 +107,7 @@ def generate_command(
     request,
     chat: bool,
     thinking: bool,
+    schema: dict | None,
     params,
     device: str,
     stream: bool,
@@ -96,6 +115,7 @@ def generate_command(
 ) -> None:
     """Generate text from a bundle."""
     from ..runtime.generate import Generator
+    from ..runtime.grammar import GrammarConstraint
 
     if sum(x is not None for x in (prompt, ids, request)) != 1:
         raise click.UsageError("give exactly one of --prompt, --input-ids, --messages")
@@ -108,6 +128,10 @@ def generate_command(
         ids = gen.chat_prompt(messages, tools=tools, enable_thinking=thinking)
     elif ids is None:
         ids = gen.encode(prompt)
+    if schema is not None:
+        grammar = GrammarConstraint.json_schema(gen.tokenizer, schema, gen.backend.spec.vocab_size,
+                                                reasoning=chat_mode and thinking).grammar
+        params = dataclasses.replace(params, grammar=grammar)
     if stream and not as_json:
         for delta in gen.stream(ids, params):
             click.echo(delta, nl=False)

@@ -120,9 +120,12 @@ class Backend(ABC):
 
 
     # ---- steps ----------------------------------------------------------------------------------------
-    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], all_logits: bool = False
+                ) -> np.ndarray:
         """Run prompts into slots (their old contents are dropped). Returns float32 (len(slots), vocab)
-        logits of each prompt's last token. Contiguous slots share one right-padded prompt step."""
+        logits of each prompt's last token, or with ``all_logits`` (len(slots), longest prompt, vocab) logits
+        of every position (a shorter prompt's rows past its end are padding). Contiguous slots share one
+        right-padded prompt step."""
         slots = list(slots)
         for s, p in zip(slots, prompts):
             self._check_slot(s)
@@ -132,15 +135,22 @@ class Backend(ABC):
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         ragged = len({len(p) for p in prompts}) > 1
         if not contiguous or len(slots) == 1 or (ragged and self.windowed):
-            return np.concatenate([self._prefill_rows(s, [p]) for s, p in zip(slots, prompts)])
-        return self._prefill_rows(slots[0], prompts)
+            rows = [self._prefill_rows(s, [p], all_logits) for s, p in zip(slots, prompts)]
+            if not all_logits:
+                return np.concatenate(rows)
+            out = np.zeros((len(rows), max(r.shape[1] for r in rows), rows[0].shape[-1]), dtype=np.float32)
+            for b, r in enumerate(rows):
+                out[b, :r.shape[1]] = r[0]
+            return out
+        return self._prefill_rows(slots[0], prompts, all_logits)
 
-    def _prefill_rows(self, r0: int, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        """One prompt step over rows [r0, r0 + len(prompts)), caches starting empty; (B, vocab) logits."""
-        inputs, lens = GraphIO.prefill_inputs(prompts)
+    def _prefill_rows(self, r0: int, prompts: Sequence[Sequence[int]], all_logits: bool = False) -> np.ndarray:
+        """One prompt step over rows [r0, r0 + len(prompts)), caches starting empty; (B, vocab) logits, or
+        (B, longest, vocab) with ``all_logits``."""
+        inputs, lens = GraphIO.prefill_inputs(prompts, all_logits)
         logits = self._step(r0, inputs, decode=False)
         self.lengths[r0:r0 + len(prompts)] = lens
-        return logits[:, 0]
+        return logits if all_logits else logits[:, 0]
 
     def extend(self, slot: int, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append tokens to a slot. Returns (1 or len(tokens), vocab) logits."""

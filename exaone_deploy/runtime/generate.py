@@ -2,24 +2,35 @@
 
 A prompt is a string (tokenized) or a sequence of token ids; ``generate`` and ``stream_rows`` take a batch of
 them, or one bare string as a batch of one (a string is not taken as a sequence of one-character prompts).
+
+One sampling step, for the offline :class:`Generator` and the serving scheduler alike (:func:`sample_batch`):
+the float32 log-softmax of each row's *raw* logits for the rows that return logprobs (what OpenAI reports:
+the model's distribution, before temperature, penalties, top-k/p and the grammar), then the rows' grammar
+masks in one :func:`~exaone_deploy.runtime.grammar.apply_batch` (rows without a grammar are untouched, so
+constrained and free requests share a batch), then each row's sampler; ``RowState.accept`` advances the
+row's grammar past the chosen token and ends the row once the grammar allows nothing but EOS.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
-from ..errors import InputError
+import numpy as np
+
 from ..bundle import load_manifest
-from .backend import Backend, ContextLengthError, backend_class
+from ..errors import InputError
 from ..text.chat import AssistantOutput, parse_assistant_output
 from ..text.detok import IncrementalDecoder
-from .sampling import Sampler, SamplingParams
 from ..text.tokenizer import Tokenizer
+from .backend import Backend, ContextLengthError, backend_class
+from .grammar import GrammarConstraint, apply_batch
+from .logprobs import TokenLogprob, log_softmax, top_logprobs
+from .sampling import Sampler, SamplingParams
 
-__all__ = ["Generator", "GenerationResult", "RowState", "open_backend"]
+__all__ = ["Generator", "GenerationResult", "RowState", "open_backend", "sample_batch"]
 
 
 @dataclass
@@ -29,6 +40,8 @@ class GenerationResult:
     text: str = ""
     finish_reason: str = "length"  # "stop" (eos / stop string) | "length"
     timings: dict[str, float] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when params.logprobs is set
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token (the first unscored)
 
     @property
     def usage(self) -> dict[str, int]:
@@ -56,14 +69,45 @@ class RowState:
         self.emitted = 0  # chars of text released to the stream
         self.hold = max((len(s) for s in params.stop), default=1) - 1
         self.done = False
+        # per-request grammar state (compiled here, in the submitting thread: a bad grammar fails the submit)
+        self.constraint = (GrammarConstraint(gen.tokenizer, params.grammar, int(gen.backend.spec.vocab_size))
+                           if params.grammar else None)
+        if params.logprobs is not None:
+            self.result.logprobs = []
+        if params.prompt_logprobs is not None:
+            self.result.prompt_logprobs = [TokenLogprob(self.result.prompt_ids[0], None)]
 
-    def accept(self, token: int) -> str:
-        """Record a sampled token; returns the text that can be released now."""
+    @property
+    def seen(self) -> Sequence[int]:
+        """What the repetition penalty looks at (nothing when it is off)."""
+        r = self.result
+        return r.prompt_ids + r.token_ids if self.params.repetition_penalty != 1.0 else ()
+
+    def score_prompt(self, start: int, logits: np.ndarray) -> None:
+        """Record the logprobs of prompt tokens ``start + 1 ...`` from (S, V) logits of prompt positions
+        ``start ...`` (a prefill chunk's all-position logits; rows past the prompt are ignored)."""
+        prompt, k = self.result.prompt_ids, self.params.prompt_logprobs
+        targets = prompt[start + 1:start + 1 + len(logits)]
+        if not targets:
+            return
+        rows = log_softmax(logits[:len(targets)])
+        picked = rows[np.arange(len(targets)), targets]
+        self.result.prompt_logprobs += [TokenLogprob(t, float(v), top_logprobs(row, k) if k else None)
+                                        for t, v, row in zip(targets, picked, rows)]
+
+    def accept(self, token: int, logprobs: np.ndarray | None = None) -> str:
+        """Record a sampled token (``logprobs``: the log-softmax of the raw logits it was drawn from, when the
+        request returns logprobs); returns the text that can be released now."""
         r = self.result
         if token in self.eos:
             r.finish_reason, self.done = "stop", True
             return self._release(final=True)
+        if self.constraint is not None:
+            self.constraint.accept(token)
         r.token_ids.append(token)
+        if r.logprobs is not None:
+            k = self.params.logprobs
+            r.logprobs.append(TokenLogprob(token, float(logprobs[token]), top_logprobs(logprobs, k) if k else None))
         self.text += self.detok.push(token)
         for s in self.params.stop:
             at = self.text.find(s, max(0, self.emitted - len(s)))
@@ -71,6 +115,10 @@ class RowState:
                 self.text = self.text[:at]
                 r.finish_reason, self.done = "stop", True
                 return self._release(final=True)
+        if self.constraint is not None and self.constraint.is_finished():  # only EOS may follow: stop here
+            self.text += self.detok.flush()
+            r.finish_reason, self.done = "stop", True
+            return self._release(final=True)
         if len(r.token_ids) >= self.limit:
             self.text += self.detok.flush()
             r.finish_reason, self.done = "length", True
@@ -86,6 +134,35 @@ class RowState:
         return delta
 
 
+def sample_batch(rows: Sequence[RowState], logits: np.ndarray) -> list[tuple[int, np.ndarray | None] | Exception]:
+    """Choose the next token of each row from its row of (B, V) raw float32 ``logits`` (masked in place).
+
+    Per row: ``(token, logprobs)`` (the log-softmax of the raw row when the request returns logprobs, else
+    None), to pass to ``row.accept``; or the exception that row raised (the other rows go on)."""
+    raw = [log_softmax(x) if row.params.logprobs is not None else None for row, x in zip(rows, logits)]
+    failed: dict[int, Exception] = {}
+    constraints = [row.constraint for row in rows]
+    if any(c is not None for c in constraints):
+        try:
+            apply_batch(logits, constraints)
+        except Exception:  # noqa: BLE001 - find the rows at fault, mask the others
+            for b, c in enumerate(constraints):
+                try:
+                    if c is not None:
+                        c.apply(logits[b])
+                except Exception as e:  # noqa: BLE001
+                    failed[b] = e
+    out: list[tuple[int, np.ndarray | None] | Exception] = []
+    for b, (row, x, lp) in enumerate(zip(rows, logits, raw)):
+        try:
+            if b in failed:
+                raise failed[b]
+            out.append((row.sampler(x, row.seen), lp))
+        except Exception as e:  # noqa: BLE001 - e.g. non-finite probabilities: this row fails
+            out.append(e)
+    return out
+
+
 class Generator:
     """Text generation on a backend (ONNX Runtime or TensorRT) with a tokenizer."""
 
@@ -97,7 +174,7 @@ class Generator:
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, *, device: str = "cpu", max_batch: int = 1,
                     max_seq_len: int | None = None, verify: bool = True, capacity: int | None = None
-                    ) -> "Generator":
+                    ) -> Generator:
         """``capacity``: deprecated alias of ``max_seq_len`` (the cache's initial context; it grows on demand)."""
         manifest = load_manifest(bundle_dir, verify=verify)
         backend = open_backend(manifest, device=device, max_batch=max_batch, max_seq_len=max_seq_len or capacity)
@@ -129,13 +206,15 @@ class Generator:
         return limits
 
     # ---- generation ---------------------------------------------------------------------------
-    def stream_rows(self, prompts: str | Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-                    ) -> Iterator[tuple[int, str, RowState]]:
+    def stream_rows(self, prompts: str | Sequence[str | Sequence[int]],
+                    params: SamplingParams | Sequence[SamplingParams]) -> Iterator[tuple[int, str, RowState]]:
         """Generate for a batch; yields (row, text delta, state) as tokens arrive. Rows share decode steps."""
         prompts = [self.encode(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         for p in params:
-            p.validate()
+            if p.validate().prompt_logprobs is not None:
+                raise InputError("prompt_logprobs: the offline generator does not score prompts (Backend.score "
+                                 "does; the server's completions endpoint with echo and logprobs does too)")
         limits = self._limits(prompts, params)
         B = len(prompts)
         need = max(len(p) + n for p, n in zip(prompts, limits))
@@ -148,10 +227,11 @@ class Generator:
         n_decode = 0
         while active:
             tokens = []
-            for b, row_logits in zip(active, logits):
-                tok = rows[b].sampler(row_logits, rows[b].result.prompt_ids + rows[b].result.token_ids
-                                      if rows[b].params.repetition_penalty != 1.0 else ())
-                delta = rows[b].accept(tok)
+            for b, picked in zip(active, sample_batch([rows[b] for b in active], logits)):
+                if isinstance(picked, Exception):
+                    raise picked
+                tok, lp = picked
+                delta = rows[b].accept(tok, lp)
                 if delta or rows[b].done:
                     yield b, delta, rows[b]
                 tokens.append(tok)

@@ -198,8 +198,10 @@ class GrammarConstraint:
         tool_choice: str | dict[str, Any] = "required",
         vocab_size: int | None = None,
         reasoning: bool = False,
+        parallel: bool = True,
     ) -> GrammarConstraint:
-        """Output is one or more `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, newline-separated.
+        """Output is one or more `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, newline-separated
+        (exactly one when not `parallel`: OpenAI's `parallel_tool_calls: false`).
 
         `tool_choice` "required": each call is to any of `tools`; `{"type": "function", "function": {"name":
         n}}`: to tool `n` only. Arguments satisfy the tool's `parameters` schema.
@@ -217,7 +219,8 @@ class GrammarConstraint:
         calls = list(schemas.values())
         schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
         open_tag, close_tag = _tag(tokenizer, TOOL_CALL_OPEN), _tag(tokenizer, TOOL_CALL_CLOSE)
-        body = f'body: call ("\\n" call)*\ncall: {open_tag} {_json_item(schema)} {close_tag}'
+        calls = 'call ("\\n" call)*' if parallel else "call"
+        body = f'body: {calls}\ncall: {open_tag} {_json_item(schema)} {close_tag}'
         return cls(tokenizer, _with_reasoning(tokenizer, body) if reasoning else f"start: body\n{body}", vocab_size)
 
     @classmethod
@@ -229,6 +232,7 @@ class GrammarConstraint:
         tool_choice: str | dict[str, Any] | None = None,
         vocab_size: int | None = None,
         reasoning: bool = False,
+        parallel_tool_calls: bool = True,
     ) -> GrammarConstraint | None:
         """The constraint an OpenAI chat request asks for, or None (free text).
 
@@ -236,7 +240,7 @@ class GrammarConstraint:
         call is then the whole answer; "auto"/"none"/absent leave `response_format` in charge.
         """
         if tool_choice is not None and tool_choice not in ("auto", "none"):
-            return cls.tool_calls(tokenizer, tools or [], tool_choice, vocab_size, reasoning)
+            return cls.tool_calls(tokenizer, tools or [], tool_choice, vocab_size, reasoning, parallel_tool_calls)
         if response_format is None:
             return None
         kind = response_format.get("type") if isinstance(response_format, dict) else None

@@ -1,13 +1,22 @@
-"""Sampling parameters and a NumPy sampler (per request: its own parameters and random stream)."""
+"""Sampling parameters and a NumPy sampler (per request: its own parameters and random stream).
+
+Besides how to sample, ``SamplingParams`` says what a request wants back and what constrains it:
+``logprobs`` (the log-probability of every generated token and its ``logprobs`` best alternatives, from the
+raw logits: see :mod:`~exaone_deploy.runtime.logprobs`), ``prompt_logprobs`` (score every prompt token the
+same way; with ``max_new_tokens=0`` a request only scores its prompt) and ``grammar`` (llguidance grammar
+text, e.g. ``GrammarConstraint.json_schema(...).grammar``: each row compiles its own matcher from it, so the
+parameters stay a plain value and the per-request state lives in ``generate.RowState``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
 from ..errors import ExaoneDeployError
+from .logprobs import MAX_TOP_LOGPROBS
 
 __all__ = ["SamplingParams", "Sampler", "SamplingError"]
 
@@ -28,15 +37,23 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: each generated token's logprob and its k best alternatives
+    prompt_logprobs: int | None = None  # None: none; k: score every prompt token (and its k best alternatives)
+    grammar: str | None = None  # llguidance grammar the output must match (runtime/grammar.py)
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         checks = [
-            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.max_new_tokens >= (0 if self.prompt_logprobs is not None else 1),
+             f"max_new_tokens must be >= 1 (0 only to score the prompt), got {self.max_new_tokens}"),
             (0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100], got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+             f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+             f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -6,8 +6,15 @@ Each loop iteration:
 2. admits waiting requests into free cache slots (lowest slot first, so the decode batch, which spans rows
    [0, max slot], stays compact),
 3. prefills admitted prompts in chunks of ``prefill_chunk`` tokens, at most about one chunk's worth of tokens
-   per iteration so that a long prompt does not stall the streams already running,
+   per iteration so that a long prompt does not stall the streams already running; the first chunks of the
+   requests prefilled together go through one ``backend.prefill`` call over their slots (so the many short
+   prompts of one scoring request, as lm-eval sends them, run as one batch), and a request that scores its
+   prompt (``prompt_logprobs``) gets the logits of every position (``all_logits``),
 4. runs one batched decode step over every request that has a token to feed.
+
+Sampling (prefill's last position and every decode step) goes through ``generate.sample_batch``: logprobs of
+the raw logits, the rows' grammar masks, each row's sampler. A request with ``max_new_tokens=0`` (prompt
+scoring) finishes after its prompt, without sampling.
 
 Every request has its own sampler, detokenizer and stop handling (``generate.RowState``), so it gets the same
 tokens whatever else shares the batch: a cache row's computation does not depend on the other rows (ONNX
@@ -27,16 +34,17 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
 from ..errors import ExaoneDeployError
-from .backend import Backend, ContextLengthError
-from .generate import GenerationResult, RowState
-from .sampling import SamplingParams
 from ..text.tokenizer import Tokenizer
+from .backend import Backend, ContextLengthError
+from .generate import GenerationResult, RowState, sample_batch
+from .logprobs import TokenLogprob
+from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,8 @@ class Delta:
     index: int
     text: str  # may be "" (an unfinished UTF-8 character, text held back for stop strings)
     token_ids: tuple[int, ...]  # the tokens this step added
+    logprobs: tuple[TokenLogprob, ...] = ()  # theirs, when the request asked for logprobs
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # on a scoring request's first Delta: the prompt's
 
 
 @dataclass(frozen=True)
@@ -144,7 +154,7 @@ class Scheduler:
         self.failed = 0
 
     # ---- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="exaone-scheduler", daemon=True)
             self._thread.start()
@@ -261,26 +271,40 @@ class Scheduler:
         for req in [r for r in self._running if r.cancelled]:
             self._finish(req, "cancelled")
 
-        budget = self.prefill_chunk
+        budget, work = self.prefill_chunk, []
         for req in [r for r in self._running if r.state == "prefill"]:
             if budget <= 0:
                 break
-            chunk = req.prompt_ids[req.prefilled:req.prefilled + self.prefill_chunk]
+            work.append((req, req.prompt_ids[req.prefilled:req.prefilled + self.prefill_chunk]))
+            budget -= len(work[-1][1])
+        ready = []  # prompts now wholly in the cache, with their last position's logits
+        for group, scores in self._prefill_groups(work):
             t = time.perf_counter()
             try:
-                if req.prefilled == 0:
-                    logits = self.backend.prefill([req.slot], [chunk])[0]
+                if group[0][0].prefilled == 0:
+                    out = self.backend.prefill([r.slot for r, _ in group], [c for _, c in group], all_logits=scores)
                 else:
-                    logits = self.backend.extend(req.slot, chunk)[0]
-            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-                log.exception("prefill failed for %r", req)
-                self._fail(req, f"prefill failed: {e}")
+                    out = self.backend.extend(group[0][0].slot, group[0][1], all_logits=scores)
+                    out = out[None] if scores else out[-1:]
+            except Exception as e:  # noqa: BLE001 - these requests fail, the others go on
+                log.exception("prefill failed for %r", [r for r, _ in group])
+                for req, _ in group:
+                    self._fail(req, f"prefill failed: {e}")
                 continue
-            self.observer.on_prefill(len(chunk), time.perf_counter() - t)
-            req.prefilled += len(chunk)
-            budget -= len(chunk)
-            if req.prefilled == len(req.prompt_ids):
-                self._sample(req, logits)
+            self.observer.on_prefill(sum(len(c) for _, c in group), time.perf_counter() - t)
+            for (req, chunk), logits in zip(group, out):
+                if scores:
+                    req.row.score_prompt(req.prefilled, logits[:len(chunk)])
+                    logits = logits[len(chunk) - 1]
+                req.prefilled += len(chunk)
+                if req.prefilled == len(req.prompt_ids):
+                    ready.append((req, logits))
+        for req, _ in ready:
+            if req.row.limit == 0:  # scoring only: no token to sample
+                self._finish(req, "length")
+        ready = [x for x in ready if x[0].row.limit > 0]
+        if ready:
+            self._sample([r for r, _ in ready], np.stack([x for _, x in ready]))
 
         batch = sorted((r for r in self._running if r.state == "decode"), key=lambda r: r.slot)
         if batch:
@@ -294,29 +318,49 @@ class Scheduler:
                 return
             self.observer.on_decode(len(batch), time.perf_counter() - t)
             self.steps += 1
-            for req, row_logits in zip(batch, logits):
-                self._sample(req, row_logits)
+            self._sample(batch, logits)
 
-    def _sample(self, req: Request, logits: np.ndarray) -> None:
-        row = req.row
-        ids = row.result.token_ids
-        n = len(ids)
-        try:
-            token = row.sampler(logits, row.result.prompt_ids + ids if req.params.repetition_penalty != 1.0 else ())
-            delta = row.accept(token)
-        except Exception as e:  # noqa: BLE001 - e.g. non-finite probabilities: this request fails, not the loop
-            log.exception("sampling failed for %r", req)
-            self._fail(req, f"sampling failed: {e}")
-            return
-        if not req.t_first:
-            req.t_first = time.perf_counter()
-            self.observer.on_first_token(req)
-        if delta or len(ids) > n:  # (an end-of-sequence token is not part of the completion)
-            self._emit(req, Delta(req.index, delta, tuple(ids[n:])))
-        if row.done:
-            self._finish(req, row.result.finish_reason)
-        else:
-            req.state, req.next_token = "decode", token
+    @staticmethod
+    def _prefill_groups(work: list[tuple[Request, list[int]]]) -> list[tuple[list[tuple[Request, list[int]]], bool]]:
+        """Backend calls for one iteration's prefill chunks: the first chunks of requests that score their prompt
+        in one call, those of the others in another (slot order), each later chunk on its own; with whether
+        the call returns every position's logits."""
+        groups = []
+        for scores in (False, True):
+            mine = [(r, c) for r, c in work if (r.params.prompt_logprobs is not None) == scores]
+            fresh = sorted((x for x in mine if x[0].prefilled == 0), key=lambda x: x[0].slot)
+            if fresh:
+                groups.append((fresh, scores))
+            groups += [([x], scores) for x in mine if x[0].prefilled > 0]
+        return groups
+
+    def _sample(self, reqs: list[Request], logits: np.ndarray) -> None:
+        """Choose the next token of each request from its row of (B, V) logits; emit, finish or go on."""
+        for req, picked in zip(reqs, sample_batch([r.row for r in reqs], logits)):
+            row = req.row
+            ids = row.result.token_ids
+            n = len(ids)
+            try:
+                if isinstance(picked, Exception):
+                    raise picked
+                token, lp = picked
+                delta = row.accept(token, lp)
+            except Exception as e:  # noqa: BLE001 - e.g. non-finite probabilities: this request fails, not the loop
+                log.exception("sampling failed for %r", req)
+                self._fail(req, f"sampling failed: {e}")
+                continue
+            if not req.t_first:
+                req.t_first = time.perf_counter()
+                self.observer.on_first_token(req)
+            if delta or len(ids) > n:  # (an end-of-sequence token is not part of the completion)
+                lps = tuple(row.result.logprobs[n:]) if row.result.logprobs is not None else ()
+                scored = row.result.prompt_logprobs
+                self._emit(req, Delta(req.index, delta, tuple(ids[n:]), lps,
+                                      tuple(scored) if n == 0 and scored is not None else None))
+            if row.done:
+                self._finish(req, row.result.finish_reason)
+            else:
+                req.state, req.next_token = "decode", token
 
     def _emit(self, req: Request, event: Event) -> None:
         try:

@@ -32,12 +32,14 @@ from .protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     HealthResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
     parse_request,
 )
-from .serving import ServingChat, ServingCompletion
+from .serving import ServingChat, ServingCompletion, ServingTokenization
 
 log = logging.getLogger(__name__)
 
@@ -194,5 +196,21 @@ def create_app(engine: AsyncEngine, *, api_key: str | None = None,
     async def completions(request: HTTPRequest):
         body, raw = parse_request(await request.body(), CompletionRequest)
         return await completion.create(body, raw, request)
+
+    tokenization = ServingTokenization(engine)
+
+    @app.post("/tokenize")
+    async def tokenize(request: HTTPRequest):
+        body, raw = parse_request(await request.body(), TokenizeRequest)
+        return JSONResponse((await tokenization.tokenize(body, raw)).model_dump())
+
+    @app.post("/detokenize")
+    async def detokenize(request: HTTPRequest):
+        body, _ = parse_request(await request.body(), DetokenizeRequest)
+        return JSONResponse((await tokenization.detokenize(body)).model_dump())
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return JSONResponse(tokenization.info().model_dump())
 
     return app

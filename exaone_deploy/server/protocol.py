@@ -34,6 +34,8 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatCompletionResponse",
     "ChatCompletionStreamResponse",
+    "ChatLogprobs",
+    "CompletionLogprobs",
     "CompletionRequest",
     "CompletionResponse",
     "CompletionStreamResponse",
@@ -41,9 +43,16 @@ __all__ = [
     "HealthResponse",
     "ModelCard",
     "ModelList",
+    "DetokenizeRequest",
+    "DetokenizeResponse",
+    "TokenizeRequest",
+    "TokenizeResponse",
+    "TokenizerInfoResponse",
     "UsageInfo",
     "parse_request",
 ]
+
+MAX_LOGPROBS = 20  # top_logprobs (chat) and logprobs (completions): OpenAI allows 20 and 5, vLLM 20
 
 
 def _omitted(default=None):
@@ -201,6 +210,18 @@ class SamplingRequest(_Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -209,16 +230,38 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (with echo)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = None
+
+
+class _TokenizerRequest(_Strict):
+    model: str | None = None
+
+
+class TokenizeRequest(_TokenizerRequest):
+    """vLLM's ``/tokenize``: ``prompt`` (text) or ``messages`` (rendered by the chat template), not both."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (as vLLM)
+    add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_TokenizerRequest):
+    tokens: list[int]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,11 +323,38 @@ class DeltaToolCall(ToolCallOut):
     index: int  # which call of the message this delta belongs to
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """A chat choice's ``logprobs``: one entry per generated token (of this chunk, when streamed)."""
+
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions ``logprobs`` (what lm-eval's ``local-completions`` reads); with ``echo`` the prompt's
+    tokens come first, the first of them ``null``."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class _Choice(BaseModel):
     """What every choice carries, whole or streamed (``finish_reason`` is null until the choice's last chunk)."""
 
     index: int
-    logprobs: None = None  # logprobs are refused at the request, so always null
+    logprobs: None = None  # null unless the request asked for logprobs (the subclasses type it)
     finish_reason: str | None = None
     token_ids: list[int] | None = _omitted()  # vLLM's return_token_ids: the completion's (or the chunk's) ids
 
@@ -308,6 +378,7 @@ class DeltaMessage(BaseModel):
 
 class ChatCompletionChoice(_Choice):
     message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(_Response):
@@ -319,6 +390,7 @@ class ChatCompletionResponse(_Response):
 
 class ChatCompletionStreamChoice(_Choice):
     delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionStreamResponse(_StreamResponse):
@@ -333,6 +405,7 @@ class CompletionChoice(_Choice):
     """A choice of a whole response or of a stream chunk (the same shape, as in OpenAI's API)."""
 
     text: str
+    logprobs: CompletionLogprobs | None = None
     prompt_token_ids: list[int] | None = _omitted()
 
 
@@ -354,3 +427,25 @@ class HealthResponse(BaseModel):
     model_config = ConfigDict(extra="allow")
     status: Literal["ok", "unavailable"]
     model: str
+
+
+# ---- tokenizer endpoints (vLLM's shapes) ----
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = _omitted()
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    """``GET /tokenizer_info``: the tokenizer's class, named special tokens, chat template and limits (further
+    fields may follow)."""
+
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str

@@ -13,13 +13,22 @@ Per-endpoint formatting: chat splits each choice's text into ``reasoning_content
 pass text through (with ``echo``). However a response ends (done, client gone, error), its generation is closed,
 which frees its cache slots.
 
-Adding an endpoint that generates (e.g. logprobs fields, a scoring route) means a new :class:`Format` (and, for
-new per-token data, new fields on the engine's ``Delta``), not a new loop.
+Adding an endpoint that generates means a new :class:`Format` (and, for new per-token data, new fields on the
+engine's ``Delta``), not a new loop.
+
+Logprobs ride on the events: each ``Delta`` carries the :class:`~exaone_deploy.runtime.logprobs.TokenLogprob` of
+its tokens (the float32 log-softmax of the raw logits the token was sampled from), the first ``Delta`` of a
+request that scores its prompt carries the prompt's, and ``Done``'s result holds both lists; the formats turn
+them into OpenAI's chat ``logprobs.content`` or the legacy completions object. Structured output
+(``response_format``, a forcing ``tool_choice``) becomes llguidance grammar text in ``SamplingParams.grammar``,
+compiled once here to answer a bad schema with 400, then once per choice by the scheduler's row state.
+:class:`ServingTokenization` answers vLLM's ``/tokenize``, ``/detokenize`` and ``/tokenizer_info``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import dataclasses
 import time
 import uuid
@@ -31,8 +40,10 @@ from pydantic import BaseModel
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ..runtime.grammar import GrammarConstraint, GrammarError, opens_reasoning
+from ..runtime.logprobs import chat_logprobs, completion_logprobs, token_bytes
 from ..runtime.sampling import SamplingError, SamplingParams
-from ..text.chat import THINK_OPEN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, StreamSplitter
+from ..text.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, StreamSplitter
 from .engine import AsyncEngine, Delta, Done, Generation, QueueFull, SchedulerClosed
 from .protocol import (
     MAX_CHOICES,
@@ -43,24 +54,34 @@ from .protocol import (
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
     ChatCompletionStreamResponse,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
     DeltaToolCall,
+    DetokenizeRequest,
+    DetokenizeResponse,
     FunctionOut,
     NamedToolChoice,
     SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfoResponse,
     ToolCallOut,
     UsageInfo,
 )
 
-__all__ = ["CLIENT_GONE", "ChatChoice", "Format", "OpenAIServing", "ServingChat", "ServingCompletion"]
+__all__ = ["CLIENT_GONE", "ChatChoice", "Format", "OpenAIServing", "ServingChat", "ServingCompletion",
+           "ServingTokenization"]
 
 # nginx's code for "client closed the request": nobody reads it, it shows in logs and metrics
 CLIENT_GONE = 499
 _RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "documents", "add_generation_prompt", "tokenize", "chat_template"}
+# reasoning_effort -> the chat template's enable_thinking (EXAONE 4 reasons or not; it has no budget levels)
+_REASONING_EFFORT = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,8 +174,10 @@ class ChatFormat(Format):
     chunk_type = ChatCompletionStreamResponse
 
     def __init__(self, engine: AsyncEngine, prompt: list[int], n: int, *, reasoning_opened: bool,
-                 parse_tools: bool, return_token_ids: bool):
+                 parse_tools: bool, return_token_ids: bool, logprobs: bool = False):
         super().__init__(engine, "chatcmpl", len(prompt), return_token_ids)
+        self.tokenizer = engine.tokenizer
+        self.logprobs = logprobs
         self.prompt = prompt
         self.choices = [ChatChoice(reasoning_opened, parse_tools) for _ in range(n)]
         self.deltas: list[list[DeltaMessage]] = [[] for _ in range(n)]
@@ -164,14 +187,19 @@ class ChatFormat(Format):
         return [ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                 for i in range(len(self.choices))]
 
+    def _logprobs(self, entries) -> ChatLogprobs | None:
+        return ChatLogprobs(content=chat_logprobs(self.tokenizer, entries)) if self.logprobs else None
+
     def delta(self, event):
         deltas = self.choices[event.index].feed(event.text)
         self.deltas[event.index] += deltas
         ids = self.token_ids(event.token_ids)
+        lps = self._logprobs(event.logprobs) if event.logprobs else None
         out = []
-        for d in deltas or ([DeltaMessage()] if ids else []):  # token ids of held-back text still go out
-            out.append(ChatCompletionStreamChoice(index=event.index, delta=d, token_ids=ids))
-            ids = None
+        # token ids and logprobs of held-back text still go out (with an empty delta)
+        for d in deltas or ([DeltaMessage()] if ids or lps else []):
+            out.append(ChatCompletionStreamChoice(index=event.index, delta=d, token_ids=ids, logprobs=lps))
+            ids = lps = None
         return out
 
     def done(self, event):
@@ -180,7 +208,7 @@ class ChatFormat(Format):
         self.deltas[i] += deltas
         reason = choice.finish_reason(event.result.finish_reason)
         self.finished[i] = ChatCompletionChoice(index=i, message=ChatChoice.message(self.deltas[i]),
-                                                finish_reason=reason,
+                                                finish_reason=reason, logprobs=self._logprobs(event.result.logprobs),
                                                 token_ids=event.result.token_ids if self.return_token_ids else None)
         return [ChatCompletionStreamChoice(index=i, delta=d) for d in deltas] + [
             ChatCompletionStreamChoice(index=i, delta=DeltaMessage(), finish_reason=reason)]
@@ -191,29 +219,64 @@ class ChatFormat(Format):
 
 
 class CompletionFormat(Format):
+    """Text completions. With ``logprobs``, each choice gets the legacy object; ``text_offset`` counts characters
+    from the start of the prompt (OpenAI's convention), and an echoed prompt leads with its own scored tokens
+    (the first one ``null``). Streamed, the echo waits for the prompt's logprobs (the first event)."""
+
     chunk_type = CompletionStreamResponse
 
     def __init__(self, engine: AsyncEngine, prompts: list[list[int]], echo: list[str], *, prompt_tokens: int,
-                 return_token_ids: bool):
+                 return_token_ids: bool, logprobs: bool = False, prompt_chars: list[int] | None = None):
         super().__init__(engine, "cmpl", prompt_tokens, return_token_ids)
+        self.tokenizer = engine.tokenizer
         self.prompts, self.echo = prompts, echo  # one per choice
         self.finished: list[CompletionChoice | None] = [None] * len(prompts)
+        self.logprobs = logprobs
+        self.prompt_chars = list(prompt_chars or [0] * len(prompts))
+        self.offset = list(self.prompt_chars)  # streaming: the text_offset of each choice's next token
+        self.utf8 = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompts]
+        self.echo_pending = [bool(e) and logprobs for e in echo]
+
+    def _scored(self, entries, start: int) -> CompletionLogprobs:
+        return CompletionLogprobs(**completion_logprobs(self.tokenizer, entries, start))
+
+    def _echo(self, i: int, prompt_logprobs) -> list[CompletionChoice]:
+        """Streaming: the echoed prompt with its logprobs, once, before the choice's first token."""
+        if not self.echo_pending[i]:
+            return []
+        self.echo_pending[i] = False
+        return [CompletionChoice(index=i, text=self.echo[i], logprobs=self._scored(prompt_logprobs or [], 0))]
 
     def opening(self):
-        return [CompletionChoice(index=i, text=e) for i, e in enumerate(self.echo) if e]
+        return [CompletionChoice(index=i, text=e) for i, e in enumerate(self.echo) if e and not self.logprobs]
 
     def delta(self, event):
+        i = event.index
+        head = self._echo(i, event.prompt_logprobs)
         ids = self.token_ids(event.token_ids)
-        return [CompletionChoice(index=event.index, text=event.text, token_ids=ids)] if event.text or ids else []
+        lps = None
+        if self.logprobs and event.logprobs:
+            lps = self._scored(event.logprobs, self.offset[i])
+            self.offset[i] += sum(len(self.utf8[i].decode(token_bytes(self.tokenizer, e.token_id)))
+                                  for e in event.logprobs)
+        if not (event.text or ids or lps):
+            return head
+        return head + [CompletionChoice(index=i, text=event.text, token_ids=ids, logprobs=lps)]
 
     def done(self, event):
         i, result = event.index, event.result
         ids = self.return_token_ids
-        self.finished[i] = CompletionChoice(index=i, text=self.echo[i] + result.text,
+        head = self._echo(i, result.prompt_logprobs)
+        lps = None
+        if self.logprobs:
+            echoed = bool(self.echo[i])
+            entries = ((result.prompt_logprobs or []) if echoed else []) + (result.logprobs or [])
+            lps = self._scored(entries, 0 if echoed else self.prompt_chars[i])
+        self.finished[i] = CompletionChoice(index=i, text=self.echo[i] + result.text, logprobs=lps,
                                             finish_reason=result.finish_reason,
                                             prompt_token_ids=self.prompts[i] if ids else None,
                                             token_ids=result.token_ids if ids else None)
-        return [CompletionChoice(index=i, text="", finish_reason=result.finish_reason)]
+        return head + [CompletionChoice(index=i, text="", finish_reason=result.finish_reason)]
 
     def response(self):
         return CompletionResponse(**self.head, choices=self.finished, usage=self.usage())
@@ -312,11 +375,12 @@ class OpenAIServing:
                            param="model", code="model_not_found")
 
     def sampling_params(self, body: SamplingRequest, max_tokens: int | None, prompt_len: int, param: str,
-                        n: int) -> list[SamplingParams]:
-        """``n`` parameter sets for one prompt (seeds ``seed + i``), ``max_tokens`` bounded by the context."""
+                        n: int, **extra) -> list[SamplingParams]:
+        """``n`` parameter sets for one prompt (seeds ``seed + i``), ``max_tokens`` bounded by the context;
+        ``extra``: further ``SamplingParams`` fields (logprobs, prompt_logprobs, grammar)."""
         context = self.engine.max_seq_len
         room = context - prompt_len
-        if room < 1:
+        if room < (0 if max_tokens == 0 else 1):
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, your "
                            f"prompt has {prompt_len} tokens, which leaves no room for a completion.",
                            param=param, code="context_length_exceeded")
@@ -354,7 +418,7 @@ class OpenAIServing:
             max_new_tokens=max_tokens, temperature=temperature, top_p=float(pick("top_p", 1.0)),
             top_k=max(0, int(pick("top_k", 0))), min_p=float(pick("min_p", 0.0)),
             repetition_penalty=float(pick("repetition_penalty", 1.0)), seed=body.seed, stop=stop,
-            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos)
+            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, **extra)
         try:
             params.validate()
         except SamplingError as e:
@@ -393,12 +457,12 @@ class ServingChat(OpenAIServing):
 
     async def create(self, body: ChatCompletionRequest, raw: dict[str, Any], request: HTTPRequest) -> Response:
         self.check_model(body.model)
-        if body.logprobs or body.top_logprobs:
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs",
-                           code="unsupported_parameter")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
-                           code="unsupported_parameter")
+        _reject_combinations(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        if body.parallel_tool_calls is not None and not body.tools:
+            raise APIError(400, "parallel_tool_calls is only allowed when tools are given",
+                           param="parallel_tool_calls", code="invalid_value")
         kwargs = self._template_kwargs(body)
         # tools: the raw dicts go to the template (key order as sent); tool_choice selects which
         tools = raw.get("tools") or None
@@ -414,23 +478,50 @@ class ServingChat(OpenAIServing):
                                param="tool_choice", code="invalid_value")
         if choice is not None:
             kwargs["tool_choice"] = raw["tool_choice"]
+        prompt, text = await asyncio.to_thread(self._render, self._messages(raw), tools, kwargs)
+        reasoning = opens_reasoning(text)
+        grammar = await asyncio.to_thread(self._grammar, raw.get("response_format"), tools, raw.get("tool_choice"),
+                                          reasoning, body.parallel_tool_calls is not False)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = self.sampling_params(body, max_tokens, len(prompt), "messages", body.n, logprobs=logprobs,
+                                      grammar=grammar)
+        gen = self.submit([prompt] * body.n, params)
+        fmt = ChatFormat(self.engine, prompt, body.n, reasoning_opened=reasoning, parse_tools=bool(tools),
+                         return_token_ids=body.return_token_ids, logprobs=bool(body.logprobs))
+        return await self.respond(request, body, fmt, gen)
+
+    def _grammar(self, response_format: dict | None, tools: list[dict] | None, tool_choice, reasoning: bool,
+                 parallel: bool) -> str | None:
+        """The llguidance grammar a request asks for (None: free text); a bad schema is a 400 here."""
+        if tool_choice in ("auto", "none"):
+            tool_choice = None
+        if response_format is None and tool_choice is None:
+            return None
+        try:
+            constraint = GrammarConstraint.from_request(self.engine.tokenizer, response_format, tools, tool_choice,
+                                                        vocab_size=self.engine.vocab_size, reasoning=reasoning,
+                                                        parallel_tool_calls=parallel)
+        except GrammarError as e:
+            raise APIError(400, str(e), param="tool_choice" if tool_choice is not None else "response_format",
+                           code="invalid_value") from None
+        except ImportError as e:
+            raise APIError(400, str(e), param="response_format", code="unsupported_parameter") from None
+        return constraint.grammar if constraint is not None else None
+
+    @staticmethod
+    def _messages(raw: dict[str, Any]) -> list[dict]:
+        """The raw messages as the template takes them: unset fields dropped, ``developer`` as ``system``."""
         messages = []
         for m in raw["messages"]:
             m = {k: v for k, v in m.items() if v is not None}
             if m["role"] == "developer":
                 m["role"] = "system"
             messages.append(m)
-
-        prompt, text = await asyncio.to_thread(self._render, messages, tools, kwargs)
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = self.sampling_params(body, max_tokens, len(prompt), "messages", body.n)
-        gen = self.submit([prompt] * body.n, params)
-        fmt = ChatFormat(self.engine, prompt, body.n, reasoning_opened=text.rstrip().endswith(THINK_OPEN),
-                         parse_tools=bool(tools), return_token_ids=body.return_token_ids)
-        return await self.respond(request, body, fmt, gen)
+        return messages
 
     @staticmethod
-    def _template_kwargs(body: ChatCompletionRequest) -> dict[str, Any]:
+    def _template_kwargs(body: ChatCompletionRequest | TokenizeRequest) -> dict[str, Any]:
         kwargs = dict(body.chat_template_kwargs or {})
         reserved = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
         if reserved:
@@ -439,6 +530,14 @@ class ServingChat(OpenAIServing):
         if not isinstance(kwargs.get("enable_thinking", False), bool):
             raise APIError(400, "chat_template_kwargs.enable_thinking must be a boolean",
                            param="chat_template_kwargs.enable_thinking", code="invalid_value")
+        effort = getattr(body, "reasoning_effort", None)
+        if effort is not None:
+            thinking = _REASONING_EFFORT[effort]
+            if kwargs.get("enable_thinking", thinking) != thinking:
+                raise APIError(400, f"reasoning_effort {effort!r} contradicts "
+                               f"chat_template_kwargs.enable_thinking={kwargs['enable_thinking']}",
+                               param="reasoning_effort", code="invalid_value")
+            kwargs["enable_thinking"] = thinking
         kwargs.setdefault("enable_thinking", False)
         return kwargs
 
@@ -452,16 +551,26 @@ class ServingChat(OpenAIServing):
         return ids, tokenizer.decode(ids)
 
 
+def _reject_combinations(body: SamplingRequest) -> None:
+    """Fields that OpenAI refuses in combination: refused here too (400), not silently ignored."""
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
+                       code="invalid_value")
+
+
 class ServingCompletion(OpenAIServing):
     """``POST /v1/completions``: one or more prompts (text or token ids), ``n`` choices each."""
 
     async def create(self, body: CompletionRequest, raw: dict[str, Any], request: HTTPRequest) -> Response:
         self.check_model(body.model)
-        for name, ok in (("logprobs", body.logprobs is None), ("suffix", body.suffix is None),
-                         ("best_of", body.best_of in (None, 1, body.n))):
+        _reject_combinations(body)
+        for name, ok in (("suffix", body.suffix is None), ("best_of", body.best_of in (None, 1, body.n))):
             if not ok:
                 raise APIError(400, f"{name} is not supported by this server", param=name,
                                code="unsupported_parameter")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 needs echo: true (it scores the prompt only)", param="max_tokens",
+                           code="invalid_value")
         p = body.prompt
         batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not batch:
@@ -470,16 +579,21 @@ class ServingCompletion(OpenAIServing):
             raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n",
                            code="invalid_value")
         prompts = await asyncio.to_thread(lambda: [self._encode(x) for x in batch])
-        flat, params, echo = [], [], []
+        flat, params, echo, chars = [], [], [], []
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
+        # echo with logprobs scores the prompt (max_tokens 0: only that; without logprobs, nothing to score)
+        scores = body.echo and (body.logprobs is not None or max_tokens == 0)
+        extra = {"logprobs": body.logprobs, "prompt_logprobs": (body.logprobs or 0) if scores else None}
         for ids, source in zip(prompts, batch):
-            params += self.sampling_params(body, max_tokens, len(ids), "prompt", body.n)
+            params += self.sampling_params(body, max_tokens, len(ids), "prompt", body.n, **extra)
             flat += [ids] * body.n
-            shown = (source if isinstance(source, str) else self.engine.tokenizer.decode(ids)) if body.echo else ""
-            echo += [shown] * body.n
+            text = source if isinstance(source, str) else self.engine.tokenizer.decode(ids)
+            echo += [text if body.echo else ""] * body.n
+            chars += [len(text)] * body.n
         gen = self.submit(flat, params)
         fmt = CompletionFormat(self.engine, flat, echo, prompt_tokens=sum(len(x) for x in prompts),
-                               return_token_ids=body.return_token_ids)
+                               return_token_ids=body.return_token_ids, logprobs=body.logprobs is not None,
+                               prompt_chars=chars)
         return await self.respond(request, body, fmt, gen)
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
@@ -495,3 +609,43 @@ class ServingCompletion(OpenAIServing):
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
         return ids
+
+
+class ServingTokenization(ServingChat):
+    """vLLM's tokenizer endpoints (what lm-eval's ``tokenizer_backend=remote`` calls): ``POST /tokenize`` (text,
+    or chat messages rendered exactly as the chat endpoint renders them), ``POST /detokenize`` and
+    ``GET /tokenizer_info``."""
+
+    async def tokenize(self, body: TokenizeRequest, raw: dict[str, Any]) -> TokenizeResponse:
+        self.check_model(body.model)
+        tokenizer = self.engine.tokenizer
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt", code="invalid_value")
+        if body.prompt is not None:
+            add = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = await asyncio.to_thread(tokenizer.encode, body.prompt, add)
+        else:
+            kwargs = self._template_kwargs(body)
+            kwargs["add_generation_prompt"] = body.add_generation_prompt
+            tools = raw.get("tools") or None
+            ids, _ = await asyncio.to_thread(self._render, self._messages(raw), tools, kwargs)
+            if body.add_special_tokens and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
+                ids = [tokenizer.bos_id] + ids
+        strs = [tokenizer.id_to_token(t) or "" for t in ids] if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.engine.max_seq_len, tokens=ids, token_strs=strs)
+
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        self.check_model(body.model)
+        vocab = self.engine.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens out of range [0, {vocab}): {bad[:5]}", param="tokens", code="invalid_value")
+        return DetokenizeResponse(prompt=await asyncio.to_thread(self.engine.tokenizer.decode, body.tokens))
+
+    def info(self) -> TokenizerInfoResponse:
+        tokenizer = self.engine.tokenizer
+        template = tokenizer.chat_template
+        return TokenizerInfoResponse(tokenizer_class="PreTrainedTokenizerFast", **tokenizer.special_tokens,
+                                     chat_template=template if isinstance(template, str) else
+                                     (template or {}).get("default"), model_max_length=self.engine.max_seq_len,
+                                     vocab_size=tokenizer.vocab_size, add_bos_token=False, add_eos_token=False)
