@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import hub
 from .errors import ExaoneDeployError
 from .graph_io import GraphIO
 from .spec import LIMITS, ModelSpec
@@ -123,6 +124,9 @@ def write_manifest(root: Path, *, io: GraphIO, target: str, model_file: str, can
         "tools": _tool_versions(),
         "sha256": {name: sha256_file(root / name) for name in files},
     }
+    origin = hub.snapshot_origin(source_dir)
+    if origin is not None:  # a Hugging Face Hub id: its name and commit, not the snapshot directory's name
+        data["source"].update(name=origin["repo_id"], revision=origin["revision"])
     if extra:
         data.update(extra)
     tmp = root / (MANIFEST + ".tmp")
