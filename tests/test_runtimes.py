@@ -75,3 +75,23 @@ def test_polygraphy_runs_the_bundle(hybrid_bundle, tmp_path):
     sess = ort.InferenceSession(str(b / "model.onnx"), providers=["CPUExecutionProvider"])
     for it, feed in zip(iterations, _loader().bundle_feeds(b, prompt_len=12, cache_len=32)):
         np.testing.assert_array_equal(np.asarray(it["logits"]), sess.run(["logits"], feed)[0])
+
+
+def test_plain_onnxruntime_snippet_in_the_docs(hybrid_bundle, monkeypatch):
+    """docs/runtimes.md's I/O-binding loop, run as written on the hybrid bundle with a prompt longer than the
+    window: its greedy tokens are ours."""
+    import re
+
+    from exaone_deploy.runtime.generate import Generator
+    from exaone_deploy.runtime.sampling import SamplingParams
+
+    b, _ = hybrid_bundle
+    doc = (LOADER.parent / "runtimes.md").read_text()
+    code = re.search(r"```python\n(import json.*?)```", doc, re.S).group(1)
+    prompt = list(range(20, 40))
+    assert len(prompt) > load_manifest(b).spec.sliding_window
+    monkeypatch.chdir(b.parent)
+    ns: dict = {}
+    exec(code.replace('B = "B"', f'B = "{b.name}"').replace("prompt = [1, 2, 3]", f"prompt = {prompt}"), ns)
+    ours = Generator.from_bundle(b).generate([prompt], SamplingParams(max_new_tokens=16, temperature=0.0))[0]
+    assert ns["tokens"][len(prompt):] == ours.token_ids
