@@ -1,5 +1,9 @@
 """A bundle that onnxruntime-genai loads as it is: a second decoder graph over the same weights, and its config.
 
+The bundle writer (``exporter/writer.py``) calls :func:`write_genai_variant` for every ``ort`` bundle, exported or
+quantized, before the manifest is written (``files.genai``, hashed); :func:`add_genai_variant` adds it to a bundle
+written before that. Users: docs/runtimes.md.
+
 onnxruntime-genai (``og.Model(bundle_dir)``, its C/C++/C#/Java APIs) runs a decoder whose contract is fixed by
 its model builder (``src/python/py/models/builders/base.py``) and its runtime (``src/models/*.cpp``):
 
@@ -238,7 +242,8 @@ def write_genai_variant(bundle_dir: str | Path, spec: ModelSpec, *, max_seq_len:
 
 
 def add_genai_variant(bundle_dir: str | Path) -> list[str]:
-    """Add the genai variant to a finished ort bundle, and record its files (sha256) in ``manifest.json``."""
+    """Add the genai variant to a finished ort bundle (one written before the bundle writer wrote it), and record
+    its files (sha256) in ``manifest.json``."""
     from .bundle import MANIFEST, BundleError, load_manifest, sha256_file
 
     manifest = load_manifest(bundle_dir)
