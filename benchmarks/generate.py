@@ -16,6 +16,9 @@ greedy tokens with end-of-sequence ignored, at each ``--batch`` size (rows of eq
   pre-norm where EXAONE is post-norm, which changes no byte and no FLOP per token).
 * ``genai-thp``: ``genai`` again, started under the same huge-page ``malloc`` setting as ours (below), to show
   how much of a difference is that setting.
+* ``genai-ours`` / ``genai-ours-int4``: onnxruntime-genai's C++ loop on *our* bundle (its ``genai.onnx``, the
+  same weights and kernels as ``model.onnx``; int4 = ``quantize --scheme int4-rtn``): the difference to ``ours``
+  is our Python loop's overhead. ``ours-int4``: that int4 bundle through our runtime.
 * ``--bundle PATH[=LABEL]``: any other bundle (a quantized one, say) through our runtime, as an extra row.
 * ``llamacpp-f32`` / ``llamacpp-q8_0`` / ``llamacpp-q4_0``: llama.cpp's ``llama-bench`` on GGUF files converted
   from the same checkpoint (``benchmarks/llamacpp.py``: ``LLAMA_CPP_BIN`` points at a build, or
@@ -74,10 +77,12 @@ from _util import current_rss_bytes, emit, fmt_bytes, peak_rss_bytes, print_tabl
 log = logging.getLogger("bench.generate")
 
 SYSTEMS = ("ours", "transformers", "genai", "genai-int4", "genai-int8", "genai-thp", "llamacpp-f32", "llamacpp-q8_0",
-           "llamacpp-q4_0")
+           "llamacpp-q4_0", "genai-ours", "genai-ours-int4", "ours-int4")
 LLAMACPP_PRECISION = {"llamacpp-f32": "f32", "llamacpp-q8_0": "q8_0", "llamacpp-q4_0": "q4_0"}
 LLAMACPP_PEER = {None: "llamacpp-f32", "int8-sq": "llamacpp-q8_0", "int4-awq": "llamacpp-q4_0",
                  "int4-rtn": "llamacpp-q4_0"}  # our bundle's quantization scheme -> the llama.cpp row it is held to
+# Our bundles, fp32 or int4 (``quantize --scheme int4-rtn``), through our Python loop or genai's C++ loop.
+OUR_BUNDLES = {"genai-ours": ("fp32", "genai"), "genai-ours-int4": ("int4", "genai"), "ours-int4": ("int4", "ours")}
 GENAI_PRECISION = {"genai": "fp32", "genai-int4": "int4", "genai-int8": "int8", "genai-thp": "fp32"}
 GiB = 1 << 30
 
@@ -211,6 +216,31 @@ def build_genai(workdir: Path, layers: int | None, precision: str) -> Path:
                                    + (proc.stdout + proc.stderr)[-3000:])
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+    return out
+
+
+def _quantize_int4(src: Path, out: Path) -> None:  # runs in its own interpreter
+    _quiet()
+    from exaone_deploy.calibration.quantize import QuantOptions, quantize
+
+    quantize(src, out, QuantOptions("int4-rtn"), force=True)
+
+
+def build_our_bundle(workdir: Path, layers: int | None, precision: str) -> Path:
+    """Our ``ort`` bundle at ``precision`` (fp32: ``build_bundle``; int4: ``quantize --scheme int4-rtn`` of it,
+    MatMulNBits with block 32 like genai's int4), with its onnxruntime-genai variant (``genai.onnx``, written by
+    the bundle writer; added to a bundle cached before it was)."""
+    from exaone_deploy.bundle import load_manifest
+    from exaone_deploy.genai import add_genai_variant
+
+    out = build_bundle(workdir, layers)
+    if precision == "int4":
+        fp32, out = out, workdir / f"exaone4-1.2b-shape-int4{_suffix(layers)}-ort"
+        if not (out / "manifest.json").is_file():
+            print(f"quantizing {fp32} -> {out} (int4-rtn) ...", file=sys.stderr)
+            run_isolated(_quantize_int4, fp32, out)
+    if "genai" not in load_manifest(out, verify=False).data["files"]:
+        add_genai_variant(out)
     return out
 
 
@@ -626,6 +656,10 @@ def main(argv=None) -> dict:
             except Exception as e:  # noqa: BLE001 - a peer that cannot be built is reported, not fatal
                 print(f"{system}: {e}", file=sys.stderr)
                 targets.append(dict(label=system, error=str(e).strip().splitlines()[0][:200]))
+        elif system in OUR_BUNDLES:  # the same bundle through genai's C++ loop: our Python loop's overhead
+            precision, loop = OUR_BUNDLES[system]
+            targets.append(dict(label=system, kind="bundle", path=build_our_bundle(workdir, L, precision),
+                                fn=run_ours if loop == "ours" else run_genai, hugepages=loop == "ours"))
         else:
             try:
                 path = build_genai(workdir, L, GENAI_PRECISION[system])

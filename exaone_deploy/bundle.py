@@ -15,9 +15,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
+from . import hub
 from .errors import ExaoneDeployError
 from .graph_io import GraphIO
 from .spec import LIMITS, ModelSpec
@@ -102,8 +104,10 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
 
 
 def write_manifest(root: Path, *, io: GraphIO, target: str, model_file: str, canonical_file: str | None,
-                   weights_file: str | None, source_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``root/manifest.json`` (atomically) listing the sha256 of every other file in ``root``."""
+                   weights_file: str | None, source_dir: Path, extra: dict[str, Any] | None = None,
+                   more_files: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write ``root/manifest.json`` (atomically) listing the sha256 of every other file in ``root``.
+    ``more_files``: further ``files`` entries (role -> name), e.g. ``genai`` (exaone_deploy/genai.py)."""
     spec = io.spec
     files = sorted(p.name for p in root.iterdir() if p.is_file() and p.name != MANIFEST)
     data: dict[str, Any] = {
@@ -114,12 +118,15 @@ def write_manifest(root: Path, *, io: GraphIO, target: str, model_file: str, can
         "max_seq_len": io.max_seq_len,
         "source": {"config_sha256": spec.config_sha256, "name": source_dir.name},
         "spec": spec.to_json(),
-        "layers": [{"index": l.index, "kind": l.kind, "window": l.window, "rope": l.rope} for l in spec.layers],
+        "layers": [{"index": la.index, "kind": la.kind, "window": la.window, "rope": la.rope} for la in spec.layers],
         "io": io.manifest_io(),
-        "files": {"model": model_file, "canonical": canonical_file, "weights": weights_file},
+        "files": {"model": model_file, "canonical": canonical_file, "weights": weights_file, **(more_files or {})},
         "tools": _tool_versions(),
         "sha256": {name: sha256_file(root / name) for name in files},
     }
+    origin = hub.snapshot_origin(source_dir)
+    if origin is not None:  # a Hugging Face Hub id: its name and commit, not the snapshot directory's name
+        data["source"].update(name=origin["repo_id"], revision=origin["revision"])
     if extra:
         data.update(extra)
     tmp = root / (MANIFEST + ".tmp")
@@ -254,15 +261,18 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
 
 def finish_bundle(root: Path, io: GraphIO, *, target: str, model_file: str, source_dir: Path,
                   tokenizer_dirs: tuple[Path, ...] = (), canonical_file: str | None = None,
-                  weights_file: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                  weights_file: str | None = None, extra: dict[str, Any] | None = None,
+                  before_manifest: Callable[[Path], dict[str, str]] | None = None) -> dict[str, Any]:
     """The last steps of writing any bundle into its staging directory ``root``: the tokenizer files of the first
-    of ``tokenizer_dirs`` (default: ``source_dir``) that has any, then the manifest (written last: a directory
-    without one is no bundle)."""
+    of ``tokenizer_dirs`` (default: ``source_dir``) that has any, then ``before_manifest(root)`` (files that read
+    the tokenizer files; it returns their ``files`` entries, role -> name), then the manifest (written last: a
+    directory without one is no bundle), which hashes them all."""
     for d in tokenizer_dirs or (source_dir,):
         if copy_tokenizer_files(Path(d), root):
             break
+    more = before_manifest(root) if before_manifest is not None else None
     return write_manifest(root, io=io, target=target, model_file=model_file, canonical_file=canonical_file,
-                          weights_file=weights_file, source_dir=source_dir, extra=extra)
+                          weights_file=weights_file, source_dir=source_dir, extra=extra, more_files=more)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,9 @@
 """A bundle that onnxruntime-genai loads as it is: a second decoder graph over the same weights, and its config.
 
+The bundle writer (``exporter/writer.py``) calls :func:`write_genai_variant` for every ``ort`` bundle, exported or
+quantized, before the manifest is written (``files.genai``, hashed); :func:`add_genai_variant` adds it to a bundle
+written before that. Users: docs/runtimes.md.
+
 onnxruntime-genai (``og.Model(bundle_dir)``, its C/C++/C#/Java APIs) runs a decoder whose contract is fixed by
 its model builder (``src/python/py/models/builders/base.py``) and its runtime (``src/models/*.cpp``):
 
@@ -43,6 +47,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from .errors import ExaoneDeployError
 from .graph_io import GraphIO
 from .spec import ModelSpec
 
@@ -52,6 +57,7 @@ __all__ = [
     "GENAI_CONFIG",
     "GENAI_FILE",
     "MODEL_TYPE",
+    "GenaiError",
     "AttentionMaskInputs",
     "SymbolicWindowCaches",
     "add_genai_variant",
@@ -67,6 +73,11 @@ MODEL_TYPE = "decoder"  # genai's generic decoder-only LLM type (ModelType::IsLL
 ATTENTION_MASK = "attention_mask"
 SLIDING_CACHE_LEN = "sliding_cache_len"
 _SEARCH_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+
+
+class GenaiError(ExaoneDeployError, ValueError):
+    """A model that genai's config cannot describe (no eos id; several sliding window sizes). The bundle writer
+    then writes the bundle without the variant and says why in a warning: our runtime does not need it."""
 
 
 def _const(tape: ir.tape.Tape, name: str, values: list[int]) -> ir.Value:
@@ -163,7 +174,7 @@ def genai_config(spec: ModelSpec, *, max_seq_len: int, window_cache: bool, filen
     gen = generation_config or {}
     eos = _ids(gen.get("eos_token_id")) or list(spec.eos_token_id)
     if not eos:
-        raise ValueError("genai_config: no eos_token_id in generation_config.json or config.json")
+        raise GenaiError("genai_config: no eos_token_id in generation_config.json or config.json")
     pad = gen.get("pad_token_id", spec.pad_token_id)
     bos = gen.get("bos_token_id", spec.bos_token_id)
     decoder: dict[str, Any] = {
@@ -185,13 +196,14 @@ def genai_config(spec: ModelSpec, *, max_seq_len: int, window_cache: bool, filen
     if window_cache and sliding:
         windows = {layer.window for layer in sliding}
         if len(windows) != 1:
-            raise ValueError(f"genai_config: genai has one sliding window size, the model has {sorted(windows)}")
+            raise GenaiError(f"genai_config: genai has one sliding window size, the model has {sorted(windows)}")
         decoder["sliding_window"] = {"window_size": windows.pop(), "slide_key_value_cache": False,
                                      "slide_inputs": False, "layers": [layer.index for layer in sliding],
                                      "cache_slack": 0}
     search = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
               **{k: gen[k] for k in _SEARCH_KEYS if gen.get(k) is not None}}
-    search.update({"max_length": min(max_length or max_seq_len, max_seq_len), "min_length": 0, "num_beams": 1, "num_return_sequences": 1,
+    search.update({"max_length": min(max_length or max_seq_len, max_seq_len), "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1,
                    "past_present_share_buffer": True, "early_stopping": True, "length_penalty": 1.0,
                    "no_repeat_ngram_size": 0, "diversity_penalty": 0.0})
     return {
@@ -230,7 +242,8 @@ def write_genai_variant(bundle_dir: str | Path, spec: ModelSpec, *, max_seq_len:
 
 
 def add_genai_variant(bundle_dir: str | Path) -> list[str]:
-    """Add the genai variant to a finished ort bundle, and record its files (sha256) in ``manifest.json``."""
+    """Add the genai variant to a finished ort bundle (one written before the bundle writer wrote it), and record
+    its files (sha256) in ``manifest.json``."""
     from .bundle import MANIFEST, BundleError, load_manifest, sha256_file
 
     manifest = load_manifest(bundle_dir)

@@ -21,7 +21,7 @@ import logging
 import re
 from pathlib import Path
 
-__all__ = ["ALLOW_PATTERNS", "IGNORE_PATTERNS", "is_repo_id", "snapshot"]
+__all__ = ["ALLOW_PATTERNS", "IGNORE_PATTERNS", "is_repo_id", "snapshot", "snapshot_origin"]
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +71,14 @@ def snapshot(repo_id: str, revision: str | None = None) -> Path:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{where}: cannot fetch from the Hugging Face Hub ({first})") from None
     return Path(path)
+
+
+def snapshot_origin(path: str | Path) -> dict[str, str] | None:
+    """``{"repo_id": "ORG/NAME", "revision": COMMIT}`` for a snapshot directory of the Hub cache
+    (``.../models--ORG--NAME/snapshots/COMMIT``, what :func:`snapshot` returns), else None. Bundle manifests record
+    it as their source (a bare directory name there would be a commit hash)."""
+    parts = Path(path).parts
+    if len(parts) < 3 or parts[-2] != "snapshots" or not parts[-3].startswith("models--"):
+        return None
+    org_name = parts[-3][len("models--"):].split("--", 1)  # Hub names never hold "--"
+    return {"repo_id": "/".join(org_name), "revision": parts[-1]} if len(org_name) == 2 else None

@@ -4,6 +4,7 @@ genai's own generator loop with ours (and transformers') on hybrid models, promp
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -127,35 +128,55 @@ except ImportError:  # an install without the 'genai' extra: the passes and the 
     og = None
 needs_og = pytest.mark.skipif(og is None, reason="onnxruntime-genai is not installed (pip install "
                                                  "'exaone-deploy[genai]')")
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    """{name: (bundle dir, checkpoint dir)}: the bundled trained tiny model and the make-tiny 32b preset
-    (LLLG hybrid: sliding RoPE layers, global NoPE layers, llama3 RoPE scaling), each with the genai variant."""
+def bundles(tmp_path_factory, tiny_dirs):
+    """{name: (bundle dir, checkpoint dir)}, each bundle as ``export`` writes it (nothing added afterwards): the
+    bundled trained tiny model and both make-tiny presets, 1.2b (all global, tied) and 32b (LLLG hybrid: sliding
+    RoPE layers, global NoPE layers, llama3 RoPE scaling; its generation_config.json holds sampling defaults)."""
+    import shutil
+
     from exaone_deploy import assets
     from exaone_deploy.exporter.export import ExportOptions, export_bundle
-    from exaone_deploy.tiny.make import make_tiny
 
     root = tmp_path_factory.mktemp("genai")
-    ckpts = {"tiny": assets.tiny_model_dir(), "32b": make_tiny(root / "ckpt-32b", "32b", seed=0)}
+    ckpt32 = Path(shutil.copytree(tiny_dirs["32b"], root / "ckpt-32b"))
+    gen = json.loads((ckpt32 / "generation_config.json").read_text())
+    (ckpt32 / "generation_config.json").write_text(json.dumps({**gen, **SAMPLING_DEFAULTS}))
+    ckpts = {"tiny": assets.tiny_model_dir(), "1.2b": tiny_dirs["1.2b"], "32b": ckpt32}
+    return {name: (export_bundle(ckpt, root / f"bundle-{name}", ExportOptions(max_seq_len=MAX_SEQ), progress=False),
+                   ckpt) for name, ckpt in ckpts.items()}
+
+
+@pytest.fixture(scope="module")
+def quantized(bundles, tmp_path_factory):
+    """{(preset, scheme): bundle} as ``quantize`` writes them from the fp32 bundles: int4 (RTN, MatMulNBits) of
+    both presets, int8 (SmoothQuant, calibrated on the bundled corpus) of the hybrid one."""
+    from exaone_deploy import assets
+    from exaone_deploy.calibration.quantize import QuantOptions, quantize
+
+    root = tmp_path_factory.mktemp("genai-q")
+    options = {"int4": QuantOptions("int4-rtn"),
+               "int8": QuantOptions("int8-sq", calib_data=assets.corpus_path(), calib_samples=8, calib_seq_len=64)}
     out = {}
-    for name, ckpt in ckpts.items():
-        b = export_bundle(ckpt, root / f"bundle-{name}", ExportOptions(max_seq_len=MAX_SEQ), progress=False)
-        genai.add_genai_variant(b)
-        out[name] = (b, ckpt)
+    for preset, scheme in (("1.2b", "int4"), ("32b", "int4"), ("32b", "int8")):
+        out[preset, scheme] = root / f"{preset}-{scheme}"
+        quantize(bundles[preset][0], out[preset, scheme], options[scheme])
     return out
 
 
 def _prompt(name: str, bundle) -> list[int]:
-    """A prompt longer than the window: text for the trained tiny model, random ids for the random 32b."""
+    """A prompt longer than the window (40 tokens without one): text for the trained tiny model, random ids for the
+    random-weight presets."""
     spec = load_manifest(bundle).spec
-    n = 3 * spec.sliding_window // 2 + 1
+    n = 3 * spec.sliding_window // 2 + 1 if spec.sliding_window else 40
     if name == "tiny":
         from exaone_deploy import assets
         from exaone_deploy.text.tokenizer import Tokenizer
 
-        text = (assets.tiny_model_dir().parent / "tinyshakespeare.txt").read_text()
+        text = assets.corpus_path().read_text()
         return Tokenizer.from_dir(bundle).encode(text[:2000])[:n]
     return [int(t) for t in np.random.default_rng(0).integers(10, spec.vocab_size, n)]
 
@@ -182,16 +203,16 @@ def _genai_greedy(bundle, prompts: list[list[int]]) -> list[list[int]]:
     return out
 
 
-@needs_og
-def test_variant_shares_the_weights(bundles):
-    b, _ = bundles["32b"]
+def _assert_variant_shares_the_weights(b) -> None:
     m = load_manifest(b)  # sha256 of every file, genai's included, checks out
     assert m.data["files"]["genai"] == genai.GENAI_FILE and genai.GENAI_CONFIG in m.data["sha256"]
     model = ir.load(b / genai.GENAI_FILE)
-    locations = {v.const_value.location for v in model.graph.initializers.values()
-                 if isinstance(v.const_value, ir.ExternalTensor)}
-    assert locations == {"weights.data", "fused.data"}
-    assert sorted(p.name for p in b.glob("*.data")) == ["fused.data", "weights.data"]
+    external = {v.const_value.location for v in model.graph.initializers.values()
+                if isinstance(v.const_value, ir.ExternalTensor)}
+    inline = [v.name for v in model.graph.initializers.values()
+              if not isinstance(v.const_value, ir.ExternalTensor) and v.const_value.nbytes > 4096]
+    assert external <= {"weights.data", "fused.data"} and "weights.data" in external and not inline
+    assert {p.name for p in b.glob("*.data")} == external  # no second weights file
     assert (b / genai.GENAI_FILE).stat().st_size < 1.1 * (b / "model.onnx").stat().st_size
     sliding = {i for i, layer in enumerate(m.spec.layers) if layer.sliding}
     for v in model.graph.inputs:
@@ -200,13 +221,61 @@ def test_variant_shares_the_weights(bundles):
             assert str(v.shape[2]) == (genai.SLIDING_CACHE_LEN if layer in sliding else "cache_len")
 
 
+def test_exported_bundle_carries_the_variant(bundles):
+    """Written by ``export`` itself: hashed in the manifest, sharing the weight files, search defaults from the
+    checkpoint's generation_config.json."""
+    for b, _ in bundles.values():
+        _assert_variant_shares_the_weights(b)
+    cfg = json.loads((bundles["32b"][0] / genai.GENAI_CONFIG).read_text())
+    assert {k: cfg["search"][k] for k in SAMPLING_DEFAULTS} == SAMPLING_DEFAULTS
+    assert cfg["model"]["context_length"] == MAX_SEQ and cfg["search"]["max_length"] == MAX_SEQ
+    assert json.loads((bundles["1.2b"][0] / genai.GENAI_CONFIG).read_text())["search"]["do_sample"] is False
+
+
+def test_quantized_bundles_carry_the_variant(quantized):
+    for (_, scheme), q in quantized.items():
+        _assert_variant_shares_the_weights(q)
+        ops = {n.op_type for n in ir.load(q / genai.GENAI_FILE).graph}
+        assert ("MatMulNBits" if scheme == "int4" else "MatMulIntegerToFloat") in ops
+
+
+def test_add_genai_variant_to_an_older_bundle(bundles, tmp_path):
+    """A bundle written before the writer wrote the variant gets it, and its manifest still verifies."""
+    import shutil
+
+    b = Path(shutil.copytree(bundles["32b"][0], tmp_path / "old"))
+    data = json.loads((b / "manifest.json").read_text())
+    for name in (genai.GENAI_FILE, genai.GENAI_CONFIG):
+        (b / name).unlink()
+        del data["sha256"][name]
+    del data["files"]["genai"]
+    (b / "manifest.json").write_text(json.dumps(data))
+    assert "genai" not in load_manifest(b).data["files"]
+    assert genai.add_genai_variant(b) == [genai.GENAI_FILE, genai.GENAI_CONFIG]
+    _assert_variant_shares_the_weights(b)
+    assert (b / genai.GENAI_FILE).read_bytes() == (bundles["32b"][0] / genai.GENAI_FILE).read_bytes()
+
+
+def test_genai_config_refuses_what_it_cannot_describe():
+    import dataclasses
+
+    from exaone_deploy import assets
+    from exaone_deploy.errors import ExaoneDeployError
+
+    spec = dataclasses.replace(load_spec(assets.tiny_model_dir()), eos_token_id=())
+    with pytest.raises(ExaoneDeployError, match="no eos_token_id"):
+        genai.genai_config(spec, max_seq_len=64, window_cache=True)
+
+
 @needs_og
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny", "32b"])
+@pytest.mark.parametrize("name", ["tiny", "1.2b", "32b"])
 def test_genai_greedy_equals_ours_and_transformers(bundles, name):
+    """fp32: genai's generator, ours and transformers' greedy tokens agree, all 32 of them past the window."""
     b, ckpt = bundles[name]
     prompt = _prompt(name, b)
-    assert len(prompt) > load_manifest(b).spec.sliding_window
+    window = load_manifest(b).spec.sliding_window
+    assert not window or len(prompt) > window
     ours = _ours_greedy(b, prompt)
     theirs = _genai_greedy(b, [prompt])[0]
     assert len(ours) == STEPS and theirs == ours
@@ -221,20 +290,23 @@ def test_genai_greedy_equals_ours_and_transformers(bundles, name):
 
 @needs_og
 @pytest.mark.slow
-def test_genai_batch_and_int4(bundles, tmp_path):
-    """Two rows in one genai batch, each equal to ours alone; and an int4 bundle, genai equal to ours on it."""
-    from exaone_deploy.calibration.quantize import QuantOptions, quantize
+@pytest.mark.parametrize("key", [("1.2b", "int4"), ("32b", "int4"), ("32b", "int8")])
+def test_genai_greedy_equals_ours_quantized(quantized, key):
+    """Quantized bundles as ``quantize`` writes them: genai's greedy tokens equal ours (the same graph)."""
+    q = quantized[key]
+    prompt = _prompt(key[0], q)
+    ours = _ours_greedy(q, prompt)
+    assert len(ours) == STEPS and _genai_greedy(q, [prompt])[0] == ours
 
+
+@needs_og
+@pytest.mark.slow
+def test_genai_batch_of_equal_length_rows(bundles):
+    """Two rows in one genai batch, each equal to ours alone (rows of different lengths: see docs/runtimes.md)."""
     b, _ = bundles["32b"]
     rng = np.random.default_rng(1)
     prompts = [[int(t) for t in rng.integers(10, 500, 20)] for _ in range(2)]
     assert _genai_greedy(b, prompts) == [_ours_greedy(b, p) for p in prompts]
-    q = tmp_path / "int4"
-    quantize(b, q, QuantOptions("int4-rtn"))
-    genai.add_genai_variant(q)
-    assert any(n.op_type == "MatMulNBits" for n in ir.load(q / genai.GENAI_FILE).graph)
-    prompt = _prompt("32b", b)
-    assert _genai_greedy(q, [prompt])[0] == _ours_greedy(q, prompt)
 
 
 @needs_og

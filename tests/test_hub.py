@@ -113,10 +113,61 @@ def test_cli_inspect_and_export_offline(tmp_path):
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["spec"] == expected
+    assert (manifest["source"]["name"], manifest["source"]["revision"]) == (REPO, COMMIT)
+    assert manifest["files"]["genai"] == "genai.onnx"  # a Hub id exports to a bundle genai runs too
     assert (out / "tokenizer.json").read_bytes() == (assets.tiny_model_dir() / "tokenizer.json").read_bytes()
-    for verb in (("inspect", "Other/absent"), ("export", "Other/absent", "-o", tmp_path / "C")):
+    for verb, message in ((("inspect", "Other/absent"), "Other/absent: not in the Hugging Face cache"),
+                          (("export", "Other/absent", "-o", tmp_path / "C"), "Other/absent: not in the Hugging Face"),
+                          (("export", REPO, "--revision", "v9", "-o", tmp_path / "C"),
+                           f"{REPO}@v9: not in the Hugging Face cache and HF_HUB_OFFLINE=1")):
         r = _cli(env, *verb)
         assert r.returncode == 1 and "Traceback" not in r.stderr
         lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and "Other/absent: not in the Hugging Face cache" in lines[0], r.stderr
+        assert len(lines) == 1 and message in lines[0], r.stderr
+    assert not (tmp_path / "C").exists()
+
+
+def test_snapshot_origin(tmp_path):
+    snap = populate_cache(tmp_path, REPO, assets.tiny_model_dir())
+    assert hub.snapshot_origin(snap) == {"repo_id": REPO, "revision": COMMIT}
+    assert hub.snapshot_origin(assets.tiny_model_dir()) is None
+    assert hub.snapshot_origin(tmp_path / "snapshots" / COMMIT) is None
+
+
+@pytest.mark.slow
+def test_verbs_take_hub_ids_with_revision(offline_cache, tmp_path):
+    """export, quantize, inspect, verify --reference and eval-ppl on a Hub id at --revision, in process, offline
+    from the cache: the same results as on the local directory."""
+    from click.testing import CliRunner
+
+    from exaone_deploy.bundle import load_manifest
+    from exaone_deploy.commands import main
+
+    populate_cache(offline_cache, REPO, assets.tiny_model_dir())
+
+    def run(*args):
+        r = CliRunner().invoke(main, list(map(str, args)))
+        return r.exit_code, r.output
+
+    code, out = run("inspect", REPO, "--revision", COMMIT, "--json")
+    assert code == 0 and json.loads(out) == json.loads(json.dumps(load_spec(assets.tiny_model_dir()).to_json()))
+    b, q = tmp_path / "B", tmp_path / "Q"
+    assert run("export", REPO, "--revision", "main", "-o", b, "--max-seq-len", 64, "--no-progress")[0] == 0
+    code, out = run("quantize", REPO, "--revision", COMMIT, "-o", q, "--scheme", "int4-rtn", "--max-seq-len", 64,
+                    "--no-progress")
+    assert code == 0, out
+    for bundle in (b, q):
+        source = load_manifest(bundle).data["source"]
+        assert (source["name"], source["revision"]) == (REPO, COMMIT)
+    code, out = run("verify", b, "--reference", REPO, "--revision", COMMIT, "--steps", 4, "--prompt-len", 16,
+                    "--json")
+    assert code == 0 and json.loads(out)["ok"], out
+    ppl = [run("eval-ppl", *where, "--data", assets.corpus_path(), "--seq-len", 32, "--max-tokens", 96, "--json")
+           for where in ((REPO, "--revision", "main"), (assets.tiny_model_dir(),))]
+    assert ppl[0][0] == 0 and json.loads(ppl[0][1])["ppl"] == json.loads(ppl[1][1])["ppl"], ppl
+    code, out = run("inspect", "tiny", "--revision", "main")
+    assert code == 1 and out == "Error: --revision main: 'tiny' is not a Hugging Face Hub id (ORG/NAME); a local " \
+        "directory has no revisions\n"
+    code, out = run("quantize", "Other/absent", "-o", tmp_path / "C", "--scheme", "int4-rtn")
+    assert code == 1 and out.startswith("Error: Other/absent: not in the Hugging Face cache") and out.count("\n") == 1
     assert not (tmp_path / "C").exists()

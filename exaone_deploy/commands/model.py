@@ -1,9 +1,13 @@
 """Checkpoint and bundle verbs: ``make-tiny``, ``inspect``, ``export``, ``verify``.
 
 exaone-deploy make-tiny OUT_DIR [--preset 1.2b|32b|1.2b-full|32b-full] [--seed N] [--num-layers N] [--dtype D]
-exaone-deploy inspect MODEL_DIR [--json]
-exaone-deploy export MODEL_DIR -o BUNDLE_DIR [--target ort|trt] [--dtype D] [--max-seq-len N] [--force]
-exaone-deploy verify BUNDLE_DIR --reference MODEL_DIR [--steps N] [--prompt-len N] [--json]
+exaone-deploy inspect MODEL_DIR [--revision REV] [--json]
+exaone-deploy export MODEL_DIR -o BUNDLE_DIR [--revision REV] [--target ort|trt] [--dtype D] [--max-seq-len N] [--force]
+exaone-deploy verify BUNDLE_DIR --reference MODEL_DIR [--revision REV] [--steps N] [--prompt-len N] [--json]
+
+MODEL_DIR is a checkpoint directory, ``tiny`` (the bundled model), or a Hugging Face Hub id ``ORG/NAME``
+(exaone_deploy/hub.py: the standard cache, ``HF_TOKEN``, ``HF_HUB_OFFLINE=1``), at ``--revision`` (a branch, tag
+or commit; Hub ids only).
 """
 
 from __future__ import annotations
@@ -17,9 +21,28 @@ import click
 
 from .common import quiet_export_tooling
 
-__all__ = ["make_tiny_command", "inspect_command", "export_command", "verify_command"]
+__all__ = ["make_tiny_command", "inspect_command", "export_command", "verify_command", "revision_option",
+           "resolve_model"]
 
 _DTYPES = click.Choice(["float32", "float16", "bfloat16"])
+
+revision_option = click.option(
+    "--revision", default=None, metavar="REV",
+    help="Branch, tag or commit of a Hugging Face Hub id (default: main).",
+)
+
+
+def resolve_model(name: str, revision: str | None) -> Path:
+    """A MODEL_DIR argument as a local directory: ``tiny``, a path, or a Hub id at ``revision`` (downloaded or
+    served from the cache). ``--revision`` with anything but a Hub id is an error, not silently ignored."""
+    from .. import hub
+    from ..checkpoint import resolve_model_dir
+    from ..errors import InputError
+
+    if revision is not None and not hub.is_repo_id(name):
+        raise InputError(f"--revision {revision}: {name!r} is not a Hugging Face Hub id (ORG/NAME); a local "
+                         "directory has no revisions")
+    return resolve_model_dir(name, revision)
 
 
 @click.command("make-tiny")
@@ -44,13 +67,14 @@ def make_tiny_command(out_dir: Path, preset: str, seed: int, num_layers: int | N
 
 @click.command("inspect")
 @click.argument("model_dir")
+@revision_option
 @click.option("--json", "as_json", is_flag=True, help="Print the spec as JSON.")
-def inspect_command(model_dir: str, as_json: bool) -> None:
-    """Show the model spec (per-layer attention plan) parsed from MODEL_DIR/config.json ('tiny' allowed)."""
-    from ..checkpoint import resolve_model_dir
+def inspect_command(model_dir: str, revision: str | None, as_json: bool) -> None:
+    """Show the model spec (per-layer attention plan) parsed from MODEL_DIR/config.json ('tiny' or ORG/NAME
+    allowed)."""
     from ..spec import load_spec
 
-    spec = load_spec(resolve_model_dir(model_dir))
+    spec = load_spec(resolve_model(model_dir, revision))
     if as_json:
         click.echo(json.dumps(spec.to_json(), indent=2))
         return
@@ -65,6 +89,7 @@ def inspect_command(model_dir: str, as_json: bool) -> None:
 @click.command("export")
 @click.argument("model_dir")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
+@revision_option
 @click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
 @click.option("--dtype", type=_DTYPES, default="float32", show_default=True)
 @click.option(
@@ -76,15 +101,17 @@ def inspect_command(model_dir: str, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True)
 def export_command(
-    model_dir: str, out_dir: Path, target: str, dtype: str, max_seq_len: int | None, force: bool, no_progress: bool
+    model_dir: str, out_dir: Path, revision: str | None, target: str, dtype: str, max_seq_len: int | None,
+    force: bool, no_progress: bool
 ) -> None:
-    """Export MODEL_DIR ('tiny' for the bundled model) into a self-contained bundle."""
+    """Export MODEL_DIR ('tiny' for the bundled model, ORG/NAME for a Hugging Face Hub id) into a self-contained
+    bundle (an ort bundle also runs in onnxruntime-genai: docs/runtimes.md)."""
     quiet_export_tooling()
     from ..exporter.export import ExportOptions, export_bundle
 
     t = time.perf_counter()
     path = export_bundle(
-        model_dir,
+        resolve_model(model_dir, revision),
         out_dir,
         ExportOptions(target=target, dtype=dtype, max_seq_len=max_seq_len),
         force=force,
@@ -95,16 +122,19 @@ def export_command(
 
 @click.command("verify")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--reference", "model_dir", required=True, help="The checkpoint the bundle was exported from.")
+@click.option("--reference", "model_dir", required=True,
+              help="The checkpoint the bundle was exported from (a directory or ORG/NAME).")
+@revision_option
 @click.option("--steps", type=click.IntRange(min=0), default=32, show_default=True)
 @click.option("--prompt-len", type=click.IntRange(min=1), default=None)
 @click.option("--json", "as_json", is_flag=True)
-def verify_command(bundle_dir: Path, model_dir: str, steps: int, prompt_len: int | None, as_json: bool) -> None:
+def verify_command(bundle_dir: Path, model_dir: str, revision: str | None, steps: int, prompt_len: int | None,
+                   as_json: bool) -> None:
     """Run BUNDLE_DIR in ONNX Runtime beside the PyTorch reference; non-zero exit past tolerance."""
     quiet_export_tooling()
     from ..validate.verify import verify_bundle
 
-    report = verify_bundle(bundle_dir, model_dir, steps=steps, prompt_len=prompt_len)
+    report = verify_bundle(bundle_dir, resolve_model(model_dir, revision), steps=steps, prompt_len=prompt_len)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

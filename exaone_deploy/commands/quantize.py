@@ -1,7 +1,10 @@
 """Quantization verbs: ``quantize``, ``eval-ppl``, ``sensitivity``.
 
-exaone-deploy quantize MODEL_DIR -o BUNDLE_DIR --scheme int8-sq|fp8|int4-awq|int4-rtn --calib-data FILE ...
-exaone-deploy eval-ppl (BUNDLE_DIR | MODEL_DIR) --data FILE [--seq-len L] [--max-tokens N] [--json]
+exaone-deploy quantize MODEL_DIR -o BUNDLE_DIR --scheme int8-sq|fp8|int4-awq|int4-rtn --calib-data FILE
+                       [--revision REV] ...
+exaone-deploy eval-ppl (BUNDLE_DIR | MODEL_DIR) --data FILE [--revision REV] [--seq-len L] [--max-tokens N] [--json]
+
+MODEL_DIR: a checkpoint directory, ``tiny``, or a Hugging Face Hub id ORG/NAME (``--revision``: commands/model.py).
 exaone-deploy sensitivity MODEL_DIR --scheme S --calib-data FILE --data FILE [--json]
 """
 
@@ -15,6 +18,7 @@ import click
 
 from ..text.corpus import FORMATS
 from .common import quiet_export_tooling
+from .model import resolve_model, revision_option
 
 __all__ = ["quantize_command", "eval_ppl_command", "sensitivity_command"]
 
@@ -106,17 +110,20 @@ def _options(kw: dict):
 @click.command("quantize")
 @click.argument("model_dir")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
+@revision_option
 @_calibration_options
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the quantization record as JSON.")
-def quantize_command(model_dir: str, out_dir: Path, force: bool, no_progress: bool, as_json: bool, **kw) -> None:
-    """Quantize MODEL_DIR (a checkpoint, 'tiny', or a float32 bundle) into a bundle."""
+def quantize_command(model_dir: str, out_dir: Path, revision: str | None, force: bool, no_progress: bool,
+                     as_json: bool, **kw) -> None:
+    """Quantize MODEL_DIR (a checkpoint, 'tiny', ORG/NAME, or a float32 bundle) into a bundle."""
     quiet_export_tooling()
     from ..calibration.quantize import quantize
 
     t = time.perf_counter()
-    info = quantize(model_dir, out_dir, _options(kw), force=force, progress=not no_progress and not as_json)
+    info = quantize(resolve_model(model_dir, revision), out_dir, _options(kw), force=force,
+                    progress=not no_progress and not as_json)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -147,15 +154,19 @@ def quantize_command(model_dir: str, out_dir: Path, force: bool, no_progress: bo
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Use only the first N tokens.")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--data-format", type=click.Choice(FORMATS), default="auto", show_default=True)
+@revision_option
 @click.option("--json", "as_json", is_flag=True, help='Print {"ppl": ..., ...}.')
 def eval_ppl_command(
-    path: str, data: Path, seq_len: int, max_tokens: int | None, text_field: str, data_format: str, as_json: bool
+    path: str, data: Path, seq_len: int, max_tokens: int | None, text_field: str, data_format: str,
+    revision: str | None, as_json: bool
 ) -> None:
-    """Perplexity of a bundle (ONNX Runtime) or a checkpoint (PyTorch reference) on a text file."""
+    """Perplexity of a bundle (ONNX Runtime) or a checkpoint (PyTorch reference; a directory or ORG/NAME) on a
+    text file."""
     from ..validate.ppl import perplexity
 
     r = perplexity(
-        path, data, seq_len=seq_len, max_tokens=max_tokens, text_field=text_field, fmt=data_format, progress=not as_json
+        resolve_model(path, revision), data, seq_len=seq_len, max_tokens=max_tokens, text_field=text_field,
+        fmt=data_format, progress=not as_json
     )
     if as_json:
         click.echo(json.dumps(r.to_json()))

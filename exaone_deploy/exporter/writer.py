@@ -8,25 +8,38 @@ Used as ``with bundle.atomic_dir(out, force=...) as tmp: ...; write_into(tmp, ca
 3. saves the lowered model next to it: its weights stay references into ``weights.data``; tensors the passes
    made (the lazily concatenated q/k/v and gate/up weights) are written to ``fused.data``;
 4. runs the ONNX checker on both graphs;
-5. copies the tokenizer files and writes the manifest (``io`` section from ``GraphIO.manifest_io``);
-6. renames the directory into place (an interrupted write leaves nothing).
+5. copies the tokenizer files; for the ``ort`` target writes the onnxruntime-genai variant (``genai.onnx``, a
+   second graph over the same weight files, and ``genai_config.json`` with the search defaults of the copied
+   ``generation_config.json``: :mod:`exaone_deploy.genai`), so that every ort bundle, exported or quantized,
+   is one that ``onnxruntime_genai.Model(bundle_dir)`` loads as written;
+6. writes the manifest (``io`` section from ``GraphIO.manifest_io``; ``files.genai``; sha256 of every file);
+7. renames the directory into place (an interrupted write leaves nothing).
 
-Export, quantize and sensitivity all write through ``write_into`` (steps 1-5; ``atomic_dir`` does 6); ``tensorrt/builder.py`` has
-no ONNX to write and uses the shared tail (``bundle.finish_bundle``) inside the same ``atomic_dir``.
+Export, quantize and sensitivity all write through ``write_into`` (steps 1-6; ``atomic_dir`` does 7);
+``tensorrt/builder.py`` has no ONNX to write and uses the shared tail (``bundle.finish_bundle``) inside the same
+``atomic_dir``.
 Rejected: lowering the in-memory canonical model directly (the reloaded graph references ``weights.data``, so
-the lowered model shares the canonical's weights instead of writing a second copy).
+the lowered model shares the canonical's weights instead of writing a second copy). Two graphs rather than
+one for both runtimes: ``model.onnx`` keeps ``logits_index`` (logits at chosen positions: chunked prefill of
+ragged rows, ``score``/perplexity/verify over every position), which genai's decoder contract has no input for,
+and genai refuses a graph input it does not know; the second graph costs a protobuf, not weights.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx_ir as ir
 
 from .. import bundle as bundle_mod
+from .. import genai
 from ..graph_io import GraphIO
 from . import lower
+
+log = logging.getLogger(__name__)
 
 __all__ = ["write_into", "save_lowered", "WEIGHTS_FILE", "CANONICAL_FILE", "MODEL_FILE",
            "FUSED_FILE", "ALIGNMENT"]
@@ -72,8 +85,20 @@ def write_into(root: Path, canonical: ir.Model, io: GraphIO, target: str, *, sou
         lower.check_model(root / CANONICAL_FILE)
         lower.check_model(root / MODEL_FILE)
     stage("manifest")
+
+    def genai_variant(root: Path) -> dict[str, str]:
+        try:
+            genai.write_genai_variant(root, io.spec, max_seq_len=io.max_seq_len, window_cache=io.window_cache,
+                                      model_file=MODEL_FILE)
+        except genai.GenaiError as e:
+            log.warning("%s: written without the onnxruntime-genai variant (%s)", root, e)
+            return {}
+        if check:
+            lower.check_model(root / genai.GENAI_FILE)
+        return {"genai": genai.GENAI_FILE}
+
     return bundle_mod.finish_bundle(root, io, target=target, model_file=MODEL_FILE, canonical_file=CANONICAL_FILE,
                                     weights_file=WEIGHTS_FILE, source_dir=source_dir, tokenizer_dirs=tokenizer_dirs,
-                                    extra=extra)
+                                    extra=extra, before_manifest=genai_variant if target == "ort" else None)
 
 
