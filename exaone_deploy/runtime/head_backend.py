@@ -121,6 +121,20 @@ class HeadModel:
         return [{"entities": rh.token_entities(t, e, x[0], self.labels, self.tokenizer)}
                 for t, e, x in zip(texts, encodings, logits)]
 
+    def score(self, first: Sequence[str], second: Sequence[str]) -> list[float]:
+        """Per pair, the sigmoid of a one-label classifier's logit on ``first[i]`` then ``second[i]`` (a
+        cross-encoder's relevance or a reward model's score; vLLM's ``/score``). The pair is encoded as
+        transformers' tokenizer encodes ``(text, text_pair)``: each text's tokens (with the tokenizer's pair
+        template, if it has one)."""
+        if self.task != "sequence-classification" or self.head.num_labels != 1:
+            raise InputError(f"{self.manifest.root}: scoring pairs needs a one-label sequence classifier; this is a "
+                             f"{self.task} model with {self.head.num_labels} labels")
+        rows = [self.tokenizer.backend.encode(a, b, add_special_tokens=True).ids for a, b in zip(first, second)]
+        if not rows or any(not r for r in rows):
+            raise InputError("every pair needs at least one token")
+        logits = np.stack([x[0] for x in self.logits(rows)])
+        return [float(x) for x in 1.0 / (1.0 + np.exp(-logits[:, 0].astype(np.float64)))]
+
     def answer(self, question: str, context: str, *, top_k: int = 1, max_seq_len: int | None = None,
                doc_stride: int | None = None, max_answer_len: int = 15,
                handle_impossible_answer: bool = False) -> list[dict]:
