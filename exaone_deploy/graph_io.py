@@ -301,7 +301,7 @@ class HeadIO(GraphIO):
     @staticmethod
     def head_inputs(rows: Sequence[Sequence[int]], pad_id: int | None) -> dict[str, np.ndarray]:
         """Right-pad token rows with ``pad_id`` (0 if None) into the graph's two inputs."""
-        if not rows or any(len(r) == 0 for r in rows):
+        if len(rows) == 0 or any(len(r) == 0 for r in rows):
             raise ValueError("every input needs at least one token")
         lengths = np.array([len(r) for r in rows], dtype=np.int32)
         ids = np.full((len(rows), int(lengths.max())), 0 if pad_id is None else pad_id, dtype=np.int64)
