@@ -255,6 +255,25 @@ def test_server_score_is_the_one_label_classifier_on_the_pair(heads):
         assert r.status_code == 400 and r.json()["error"]["param"] == "text_1"
 
 
+def test_serve_command_serves_a_head_bundle(heads):
+    """The real ``serve`` process picks the head engine for a head bundle and answers as the CLI."""
+    import httpx
+
+    from exaone_deploy.server.launcher import ServerProcess
+
+    _, bundle = heads["sequence-classification"]
+    cli = _json("classify", bundle, "--text", TEXTS[0], "--json")
+    server = ServerProcess(bundle, "--api-key", "k", timeout=60)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": "Bearer k"}) as http:
+            assert http.get("/v1/models").json()["data"][0]["task"] == "sequence-classification"
+            data = http.post("/classify", json={"input": TEXTS[0]}).json()["data"]
+            assert data[0]["label"] == cli[0]["label"]
+            assert data[0]["probs"] == pytest.approx([cli[0]["probs"][label] for label in SEQ_LABELS], rel=1e-6)
+    finally:
+        server.close(timeout=20)
+
+
 def test_server_validation(heads):
     _, bundle = heads["sequence-classification"]
     with _client(bundle, api_key="secret", max_body_bytes=4096) as c:
