@@ -107,7 +107,10 @@ def classify_command(model: str, texts: tuple[str, ...], input_file: Path | None
     Sequence classification prints each text's label and score (JSON: label, score, probs = label ->
     probability); token classification prints its entities with character spans (JSON: entities, each
     entity_group, score, word, start, end; grouped as transformers' aggregation_strategy="simple").
-    Example: exaone-deploy classify tiny-cls --text "O Romeo, Romeo! wherefore art thou Romeo?"
+    MODEL may be 'tiny-cls', the bundled Tiny Shakespeare play classifier:
+
+    \b
+        exaone-deploy classify tiny-cls --text "O Romeo, Romeo! wherefore art thou Romeo?"
     """
     if bool(texts) == (input_file is not None):
         raise click.UsageError("give --text (repeatable) or --input FILE.jsonl")
