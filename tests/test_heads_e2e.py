@@ -193,6 +193,10 @@ def test_trt_head_graph_passes_the_tensorrt_checks(heads, tmp_path):
     assert report.ok, [str(i) for i in report.errors]
     with pytest.raises(BundleError, match="task heads run on ONNX Runtime only"):
         HeadModel(bundle)
+    from exaone_deploy.tensorrt.builder import BuildError, build_engine
+
+    with pytest.raises(BuildError, match="TensorRT engines of task heads are not supported"):
+        build_engine(bundle, tmp_path / "engine")
 
 
 # ---- server -------------------------------------------------------------------------------------------
