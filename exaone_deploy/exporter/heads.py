@@ -13,7 +13,8 @@ as is (names and shapes: ``checkpoint.expected_tensors``, rules: ``spec.HeadSpec
 * question answering: ``qa_outputs`` (2 outputs, with bias) on every position, split into start and end
   logits; the backbone is ``transformer.`` (not ``model.``).
 
-Graph contract (prompt-only, no KV cache in or out; names in ``runtime.heads``):
+Graph contract (prompt-only, no KV cache in or out; names in ``graph_io.HeadIO``; traced by
+:func:`trace_head_canonical`):
 
 * inputs: ``input_ids`` int64 (batch, sequence), rows right-padded; ``attention_lengths`` int32 (batch,),
   the real tokens of each row (1..sequence).
