@@ -49,13 +49,13 @@ class TensorInfo:
 
 
 def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> Path:
-    """``tiny`` names the bundled trained model; a string ``ORG/NAME`` that is not an existing path is a Hugging
-    Face Hub id, resolved to its cached snapshot at ``revision`` (see ``hub.py``); anything else is a directory
-    path."""
-    if str(name_or_path) == "tiny":
+    """``tiny`` names the bundled trained model and ``tiny-cls`` its play classifier (``tiny/train_cls.py``); a
+    string ``ORG/NAME`` that is not an existing path is a Hugging Face Hub id, resolved to its cached snapshot at
+    ``revision`` (see ``hub.py``); anything else is a directory path."""
+    if str(name_or_path) in ("tiny", "tiny-cls"):
         from . import assets
 
-        return assets.tiny_model_dir()
+        return assets.tiny_model_dir() if str(name_or_path) == "tiny" else assets.assets_dir() / "tiny-cls"
     from . import hub
 
     if hub.is_repo_id(name_or_path):

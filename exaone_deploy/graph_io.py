@@ -27,7 +27,7 @@ import numpy as np
 
 from .spec import ModelSpec
 
-__all__ = ["GraphIO", "DEFAULT_CONTEXT", "STEP_INPUTS", "KV"]
+__all__ = ["GraphIO", "HeadIO", "graph_io_of", "DEFAULT_CONTEXT", "STEP_INPUTS", "HEAD_INPUTS", "KV"]
 
 DEFAULT_CONTEXT = 4096  # runtime cache capacity when none is asked for (capped by the bundle's max_seq_len)
 STEP_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "logits_index")
@@ -231,3 +231,92 @@ class GraphIO:
         summary = {k: v for k, v in profile.items() if not self.is_cache(k)}
         summary[f"{_PAST}.*"] = profile[self.past_name(0, KV[0])]
         return summary
+
+
+# ---- task heads (prompt-only graphs) -------------------------------------------------------------------
+
+HEAD_INPUTS = ("input_ids", "attention_lengths")
+
+
+@dataclass(frozen=True)
+class HeadIO(GraphIO):
+    """The graph I/O of a task-head bundle (sequence/token classification, extractive QA): one prompt step,
+    no KV cache in or out (exporter/heads.py has the model side of the contract).
+
+    * ``input_ids`` (batch, sequence) int64, rows right-padded; ``attention_lengths`` (batch,) int32, the real
+      tokens of each row (1..sequence);
+    * float32 ``logits`` (batch, num_labels) for sequence classification, ``logits`` (batch, sequence,
+      num_labels) for token classification, ``start_logits`` and ``end_logits`` (batch, sequence) for QA.
+
+    A subclass of :class:`GraphIO` only so that the lowering passes, which find an attention node's layer by
+    the name of its past-key input (``cache_layer``), lower a head graph unchanged: the head exporter names the
+    zero caches it makes inside the graph with the decoder's past names. Window-sized caches never apply
+    (each prompt step has caches of its own length). Rejected: cache inputs the runtime fills with zeros (a
+    contract to keep for nothing: a prompt step never reads a past) and a second set of passes.
+    """
+
+    window_cache: bool = False
+
+    @property
+    def task(self) -> str:
+        return self.spec.head.task
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(HEAD_INPUTS)
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["start_logits", "end_logits"] if self.task == "question-answering" else [LOGITS]
+
+    def dim_names(self, name: str) -> tuple[str | None, ...] | None:
+        if name == "input_ids":
+            return ("batch", "sequence")
+        if name == "attention_lengths":
+            return ("batch",)
+        if name in self.output_names:
+            return tuple(d if isinstance(d, str) else None for d in self.output_shape(name))
+        return None
+
+    def output_shape(self, name: str) -> list[Any]:
+        if self.task == "sequence-classification":
+            return ["batch", self.spec.head.num_labels]
+        if self.task == "token-classification":
+            return ["batch", "sequence", self.spec.head.num_labels]
+        return ["batch", "sequence"]
+
+    @staticmethod
+    def head_inputs(rows: Sequence[Sequence[int]], pad_id: int | None) -> dict[str, np.ndarray]:
+        """Right-pad token rows with ``pad_id`` (0 if None) into the graph's two inputs."""
+        if len(rows) == 0 or any(len(r) == 0 for r in rows):
+            raise ValueError("every input needs at least one token")
+        lengths = np.array([len(r) for r in rows], dtype=np.int32)
+        ids = np.full((len(rows), int(lengths.max())), 0 if pad_id is None else pad_id, dtype=np.int64)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = r
+        return {"input_ids": ids, "attention_lengths": lengths}
+
+    def manifest_io(self) -> dict[str, Any]:
+        head = self.spec.head
+        return {
+            "inputs": [
+                {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"],
+                 "doc": "rows right-padded (with the pad token id)"},
+                {"name": "attention_lengths", "dtype": "int32", "shape": ["batch"],
+                 "doc": "real tokens of each row (1..sequence)"},
+            ],
+            "outputs": [{"name": n, "dtype": "float32", "shape": self.output_shape(n)} for n in self.output_names],
+            "head": {"task": head.task, "labels": list(head.labels), "problem_type": head.problem_type,
+                     "pad_token_id": head.pad_token_id},
+        }
+
+    @classmethod
+    def from_manifest_data(cls, spec: ModelSpec, data: dict[str, Any]) -> HeadIO:
+        return cls(spec, dtype=data["dtype"], max_seq_len=int(data["max_seq_len"]))
+
+
+def graph_io_of(spec: ModelSpec, dtype: str, max_seq_len: int, window_cache: bool = False) -> GraphIO:
+    """The I/O contract of a graph of ``spec``: a :class:`HeadIO` for a task head, else the decoder's."""
+    if not spec.head.is_lm:
+        return HeadIO(spec, dtype, max_seq_len)
+    return GraphIO(spec, dtype, max_seq_len, window_cache)

@@ -23,7 +23,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from ..exporter import lower
-from ..graph_io import GraphIO
+from ..graph_io import GraphIO, HeadIO
 from ..runtime.ort_backend import bind_step
 from ..spec import ModelSpec
 from .graph import InputGroup, find_linears, input_groups
@@ -98,18 +98,24 @@ class CalibrationModel:
         s = self.spec
         with tqdm(total=n, desc=desc, unit="sample", disable=not progress, leave=False) as bar:
             for start in range(0, n, b):
-                inputs, _ = self.io.prefill_inputs(tokens[start:start + b])
-                B = inputs["input_ids"].shape[0]
-                caches = [np.zeros(shape, np.float32) for shape in self.io.cache_shapes(B, L)]
-                logits = np.empty((B, 1, s.vocab_size), np.float32)
-                io = bind_step(self.session, self.io, inputs, logits, [c.ctypes.data for c in caches], L, np.float32)
+                batch = tokens[start:start + b]
+                B = batch.shape[0]
                 names = list(dict.fromkeys(self.outputs.values()))
-                for name in names:
-                    io.bind_output(name, "cpu")
-                self.session.run_with_iobinding(io)
-                values = dict(zip(names, io.get_outputs()[-len(names):]))
+                if not s.head.is_lm:  # a task head's prompt-only graph (graph_io.HeadIO): no caches to bind
+                    feed = HeadIO.head_inputs(batch, s.head.pad_token_id)
+                    values = dict(zip(names, self.session.run(names, feed)))
+                else:
+                    inputs, _ = self.io.prefill_inputs(batch)
+                    caches = [np.zeros(shape, np.float32) for shape in self.io.cache_shapes(B, L)]
+                    logits = np.empty((B, 1, s.vocab_size), np.float32)
+                    io = bind_step(self.session, self.io, inputs, logits, [c.ctypes.data for c in caches], L,
+                                   np.float32)
+                    for name in names:
+                        io.bind_output(name, "cpu")
+                    self.session.run_with_iobinding(io)
+                    values = {k: v.numpy() for k, v in zip(names, io.get_outputs()[-len(names):])}
                 for group, value_name in self.outputs.items():
-                    x = values[value_name].numpy()
+                    x = values[value_name]
                     fn(group, x.reshape(-1, x.shape[-1]))
                 bar.update(B)
 

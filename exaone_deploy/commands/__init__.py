@@ -4,6 +4,7 @@
     run.py       generate, chat, demo            (no torch: an edge install runs these)
     quantize.py  quantize, eval-ppl, sensitivity
     tensorrt.py  build, compare
+    heads.py     classify, qa                   (task-head bundles)
     serve.py     serve                            (the command lives with the server; imported when it runs)
 
 Heavy imports (torch, onnx, FastAPI) happen inside the commands that need them. Errors: every command lets an
@@ -21,7 +22,7 @@ import click
 
 from .. import __version__
 from ..errors import ExaoneDeployError
-from . import model, quantize, run, tensorrt
+from . import heads, model, quantize, run, tensorrt
 from .common import console_argv, enable_restart, loads_weights
 from .serve import load_serve_command
 
@@ -81,6 +82,8 @@ for _cmd in (
     run.generate_command,
     run.chat_command,
     run.demo_command,
+    heads.classify_command,
+    heads.qa_command,
     quantize.quantize_command,
     quantize.eval_ppl_command,
     quantize.sensitivity_command,

@@ -19,9 +19,9 @@ from onnx_ir.tensor_adapters import TorchTensor
 from ..errors import ExaoneDeployError
 from .. import bundle as bundle_mod
 from ..checkpoint import Checkpoint, CheckpointError, resolve_model_dir
-from ..graph_io import GraphIO
+from ..graph_io import GraphIO, graph_io_of
 from ..spec import ModelSpec, load_spec
-from . import lower, ops, writer  # noqa: F401 (lower: tests patch export.lower.check_model)
+from . import heads, lower, ops, writer  # noqa: F401 (lower: tests patch export.lower.check_model)
 from .reference import DTYPES, Exaone4Reference
 from .writer import ALIGNMENT, CANONICAL_FILE, MODEL_FILE, WEIGHTS_FILE
 
@@ -70,7 +70,7 @@ def graph_io(spec: ModelSpec, options: ExportOptions, max_seq_len: int | None = 
     hybrid model, and only when asked (the one place that decides it; quantize writes through it too)."""
     window_cache = options.window_cache and options.target == "ort" and spec.is_hybrid
     max_positions = max_seq_len or options.max_seq_len or spec.max_position_embeddings
-    return GraphIO(spec, options.dtype, max_positions, window_cache)
+    return graph_io_of(spec, options.dtype, max_positions, window_cache)  # a HeadIO for a task head
 
 
 def trace_canonical(spec: ModelSpec, dtype: str, max_positions: int, opset: int = 21) -> ir.Model:
@@ -201,7 +201,8 @@ def _export_into(src: Path, tmp: Path, options: ExportOptions, progress: bool) -
             bar.set_postfix_str(name)
 
         stage("trace")
-        m = trace_canonical(spec, options.dtype, io.max_seq_len, options.opset)
+        trace = trace_canonical if spec.head.is_lm else heads.trace_head_canonical  # heads: prompt-only graph
+        m = trace(spec, options.dtype, io.max_seq_len, options.opset)
         stage("bind weights")
         bind_weights(m, spec, ckpt, options.dtype, io.max_seq_len)
         m.producer_name, m.producer_version = "exaone-deploy", _version()

@@ -13,7 +13,8 @@ as is (names and shapes: ``checkpoint.expected_tensors``, rules: ``spec.HeadSpec
 * question answering: ``qa_outputs`` (2 outputs, with bias) on every position, split into start and end
   logits; the backbone is ``transformer.`` (not ``model.``).
 
-Graph contract (prompt-only, no KV cache in or out; names in ``runtime.heads``):
+Graph contract (prompt-only, no KV cache in or out; names in ``graph_io.HeadIO``; traced by
+:func:`trace_head_canonical`):
 
 * inputs: ``input_ids`` int64 (batch, sequence), rows right-padded; ``attention_lengths`` int32 (batch,),
   the real tokens of each row (1..sequence).
@@ -37,7 +38,7 @@ from ..checkpoint import Checkpoint
 from ..spec import ModelSpec, load_spec
 from .reference import Backbone, load_weights
 
-__all__ = ["Exaone4HeadReference", "load_head_reference"]
+__all__ = ["Exaone4HeadReference", "load_head_reference", "trace_head_canonical"]
 
 
 class Exaone4HeadReference(nn.Module):
@@ -108,3 +109,40 @@ def load_head_reference(model_dir: str | Path, dtype: str = "float32", max_posit
     with torch.device("meta"):
         model = Exaone4HeadReference(spec, max_positions)
     return load_weights(model, ckpt, dtype, device)
+
+
+def trace_head_canonical(spec: ModelSpec, dtype: str, max_positions: int, opset: int = 21):
+    """Trace the head reference on the meta device into the canonical ONNX graph (no weights; ``HeadIO`` names).
+
+    The zero caches each attention node reads are made inside the graph; they are renamed with the decoder's
+    past-key names (``GraphIO.past_name``, layer by layer in graph order) so that the lowering passes find each
+    node's layer as they do in the causal LM's graph.
+    """
+    from ..graph_io import GraphIO, HeadIO
+    from . import ops
+    from .export import _name_dims
+    from .reference import DTYPES
+
+    torch_dtype = DTYPES[dtype]
+    with torch.device("meta"):
+        model = Exaone4HeadReference(spec, max_positions).to(torch_dtype)
+    model.cos_cache = torch.empty(max_positions, spec.head_dim // 2, dtype=torch_dtype, device="meta")
+    model.sin_cache = torch.empty(max_positions, spec.head_dim // 2, dtype=torch_dtype, device="meta")
+    args = (torch.empty(2, 7, dtype=torch.long, device="meta"), torch.empty(2, dtype=torch.int32, device="meta"))
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    io = HeadIO(spec, dtype, max_positions)
+    program = torch.onnx.export(
+        model, args, dynamo=True, input_names=io.input_names, output_names=io.output_names,
+        dynamic_shapes=({0: batch, 1: seq}, {0: batch}), custom_translation_table=ops.custom_translation_table(),
+        optimize=False, opset_version=opset, verbose=False, report=False,
+    )
+    m = program.model
+    attention = [n for n in m.graph if n.domain == ops.DOMAIN and n.op_type == ops.OP_TYPE]
+    if len(attention) != spec.num_layers:
+        raise RuntimeError(f"traced {len(attention)} attention nodes for {spec.num_layers} layers")
+    for i, node in enumerate(attention):
+        for k, kv in ((3, "key"), (4, "value")):
+            node.inputs[k].name = GraphIO.past_name(i, kv)
+            node.outputs[k - 2].name = GraphIO.present_name(i, kv)
+    _name_dims(m, io)
+    return m

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import load_manifest
+from ..bundle import BundleError, load_manifest
 from ..errors import InputError
 from ..text.chat import AssistantOutput, parse_assistant_output
 from ..text.detok import IncrementalDecoder
@@ -275,5 +275,8 @@ def open_backend(manifest, *, device: str = "cpu", max_batch: int = 1, max_seq_l
                  capacity: int | None = None) -> Backend:
     """The backend of a bundle's target (``backend.BACKENDS``: ONNX Runtime for 'ort', TensorRT for engine
     bundles). ``capacity``: deprecated alias of ``max_seq_len``."""
+    if not manifest.spec.head.is_lm:
+        raise BundleError(f"{manifest.root}: a {manifest.spec.head.task} bundle generates no text; run it with "
+                          f"`exaone-deploy {'qa' if manifest.spec.head.task == 'question-answering' else 'classify'}`")
     cls = backend_class(manifest.target, manifest.root)
     return cls.open(manifest, device=device, max_batch=max_batch, max_seq_len=max_seq_len or capacity)

@@ -28,6 +28,7 @@ import numpy as np
 import tokenizers
 import tokenizers.processors
 
+from ..graph_io import HEAD_INPUTS, HeadIO
 from ..spec import HeadSpec
 from ..text.tokenizer import Tokenizer
 
@@ -42,7 +43,7 @@ __all__ = [
     "token_entities",
 ]
 
-INPUTS = ("input_ids", "attention_lengths")
+INPUTS = HEAD_INPUTS
 
 
 def output_names(task: str) -> tuple[str, ...]:
@@ -54,13 +55,8 @@ def output_names(task: str) -> tuple[str, ...]:
 
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad token rows with ``pad_id`` (0 if None) -> (input_ids int64 (B, S), attention_lengths int32 (B,))."""
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("every input needs at least one token")
-    lengths = np.array([len(r) for r in rows], dtype=np.int32)
-    ids = np.full((len(rows), int(lengths.max())), 0 if pad_id is None else pad_id, dtype=np.int64)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = r
-    return ids, lengths
+    inputs = HeadIO.head_inputs(rows, pad_id)
+    return inputs["input_ids"], inputs["attention_lengths"]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -39,6 +39,7 @@ from .protocol import (
     TokenizeRequest,
     parse_request,
 )
+from .pooling import add_pooling_routes
 from .serving import ServingChat, ServingCompletion, ServingTokenization
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ def create_app(engine: AsyncEngine, *, api_key: str | None = None,
     app = FastAPI(title="exaone-deploy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=engine.metrics)
+    add_pooling_routes(app, engine, api_key=api_key)  # task-head bundles (before the LM routes: they take precedence)
     chat, completion = ServingChat(engine), ServingCompletion(engine)
 
     @app.exception_handler(APIError)

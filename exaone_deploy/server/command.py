@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 __all__ = ["serve_command"]
 
 
+def _is_head_bundle(bundle_dir: Path) -> bool:
+    from ..bundle import load_manifest
+
+    return not load_manifest(bundle_dir, verify=False).spec.head.is_lm
+
+
 @click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -53,9 +59,15 @@ def serve_command(bundle_dir: Path, host: str, port: int, max_batch: int, max_qu
     from ..runtime.backend import ContextLengthError
 
     try:
-        engine = AsyncEngine.from_bundle(bundle_dir, max_batch=max_batch, context=context, max_queue=max_queue,
-                                         prefill_chunk=prefill_chunk, model_name=served_model_name, device=device,
-                                         verify=not no_verify)
+        if _is_head_bundle(bundle_dir):  # a classifier or QA model: server/pooling.py
+            from .pooling import HeadEngine
+
+            engine = HeadEngine.from_bundle(bundle_dir, max_batch=max_batch, model_name=served_model_name,
+                                            device=device, verify=not no_verify)
+        else:
+            engine = AsyncEngine.from_bundle(bundle_dir, max_batch=max_batch, context=context, max_queue=max_queue,
+                                             prefill_chunk=prefill_chunk, model_name=served_model_name,
+                                             device=device, verify=not no_verify)
     except (BundleError, ContextLengthError, FileNotFoundError, ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e
     app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes)

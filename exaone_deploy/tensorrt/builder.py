@@ -297,6 +297,9 @@ def build_engine(bundle_dir: str | Path, out_dir: str | Path, options: BuildOpti
     if source.target != "trt":
         raise BundleError(f"{source.root}: bundle target is {source.target!r}; TensorRT engines are built from 'trt' "
                           f"bundles (exaone-deploy export MODEL --target trt)")
+    if not source.spec.head.is_lm:  # the profiles and the engine runner are the decoder's (runtime/head_backend.py)
+        raise BuildError(f"{source.root}: a {source.spec.head.task} bundle; TensorRT engines of task heads are not "
+                         "supported yet (export with --target ort and run it with classify/qa)")
     max_seq_len = options.validate(source.max_seq_len)
     out = Path(out_dir)
     if out.exists() and not force:
