@@ -56,6 +56,7 @@ from ..calibration.numerics import pack_matmulnbits, pad_rows
 from ..checkpoint import Checkpoint
 from ..errors import ExaoneDeployError
 from ..prequant import Fp8Weight, IntWeight, PrequantScheme, read_linear
+from ..prequant.formats import LINEAR_SUFFIXES
 from ..prequant.st import SafetensorsDir
 
 __all__ = ["ACCURACY_LEVEL", "LinearPlan", "PrequantLowerError", "lower_prequantized", "plan_linears",
@@ -140,7 +141,8 @@ def plan_linears(ckpt: Checkpoint, shapes: dict[str, tuple[int, int]], target: s
 
 
 def scheme_summary(scheme: PrequantScheme, plans: dict[str, LinearPlan], unquantized: list[str]) -> dict:
-    """The manifest's / inspect's record of the source scheme and how it was lowered."""
+    """The manifest's / inspect's record of the source scheme and how it was lowered; ``unquantized``: the
+    decoder linears the checkpoint leaves in float (embeddings, norms and the LM head always are)."""
     forms = sorted({(p.form, p.block) for p in plans.values()})
     return {
         "method": scheme.method, "bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym,
@@ -148,7 +150,7 @@ def scheme_summary(scheme: PrequantScheme, plans: dict[str, LinearPlan], unquant
         "weight_type": scheme.weight_type, "desc_act": scheme.desc_act,
         "weight_block_size": list(scheme.weight_block_size) if scheme.weight_block_size else None,
         "activation_scheme": scheme.activation_scheme, "quantized_linears": len(plans),
-        "unquantized": unquantized,
+        "unquantized": unquantized, "kept_in_float": ["embed_tokens", "norms", "lm_head"],
         "lowering": [{"form": f, "block_size": b} for f, b in forms],
         "accuracy_level": ACCURACY_LEVEL if any(p.form == "matmulnbits" for p in plans.values()) else None,
     }
@@ -250,7 +252,8 @@ def lower_prequantized(m: ir.Model, ckpt: Checkpoint, target: str, dtype: str) -
         graph.remove(node, safe=True)
         if not w.uses():
             del graph.initializers[w.name]
-    unquantized = sorted(n.rpartition(".")[0] for n in shapes if n.rpartition(".")[0] not in plans)
+    unquantized = sorted(m for m in (n.rpartition(".")[0] for n in shapes)
+                         if m.endswith(LINEAR_SUFFIXES) and m not in plans)
     return scheme_summary(scheme, plans, unquantized)
 
 
