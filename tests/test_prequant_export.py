@@ -103,7 +103,9 @@ def test_ort_weights_are_the_checkpoints_values(made, preset, variant):
     inits, m = _initializers(bundle / "model.onnx")
     perms = _act_orders(m, inits)
     nodes = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
-    if VARIANTS[variant][1].get("weight_type") == "float" or VARIANTS[variant][0] == "fp8":
+    fmt, opts = VARIANTS[variant]
+    fp8 = opts.get("weight_type") == "float" or fmt == "fp8"
+    if fp8:
         assert not nodes  # FP8: dequantized to the bundle dtype (the canonical graph holds each linear's W^T)
         canonical, _ = _initializers(bundle / "canonical.onnx")
         got = {name: canonical[name + ".T"].T for name in want}
@@ -120,8 +122,7 @@ def test_ort_weights_are_the_checkpoints_values(made, preset, variant):
     if variant == "gptq-asym-actorder":
         assert len(perms) == len(want)  # act-order checkpoint: every linear reordered
     manifest = json.loads((bundle / "manifest.json").read_text())["prequantized"]
-    fmt, opts = VARIANTS[variant]
-    assert manifest["method"] == fmt and manifest["bits"] == opts.get("bits", 8 if fmt == "fp8" else 4)
+    assert manifest["method"] == fmt and manifest["bits"] == opts.get("bits", 8 if fp8 else 4)
     assert manifest["quantized_linears"] == len(want) and manifest["unquantized"] == []
 
 
@@ -161,6 +162,34 @@ def test_int4_bundle_size_is_the_checkpoints(made):
     files = sum((bundle / f).stat().st_size for f in ("weights.data",))
     assert abs(bundle_bytes - ckpt_bytes) <= 0.1 * ckpt_bytes, (bundle_bytes, ckpt_bytes)
     assert files <= 1.1 * ckpt_bytes and not (bundle / "fused.data").exists()
+    # inspect's estimate (before export) is the bundle's size, less the RoPE tables it does not count
+    from exaone_deploy.exporter.prequant_lower import estimate
+    from exaone_deploy.spec import load_spec
+
+    est = estimate(Checkpoint(made("32b", "gptq")), load_spec(bundle), "ort", "float16")
+    rope = sum(a.nbytes for n, a in inits.items() if n in ("cos_cache", "sin_cache"))
+    assert est["bundle_weight_bytes"] == bundle_bytes - rope and est["checkpoint_bytes"] == ckpt_bytes
+
+
+def test_cli_make_tiny_quantized_and_inspect(tmp_path):
+    from click.testing import CliRunner
+
+    from exaone_deploy.cli import main
+
+    runner = CliRunner()
+    out = tmp_path / "awq"
+    r = runner.invoke(main, ["make-tiny", str(out), "--preset", "32b", "--quantized", "awq", "--group-size", "64"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 64
+    r = runner.invoke(main, ["inspect", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "quantization: awq (gemm), int4, group/block 64, sym False" in r.output
+    assert "left unquantized: embed_tokens, norms, lm_head" in r.output and "matmulnbits block 64" in r.output
+    r = runner.invoke(main, ["inspect", str(out), "--json"])
+    q = json.loads(r.output)["quantization"]
+    assert q["method"] == "awq" and q["quantized_linears"] == 56 and q["bundle_weight_bytes"] > 0
+    r = runner.invoke(main, ["inspect", str(out), "--target", "trt"])
+    assert r.exit_code != 0 and "quantization_config.zero_point = True for trt" in r.output
 
 
 def _unpack_dq(node: onnx.NodeProto, inits: dict, k: int) -> np.ndarray:

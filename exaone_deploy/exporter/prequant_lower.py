@@ -59,7 +59,7 @@ from ..prequant import Fp8Weight, IntWeight, PrequantScheme, read_linear
 from ..prequant.formats import LINEAR_SUFFIXES
 from ..prequant.st import SafetensorsDir
 
-__all__ = ["ACCURACY_LEVEL", "LinearPlan", "PrequantLowerError", "lower_prequantized", "plan_linears",
+__all__ = ["ACCURACY_LEVEL", "LinearPlan", "PrequantLowerError", "estimate", "lower_prequantized", "plan_linears",
            "scheme_summary"]
 
 ACCURACY_LEVEL = 0
@@ -154,6 +154,22 @@ def scheme_summary(scheme: PrequantScheme, plans: dict[str, LinearPlan], unquant
         "lowering": [{"form": f, "block_size": b} for f, b in forms],
         "accuracy_level": ACCURACY_LEVEL if any(p.form == "matmulnbits" for p in plans.values()) else None,
     }
+
+
+def estimate(ckpt: Checkpoint, spec, target: str = "ort", dtype: str = "float32") -> dict:
+    """What ``inspect`` shows before export: the scheme record and the bundle's weight bytes (the quantized
+    linears as lowered, every other tensor in ``dtype``) next to the checkpoint's."""
+    from ..checkpoint import expected_tensors
+
+    shapes = expected_tensors(spec)
+    plans = plan_linears(ckpt, {n: s for n, s in shapes.items() if len(s) == 2}, target)
+    item = np.dtype(_FLOAT[dtype]).itemsize
+    total = sum(p.nbytes(dtype, not ckpt.scheme.sym) for p in plans.values())
+    total += sum(int(np.prod(s)) * item for n, s in shapes.items() if n.rpartition(".")[0] not in plans)
+    unquantized = sorted(n.rpartition(".")[0] for n in shapes
+                         if n.rpartition(".")[0].endswith(LINEAR_SUFFIXES) and not ckpt.is_quantized(n))
+    return {**scheme_summary(ckpt.scheme, plans, unquantized), "target": target, "dtype": dtype,
+            "bundle_weight_bytes": int(total), "checkpoint_bytes": ckpt.nbytes}
 
 
 # ---- the rewrite -------------------------------------------------------------------------------------------

@@ -230,8 +230,8 @@ def tensor_shapes(scheme: PrequantScheme, prefix: str, out: int, inp: int
         return {p + "weight": (out, inp), p + scale_name: scale}, {}
     pf, groups = 32 // bits, -(-inp // scheme.group_of(inp))
     if scheme.method == "gptq":
-        return ({p + "qweight": (-(-inp // pf), out), p + "qzeros": (groups, -(-out // pf)), p + "scales": (groups, out)},
-                {p + "g_idx": (inp,)})
+        packed = {p + "qweight": (-(-inp // pf), out), p + "qzeros": (groups, -(-out // pf))}
+        return {**packed, p + "scales": (groups, out)}, {p + "g_idx": (inp,)}
     if scheme.method == "awq":
         return {p + "qweight": (inp, out // 8), p + "qzeros": (groups, out // 8), p + "scales": (groups, out)}, {}
     shapes = {p + "weight_packed": (out, -(-inp // pf)), p + "weight_scale": (out, groups), p + "weight_shape": (2,)}
