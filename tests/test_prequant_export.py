@@ -137,15 +137,14 @@ def test_greedy_matches_transformers_with_dequantized_weights(made, tiny_dirs, p
     assert len(state) == 7 * hf.config.num_hidden_layers
     backend = OrtBackend(made(preset, variant, "ort"), capacity=PROMPT_LEN + STEPS + 2)
     prompt = np.random.default_rng(0).integers(9, 500, PROMPT_LEN).tolist()
-    logits, seq, errors, ours, theirs = backend.prefill([0], [prompt])[0], list(prompt), [], [], []
-    for _ in range(STEPS + 1):
-        with torch.no_grad():
-            ref = hf(torch.tensor([seq])).logits[0, -1].numpy()
-        errors.append(float(np.abs(logits - ref).max()))
-        ours.append(int(np.argmax(logits)))
-        theirs.append(int(np.argmax(ref)))
-        seq.append(theirs[-1])
-        logits = backend.decode([0], [theirs[-1]])[0]
+    steps = [backend.prefill([0], [prompt])[0]]  # our logits, decoding our own greedy tokens
+    for _ in range(STEPS):
+        steps.append(backend.decode([0], [int(np.argmax(steps[-1]))])[0])
+    ours = [int(np.argmax(x)) for x in steps]
+    with torch.no_grad():  # transformers over the same sequence: its greedy choice after every prefix
+        ref = hf(torch.tensor([prompt + ours[:-1]])).logits[0, PROMPT_LEN - 1:].numpy()
+    theirs = [int(t) for t in ref.argmax(-1)]
+    errors = np.abs(np.stack(steps) - ref).max(-1)
     assert ours == theirs
     assert max(errors) <= 1e-4, errors
 
