@@ -7,6 +7,11 @@
   that streams tensors (the exporter) holds one tensor at a time.
 * Validation against the :class:`~exaone_deploy.spec.ModelSpec`: missing, unexpected and mis-shaped
   tensors are reported together in one error.
+* Pre-quantized checkpoints (a ``quantization_config``, see :mod:`exaone_deploy.prequant`): the scheme is read
+  when the checkpoint is opened (an unsupported one is refused naming the field), the integer/fp8 dtypes their
+  packed tensors use are admitted in the headers, and validation expects each quantized linear's packed
+  tensors (``prequant.formats.tensor_shapes``) instead of its float ``weight``. Reading those tensors is
+  :mod:`exaone_deploy.prequant`'s business (``read_numpy``/``read_torch`` stay float-only).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 from .errors import ExaoneDeployError
 from .spec import ModelSpec
 
-__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "expected_tensors", "resolve_model_dir"]
+__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "expected_tensors", "quantized_tensors", "resolve_model_dir"]
 
 _SCRATCH_BYTES = 1 << 24  # dtype conversion chunk
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -32,6 +37,8 @@ _DTYPES = {
     "F16": (np.float16, "float16", 2),
     "BF16": (np.uint16, "bfloat16", 2),
 }
+# Extra dtypes a pre-quantized checkpoint's packed tensors use (codes, shapes, fp8 weights): bytes per element.
+_QUANT_DTYPES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1}
 
 
 class CheckpointError(ExaoneDeployError, ValueError):
@@ -63,7 +70,7 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> 
     return Path(name_or_path)
 
 
-def _read_header(path: Path) -> dict[str, TensorInfo]:
+def _read_header(path: Path, quantized: bool = False) -> dict[str, TensorInfo]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw_len = f.read(8)
@@ -92,11 +99,13 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
-        if dtype not in _DTYPES:
+        itemsize = _DTYPES[dtype][2] if dtype in _DTYPES else _QUANT_DTYPES.get(dtype) if quantized else None
+        if itemsize is None:
             raise CheckpointError(
                 f"{path}: tensor '{name}' has dtype {dtype}; supported checkpoint dtypes are F32, F16 and BF16"
+                + (" (and the packed dtypes of a quantization_config)" if quantized else "")
             )
-        nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][2]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
         if end - start != nbytes or base + end > size:
             raise CheckpointError(f"{path}: tensor '{name}' data lies outside the file or has the wrong length")
         out[name] = TensorInfo(name, path, dtype, shape, base + start, nbytes)
@@ -141,10 +150,13 @@ class Checkpoint:
                     "to safetensors in a trusted environment first."
                 )
             raise CheckpointError(f"{self.dir}: no *.safetensors weights found")
+        from .prequant.config import read_scheme
+
+        self.scheme = read_scheme(self.dir)  # None for a float checkpoint
         self.tensors: dict[str, TensorInfo] = {}
         self._scratch: dict = {}
         for f in files:
-            for name, info in _read_header(f).items():
+            for name, info in _read_header(f, self.scheme is not None).items():
                 if name in self.tensors:
                     raise CheckpointError(f"{f}: tensor '{name}' also appears in {self.tensors[name].file}")
                 self.tensors[name] = info
@@ -163,6 +175,15 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.tensors)
 
+    def is_quantized(self, name: str) -> bool:
+        """Whether ``name`` ("<module>.weight") is a linear weight this pre-quantized checkpoint stores packed
+        (read it with :mod:`exaone_deploy.prequant`, not ``read_torch``)."""
+        from .prequant.formats import LINEAR_SUFFIXES
+
+        module, _, leaf = name.rpartition(".")
+        return (self.scheme is not None and leaf == "weight" and module.endswith(LINEAR_SUFFIXES)
+                and not self.scheme.is_ignored(module))
+
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
@@ -171,7 +192,8 @@ class Checkpoint:
         """The dominant storage dtype ('float32' | 'float16' | 'bfloat16')."""
         counts: dict[str, int] = {}
         for t in self.tensors.values():
-            counts[t.dtype] = counts.get(t.dtype, 0) + t.nbytes
+            if t.dtype in _DTYPES:  # a pre-quantized checkpoint's packed tensors say nothing of its float dtype
+                counts[t.dtype] = counts.get(t.dtype, 0) + t.nbytes
         return _DTYPES[max(counts, key=counts.get)][1]
 
     # ---- reading -------------------------------------------------------------------------------
@@ -244,16 +266,22 @@ class Checkpoint:
 
     # ---- validation ----------------------------------------------------------------------------
     def validate(self, spec: ModelSpec) -> None:
-        """Raise one CheckpointError listing every missing, unexpected or mis-shaped tensor."""
-        expected = expected_tensors(spec)
+        """Raise one CheckpointError listing every missing, unexpected or mis-shaped tensor (the packed tensors of
+        the quantized linears in place of their weights, for a pre-quantized checkpoint)."""
+        expected, optional_shapes = expected_tensors(spec), {}
+        if self.scheme is not None:
+            expected, optional_shapes = quantized_tensors(expected, self.scheme)
         problems = []
         missing = [n for n in expected if n not in self.tensors]
         optional = {"lm_head.weight"} if spec.tie_word_embeddings and spec.head.is_lm else set()
+        optional |= set(optional_shapes)
+        expected_shapes = {**optional_shapes, **expected}
         unexpected = [n for n in self.tensors if n not in expected and n not in optional]
         shapes = [
-            f"{n}: expected {list(expected[n])}, found {list(self.tensors[n].shape)} in {self.tensors[n].file.name}"
-            for n in expected
-            if n in self.tensors and tuple(self.tensors[n].shape) != tuple(expected[n])
+            f"{n}: expected {list(expected_shapes[n])}, found {list(self.tensors[n].shape)} in "
+            f"{self.tensors[n].file.name}"
+            for n in expected_shapes
+            if n in self.tensors and tuple(self.tensors[n].shape) != tuple(expected_shapes[n])
         ]
         if missing:
             problems.append(f"missing tensors ({len(missing)}): " + ", ".join(missing))
@@ -266,6 +294,25 @@ class Checkpoint:
 
     def iter_expected(self, spec: ModelSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield from expected_tensors(spec).items()
+
+
+def quantized_tensors(expected: dict[str, tuple[int, ...]], scheme
+                      ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """``expected`` (a float checkpoint's tensors) with each linear ``scheme`` quantizes replaced by its packed
+    tensors; returns (required, optional). Linears the scheme leaves unquantized keep their float weight."""
+    from .prequant.formats import LINEAR_SUFFIXES, tensor_shapes
+
+    required: dict[str, tuple[int, ...]] = {}
+    optional: dict[str, tuple[int, ...]] = {}
+    for name, shape in expected.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module.endswith(LINEAR_SUFFIXES) and not scheme.is_ignored(module):
+            req, opt = tensor_shapes(scheme, module, *shape)
+            required.update(req)
+            optional.update(opt)
+        else:
+            required[name] = shape
+    return required, optional
 
 
 def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

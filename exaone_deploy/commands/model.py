@@ -1,7 +1,8 @@
 """Checkpoint and bundle verbs: ``make-tiny``, ``inspect``, ``export``, ``verify``.
 
 exaone-deploy make-tiny OUT_DIR [--preset 1.2b|32b|1.2b-full|32b-full] [--seed N] [--num-layers N] [--dtype D]
-exaone-deploy inspect MODEL_DIR [--revision REV] [--json]
+                        [--quantized gptq|awq|fp8|compressed-tensors [--group-size N]]
+exaone-deploy inspect MODEL_DIR [--revision REV] [--json] [--target ort|trt] [--dtype D]
 exaone-deploy export MODEL_DIR -o BUNDLE_DIR [--revision REV] [--target ort|trt] [--dtype D] [--max-seq-len N] [--force]
 exaone-deploy verify BUNDLE_DIR --reference MODEL_DIR [--revision REV] [--steps N] [--prompt-len N] [--json]
 
@@ -58,25 +59,47 @@ def resolve_model(name: str, revision: str | None) -> Path:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--num-layers", type=click.IntRange(min=1), default=None, help="Override the preset's layer count.")
 @click.option("--dtype", type=_DTYPES, default=None, help="Storage dtype (default: the preset's).")
-def make_tiny_command(out_dir: Path, preset: str, seed: int, num_layers: int | None, dtype: str | None) -> None:
+@click.option("--quantized", type=click.Choice(["gptq", "awq", "fp8", "compressed-tensors"]), default=None,
+              help="Write the linears pre-quantized in this publisher format (4-bit GPTQ/AWQ/compressed-tensors "
+              "codes, FP8 with [128, 128] blocks), as those tools lay them out.")
+@click.option("--group-size", type=int, default=32, show_default=True,
+              help="Quantization group along the input dim for --quantized int formats (-1: whole row).")
+def make_tiny_command(out_dir: Path, preset: str, seed: int, num_layers: int | None, dtype: str | None,
+                      quantized: str | None, group_size: int) -> None:
     """Write a small random-weight EXAONE 4 checkpoint laid out like the real ones."""
     from ..tiny.make import make_tiny
 
-    click.echo(str(make_tiny(out_dir, preset, seed, num_layers=num_layers, dtype=dtype)))
+    if quantized is None:
+        click.echo(str(make_tiny(out_dir, preset, seed, num_layers=num_layers, dtype=dtype)))
+        return
+    import tempfile
+
+    from ..prequant import make_prequantized
+
+    with tempfile.TemporaryDirectory(prefix="make-tiny-") as tmp:
+        src = make_tiny(Path(tmp) / "float", preset, seed, num_layers=num_layers, dtype=dtype)
+        opts = {} if quantized == "fp8" else {"group_size": group_size}
+        click.echo(str(make_prequantized(src, out_dir, quantized, **opts)))
 
 
 @click.command("inspect")
 @click.argument("model_dir")
 @revision_option
 @click.option("--json", "as_json", is_flag=True, help="Print the spec as JSON.")
-def inspect_command(model_dir: str, revision: str | None, as_json: bool) -> None:
+@click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+              help="Target the bundle size estimate of a pre-quantized checkpoint is for.")
+@click.option("--dtype", type=_DTYPES, default="float32", show_default=True,
+              help="Bundle dtype the size estimate of a pre-quantized checkpoint is for.")
+def inspect_command(model_dir: str, revision: str | None, as_json: bool, target: str, dtype: str) -> None:
     """Show the model spec (per-layer attention plan) parsed from MODEL_DIR/config.json ('tiny' or ORG/NAME
-    allowed)."""
+    allowed), and a pre-quantized checkpoint's scheme with the size of the bundle it exports to."""
     from ..spec import load_spec
 
-    spec = load_spec(resolve_model(model_dir, revision))
+    model_dir = resolve_model(model_dir, revision)
+    spec = load_spec(model_dir)
+    quant = _quantization(model_dir, spec, target, dtype)
     if as_json:
-        click.echo(json.dumps(spec.to_json(), indent=2))
+        click.echo(json.dumps({**spec.to_json(), **({"quantization": quant} if quant else {})}, indent=2))
         return
     click.echo(
         f"layers {spec.num_layers}, hidden {spec.hidden_size}, heads {spec.num_heads}/{spec.num_kv_heads} "
@@ -84,6 +107,28 @@ def inspect_command(model_dir: str, revision: str | None, as_json: bool) -> None
     )
     for layer in spec.layers:
         click.echo(f"  {layer.index:3d} {layer.kind:7s} window={layer.window:<6d} rope={'on' if layer.rope else 'off'}")
+    if quant:
+        group = "whole row" if quant["group_size"] == -1 else quant["group_size"]
+        blocks = quant["weight_block_size"] or group
+        click.echo(f"quantization: {quant['method']} ({quant['format']}), {quant['weight_type']}{quant['bits']}, "
+                   f"group/block {blocks}, sym {quant['sym']}, act-order {quant['desc_act']}; "
+                   f"{quant['quantized_linears']} linears quantized")
+        click.echo(f"  left unquantized: {', '.join(quant['unquantized'] + quant['kept_in_float'])}")
+        lowering = ", ".join(f"{x['form']} block {x['block_size']}" for x in quant["lowering"])
+        click.echo(f"  {target} {dtype} bundle: {lowering}; weights ~{quant['bundle_weight_bytes'] / 2**20:.1f} MiB "
+                   f"(checkpoint {quant['checkpoint_bytes'] / 2**20:.1f} MiB)")
+
+
+def _quantization(model_dir: Path, spec, target: str, dtype: str) -> dict | None:
+    """A pre-quantized checkpoint's scheme and bundle estimate (None for a float checkpoint or no weights)."""
+    from ..prequant import read_scheme
+
+    if read_scheme(model_dir) is None:
+        return None
+    from ..checkpoint import Checkpoint
+    from ..exporter.prequant_lower import estimate
+
+    return estimate(Checkpoint(model_dir), spec, target, dtype)
 
 
 @click.command("export")

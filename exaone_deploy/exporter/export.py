@@ -150,8 +150,8 @@ def bind_weights(m: ir.Model, spec: ModelSpec, ckpt: Checkpoint, dtype: str, max
         node.outputs[0].replace_all_uses_with(new)
         g.remove(node, safe=True)
     for name, value in list(g.initializers.items()):
-        if untransposed_name(name) is not None:
-            continue
+        if untransposed_name(name) is not None or isinstance(value.const_value, ir.LazyTensor):
+            continue  # bound already (pre-transposed above, or by a rewrite before binding: prequant_lower)
         if not value.uses() and name not in [o.name for o in g.outputs]:
             del g.initializers[name]
             continue
@@ -203,13 +203,19 @@ def _export_into(src: Path, tmp: Path, options: ExportOptions, progress: bool) -
         stage("trace")
         trace = trace_canonical if spec.head.is_lm else heads.trace_head_canonical  # heads: prompt-only graph
         m = trace(spec, options.dtype, io.max_seq_len, options.opset)
+        prequantized = None
+        if ckpt.scheme is not None:  # the publisher's quantized linears, lowered exactly (exporter/prequant_lower)
+            from .prequant_lower import lower_prequantized
+
+            prequantized = lower_prequantized(m, ckpt, options.target, options.dtype)
         stage("bind weights")
         bind_weights(m, spec, ckpt, options.dtype, io.max_seq_len)
         m.producer_name, m.producer_version = "exaone-deploy", _version()
         m.doc_string = f"EXAONE 4 canonical graph ({options.dtype}) exported by exaone-deploy"
         with _progress(progress, "weights", len(m.graph.initializers)) as wbar:
             writer.write_into(tmp, m, io, options.target, source_dir=src, on_stage=stage,
-                              on_tensor=lambda *_: wbar.update())
+                              on_tensor=lambda *_: wbar.update(),
+                              extra={"prequantized": prequantized} if prequantized else None)
         bar.update()
 
 

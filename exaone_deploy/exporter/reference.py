@@ -215,15 +215,40 @@ def load_reference(model_dir: str | Path, dtype: str = "float32", max_positions:
 
 
 def load_weights(model: nn.Module, ckpt: Checkpoint, dtype: str = "float32", device: str = "cpu") -> nn.Module:
-    """Validate ``ckpt`` against ``model.spec`` and fill the meta-device ``model``'s parameters by name."""
+    """Validate ``ckpt`` against ``model.spec`` and fill the meta-device ``model``'s parameters by name.
+
+    A pre-quantized checkpoint's quantized linears are dequantized (``prequant``: exact in float32, rounded once
+    to ``dtype``), one at a time: the reference of such a checkpoint is the float model its publisher's values
+    define, which is what ``verify`` compares a bundle against.
+    """
     spec = model.spec
     ckpt.validate(spec)
     torch_dtype = DTYPES[dtype]
+    read = _reader(ckpt, torch_dtype)
     for name, _ in list(model.named_parameters()):
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        owner._parameters[attr] = nn.Parameter(ckpt.read_torch(name, torch_dtype).to(device), requires_grad=False)
+        owner._parameters[attr] = nn.Parameter(read(name).to(device), requires_grad=False)
     cos, sin = spec.rope.cos_sin(spec.head_dim, model.max_positions)
     model.cos_cache = torch.from_numpy(cos).to(device)
     model.sin_cache = torch.from_numpy(sin).to(device)
     return model.eval()
+
+
+def _reader(ckpt: Checkpoint, torch_dtype):
+    """name -> tensor in ``torch_dtype``: read from the checkpoint, or dequantized when it is a quantized linear's
+    ``weight`` the checkpoint stores packed."""
+    if ckpt.scheme is None:
+        return lambda name: ckpt.read_torch(name, torch_dtype)
+    from ..prequant import read_linear
+    from ..prequant.st import SafetensorsDir
+
+    st = SafetensorsDir(ckpt.dir)
+
+    def read(name: str) -> torch.Tensor:
+        if not ckpt.is_quantized(name):
+            return ckpt.read_torch(name, torch_dtype)
+        weight = read_linear(st.__getitem__, name.rpartition(".")[0], ckpt.scheme).dequantize()
+        return torch.from_numpy(weight).to(torch_dtype)
+
+    return read

@@ -99,6 +99,7 @@ def write_into(root: Path, canonical: ir.Model, io: GraphIO, target: str, *, sou
 
     return bundle_mod.finish_bundle(root, io, target=target, model_file=MODEL_FILE, canonical_file=CANONICAL_FILE,
                                     weights_file=WEIGHTS_FILE, source_dir=source_dir, tokenizer_dirs=tokenizer_dirs,
-                                    extra=extra, before_manifest=genai_variant if target == "ort" else None)
+                                    extra=extra,
+                                    before_manifest=genai_variant if target == "ort" and io.spec.head.is_lm else None)
 
 

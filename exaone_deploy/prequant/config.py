@@ -111,6 +111,9 @@ def _gptq(q: dict, source: str) -> PrequantScheme:
     group = q.get("group_size", -1)
     if not isinstance(group, int) or (group != -1 and group <= 0):
         raise _refuse(source, "group_size", group, "must be -1 or a positive integer")
+    if q.get("lm_head"):
+        raise _refuse(source, "lm_head", q["lm_head"], "a quantized lm_head is not supported; the LM head is "
+                      "kept in the checkpoint's float precision")
     sym = bool(q.get("sym", True))
     return PrequantScheme(
         "gptq", bits, group, sym=sym, desc_act=bool(q.get("desc_act", False)), checkpoint_format=fmt,

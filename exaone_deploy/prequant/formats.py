@@ -63,6 +63,7 @@ __all__ = [
     "read_fp8",
     "read_gptq",
     "read_linear",
+    "tensor_shapes",
     "unpack_cols",
     "unpack_rows",
 ]
@@ -207,3 +208,33 @@ _READERS = {"gptq": read_gptq, "awq": read_awq, "fp8": read_fp8, "compressed-ten
 def read_linear(get: Getter, prefix: str, scheme: PrequantScheme) -> IntWeight | Fp8Weight:
     """Read the linear at ``prefix`` in ``scheme``'s format."""
     return _READERS[scheme.method](get, prefix, scheme)
+
+
+def tensor_shapes(scheme: PrequantScheme, prefix: str, out: int, inp: int
+                  ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(required, optional) checkpoint tensor names and shapes of the quantized linear ``prefix`` [out, in].
+
+    What checkpoint validation expects in place of ``<prefix>.weight``: the same layouts the readers above take
+    (GPTQ's ``g_idx`` is optional, as :func:`read_gptq` derives it when absent).
+    """
+    bits, p = scheme.bits, prefix + "."
+    if scheme.weight_type == "float":
+        if scheme.strategy == "channel":
+            scale = (out, 1)
+        elif scheme.strategy == "tensor":
+            scale = (1,)
+        else:
+            bo, bi = scheme.weight_block_size
+            scale = (-(-out // bo), -(-inp // bi))
+        scale_name = "weight_scale" if scheme.method == "compressed-tensors" else "weight_scale_inv"
+        return {p + "weight": (out, inp), p + scale_name: scale}, {}
+    pf, groups = 32 // bits, -(-inp // scheme.group_of(inp))
+    if scheme.method == "gptq":
+        packed = {p + "qweight": (-(-inp // pf), out), p + "qzeros": (groups, -(-out // pf))}
+        return {**packed, p + "scales": (groups, out)}, {p + "g_idx": (inp,)}
+    if scheme.method == "awq":
+        return {p + "qweight": (inp, out // 8), p + "qzeros": (groups, out // 8), p + "scales": (groups, out)}, {}
+    shapes = {p + "weight_packed": (out, -(-inp // pf)), p + "weight_scale": (out, groups), p + "weight_shape": (2,)}
+    if not scheme.sym:
+        shapes[p + "weight_zero_point"] = (-(-out // pf), groups)
+    return shapes, {}
