@@ -47,8 +47,7 @@ def _layer_model(variant: str, block: int, level: int, tmp: Path) -> str:
     x = ir.Value(name="x", shape=ir.Shape([1, 1, HIDDEN]), type=ir.TensorType(ir.DataType.FLOAT))
     xf = ir.Value(name="xf", shape=ir.Shape([1, 1, FFN]), type=ir.TensorType(ir.DataType.FLOAT))
     graph = ir.Graph([x, xf], [], nodes=[], opset_imports={"": 21, "com.microsoft": 1}, name="layer")
-    rw = pl._Rewriter(graph, "float32")
-    pl.ACCURACY_LEVEL = level
+    rw = pl._Rewriter(graph, "float32", level)
     outputs = []
     for name, (out, inp) in LINEARS.items():
         w = rng.standard_normal((out, inp)).astype(np.float32) * 0.02

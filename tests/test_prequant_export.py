@@ -19,6 +19,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from exaone_deploy.bundle import load_manifest
 from exaone_deploy.exporter.export import ExportOptions, export_bundle
 from exaone_deploy.prequant import PrequantConfigError, dequantized_linears, make_prequantized
 
@@ -266,3 +267,27 @@ def test_quantized_lm_head_and_bad_shapes_refused(made, tmp_path):
     (dst / "quantize_config.json").unlink()
     with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.down_proj.scales: expected \[8, 64\]"):
         Checkpoint(dst).validate(load_spec(dst))
+
+
+def test_accuracy_level_option_sets_matmulnbits_and_manifest(made, tmp_path):
+    """--accuracy-level 4 (int8 activations, the arithmetic of our own int4 bundles): the attribute is set on every
+    MatMulNBits and recorded in the manifest; out-of-range levels are refused."""
+    from click.testing import CliRunner
+
+    from exaone_deploy.commands import main
+
+    ckpt = made("32b", "gptq")
+    outs = {}
+    for level in (0, 4):
+        out = tmp_path / f"l{level}"
+        r = CliRunner().invoke(main, ["export", str(ckpt), "-o", str(out), "--accuracy-level", str(level),
+                                      "--max-seq-len", "128", "--no-progress"])
+        assert r.exit_code == 0, r.output
+        m = onnx.load(out / "model.onnx", load_external_data=False)
+        levels = {a.i for n in m.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                  if a.name == "accuracy_level"}
+        assert levels == {level}
+        assert load_manifest(out).get("prequantized")["accuracy_level"] == level
+        outs[level] = out
+    r = CliRunner().invoke(main, ["export", str(ckpt), "-o", str(tmp_path / "bad"), "--accuracy-level", "7"])
+    assert r.exit_code != 0

@@ -55,6 +55,9 @@ class ExportOptions:
     max_seq_len: int | None = None  # positions covered by the RoPE caches (default: max_position_embeddings)
     window_cache: bool = True  # ort: window-sized KV caches on sliding layers
     opset: int = 21
+    # Pre-quantized int4/int8 checkpoints on ort: MatMulNBits' accuracy_level (0: float activations, exactly the
+    # checkpoint's dequantized model; 4: int8 activations with integer dot products, faster on CPU).
+    accuracy_level: int = 0
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -63,6 +66,8 @@ class ExportOptions:
             raise ExportError(f"unsupported dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
         if self.max_seq_len is not None and self.max_seq_len <= 0:
             raise ExportError(f"max_seq_len must be positive, got {self.max_seq_len}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ExportError(f"accuracy_level must be 0-4 (MatMulNBits), got {self.accuracy_level}")
 
 
 def graph_io(spec: ModelSpec, options: ExportOptions, max_seq_len: int | None = None) -> GraphIO:
@@ -207,7 +212,7 @@ def _export_into(src: Path, tmp: Path, options: ExportOptions, progress: bool) -
         if ckpt.scheme is not None:  # the publisher's quantized linears, lowered exactly (exporter/prequant_lower)
             from .prequant_lower import lower_prequantized
 
-            prequantized = lower_prequantized(m, ckpt, options.target, options.dtype)
+            prequantized = lower_prequantized(m, ckpt, options.target, options.dtype, options.accuracy_level)
         stage("bind weights")
         bind_weights(m, spec, ckpt, options.dtype, io.max_seq_len)
         m.producer_name, m.producer_version = "exaone-deploy", _version()

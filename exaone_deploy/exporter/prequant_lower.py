@@ -37,9 +37,10 @@ zero-points only; ``codes - zero`` spans [-15, 15], which INT4 cannot hold), gro
 blocks INT4/FP4 only), integer schemes in ``bfloat16`` on ``ort`` (MatMulNBits on CPU takes float32/float16
 activations), scales a float16 bundle cannot hold exactly.
 
-``accuracy_level`` (MatMulNBits): 0 by default, activations stay in the bundle dtype, so the bundle computes the
-checkpoint's dequantized model; 4 quantizes activations to int8 per block (faster on CPU, what our own int4
-bundles use) and is what :data:`ACCURACY_LEVEL` may be set to for speed comparisons. Measured
+``accuracy_level`` (MatMulNBits; ``export --accuracy-level``): 0 by default, activations stay in the bundle dtype,
+so the bundle computes exactly the checkpoint's dequantized model; 4 quantizes activations to int8 per block (the
+integer dot products llama.cpp and our own int4 bundles use: faster on CPU, activations rounded; the weights are
+the publisher's either way). Measured
 (``benchmarks/prequant.py``, one 1.2B-shaped layer, block 128, loaded 2-core machine): level 0 is 4-7x slower than
 our int4 linears; at level 4 symmetric GPTQ is on par (1.1x), zero points cost ~1.4x, act-order ~1.9x.
 """
@@ -61,10 +62,10 @@ from ..prequant import Fp8Weight, IntWeight, PrequantScheme, read_linear
 from ..prequant.formats import LINEAR_SUFFIXES
 from ..prequant.st import SafetensorsDir
 
-__all__ = ["ACCURACY_LEVEL", "LinearPlan", "PrequantLowerError", "estimate", "lower_prequantized", "plan_linears",
+__all__ = ["LinearPlan", "PrequantLowerError", "estimate", "lower_prequantized", "plan_linears",
            "scheme_summary"]
 
-ACCURACY_LEVEL = 0
+EXACT_ACCURACY_LEVEL = 0  # float activations: the checkpoint's dequantized model, exactly
 ORT_DOMAIN = "com.microsoft"
 _FLOAT = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
@@ -142,7 +143,8 @@ def plan_linears(ckpt: Checkpoint, shapes: dict[str, tuple[int, int]], target: s
             for name, (out, inp) in shapes.items() if ckpt.is_quantized(name)}
 
 
-def scheme_summary(scheme: PrequantScheme, plans: dict[str, LinearPlan], unquantized: list[str]) -> dict:
+def scheme_summary(scheme: PrequantScheme, plans: dict[str, LinearPlan], unquantized: list[str],
+                   accuracy_level: int = EXACT_ACCURACY_LEVEL) -> dict:
     """The manifest's / inspect's record of the source scheme and how it was lowered; ``unquantized``: the
     decoder linears the checkpoint leaves in float (embeddings, norms and the LM head always are)."""
     forms = sorted({(p.form, p.block) for p in plans.values()})
@@ -154,7 +156,7 @@ def scheme_summary(scheme: PrequantScheme, plans: dict[str, LinearPlan], unquant
         "activation_scheme": scheme.activation_scheme, "quantized_linears": len(plans),
         "unquantized": unquantized, "kept_in_float": ["embed_tokens", "norms", "lm_head"],
         "lowering": [{"form": f, "block_size": b} for f, b in forms],
-        "accuracy_level": ACCURACY_LEVEL if any(p.form == "matmulnbits" for p in plans.values()) else None,
+        "accuracy_level": accuracy_level if any(p.form == "matmulnbits" for p in plans.values()) else None,
     }
 
 
@@ -220,8 +222,8 @@ def _cast_exact(a: np.ndarray, dtype: str, what: str) -> np.ndarray:
 
 
 class _Rewriter:
-    def __init__(self, graph: ir.Graph, dtype: str):
-        self.graph, self.dtype = graph, dtype
+    def __init__(self, graph: ir.Graph, dtype: str, accuracy_level: int = EXACT_ACCURACY_LEVEL):
+        self.graph, self.dtype, self.accuracy_level = graph, dtype, accuracy_level
 
     def init(self, name: str, make, dtype: ir.DataType, shape: tuple[int, ...]) -> ir.Value:
         """A lazy initializer: ``make()`` (a NumPy array) runs when the bundle writer saves it."""
@@ -238,7 +240,8 @@ class _Rewriter:
         return n.outputs[0]
 
 
-def lower_prequantized(m: ir.Model, ckpt: Checkpoint, target: str, dtype: str) -> dict:
+def lower_prequantized(m: ir.Model, ckpt: Checkpoint, target: str, dtype: str,
+                       accuracy_level: int = EXACT_ACCURACY_LEVEL) -> dict:
     """Rewrite the quantized linears of the traced graph ``m`` in place (see the module docstring).
 
     Returns the manifest record (:func:`scheme_summary`). The new initializers are lazy: each linear's packed
@@ -254,7 +257,7 @@ def lower_prequantized(m: ir.Model, ckpt: Checkpoint, target: str, dtype: str) -
         if w is not None and w.is_initializer() and w.name.endswith(".weight") and w.shape is not None:
             shapes[w.name] = tuple(int(d) for d in w.shape)
     plans = plan_linears(ckpt, shapes, target)
-    st, rw = SafetensorsDir(ckpt.dir), _Rewriter(graph, dtype)
+    st, rw = SafetensorsDir(ckpt.dir), _Rewriter(graph, dtype, accuracy_level)
     if any(p.form == "matmulnbits" for p in plans.values()):
         m.opset_imports[ORT_DOMAIN] = 1
     for node in [n for n in graph if n.op_type == "Transpose" and n.inputs[0] is not None]:
@@ -272,7 +275,7 @@ def lower_prequantized(m: ir.Model, ckpt: Checkpoint, target: str, dtype: str) -
             del graph.initializers[w.name]
     unquantized = sorted(m for m in (n.rpartition(".")[0] for n in shapes)
                          if m.endswith(LINEAR_SUFFIXES) and m not in plans)
-    return scheme_summary(scheme, plans, unquantized)
+    return scheme_summary(scheme, plans, unquantized, accuracy_level)
 
 
 def _lower_one(rw: _Rewriter, matmul: ir.Node, lin: _Linear, target: str) -> None:
@@ -366,7 +369,7 @@ def _matmulnbits(rw: _Rewriter, matmul: ir.Node, lin: _Linear, x: ir.Value, fdty
 
         inputs.append(rw.init(f"{base}.zero_points", zeros, ir.DataType.UINT8,
                               (p.out * -(-p.blocks // per_byte),)))
-    attrs = {"K": p.inp, "N": p.out, "bits": p.bits, "block_size": p.block, "accuracy_level": ACCURACY_LEVEL}
+    attrs = {"K": p.inp, "N": p.out, "bits": p.bits, "block_size": p.block, "accuracy_level": rw.accuracy_level}
     new = ir.node("MatMulNBits", inputs, attributes=attrs, domain=ORT_DOMAIN, name=matmul.name)
     ir.convenience.replace_nodes_and_values(rw.graph, matmul, [matmul], [new], list(matmul.outputs),
                                             list(new.outputs))
