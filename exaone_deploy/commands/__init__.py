@@ -15,14 +15,12 @@ user errors). Verbs that load weights restart once under huge-page malloc (:func
 
 from __future__ import annotations
 
-import logging
-
 import click
 
 from .. import __version__
 from ..errors import ExaoneDeployError
 from . import model, quantize, run, tensorrt
-from .common import console_argv, enable_restart, loads_weights
+from .common import configure_logging, console_argv, enable_restart, loads_weights
 from .serve import load_serve_command
 
 __all__ = ["main", "entry"]
@@ -66,11 +64,11 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="exaone-deploy")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True,
+              help="More logging: -v this tool's stages, -vv its debug output, -vvv other libraries' too.")
 def main(verbose: int) -> None:
     """Export EXAONE 4.0 checkpoints to ONNX Runtime and TensorRT, and run them."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose)
 
 
 for _cmd in (model.make_tiny_command, model.inspect_command):

@@ -21,6 +21,7 @@ __all__ = [
     "enable_restart",
     "console_argv",
     "quiet_export_tooling",
+    "configure_logging",
 ]
 
 log = logging.getLogger("exaone_deploy")
@@ -101,13 +102,25 @@ def console_argv() -> list[str]:
     return [sys.executable, *safe_path, "-m", "exaone_deploy", *sys.argv[1:]]
 
 
+def configure_logging(verbose: int) -> None:
+    """``-v`` shows this project's INFO logs (its stages: export, bundle load, session, cache allocation, server
+    start), ``-vv`` its DEBUG logs; other libraries' loggers (torch, onnxscript, uvicorn's internals) stay at
+    WARNING until ``-vvv``. Rejected: one root level for everything (``-vv export`` printed thousands of torch and
+    onnxscript lines and none of ours)."""
+    ours = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=logging.DEBUG if verbose >= 3 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
+    log.setLevel(ours)
+
+
 def quiet_export_tooling() -> None:
-    """torch.onnx prints progress and warnings; keep the CLI quiet unless -v."""
+    """torch.onnx prints progress and warnings through loggers and handlers of its own; keep them quiet unless
+    third-party logs were asked for (``-vvv``)."""
     import warnings
 
     import torch  # noqa: F401  (torch sets up its loggers on import; quiet them afterwards)
 
-    warnings.filterwarnings("ignore")
-    if not log.isEnabledFor(logging.INFO):
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        warnings.filterwarnings("ignore")
         for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript"):
             logging.getLogger(name).setLevel(logging.ERROR)

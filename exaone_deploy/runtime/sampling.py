@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
 from ..errors import ExaoneDeployError
 
 __all__ = ["SamplingParams", "Sampler", "SamplingError"]
+
+
+_FMAX = float(np.finfo(np.float32).max)
 
 
 class SamplingError(ExaoneDeployError, ValueError):
@@ -29,7 +32,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100], got {self.temperature}"),
@@ -67,10 +70,14 @@ class Sampler:
             # transformers' RepetitionPenaltyLogitsProcessor: divide positive, multiply negative logits.
             idx = np.unique(np.asarray(seen, dtype=np.int64))
             vals = x[idx]
-            x[idx] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            with np.errstate(over="ignore", divide="ignore"):  # an extreme penalty overflows: clipped below
+                x[idx] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.greedy:
             return int(np.argmax(x))
-        x /= p.temperature
+        with np.errstate(over="ignore"):
+            x /= p.temperature
+        # A tiny repetition penalty or temperature can overflow float32: inf - inf would make every probability NaN.
+        np.clip(x, -_FMAX, _FMAX, out=x)
         if p.top_k and p.top_k < x.size:
             kth = np.partition(x, -p.top_k)[-p.top_k]
             x[x < kth] = -np.inf

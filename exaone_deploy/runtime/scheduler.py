@@ -27,16 +27,16 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
 from ..errors import ExaoneDeployError
+from ..text.tokenizer import Tokenizer
 from .backend import Backend, ContextLengthError
 from .generate import GenerationResult, RowState
 from .sampling import SamplingParams
-from ..text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Scheduler:
         self.failed = 0
 
     # ---- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="exaone-scheduler", daemon=True)
             self._thread.start()
@@ -178,13 +178,19 @@ class Scheduler:
         with self._cond:
             if self._stopping or self.error is not None or self._thread is None:
                 raise SchedulerClosed("the scheduler is not running")
-            if len(self._waiting) + len(requests) > self.max_queue:
-                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+            if len(requests) > self._room_locked():
+                raise QueueFull(f"no room for {len(requests)} more sequences ({self.max_batch} slots, "
+                                f"{len(self._waiting)} of {self.max_queue} queue places taken)")
             now = time.perf_counter()
             for req in requests:
                 req.state, req.t_submit = "waiting", now
                 self._waiting.append(req)
             self._cond.notify()
+
+    def _room_locked(self) -> int:
+        """Sequences that can be submitted now: free cache slots plus free queue places (waiting requests take the
+        free slots first). So ``max_queue=0`` still fills idle slots, and a group fits while slots are free."""
+        return len(self._free) + self.max_queue - len(self._waiting)
 
     def cancel(self, req: Request) -> None:
         """Drop a request (client gone): its slot is freed before the next model call."""

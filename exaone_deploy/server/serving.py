@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..runtime.sampling import SamplingError, SamplingParams
 from ..text.chat import THINK_OPEN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, StreamSplitter
-from .engine import AsyncEngine, Delta, Done, Generation, QueueFull, SchedulerClosed
+from .engine import AsyncEngine, Delta, Done, Generation, PromptTooLarge, QueueFull, SchedulerClosed
 from .protocol import (
     MAX_CHOICES,
     APIError,
@@ -248,8 +248,9 @@ async def _stream(fmt: Format, gen: Generation, include_usage: bool) -> AsyncIte
     try:
         async for choice in _pump(fmt, gen):
             yield _sse(fmt.chunk([choice]))
-    except APIError as e:  # the status line is gone: the error goes out as an event, without [DONE]
+    except APIError as e:  # the status line is gone: the error goes out as an event, then [DONE] (as vLLM)
         yield _sse(e.body())
+        yield _sse("[DONE]")
         return
     if include_usage:
         yield _sse(fmt.chunk([], usage=fmt.usage()))
@@ -421,7 +422,7 @@ class ServingChat(OpenAIServing):
                 m["role"] = "system"
             messages.append(m)
 
-        prompt, text = await asyncio.to_thread(self._render, messages, tools, kwargs)
+        prompt, text = await self._render(messages, tools, kwargs)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = self.sampling_params(body, max_tokens, len(prompt), "messages", body.n)
         gen = self.submit([prompt] * body.n, params)
@@ -442,14 +443,15 @@ class ServingChat(OpenAIServing):
         kwargs.setdefault("enable_thinking", False)
         return kwargs
 
-    def _render(self, messages: list[dict], tools: list[dict] | None, kwargs: dict[str, Any]) -> tuple[list[int], str]:
-        tokenizer = self.engine.tokenizer
+    async def _render(self, messages: list[dict], tools: list[dict] | None, kwargs: dict[str, Any]
+                      ) -> tuple[list[int], str]:
         try:  # ids from the template itself: control tokens spelled in client text stay text (tokenizer.py)
-            ids = tokenizer.apply_chat_template(messages, tools=tools, **kwargs)
+            return await self.engine.encode_chat(messages, tools, **kwargs)
+        except PromptTooLarge as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
         except Exception as e:  # noqa: BLE001 - jinja TemplateError / TypeError from the template
             raise APIError(400, f"cannot render the chat template: {e}", param="messages",
                            code="invalid_value") from None
-        return ids, tokenizer.decode(ids)
 
 
 class ServingCompletion(OpenAIServing):
@@ -469,7 +471,7 @@ class ServingCompletion(OpenAIServing):
         if len(batch) * body.n > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n",
                            code="invalid_value")
-        prompts = await asyncio.to_thread(lambda: [self._encode(x) for x in batch])
+        prompts = [await self._encode(x) for x in batch]
         flat, params, echo = [], [], []
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
         for ids, source in zip(prompts, batch):
@@ -482,9 +484,12 @@ class ServingCompletion(OpenAIServing):
                                return_token_ids=body.return_token_ids)
         return await self.respond(request, body, fmt, gen)
 
-    def _encode(self, prompt: str | list[int]) -> list[int]:
+    async def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.engine.tokenizer.encode(prompt)
+            try:
+                ids = await self.engine.encode(prompt)
+            except PromptTooLarge as e:
+                raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
         else:
             ids = list(prompt)
             vocab = self.engine.vocab_size
