@@ -22,6 +22,7 @@ __all__ = [
     "console_argv",
     "quiet_export_tooling",
     "configure_logging",
+    "require_bundle",
 ]
 
 log = logging.getLogger("exaone_deploy")
@@ -100,6 +101,23 @@ def console_argv() -> list[str]:
     """How the console script restarts itself: the installed package (``-P``: no cwd on ``sys.path``)."""
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []
     return [sys.executable, *safe_path, "-m", "exaone_deploy", *sys.argv[1:]]
+
+
+def require_bundle(path) -> None:
+    """Refuse (InputError) a checkpoint where a bundle is expected (``generate``, ``chat``, ``serve``), with the
+    ``export`` command that makes one: a directory with a config.json and no manifest.json, or the name ``tiny``
+    (the bundled checkpoint). Anything else is left to the bundle loader's own errors."""
+    from pathlib import Path
+
+    from ..errors import InputError
+
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return
+    if (str(path) == "tiny" and not path.exists()) or (path / "config.json").is_file():
+        out = f"{path.name or 'model'}-bundle"
+        raise InputError(f"{path} is a checkpoint, not a bundle: export it first with `exaone-deploy export {path} "
+                         f"-o {out}`, then pass {out}")
 
 
 def configure_logging(verbose: int) -> None:

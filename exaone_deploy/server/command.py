@@ -131,6 +131,7 @@ def serve_command(bundle_dir: Path, host: str, port: int, max_batch: int, max_qu
 
         configure_logging(verbose)
     from ..bundle import BundleError
+    from ..commands.common import require_bundle
     from ..errors import ExaoneDeployError
     from ..runtime.backend import ContextLengthError
 
@@ -138,6 +139,7 @@ def serve_command(bundle_dir: Path, host: str, port: int, max_batch: int, max_qu
         raise click.ClickException("--api-key must be printable ASCII (HTTP headers carry it as ASCII): "
                                    "choose another key")
     try:
+        require_bundle(bundle_dir)
         engine = AsyncEngine.from_bundle(bundle_dir, max_batch=max_batch, context=context, max_queue=max_queue,
                                          prefill_chunk=prefill_chunk, model_name=served_model_name, device=device,
                                          verify=not no_verify)
