@@ -2,8 +2,8 @@
 
 Routes are thin: parse the body into a :mod:`.protocol` request model, hand it to :mod:`.serving`, return what
 that answers. Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (server-sent events when
-``stream``), ``GET /v1/models[/{id}]``, ``GET /health`` (200 while the scheduler runs, else 503, with its
-stats) and ``GET /metrics`` (Prometheus).
+``stream``), ``GET /v1/models[/{id}]``, ``GET /health`` (200 while the scheduler runs and the server is not
+shutting down, else 503, with its stats) and ``GET /metrics`` (Prometheus).
 
 Every error is OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): 400 for malformed JSON,
 wrong types, out-of-range values and prompts that do not fit the context, 401 without the API key (on
@@ -201,7 +201,7 @@ def create_app(engine: AsyncEngine, *, api_key: str | None = None,
     @app.get("/health")
     async def health():
         stats = engine.stats()
-        ok = stats["alive"]
+        ok = stats["alive"] and not engine.draining  # draining (SIGTERM): load balancers should stop sending
         body = HealthResponse(status="ok" if ok else "unavailable", model=engine.model_name, **stats)
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 

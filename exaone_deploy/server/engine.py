@@ -244,13 +244,12 @@ class AsyncEngine:
                     f"{size} bytes of text, more than {self.max_seq_len} tokens can hold (at most {limit} bytes).")
 
     def _encode_now(self, text: str) -> list[int]:
-        self.check_prompt_bytes(text)
         return self.tokenizer.backend.encode_batch([text], add_special_tokens=False)[0].ids
 
     async def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (added tokens spelled in it become their ids, as ``Tokenizer.encode``), computed
         in a worker thread that releases the GIL; PromptTooLarge without tokenizing if it cannot fit."""
-        self.check_prompt_bytes(text)  # a flood of huge prompts is refused without a thread hop
+        self.check_prompt_bytes(text)  # a flood of huge prompts is refused here, without a thread hop
         return await asyncio.to_thread(self._encode_now, text)
 
     def _encode_chat_now(self, messages: list[dict], tools: list[dict] | None, kwargs: dict[str, Any]
