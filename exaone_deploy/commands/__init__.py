@@ -9,27 +9,45 @@
 
 Heavy imports (torch, onnx, FastAPI) happen inside the commands that need them. Errors: every command lets an
 :class:`~exaone_deploy.errors.ExaoneDeployError` (or a missing/unreadable path) propagate, and the group turns it
-into one ``Error: ...`` line with exit status 1; anything else is a bug and keeps its traceback. Rejected: a
+into one ``Error: ...`` line with exit status 1, and so does a missing optional package (an edge install without
+the extra that a verb needs: the line names the extra to install); anything else is a bug and keeps its
+traceback. Rejected: a
 ``try/except`` per command (three copies of an error tuple each catching bare ``ValueError``, so bugs looked like
 user errors). Verbs that load weights restart once under huge-page malloc (:func:`common.loads_weights`).
 """
 
 from __future__ import annotations
 
-import logging
-
 import click
 
 from .. import __version__
 from ..errors import ExaoneDeployError
 from . import heads, model, quantize, run, tensorrt
-from .common import console_argv, enable_restart, loads_weights
+from .common import configure_logging, console_argv, enable_restart, loads_weights
 from .serve import load_serve_command
 
 __all__ = ["main", "entry"]
 
 # OS errors a user causes by naming a path (a missing file, a directory without write permission).
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+# Third-party packages that only an extra installs (pyproject.toml), by import name.
+EXTRAS = {
+    "torch": "export", "onnx": "export", "onnxscript": "export", "onnx_ir": "export", "safetensors": "export",
+    "huggingface_hub": "export", "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
+    "pydantic": "serve", "starlette": "serve", "llguidance": "grammar", "tensorrt": "tensorrt", "cuda": "tensorrt",
+    "onnxruntime_genai": "genai",
+}
+
+
+def missing_extra(e: ImportError, verb: str | None) -> str | None:
+    """The one-line fix for an import of a package that an extra provides, or None (then it is a bug)."""
+    top = (e.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    who = f"`exaone-deploy {verb}`" if verb else "this command"
+    return f"{who} needs the '{top}' package, which is not installed: pip install 'exaone-deploy[{extra}]'"
 
 
 def error_message(e: BaseException) -> str:
@@ -55,6 +73,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (ExaoneDeployError, *_PATH_ERRORS) as e:
             raise click.ClickException(error_message(e)) from e
+        except ImportError as e:
+            fix = missing_extra(e, ctx.invoked_subcommand)
+            if fix is None:
+                raise
+            raise click.ClickException(fix) from e
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*self.commands, *self.lazy})
@@ -67,11 +90,11 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="exaone-deploy")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True,
+              help="More logging: -v this tool's stages, -vv its debug output, -vvv other libraries' too.")
 def main(verbose: int) -> None:
     """Export EXAONE 4.0 checkpoints to ONNX Runtime and TensorRT, and run them."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose)
 
 
 for _cmd in (model.make_tiny_command, model.inspect_command):

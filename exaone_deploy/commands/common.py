@@ -21,6 +21,8 @@ __all__ = [
     "enable_restart",
     "console_argv",
     "quiet_export_tooling",
+    "configure_logging",
+    "require_bundle",
 ]
 
 log = logging.getLogger("exaone_deploy")
@@ -101,13 +103,42 @@ def console_argv() -> list[str]:
     return [sys.executable, *safe_path, "-m", "exaone_deploy", *sys.argv[1:]]
 
 
+def require_bundle(path) -> None:
+    """Refuse (InputError) a checkpoint where a bundle is expected (``generate``, ``chat``, ``serve``), with the
+    ``export`` command that makes one: a directory with a config.json and no manifest.json, or the name ``tiny``
+    (the bundled checkpoint). Anything else is left to the bundle loader's own errors."""
+    from pathlib import Path
+
+    from ..errors import InputError
+
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return
+    if (str(path) == "tiny" and not path.exists()) or (path / "config.json").is_file():
+        out = f"{path.name or 'model'}-bundle"
+        raise InputError(f"{path} is a checkpoint, not a bundle: export it first with `exaone-deploy export {path} "
+                         f"-o {out}`, then pass {out}")
+
+
+def configure_logging(verbose: int) -> None:
+    """``-v`` shows this project's INFO logs (its stages: export, bundle load, session, cache allocation, server
+    start), ``-vv`` its DEBUG logs; other libraries' loggers (torch, onnxscript, uvicorn's internals) stay at
+    WARNING until ``-vvv``. Rejected: one root level for everything (``-vv export`` printed thousands of torch and
+    onnxscript lines and none of ours)."""
+    ours = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=logging.DEBUG if verbose >= 3 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
+    log.setLevel(ours)
+
+
 def quiet_export_tooling() -> None:
-    """torch.onnx prints progress and warnings; keep the CLI quiet unless -v."""
+    """torch.onnx prints progress and warnings through loggers and handlers of its own; keep them quiet unless
+    third-party logs were asked for (``-vvv``)."""
     import warnings
 
     import torch  # noqa: F401  (torch sets up its loggers on import; quiet them afterwards)
 
-    warnings.filterwarnings("ignore")
-    if not log.isEnabledFor(logging.INFO):
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        warnings.filterwarnings("ignore")
         for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript"):
             logging.getLogger(name).setLevel(logging.ERROR)

@@ -17,7 +17,7 @@ import click
 
 from .. import __version__
 from ..errors import ExaoneDeployError
-from .common import device_option, quiet_export_tooling, sampling_options
+from .common import device_option, quiet_export_tooling, require_bundle, sampling_options
 
 __all__ = ["generate_command", "chat_command", "demo_command"]
 
@@ -51,6 +51,9 @@ def _read_messages(ctx, param, path: Path | None) -> tuple[list, list | None] | 
             raise bad(f"message {i} must be an object with a string 'role'")
         if m["role"] not in _ROLES:
             raise bad(f"message {i} has unknown role {m['role']!r}")
+        if not _is_text(m.get("content")):
+            raise bad(f"message {i}: content must be text (a string or a list of {{'type': 'text', 'text': ...}} "
+                      f"parts), got {json.dumps(m.get('content'))[:80]}")
     if tools is not None and not isinstance(tools, list):
         raise bad("'tools' must be a list")
     return body, tools
@@ -69,6 +72,13 @@ def _read_schema(ctx, param, path: Path | None) -> dict | None:
     if not isinstance(schema, dict):
         raise click.BadParameter(f"{path}: a JSON schema must be an object", ctx=ctx, param=param)
     return schema
+def _is_text(content) -> bool:
+    """A message content the chat template renders: a string, null, or a list of text parts (what the server's
+    protocol accepts; the template silently drops anything else)."""
+    if content is None or isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content)
 
 
 def _parse_ids(ctx, param, value: str | None) -> list[int] | None:
@@ -119,6 +129,7 @@ def generate_command(
 
     if sum(x is not None for x in (prompt, ids, request)) != 1:
         raise click.UsageError("give exactly one of --prompt, --input-ids, --messages")
+    require_bundle(bundle_dir)
     gen = Generator.from_bundle(bundle_dir, device=device)
     messages, tools = request or (None, None)
     if messages is None and chat:
@@ -171,6 +182,7 @@ def chat_command(bundle_dir: Path, system: str | None, thinking: bool, params, d
     """Interactive multi-turn chat (commands: /reset, /think, /exit)."""
     from ..runtime.generate import Generator
 
+    require_bundle(bundle_dir)
     gen = Generator.from_bundle(bundle_dir, device=device)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)

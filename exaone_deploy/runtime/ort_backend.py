@@ -13,20 +13,58 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from ..bundle import BundleError, Manifest, load_manifest
+from ..errors import ExaoneDeployError
 from ..graph_io import GraphIO
 from .backend import Backend
 from .hugepages import TUNABLE, hugepage_env
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OrtBackend", "bind_step"]
+__all__ = ["DeviceError", "OrtBackend", "bind_step"]
+
+
+class DeviceError(ExaoneDeployError, RuntimeError):
+    """The device asked for is not available in this onnxruntime (e.g. CUDA with the CPU-only package)."""
+
+
+# GroupQueryAttention's ``sliding_window_cache`` attribute (window-sized caches of sliding layers, the 'ort'
+# export's default) is accepted from onnxruntime 1.29 on; 1.22-1.28 refuse the graph with INVALID_GRAPH.
+WINDOW_CACHE_ORT = (1, 29)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits[:6]))
+    return tuple(parts)
+
+
+def required_ort(manifest: Manifest) -> tuple[int, ...] | None:
+    """The oldest onnxruntime that loads this bundle, where it needs more than the package's floor: window-sized
+    caches need ``sliding_window_cache`` (WINDOW_CACHE_ORT)."""
+    return WINDOW_CACHE_ORT if manifest.io.window_cache else None
+
+
+def check_ort_version(manifest: Manifest, version: str | None = None) -> None:
+    """Refuse (BundleError, naming the version to install) a bundle that this onnxruntime is too old to load,
+    before creating the session: rejected, letting onnxruntime fail with an INVALID_GRAPH message that names an
+    attribute and no version."""
+    version = version or ort.__version__
+    need = required_ort(manifest)
+    if need is not None and _version(version) < need:
+        want = ".".join(map(str, need))
+        raise BundleError(f"{manifest.root}: this bundle has window-sized KV caches, which need onnxruntime >= {want}"
+                          f" (installed: {version}): pip install -U 'onnxruntime>={want}'")
 
 _NP = {"float32": np.float32, "float16": np.float16}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -76,14 +114,26 @@ class OrtBackend(Backend):
         if provider is None:
             raise ValueError(f"unknown device {device!r} (choose from {', '.join(PROVIDERS)})")
         if provider not in ort.get_available_providers():
-            raise RuntimeError(f"{provider} is not available in this onnxruntime build "
-                               f"(available: {', '.join(ort.get_available_providers())})")
+            fix = (": pip uninstall onnxruntime && pip install onnxruntime-gpu (with a CUDA driver)"
+                   if device == "cuda" else "")
+            raise DeviceError(f"--device {device} needs {provider}, which this onnxruntime {ort.__version__} build "
+                              f"lacks (it has {', '.join(ort.get_available_providers())}){fix}")
         threads = threads or int(os.environ.get("EXAONE_DEPLOY_THREADS", "0")) or None
         if device == "cpu" and hugepage_env() is not None:
             log.info("weights will sit in 4 KiB pages: start Python with GLIBC_TUNABLES=%s for 2 MiB pages "
                      "(faster decode; the exaone-deploy command does it itself)", TUNABLE)
-        self.session = ort.InferenceSession(str(m.model_path), sess_options=session_options(threads),
-                                            providers=[provider])
+        check_ort_version(m)
+        log.info("bundle %s: target %s, %s, %d layers; creating the onnxruntime %s session on %s", m.root, m.target,
+                 m.dtype, m.spec.num_layers, ort.__version__, provider)
+        try:
+            self.session = ort.InferenceSession(str(m.model_path), sess_options=session_options(threads),
+                                                providers=[provider])
+        except (ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+                ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as e:
+            raise BundleError(f"{m.model_path}: onnxruntime {ort.__version__} cannot load this graph "
+                              f"({' '.join(str(e).split())[:300]}); a bundle exported by this version of "
+                              f"exaone-deploy may need a newer onnxruntime: pip install -U onnxruntime") from e
+        log.info("session ready")
         self.np_dtype = _NP.get(m.dtype, np.float16)
         self.ort_dtype = self.np_dtype if m.dtype != "bfloat16" else None
         self._caches: list[ort.OrtValue] = []
@@ -98,6 +148,8 @@ class OrtBackend(Backend):
         item = np.dtype(self.np_dtype).itemsize
         self._row_bytes = [int(np.prod(shape[1:])) * item for shape in shapes]
         self._decode_cache.clear()
+        log.info("KV cache: %d slots x %d tokens, %.1f MiB on %s", max_batch, max_seq_len,
+                 sum(int(np.prod(s)) for s in shapes) * item / 2**20, dev)
 
     def cache_bytes(self) -> int:
         return sum(self.max_batch * r for r in self._row_bytes)

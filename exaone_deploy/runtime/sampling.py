@@ -21,6 +21,9 @@ from .logprobs import MAX_TOP_LOGPROBS
 __all__ = ["SamplingParams", "Sampler", "SamplingError"]
 
 
+_FMAX = float(np.finfo(np.float32).max)
+
+
 class SamplingError(ExaoneDeployError, ValueError):
     pass
 
@@ -84,10 +87,14 @@ class Sampler:
             # transformers' RepetitionPenaltyLogitsProcessor: divide positive, multiply negative logits.
             idx = np.unique(np.asarray(seen, dtype=np.int64))
             vals = x[idx]
-            x[idx] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            with np.errstate(over="ignore", divide="ignore"):  # an extreme penalty overflows: clipped below
+                x[idx] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.greedy:
             return int(np.argmax(x))
-        x /= p.temperature
+        with np.errstate(over="ignore"):
+            x /= p.temperature
+        # A tiny repetition penalty or temperature can overflow float32: inf - inf would make every probability NaN.
+        np.clip(x, -_FMAX, _FMAX, out=x)
         if p.top_k and p.top_k < x.size:
             kth = np.partition(x, -p.top_k)[-p.top_k]
             x[x < kth] = -np.inf

@@ -188,13 +188,19 @@ class Scheduler:
         with self._cond:
             if self._stopping or self.error is not None or self._thread is None:
                 raise SchedulerClosed("the scheduler is not running")
-            if len(self._waiting) + len(requests) > self.max_queue:
-                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+            if len(requests) > self._room_locked():
+                raise QueueFull(f"no room for {len(requests)} more sequences ({self.max_batch} slots, "
+                                f"{len(self._waiting)} of {self.max_queue} queue places taken)")
             now = time.perf_counter()
             for req in requests:
                 req.state, req.t_submit = "waiting", now
                 self._waiting.append(req)
             self._cond.notify()
+
+    def _room_locked(self) -> int:
+        """Sequences that can be submitted now: free cache slots plus free queue places (waiting requests take the
+        free slots first). So ``max_queue=0`` still fills idle slots, and a group fits while slots are free."""
+        return len(self._free) + self.max_queue - len(self._waiting)
 
     def cancel(self, req: Request) -> None:
         """Drop a request (client gone): its slot is freed before the next model call."""

@@ -1,8 +1,7 @@
 """``python -m exaone_deploy.server BUNDLE_DIR [OPTIONS]``: the ``serve`` command without the CLI group."""
 
-import logging
-
+from ..commands.common import configure_logging
 from .command import serve_command
 
-logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+configure_logging(0)  # serve's own -v raises it
 serve_command()

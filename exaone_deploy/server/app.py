@@ -2,13 +2,15 @@
 
 Routes are thin: parse the body into a :mod:`.protocol` request model, hand it to :mod:`.serving`, return what
 that answers. Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (server-sent events when
-``stream``), ``GET /v1/models[/{id}]``, ``GET /health`` (200 while the scheduler runs, else 503, with its
-stats) and ``GET /metrics`` (Prometheus).
+``stream``), ``GET /v1/models[/{id}]``, ``GET /health`` (200 while the scheduler runs and the server is not
+shutting down, else 503, with its stats) and ``GET /metrics`` (Prometheus).
 
 Every error is OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): 400 for malformed JSON,
 wrong types, out-of-range values and prompts that do not fit the context, 401 without the API key (on
 ``/v1/*`` only), 404 for an unknown model or path, 413 for an oversized body, 429 when the queue is full, 500
-for a failed generation or a bug (logged with its traceback). Sampling defaults follow the OpenAI API
+for a failed generation or a bug (logged with its traceback), 503 while the server shuts down. Every 4xx is
+logged as one line (INFO: ``-v``), never with a traceback; a body that does not arrive within the body timeout is
+a 408. Sampling defaults follow the OpenAI API
 (temperature 1, top_p 1), overridden by the bundle's ``generation_config.json`` (as vLLM does).
 
 The :class:`Gate` is pure ASGI middleware (rejected: FastAPI dependencies, which run after the body has been
@@ -17,9 +19,11 @@ read, so they cannot bound it). The scheduler thread starts and stops with the a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
+import time
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -44,23 +48,33 @@ from .serving import ServingChat, ServingCompletion, ServingTokenization
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "Gate", "create_app"]
+__all__ = ["DEFAULT_BODY_TIMEOUT", "DEFAULT_MAX_BODY_BYTES", "Gate", "create_app"]
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds for a whole request body to arrive
 
 
 def error_response(e: APIError) -> JSONResponse:
+    """The response of an error; a client error (4xx) is logged here as one line (its text clipped and escaped:
+    it may quote what the client sent)."""
+    if e.status < 500:
+        text = e.message if len(e.message) <= 300 else e.message[:300] + "..."
+        log.info("client error %d %s: %s", e.status, e.code or e.type, text.encode("unicode_escape").decode())
     return JSONResponse(e.body().model_dump(), status_code=e.status, headers=e.headers)
 
 
 class Gate:
-    """Pure ASGI middleware: checks the API key on /v1/*, bounds request bodies, counts requests by status."""
+    """Pure ASGI middleware: checks the API key on /v1/*, bounds request bodies in size and in time (a client
+    that sends its body slower than ``body_timeout`` seconds in all gets a 408 and is dropped), counts requests by
+    status."""
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics: Metrics):
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics: Metrics,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT):
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.body_timeout = body_timeout
 
     def _authorized(self, scope) -> bool:
         for name, value in scope.get("headers", ()):
@@ -98,8 +112,10 @@ class Gate:
 
     async def _buffer_body(self, scope, receive, send):
         """Read the body (at most max_body_bytes) and return a receive that replays it, or None after a 413."""
-        too_large = error_response(APIError(413, f"The request body exceeds {self.max_body_bytes} bytes.",
-                                            code="request_too_large"))
+        def too_large(*args):
+            return error_response(APIError(413, f"The request body exceeds {self.max_body_bytes} bytes.",
+                                           code="request_too_large"))(*args)
+
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -110,8 +126,15 @@ class Gate:
                     await too_large(scope, receive, send)
                     return None
         chunks, size = [], 0
+        deadline = time.monotonic() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                err = APIError(408, f"The request body did not arrive within {self.body_timeout:g} s.",
+                               code="request_timeout", headers={"Connection": "close"})
+                await error_response(err)(scope, receive, send)
+                return None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
@@ -135,7 +158,7 @@ class Gate:
 
 
 def create_app(engine: AsyncEngine, *, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
     """The FastAPI app serving ``engine``, behind the :class:`Gate`."""
 
     @contextlib.asynccontextmanager
@@ -148,7 +171,8 @@ def create_app(engine: AsyncEngine, *, api_key: str | None = None,
 
     app = FastAPI(title="exaone-deploy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
-    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=engine.metrics)
+    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=engine.metrics,
+                       body_timeout=body_timeout)
     add_pooling_routes(app, engine, api_key=api_key)  # task-head bundles (before the LM routes: they take precedence)
     chat, completion = ServingChat(engine), ServingCompletion(engine)
 
@@ -181,7 +205,7 @@ def create_app(engine: AsyncEngine, *, api_key: str | None = None,
     @app.get("/health")
     async def health():
         stats = engine.stats()
-        ok = stats["alive"]
+        ok = stats["alive"] and not engine.draining  # draining (SIGTERM): load balancers should stop sending
         body = HealthResponse(status="ok" if ok else "unavailable", model=engine.model_name, **stats)
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 

@@ -63,6 +63,7 @@ class HeadEngine:
         self.created = int(time.time())
         self.metrics = Metrics()
         self.running = 0
+        self.draining = False  # SIGTERM (server/command.py): /health says 503, new requests are refused
         self.counters = {"requests": 0, "inputs": 0, "failed": 0}
         self._slots = asyncio.Semaphore(max_batch)
         self.metrics.bind(self.stats, max_batch)
@@ -79,12 +80,18 @@ class HeadEngine:
     async def stop(self) -> None:
         pass
 
+    def drain(self, grace: float) -> None:
+        """Stop admitting; requests in flight (one batched forward pass each) finish well within ``grace``."""
+        self.draining = True
+
     def stats(self) -> dict:
         return {"alive": True, "task": self.task, "queue_depth": 0, "running": self.running,
                 "slots_used": self.running, "max_batch": self.max_batch, **self.counters}
 
     async def run(self, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` on a worker thread, at most ``max_batch`` at once; project errors -> 400."""
+        if self.draining:
+            raise APIError(503, "server shutting down", code="unavailable")
         async with self._slots:
             self.running += 1
             try:

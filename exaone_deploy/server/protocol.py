@@ -112,14 +112,49 @@ def parse_request(body: bytes, model: type[BaseModel]) -> tuple[BaseModel, dict]
     order of tool definitions, which the chat template renders as sent)."""
     try:
         raw = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise APIError(400, "The request body nests JSON too deeply.", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer literal over Python's digit limit
         raise APIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(raw, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    _check_text(raw)
     try:
         return model.model_validate(raw), raw
     except ValidationError as e:
         raise _validation_error(e) from None
+
+
+MAX_JSON_DEPTH = 64  # deeper request bodies are refused (the chat template and pydantic recurse over them)
+
+
+def _check_text(raw: Any) -> None:
+    """Refuse what ``json.loads`` accepts but nothing downstream can use: a lone surrogate escape (``"\\ud800"``
+    gives a str that cannot be encoded as UTF-8: the tokenizer and the response would fail on it), and nesting
+    deeper than MAX_JSON_DEPTH. Iterative, so a hostile body cannot exhaust the stack here."""
+    stack = [(raw, 1, "body")]
+    while stack:
+        value, depth, where = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise APIError(400, f"{where}: a string contains a lone surrogate (\\ud800-\\udfff escape), "
+                                   "which is not text", param=None if where == "body" else where,
+                                   code="invalid_value") from None
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels.",
+                           code="invalid_json")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str):
+                stack.append((key, depth, where))
+            name = key.split(".")[0] if depth == 1 and isinstance(key, str) else where
+            stack.append((item, depth + 1, name))
 
 
 # --------------------------------------------------------------------------------------------------

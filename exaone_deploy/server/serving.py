@@ -44,7 +44,7 @@ from ..runtime.grammar import GrammarConstraint, GrammarError, opens_reasoning
 from ..runtime.logprobs import chat_logprobs, completion_logprobs, token_bytes
 from ..runtime.sampling import SamplingError, SamplingParams
 from ..text.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, StreamSplitter
-from .engine import AsyncEngine, Delta, Done, Generation, QueueFull, SchedulerClosed
+from .engine import AsyncEngine, Delta, Done, Generation, PromptTooLarge, QueueFull, SchedulerClosed
 from .protocol import (
     MAX_CHOICES,
     APIError,
@@ -311,8 +311,9 @@ async def _stream(fmt: Format, gen: Generation, include_usage: bool) -> AsyncIte
     try:
         async for choice in _pump(fmt, gen):
             yield _sse(fmt.chunk([choice]))
-    except APIError as e:  # the status line is gone: the error goes out as an event, without [DONE]
+    except APIError as e:  # the status line is gone: the error goes out as an event, then [DONE] (as vLLM)
         yield _sse(e.body())
+        yield _sse("[DONE]")
         return
     if include_usage:
         yield _sse(fmt.chunk([], usage=fmt.usage()))
@@ -478,7 +479,7 @@ class ServingChat(OpenAIServing):
                                param="tool_choice", code="invalid_value")
         if choice is not None:
             kwargs["tool_choice"] = raw["tool_choice"]
-        prompt, text = await asyncio.to_thread(self._render, self._messages(raw), tools, kwargs)
+        prompt, text = await self._render(self._messages(raw), tools, kwargs)
         reasoning = opens_reasoning(text)
         grammar = await asyncio.to_thread(self._grammar, raw.get("response_format"), tools, raw.get("tool_choice"),
                                           reasoning, body.parallel_tool_calls is not False)
@@ -541,14 +542,15 @@ class ServingChat(OpenAIServing):
         kwargs.setdefault("enable_thinking", False)
         return kwargs
 
-    def _render(self, messages: list[dict], tools: list[dict] | None, kwargs: dict[str, Any]) -> tuple[list[int], str]:
-        tokenizer = self.engine.tokenizer
+    async def _render(self, messages: list[dict], tools: list[dict] | None, kwargs: dict[str, Any]
+                      ) -> tuple[list[int], str]:
         try:  # ids from the template itself: control tokens spelled in client text stay text (tokenizer.py)
-            ids = tokenizer.apply_chat_template(messages, tools=tools, **kwargs)
+            return await self.engine.encode_chat(messages, tools, **kwargs)
+        except PromptTooLarge as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
         except Exception as e:  # noqa: BLE001 - jinja TemplateError / TypeError from the template
             raise APIError(400, f"cannot render the chat template: {e}", param="messages",
                            code="invalid_value") from None
-        return ids, tokenizer.decode(ids)
 
 
 def _reject_combinations(body: SamplingRequest) -> None:
@@ -578,7 +580,7 @@ class ServingCompletion(OpenAIServing):
         if len(batch) * body.n > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n",
                            code="invalid_value")
-        prompts = await asyncio.to_thread(lambda: [self._encode(x) for x in batch])
+        prompts = [await self._encode(x) for x in batch]
         flat, params, echo, chars = [], [], [], []
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
         # echo with logprobs scores the prompt (max_tokens 0: only that; without logprobs, nothing to score)
@@ -596,9 +598,12 @@ class ServingCompletion(OpenAIServing):
                                prompt_chars=chars)
         return await self.respond(request, body, fmt, gen)
 
-    def _encode(self, prompt: str | list[int]) -> list[int]:
+    async def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.engine.tokenizer.encode(prompt)
+            try:
+                ids = await self.engine.encode(prompt)
+            except PromptTooLarge as e:
+                raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
         else:
             ids = list(prompt)
             vocab = self.engine.vocab_size
@@ -623,12 +628,13 @@ class ServingTokenization(ServingChat):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt", code="invalid_value")
         if body.prompt is not None:
             add = True if body.add_special_tokens is None else body.add_special_tokens
+            self.engine.check_prompt_bytes(body.prompt)
             ids = await asyncio.to_thread(tokenizer.encode, body.prompt, add)
         else:
             kwargs = self._template_kwargs(body)
             kwargs["add_generation_prompt"] = body.add_generation_prompt
             tools = raw.get("tools") or None
-            ids, _ = await asyncio.to_thread(self._render, self._messages(raw), tools, kwargs)
+            ids, _ = await self._render(self._messages(raw), tools, kwargs)
             if body.add_special_tokens and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
                 ids = [tokenizer.bos_id] + ids
         strs = [tokenizer.id_to_token(t) or "" for t in ids] if body.return_token_strs else None
