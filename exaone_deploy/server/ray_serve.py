@@ -490,7 +490,7 @@ def serve_cli(bundle_dir, replicas: int, ray_address: str | None, *, host: str, 
         with socket.socket() as sock:
             sock.bind((host, 0))
             port = sock.getsockname()[1]
-    threads = max(1, (os.cpu_count() or 1) // replicas)
+    threads = int(os.environ.get("EXAONE_DEPLOY_THREADS") or 0) or max(1, (os.cpu_count() or 1) // replicas)
     args = {"bundle": str(bundle_dir), "replicas": replicas, "threads": threads, **options}
     name = options.get("served_model_name") or Path(bundle_dir).name
 
