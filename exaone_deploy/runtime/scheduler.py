@@ -39,8 +39,11 @@ from their exact end, so with them only rule 1 reuses anything; cutting such a r
 evicted keys. Rejected: recomputing the sliding layers' window for a partial match (a prefill of W tokens
 through every layer, since the graph has no sliding-only entry: it saves little over no reuse), and copying
 a cached row into an empty slot (no row copy in the backend API; rows are device memory under TensorRT).
-Reuse changes only which positions a prefill computes, not the arithmetic of a position, so the tokens are
-those of a run without reuse (tested, with a hybrid window model past its window).
+With reuse, a cached position's keys come from the earlier request's prefill chunks and decode steps instead
+of this prompt's own chunks: the same row-wise arithmetic in differently shaped matrix products, so the
+tokens are those of a run without reuse as long as those shapes round alike (they do on ONNX Runtime's CPU
+kernels: tested, greedy, on a global and a hybrid window model far past the window), the same assumption
+chunked prefill and batching already make.
 """
 
 from __future__ import annotations

@@ -329,6 +329,7 @@ class Ingress:
         args = (request.method, request.url.path, request.url.query.encode(), request.headers.raw, body)
         for attempt in range(RETRIES):
             gen = self.engine.options(stream=True).handle.remote(*args, affinity=key)
+            status, headers = 500, []
             try:
                 status, headers = await gen.__anext__()
                 if not dict(headers).get("content-type", "").startswith("text/event-stream"):
