@@ -129,7 +129,9 @@ class LlamaServer:
         cmd = [str(LLAMA_BIN / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                "-np", str(parallel), "-c", str(context * parallel), "--cont-batching", "--no-warmup",
                "-t", str(threads or os.cpu_count()), "-tb", str(threads or os.cpu_count())]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log = Path(gguf).with_suffix(".server.log")
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
@@ -140,7 +142,7 @@ class LlamaServer:
                 pass
             time.sleep(0.5)
         self.close()
-        raise RuntimeError(f"llama-server did not start: {' '.join(cmd)}")
+        raise RuntimeError(f"llama-server did not start: {' '.join(cmd)} (log: {self.log})")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -179,8 +181,8 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: 
             if "error" in event:
                 raise RuntimeError(event["error"]["message"])
             usage = event.get("usage") or usage
-            for choice in event.get("choices", ()):
-                if choice.get("token_ids") or choice.get("text"):
+            for choice in event.get("choices", ()):  # (llama-server: one token a chunk, maybe no text)
+                if choice.get("token_ids") or choice.get("text") or choice.get("finish_reason") is None:
                     stamps.append(time.perf_counter())
                     ids += choice.get("token_ids") or []
     t1 = time.perf_counter()
@@ -203,7 +205,10 @@ async def run_level(url: str, prompts: list[list[int]], concurrency: int, n_requ
                     i = todo.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                results[i] = await one_request(client, prompts[i % len(prompts)], max_tokens)
+                try:
+                    results[i] = await one_request(client, prompts[i % len(prompts)], max_tokens)
+                except httpx.RemoteProtocolError:  # a keep-alive connection the server had just closed
+                    results[i] = await one_request(client, prompts[i % len(prompts)], max_tokens)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))

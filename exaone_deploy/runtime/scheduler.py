@@ -33,7 +33,10 @@ given up least recently used first, only when no empty slot is free. Which slot 
    a row's length are never read and are overwritten in place);
 4. else the least recently used cached slot, emptied.
 
-At least the prompt's last token is always prefilled (its logits are the first token's). Window-sized caches
+At least the prompt's last ``MIN_PREFILL`` = 2 tokens are always prefilled: the last one's logits are the first
+token's, and two rows keep a prefill on the same kernels as a whole prompt's (ONNX Runtime's int4
+MatMulNBits takes another path for a single row, which rounds differently and was seen to flip a greedy
+token of an int4 1.2B-shaped bundle; fp32 kernels do not care). Window-sized caches
 (ort bundles of hybrid models: sliding layers keep only the last W keys, evicting on write) can only continue
 from their exact end, so with them only rule 1 reuses anything; cutting such a row back would need the
 evicted keys. Rejected: recomputing the sliding layers' window for a partial match (a prefill of W tokens
@@ -66,6 +69,8 @@ from .sampling import SamplingParams
 from ..text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+MIN_PREFILL = 2  # prompt tokens a prefix-cache hit still prefills (module docstring)
 
 __all__ = ["Scheduler", "Request", "Delta", "Done", "Failed", "QueueFull", "SchedulerClosed", "SchedulerObserver"]
 
@@ -306,7 +311,7 @@ class Scheduler:
         prompt = np.asarray(req.prompt_ids, dtype=np.int64)
         best, best_len, full = None, 0, False
         for slot, held in self._cached.items():
-            n = min(len(held), len(prompt) - 1)  # the prompt's last token is always prefilled
+            n = max(0, min(len(held), len(prompt) - MIN_PREFILL))
             common = int(np.argmin(np.append(held[:n] == prompt[:n], False)))  # common prefix length
             is_full = common == len(held)
             if (is_full, common) > (full, best_len) and (is_full or not self.backend.windowed):
