@@ -1,24 +1,31 @@
-"""Serving benchmark: aggregate throughput and latency of `exaone-deploy serve` at several concurrencies.
+"""Serving benchmark: ours vs llama.cpp's server at several concurrencies, multi-turn prefix reuse, Ray replicas.
 
-Starts the server on 127.0.0.1 (a subprocess, as in production), then for each concurrency C runs C client
-streams that each send requests back to back (greedy, fixed-length random-token prompts, ``ignore_eos`` so
-every request generates exactly ``--max-tokens`` tokens) and reports:
+One run measures, on the same model (a 1.2B-shaped random-weight checkpoint from ``make_tiny(..., "1.2b-full")``,
+``--layers`` of its 30 layers to fit a small machine), each of these *targets*:
 
-* ``tok/s``: completion tokens / wall time of the level (end to end: prefill, queueing and HTTP included),
-* ``decode tok/s``: tokens produced by batched decode steps / time spent in those steps (from the server's
-  Prometheus counters), i.e. the model's decode throughput at that batch size,
-* p50/p99 time to first token and total request latency,
-* whether every request's tokens equal those of the same prompt served at a lower concurrency (greedy answers
-  must not depend on what else shares the batch; token ids come back through the ``return_token_ids``
-  extension),
+* ``ours-fp32`` / ``ours-int4``: ``exaone-deploy serve`` (a subprocess, as in production) on an fp32 bundle and
+  its int4-rtn quantization,
+* ``llama-f32`` / ``llama-q4_0``: ``llama-server`` (continuous batching, ``-np`` = the largest concurrency
+  parallel slots) on the same checkpoint converted with llama.cpp's ``convert_hf_to_gguf.py`` (F32) and
+  ``llama-quantize`` (Q4_0): the same quantization classes,
+* ``ray1`` / ``ray2`` (``--ray``): ``serve --replicas 1|2`` on the fp32 bundle, one thread per replica,
 
-and the ratios of the throughputs to concurrency 1, all measured in this one run.
+at each ``--concurrency`` C: C client streams send requests back to back (greedy, random token-id prompts of
+``--prompt-len``, ``ignore_eos`` so every request makes ``--max-tokens`` tokens), reporting end-to-end tok/s
+(completion tokens / wall time: prefill, queueing and HTTP included), time to first token p50/p99,
+inter-token latency p50/p99 (gaps between streamed chunks) and, for ours, the decode-step throughput from
+the server's Prometheus counters; tok/s ratios are to concurrency 1 of the same target.
 
-Without ``--bundle`` it builds (once, cached under ``--workdir``) a full-size EXAONE-4.0-1.2B-shaped bundle:
-random weights from ``make_tiny(..., "1.2b-full")`` exported to an fp32 ONNX Runtime bundle.
+The multi-turn workload (``--conversations``, 0 to skip): conversations of ``--turns`` turns sharing one system
+prompt, each turn's prompt = the previous prompt + its completion (token ids, ``return_token_ids``) + new user
+tokens, run concurrently, on ours with and without prefix reuse (``--no-prefix-cache``): TTFT per turn.
 
-    python benchmarks/serve.py                      # 1.2B shape, concurrency 1, 4, 16
-    python benchmarks/serve.py --bundle B --concurrency 1,8 --max-tokens 32 --json
+llama.cpp is found in ``--llama-bin`` (``llama-server``, ``llama-quantize``) and ``--llama-src`` (its
+``convert_hf_to_gguf.py`` and ``gguf-py``); the tiny tokenizer's pre-tokenizer is unknown to the converter, so it
+is converted as EXAONE 4's (prompts are sent as token ids: llama.cpp never tokenizes text here).
+
+    python benchmarks/serve.py --layers 2 --concurrency 1,4,16 --requests 16 --max-tokens 16
+    python benchmarks/serve.py --bundle B --targets ours-fp32 --concurrency 1,8 --json
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,44 +48,117 @@ from exaone_deploy.server.launcher import ServerProcess
 
 log = logging.getLogger("benchmarks.serve")
 
+LLAMA_BIN = Path(os.environ.get("LLAMA_CPP_BIN", "/work/llama/build/bin"))
+LLAMA_SRC = Path(os.environ.get("LLAMA_CPP_SRC", "/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 
-# ---- the bundle -----------------------------------------------------------------------------------
 
-def build_default_bundle(workdir: Path, max_seq_len: int) -> Path:
-    """A full-size 1.2B-shaped fp32 ORT bundle with random weights (cached in workdir)."""
-    from exaone_deploy.bundle import load_manifest
+# ---- artifacts (cached in --workdir) ---------------------------------------------------------------
 
-    bundle = workdir / "exaone-4.0-1.2b-shape-ort-fp32"
-    try:
-        load_manifest(bundle, verify=False)
-        return bundle
-    except Exception:  # noqa: BLE001 - not there yet (or broken): rebuild
-        pass
+def _quiet() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from exaone_deploy.exporter.export import ExportOptions, export_bundle
-    from exaone_deploy.tiny.make import make_tiny
-
-    ckpt = workdir / "exaone-4.0-1.2b-shape"
-    if not (ckpt / "config.json").is_file():
-        print(f"writing a random-weight 1.2B-shaped checkpoint to {ckpt} ...", file=sys.stderr)
-        make_tiny(ckpt, "1.2b-full", seed=0)
-    print(f"exporting {ckpt} -> {bundle} (fp32, max_seq_len {max_seq_len}) ...", file=sys.stderr)
     for name in ("torch", "torch.onnx", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    export_bundle(ckpt, bundle, ExportOptions(target="ort", dtype="float32", max_seq_len=max_seq_len), force=True,
-                  progress=False)
-    return bundle
 
 
-# ---- the server -----------------------------------------------------------------------------------
+def checkpoint(workdir: Path, layers: int) -> Path:
+    from exaone_deploy.tiny.make import make_tiny
+
+    ckpt = workdir / f"exaone-4.0-1.2b-shape-{layers}l"
+    if not (ckpt / "config.json").is_file():
+        print(f"writing a random-weight 1.2B-shaped checkpoint ({layers} layers) to {ckpt} ...", file=sys.stderr)
+        make_tiny(ckpt, "1.2b-full", seed=0, num_layers=layers)
+    return ckpt
+
+
+def _cached_bundle(path: Path, make) -> Path:
+    from exaone_deploy.bundle import load_manifest
+
+    try:
+        load_manifest(path, verify=False)
+        return path
+    except Exception:  # noqa: BLE001 - not there yet (or broken): rebuild
+        print(f"building {path} ...", file=sys.stderr)
+        _quiet()
+        make()
+        return path
+
+
+def our_bundles(ckpt: Path, workdir: Path, max_seq_len: int) -> dict[str, Path]:
+    """{"fp32": bundle, "int4": bundle} (int4-rtn of the fp32 bundle: MatMulNBits, block 32)."""
+    from exaone_deploy import api
+
+    fp32 = workdir / f"{ckpt.name}-ort-fp32"
+    int4 = workdir / f"{ckpt.name}-ort-int4"
+    _cached_bundle(fp32, lambda: api.export(ckpt, fp32, target="ort", dtype="float32", max_seq_len=max_seq_len,
+                                           force=True))
+    _cached_bundle(int4, lambda: api.quantize(fp32, int4, "int4-rtn", force=True))
+    return {"fp32": fp32, "int4": int4}
+
+
+def gguf_files(ckpt: Path, workdir: Path) -> dict[str, Path]:
+    """{"f32": GGUF, "q4_0": GGUF} of the checkpoint, by llama.cpp's own converter and quantizer."""
+    f32, q4 = workdir / f"{ckpt.name}-f32.gguf", workdir / f"{ckpt.name}-q4_0.gguf"
+    if not f32.is_file():
+        # the tiny tokenizer's pre-tokenizer hash is unknown to the converter: convert it as EXAONE 4's
+        shim = ("import sys, runpy; sys.argv = sys.argv[1:]; import conversion.base as b; "
+                "b.TextModel.get_vocab_base_pre = lambda self, tok: 'exaone4'; "
+                "runpy.run_path(sys.argv[0], run_name='__main__')")
+        env = dict(os.environ, PYTHONPATH=f"{LLAMA_SRC}:{LLAMA_SRC / 'gguf-py'}")
+        subprocess.run([sys.executable, "-c", shim, str(LLAMA_SRC / "convert_hf_to_gguf.py"), str(ckpt),
+                        "--outfile", str(f32), "--outtype", "f32"], check=True, env=env, cwd=LLAMA_SRC,
+                       stdout=subprocess.DEVNULL)
+    if not q4.is_file():
+        subprocess.run([str(LLAMA_BIN / "llama-quantize"), str(f32), str(q4), "Q4_0"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return {"f32": f32, "q4_0": q4}
+
+
+# ---- servers ----------------------------------------------------------------------------------------
+
+class LlamaServer:
+    """``llama-server`` on 127.0.0.1 (continuous batching, ``parallel`` slots of ``context`` tokens each)."""
+
+    def __init__(self, gguf: Path, parallel: int, context: int, threads: int | None, timeout: float = 600):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [str(LLAMA_BIN / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+               "-np", str(parallel), "-c", str(context * parallel), "--cont-batching", "--no-warmup",
+               "-t", str(threads or os.cpu_count()), "-tb", str(threads or os.cpu_count())]
+        self.log = Path(gguf).with_suffix(".server.log")
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.close()
+        raise RuntimeError(f"llama-server did not start: {' '.join(cmd)} (log: {self.log})")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
 
 def scrape(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     out = {}
     for name in ("exaone_decode_step_seconds_sum", "exaone_decode_batch_size_sum", "exaone_decode_batch_size_count"):
-        m = re.search(rf"^{name} (\S+)$", text, re.M)
+        m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
         out[name] = float(m.group(1)) if m else 0.0
     return out
 
@@ -85,10 +166,11 @@ def scrape(url: str) -> dict[str, float]:
 # ---- the clients ----------------------------------------------------------------------------------
 
 async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> dict:
+    """One streamed greedy completion of token-id ``prompt``: ttft, chunk gaps (ITL), tokens, token ids (ours)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "return_token_ids": True}
+            "return_token_ids": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    t_first, ids = None, []
+    stamps, ids, usage = [], [], None
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
@@ -98,12 +180,15 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: 
             event = json.loads(line[6:])
             if "error" in event:
                 raise RuntimeError(event["error"]["message"])
-            for choice in event.get("choices", ()):
-                if choice.get("token_ids"):
-                    t_first = t_first or time.perf_counter()
-                    ids += choice["token_ids"]
+            usage = event.get("usage") or usage
+            for choice in event.get("choices", ()):  # (llama-server: one token a chunk, maybe no text)
+                if choice.get("token_ids") or choice.get("text") or choice.get("finish_reason") is None:
+                    stamps.append(time.perf_counter())
+                    ids += choice.get("token_ids") or []
     t1 = time.perf_counter()
-    return {"ttft": (t_first or t1) - t0, "latency": t1 - t0, "tokens": len(ids), "token_ids": ids}
+    tokens = (usage or {}).get("completion_tokens") or len(ids) or len(stamps)
+    return {"ttft": (stamps[0] if stamps else t1) - t0, "latency": t1 - t0, "tokens": tokens, "token_ids": ids,
+            "itl": np.diff(stamps).tolist()}
 
 
 async def run_level(url: str, prompts: list[list[int]], concurrency: int, n_requests: int, max_tokens: int):
@@ -120,7 +205,10 @@ async def run_level(url: str, prompts: list[list[int]], concurrency: int, n_requ
                     i = todo.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                results[i] = await one_request(client, prompts[i % len(prompts)], max_tokens)
+                try:
+                    results[i] = await one_request(client, prompts[i % len(prompts)], max_tokens)
+                except httpx.RemoteProtocolError:  # a keep-alive connection the server had just closed
+                    results[i] = await one_request(client, prompts[i % len(prompts)], max_tokens)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -128,99 +216,176 @@ async def run_level(url: str, prompts: list[list[int]], concurrency: int, n_requ
     return [results[i] for i in range(n_requests)], wall
 
 
+async def run_conversations(url: str, system: list[int], n_conv: int, turns: int, user_len: int,
+                            max_tokens: int, seed: int = 1) -> list[list[float]]:
+    """``n_conv`` concurrent conversations; returns each turn's TTFT, per conversation."""
+    rng = np.random.default_rng(seed)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(3600.0)) as client:
+
+        async def conversation(c: int) -> list[float]:
+            prompt, ttfts = list(system), []
+            for _ in range(turns):
+                prompt += rng.integers(100, 2000, size=user_len).tolist()
+                r = await one_request(client, prompt, max_tokens)
+                ttfts.append(r["ttft"])
+                prompt += r["token_ids"]
+            return ttfts
+
+        return await asyncio.gather(*(conversation(c) for c in range(n_conv)))
+
+
 def percentile(values, q):
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+    return float(np.percentile(np.asarray(values), q)) if len(values) else float("nan")
+
+
+def measure(url: str, prompts, levels, requests, max_tokens, ours: bool) -> list[dict]:
+    asyncio.run(run_level(url, prompts, 1, 1, 2))  # warm-up (session, allocator)
+    rows, reference = [], {}
+    for c in levels:
+        n = requests or max(3, 2 * c)
+        before = scrape(url) if ours else {}
+        results, wall = asyncio.run(run_level(url, prompts, c, n, max_tokens))
+        after = scrape(url) if ours else {}
+        step_s = after.get("exaone_decode_step_seconds_sum", 0) - before.get("exaone_decode_step_seconds_sum", 0)
+        step_tokens = after.get("exaone_decode_batch_size_sum", 0) - before.get("exaone_decode_batch_size_sum", 0)
+        steps = after.get("exaone_decode_batch_size_count", 0) - before.get("exaone_decode_batch_size_count", 0)
+        same = None
+        for i, r in enumerate(results):
+            key = i % len(prompts)
+            if not r["token_ids"]:
+                continue
+            if key not in reference:
+                reference[key] = (c, r["token_ids"])
+            elif reference[key][0] != c:
+                same = (same is not False) and r["token_ids"] == reference[key][1]
+        tokens = sum(r["tokens"] for r in results)
+        itl = [x for r in results for x in r["itl"]]
+        rows.append({
+            "concurrency": c, "requests": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "decode_tokens_per_s": step_tokens / step_s if step_s else None,
+            "mean_decode_batch": step_tokens / steps if steps else None,
+            "ttft_p50_s": percentile([r["ttft"] for r in results], 50),
+            "ttft_p99_s": percentile([r["ttft"] for r in results], 99),
+            "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
+            "same_as_lower_concurrency": same,
+        })
+        print(f"  concurrency {c}: {tokens} tokens in {wall:.1f} s", file=sys.stderr)
+    for r in rows:
+        r["tokens_per_s_vs_1"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return rows
+
+
+def print_rows(name: str, rows: list[dict]) -> None:
+    print(f"\n{name}")
+    head = (f"{'conc':>4} {'reqs':>4} {'tok/s':>7} {'x':>5} {'decode tok/s':>12} {'batch':>5} "
+            f"{'ttft p50':>8} {'ttft p99':>8} {'itl p50':>8} {'itl p99':>8} {'same':>4}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        same = "-" if r["same_as_lower_concurrency"] is None else "yes" if r["same_as_lower_concurrency"] else "NO"
+        dec = f"{r['decode_tokens_per_s']:.2f}" if r["decode_tokens_per_s"] else "-"
+        batch = f"{r['mean_decode_batch']:.1f}" if r["mean_decode_batch"] else "-"
+        print(f"{r['concurrency']:>4} {r['requests']:>4} {r['tokens_per_s']:>7.2f} {r['tokens_per_s_vs_1']:>5.2f} "
+              f"{dec:>12} {batch:>5} {r['ttft_p50_s']:>7.2f}s {r['ttft_p99_s']:>7.2f}s "
+              f"{r['itl_p50_s'] * 1000:>6.0f}ms {r['itl_p99_s'] * 1000:>6.0f}ms {same:>4}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", type=Path, default=None, help="An existing bundle (default: build the 1.2B shape).")
+    ap.add_argument("--bundle", type=Path, default=None, help="Serve this bundle only (target ours-fp32).")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/exaone-deploy-bench"))
-    ap.add_argument("--concurrency", default="1,4,16", help="Comma-separated client concurrencies.")
+    ap.add_argument("--layers", type=int, default=30, help="Layers of the 1.2B shape (30: the real depth).")
+    ap.add_argument("--targets", default="ours-fp32,ours-int4,llama-f32,llama-q4_0",
+                    help="Comma-separated: ours-fp32, ours-int4, llama-f32, llama-q4_0.")
+    ap.add_argument("--concurrency", default="1,4,16,32", help="Comma-separated client concurrencies.")
     ap.add_argument("--requests", type=int, default=None,
                     help="Requests per level (default: 2 x concurrency, at least 3).")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--context", type=int, default=256, help="Tokens per cache slot on the server.")
-    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
-    ap.add_argument("--json", action="store_true", help="Print one JSON object instead of the table.")
+    ap.add_argument("--threads", type=int, default=None, help="Threads of each server (default: all cores).")
+    ap.add_argument("--conversations", type=int, default=4, help="Multi-turn workload: conversations (0: skip).")
+    ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--system-len", type=int, default=256, help="Shared system prompt tokens.")
+    ap.add_argument("--ray", default="", help="Replica counts to compare through Ray Serve, e.g. 1,2 (fp32).")
+    ap.add_argument("--json", action="store_true", help="Print one JSON object instead of the tables.")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.prompt_len + args.max_tokens > args.context:
         ap.error("--prompt-len + --max-tokens must fit --context")
+    targets = ["ours-fp32"] if args.bundle else [t for t in args.targets.split(",") if t]
+    args.workdir.mkdir(parents=True, exist_ok=True)
 
-    bundle = args.bundle or build_default_bundle(args.workdir, max_seq_len=max(args.context, 2048))
-    from exaone_deploy.bundle import load_manifest
-
-    manifest = load_manifest(bundle, verify=False)
-    vocab = manifest.spec.vocab_size
+    ckpt = None if args.bundle else checkpoint(args.workdir, args.layers)
+    multi_ctx = args.system_len + args.turns * (32 + args.max_tokens) + 64
+    bundles = {"fp32": args.bundle} if args.bundle else our_bundles(ckpt, args.workdir, max(args.context, multi_ctx))
+    ggufs = gguf_files(ckpt, args.workdir) if any(t.startswith("llama") for t in targets) else {}
     rng = np.random.default_rng(0)
-    n_prompts = max(levels) * 2
-    # random ids in the lower half of the vocabulary (plain tokens of the tiny tokenizer and of EXAONE's)
-    prompts = [rng.integers(100, min(vocab, 2000), size=args.prompt_len).tolist() for _ in range(n_prompts)]
+    prompts = [rng.integers(100, 2000, size=args.prompt_len).tolist() for _ in range(max(levels) * 2)]
+    if args.threads:
+        os.environ["EXAONE_DEPLOY_THREADS"] = str(args.threads)
+    common = ["--no-verify", "--max-batch", str(max(levels)), "--context", str(args.context),
+              "--max-queue", str(4 * max(levels)), "--prefill-chunk", str(max(args.prompt_len, 64))]
+    report: dict = {"layers": args.layers, "cpu_count": os.cpu_count(), "threads": args.threads,
+                    "max_tokens": args.max_tokens, "prompt_len": args.prompt_len, "targets": {}}
 
-    env_threads = {"EXAONE_DEPLOY_THREADS": str(args.threads)} if args.threads else {}
-    os.environ.update(env_threads)
-    server = ServerProcess(bundle, "--no-verify", "--max-batch", str(max(levels)), "--context", str(args.context),
-                    "--max-queue", str(4 * max(levels)), "--prefill-chunk", str(max(args.prompt_len, 64)))
-    rows, reference = [], {}
-    try:
-        asyncio.run(run_level(server.url, prompts, 1, 1, 2))  # warm-up (session, allocator)
-        for c in levels:
-            n = args.requests or max(3, 2 * c)
-            before = scrape(server.url)
-            results, wall = asyncio.run(run_level(server.url, prompts, c, n, args.max_tokens))
-            after = scrape(server.url)
-            step_s = after["exaone_decode_step_seconds_sum"] - before["exaone_decode_step_seconds_sum"]
-            step_tokens = after["exaone_decode_batch_size_sum"] - before["exaone_decode_batch_size_sum"]
-            steps = after["exaone_decode_batch_size_count"] - before["exaone_decode_batch_size_count"]
-            same = None
-            for i, r in enumerate(results):
-                key = i % len(prompts)
-                if key not in reference:
-                    reference[key] = (c, r["token_ids"])
-                elif reference[key][0] != c:
-                    same = (same is not False) and r["token_ids"] == reference[key][1]
-            tokens = sum(r["tokens"] for r in results)
-            rows.append({
-                "concurrency": c, "requests": n, "tokens": tokens, "wall_s": wall,
-                "tokens_per_s": tokens / wall,
-                "decode_tokens_per_s": step_tokens / step_s if step_s else 0.0,
-                "mean_decode_batch": step_tokens / steps if steps else 0.0,
-                "ttft_p50_s": percentile([r["ttft"] for r in results], 50),
-                "ttft_p99_s": percentile([r["ttft"] for r in results], 99),
-                "latency_p50_s": percentile([r["latency"] for r in results], 50),
-                "latency_p99_s": percentile([r["latency"] for r in results], 99),
-                "same_as_lower_concurrency": same,
-            })
-            print(f"concurrency {c}: {tokens} tokens in {wall:.1f} s", file=sys.stderr)
-    finally:
-        server.close()
+    for target in targets:
+        print(f"{target} ...", file=sys.stderr)
+        kind, q = target.split("-", 1)
+        if kind == "ours":
+            server = ServerProcess(bundles[q], *common)
+        else:
+            server = LlamaServer(ggufs[q], max(levels), args.context, args.threads)
+        try:
+            report["targets"][target] = measure(server.url, prompts, levels, args.requests, args.max_tokens,
+                                                kind == "ours")
+        finally:
+            server.close()
 
-    base = rows[0]
-    for r in rows:
-        r["tokens_per_s_vs_first"] = r["tokens_per_s"] / base["tokens_per_s"]
-        r["decode_tokens_per_s_vs_first"] = (r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-                                             if base["decode_tokens_per_s"] else 0.0)
-    report = {"bundle": str(bundle), "model": manifest.spec.to_json() if hasattr(manifest.spec, "to_json") else None,
-              "dtype": manifest.dtype, "max_tokens": args.max_tokens, "prompt_len": args.prompt_len,
-              "context": args.context, "cpu_count": os.cpu_count(), "levels": rows}
+    for replicas in [int(r) for r in args.ray.split(",") if r]:
+        name = f"ray{replicas}-fp32"
+        print(f"{name} ...", file=sys.stderr)
+        os.environ["EXAONE_DEPLOY_THREADS"] = "1"  # one thread per replica
+        server = ServerProcess(bundles["fp32"], "--replicas", str(replicas), *common, timeout=600)
+        try:
+            report["targets"][name] = measure(server.url, prompts, levels, args.requests, args.max_tokens, False)
+        finally:
+            server.close()
+            if args.threads:
+                os.environ["EXAONE_DEPLOY_THREADS"] = str(args.threads)
+            else:
+                os.environ.pop("EXAONE_DEPLOY_THREADS", None)
+
+    if args.conversations:
+        system = rng.integers(100, 2000, size=args.system_len).tolist()
+        report["multi_turn"] = {}
+        for label, extra in (("reuse", []), ("no-reuse", ["--no-prefix-cache"])):
+            print(f"multi-turn, {label} ...", file=sys.stderr)
+            server = ServerProcess(bundles["fp32"], "--no-verify", "--max-batch", str(args.conversations),
+                                   "--context", str(multi_ctx), "--prefill-chunk", "512", *extra)
+            try:
+                asyncio.run(run_level(server.url, prompts, 1, 1, 2))
+                ttfts = asyncio.run(run_conversations(server.url, system, args.conversations, args.turns, 32,
+                                                      args.max_tokens))
+                health = httpx.get(server.url + "/health").json()
+            finally:
+                server.close()
+            per_turn = np.median(np.asarray(ttfts), axis=0).tolist()
+            report["multi_turn"][label] = {"ttft_median_per_turn_s": per_turn,
+                                           "turn_last_over_first": per_turn[-1] / per_turn[0],
+                                           "prefix_tokens_reused": health.get("prefix_tokens_reused")}
+
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    s = manifest.spec
-    print(f"bundle {bundle} ({manifest.dtype}; {s.num_layers} layers, hidden {s.hidden_size}, vocab {s.vocab_size}); "
-          f"prompt {args.prompt_len} tokens, {args.max_tokens} new tokens per request, {os.cpu_count()} CPUs")
-    head = (f"{'conc':>4} {'reqs':>4} {'tok/s':>7} {'x':>5} {'decode tok/s':>12} {'x':>5} {'batch':>5} "
-            f"{'ttft p50':>8} {'ttft p99':>8} {'lat p50':>8} {'lat p99':>8} {'same':>4}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        same = "-" if r["same_as_lower_concurrency"] is None else "yes" if r["same_as_lower_concurrency"] else "NO"
-        print(f"{r['concurrency']:>4} {r['requests']:>4} {r['tokens_per_s']:>7.2f} {r['tokens_per_s_vs_first']:>5.2f} "
-              f"{r['decode_tokens_per_s']:>12.2f} {r['decode_tokens_per_s_vs_first']:>5.2f} "
-              f"{r['mean_decode_batch']:>5.1f} {r['ttft_p50_s']:>7.2f}s {r['ttft_p99_s']:>7.2f}s "
-              f"{r['latency_p50_s']:>7.2f}s {r['latency_p99_s']:>7.2f}s {same:>4}")
+    print(f"1.2B shape, {args.layers} layers; prompt {args.prompt_len} tokens, {args.max_tokens} new tokens per "
+          f"request; {os.cpu_count()} CPUs, threads {args.threads or 'all'}")
+    for name, rows in report["targets"].items():
+        print_rows(name, rows)
+    for label, m in report.get("multi_turn", {}).items():
+        turns = " ".join(f"{t * 1000:.0f}" for t in m["ttft_median_per_turn_s"])
+        print(f"\nmulti-turn {label}: TTFT per turn (ms, median of {args.conversations} conversations): {turns}; "
+              f"last/first {m['turn_last_over_first']:.2f}; prefix tokens reused {m['prefix_tokens_reused']}")
     return 0
 
 

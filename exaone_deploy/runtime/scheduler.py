@@ -24,6 +24,36 @@ row-wise), and chunk boundaries depend only on the prompt's length.
 The scheduler knows nothing about HTTP or asyncio: a request reports through its ``emit`` callable, called on
 the scheduler thread with :class:`Delta`, :class:`Done` or :class:`Failed` events (the server forwards them to
 an asyncio queue with ``loop.call_soon_threadsafe``).
+
+Prefix cache (``prefix_cache=True``, the default). A request that finishes (or is cancelled) leaves its slot's
+cache in place: the slot becomes *cached*, remembering the token ids it holds (the prompt and every completion
+token fed back to the model; the last sampled token never is). Admission looks for a cached slot whose
+tokens the new prompt starts with, takes it, and prefills only the rest (``backend.extend``): the multi-turn
+case, where the previous prompt plus its completion is a prefix of the next turn's prompt. Cached slots are
+given up least recently used first, only when no empty slot is free. Which slot a prompt gets:
+
+1. a cached slot whose whole sequence is a prefix of the prompt (the longest such), extended in place;
+2. else the lowest empty slot (a cached sequence is worth more to its own continuation than a partial
+   match is to this prompt);
+3. else, with full-length caches only, the cached slot sharing the longest common prefix with the prompt,
+   cut back to that prefix (``backend.lengths``: a full-length cache row holds every position, and keys past
+   a row's length are never read and are overwritten in place);
+4. else the least recently used cached slot, emptied.
+
+At least the prompt's last ``MIN_PREFILL`` = 2 tokens are always prefilled: the last one's logits are the first
+token's, and two rows keep a prefill on the same kernels as a whole prompt's (ONNX Runtime's int4
+MatMulNBits takes another path for a single row, which rounds differently and was seen to flip a greedy
+token of an int4 1.2B-shaped bundle; fp32 kernels do not care). Window-sized caches
+(ort bundles of hybrid models: sliding layers keep only the last W keys, evicting on write) can only continue
+from their exact end, so with them only rule 1 reuses anything; cutting such a row back would need the
+evicted keys. Rejected: recomputing the sliding layers' window for a partial match (a prefill of W tokens
+through every layer, since the graph has no sliding-only entry: it saves little over no reuse), and copying
+a cached row into an empty slot (no row copy in the backend API; rows are device memory under TensorRT).
+With reuse, a cached position's keys come from the earlier request's prefill chunks and decode steps instead
+of this prompt's own chunks: the same row-wise arithmetic in differently shaped matrix products, so the
+tokens are those of a run without reuse as long as those shapes round alike (they do on ONNX Runtime's CPU
+kernels: tested, greedy, on a global and a hybrid window model far past the window), the same assumption
+chunked prefill and batching already make.
 """
 
 from __future__ import annotations
@@ -33,7 +63,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +77,8 @@ from .logprobs import TokenLogprob
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+MIN_PREFILL = 2  # prompt tokens a prefix-cache hit still prefills (module docstring)
 
 __all__ = ["Scheduler", "Request", "Delta", "Done", "Failed", "QueueFull", "SchedulerClosed", "SchedulerObserver"]
 
@@ -99,6 +131,7 @@ class Request:
         self.slot: int | None = None
         self.row: RowState | None = None
         self.prefilled = 0  # prompt tokens already in the cache
+        self.reused = 0  # of which found in the prefix cache
         self.next_token: int | None = None  # sampled, not yet fed to the model
         self.finish_reason: str | None = None
         self.t_submit = self.t_admit = self.t_first = self.t_done = 0.0
@@ -124,12 +157,16 @@ class SchedulerObserver:
 
     def on_decode(self, batch: int, seconds: float) -> None: ...
 
+    def on_prefix(self, req: Request) -> None:
+        """Admitted with a prefix-cache lookup: ``req.reused`` prompt tokens came from the cache (0: a miss)."""
+
 
 class Scheduler:
     """Runs requests on a backend's cache slots with continuous batching, in a dedicated thread."""
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer, *, eos_ids: Sequence[int] | None = None,
-                 max_queue: int = 256, prefill_chunk: int = 512, observer: SchedulerObserver | None = None):
+                 max_queue: int = 256, prefill_chunk: int = 512, observer: SchedulerObserver | None = None,
+                 prefix_cache: bool = True):
         if max_queue < 0 or prefill_chunk < 1:
             raise ValueError(f"max_queue must be >= 0 and prefill_chunk >= 1, got {max_queue}, {prefill_chunk}")
         self.backend = backend
@@ -143,6 +180,9 @@ class Scheduler:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # admitted: holding a slot (prefill or decode)
         self._free = list(range(self.max_batch))  # a heap: lowest slot first
+        self.prefix_cache = prefix_cache
+        self._cached: OrderedDict[int, np.ndarray] = OrderedDict()  # slot -> token ids it holds, LRU first
+        self.prefix_lookups = self.prefix_hits = self.prefix_tokens_reused = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -215,14 +255,21 @@ class Scheduler:
             running = list(self._running)
             waiting = len(self._waiting)
             free = len(self._free)
+            cached = sum(len(t) for t in self._cached.values())
+            cached_slots = len(self._cached)
         return {
             "slots_total": self.max_batch,
-            "slots_used": self.max_batch - free,
+            "slots_used": self.max_batch - free - cached_slots,  # held by running requests
             "queue_depth": waiting,
             "queue_max": self.max_queue,
             "running": len(running),
             "decoding": sum(r.state == "decode" for r in running),
-            "cache_tokens": int(np.sum(self.backend.lengths)),  # tokens held in the KV cache, all slots
+            "cache_tokens": int(np.sum(self.backend.lengths)) - cached,  # tokens of running requests in the cache
+            "prefix_cached_slots": cached_slots,
+            "prefix_cached_tokens": cached,
+            "prefix_lookups": self.prefix_lookups,
+            "prefix_hits": self.prefix_hits,
+            "prefix_tokens_reused": self.prefix_tokens_reused,
             "context": self.context,
             "steps": self.steps,
             "finished": self.finished,
@@ -247,6 +294,8 @@ class Scheduler:
                     self.observer.on_finish(req)
                 for req in admitted:
                     self.observer.on_admit(req)
+                    if self.prefix_cache:
+                        self.observer.on_prefix(req)
                 self._step()
         except BaseException as e:  # noqa: BLE001 - reported to every request and to /health
             log.exception("scheduler thread crashed")
@@ -265,13 +314,38 @@ class Scheduler:
         admitted, dropped = [], [r for r in self._waiting if r.cancelled]
         if dropped:
             self._waiting = deque(r for r in self._waiting if not r.cancelled)
-        while self._waiting and self._free:
+        while self._waiting and (self._free or self._cached):
             req = self._waiting.popleft()
-            req.slot = heapq.heappop(self._free)
+            req.slot = self._take_slot_locked(req)
             req.state, req.t_admit = "prefill", time.perf_counter()
             self._running.append(req)
             admitted.append(req)
         return admitted, dropped
+
+    def _take_slot_locked(self, req: Request) -> int:
+        """A slot for ``req`` by the rules of the module docstring; sets ``req.prefilled = req.reused``."""
+        prompt = np.asarray(req.prompt_ids, dtype=np.int64)
+        best, best_len, full = None, 0, False
+        for slot, held in self._cached.items():
+            n = max(0, min(len(held), len(prompt) - MIN_PREFILL))
+            common = int(np.argmin(np.append(held[:n] == prompt[:n], False)))  # common prefix length
+            is_full = common == len(held)
+            if (is_full, common) > (full, best_len) and (is_full or not self.backend.windowed):
+                best, best_len, full = slot, common, is_full
+        if self.prefix_cache:
+            self.prefix_lookups += 1
+        if best is not None and best_len and (full or not self._free):
+            del self._cached[best]
+            self.backend.lengths[best] = best_len  # a no-op for a full match; a cut for a partial one
+            req.prefilled = req.reused = best_len
+            self.prefix_hits += 1
+            self.prefix_tokens_reused += best_len
+            return best
+        if self._free:
+            return heapq.heappop(self._free)
+        slot, _ = self._cached.popitem(last=False)  # the least recently used
+        self.backend.release(slot)
+        return slot
 
     def _step(self) -> None:
         for req in [r for r in self._running if r.cancelled]:
@@ -375,17 +449,25 @@ class Scheduler:
             log.debug("could not deliver an event for %r; cancelling it", req, exc_info=True)
             req.cancelled = True
 
-    def _release(self, req: Request) -> None:
+    def _release(self, req: Request, keep: bool = False) -> None:
+        """Give the slot back: emptied, or (``keep``, with the prefix cache on) cached with the tokens it holds."""
         if req.slot is not None:
-            self.backend.release(req.slot)
+            held = int(self.backend.lengths[req.slot])
+            seq = req.prompt_ids + (req.row.result.token_ids if req.row else [])
+            keep = keep and self.prefix_cache and 0 < held <= len(seq)
+            if not keep:
+                self.backend.release(req.slot)
             with self._cond:
                 if req in self._running:
                     self._running.remove(req)
-                heapq.heappush(self._free, req.slot)
+                if keep:
+                    self._cached[req.slot] = np.asarray(seq[:held], dtype=np.int64)
+                else:
+                    heapq.heappush(self._free, req.slot)
             req.slot = None
 
     def _finish(self, req: Request, reason: str) -> None:
-        self._release(req)
+        self._release(req, keep=True)
         req.state, req.finish_reason, req.t_done = "finished", reason, time.perf_counter()
         if reason == "cancelled":
             self.cancelled += 1

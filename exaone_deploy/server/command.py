@@ -127,11 +127,27 @@ def _is_head_bundle(bundle_dir: Path) -> bool:
 @click.option("--access-log", is_flag=True, help="Log every HTTP request.")
 @click.option("-v", "--verbose", count=True, help="More logging (as exaone-deploy -v): -v stages and client errors.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files at startup.")
+# -- scale-out (server/ray_serve.py, docs/scale.md) --
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="Serve N engine replicas with Ray Serve (needs the 'scale' extra) instead of one process.")
+@click.option("--ray-address", default=None, help="Ray cluster to deploy on (default: a local one on 127.0.0.1).")
+@click.option("--no-prefix-cache", is_flag=True, help="Re-prefill every prompt (no reuse of cached prefixes).")
+# --
 def serve_command(bundle_dir: Path, host: str, port: int, max_batch: int, max_queue: int, context: int | None,
                   prefill_chunk: int, api_key: str | None, served_model_name: str | None, max_body_bytes: int,
                   device: str, header_timeout: float, body_timeout: float, keep_alive_timeout: float,
-                  shutdown_grace: float, access_log: bool, verbose: int, no_verify: bool) -> None:
+                  shutdown_grace: float, access_log: bool, verbose: int, no_verify: bool, replicas: int | None,
+                  ray_address: str | None, no_prefix_cache: bool) -> None:
     """Serve BUNDLE_DIR over an OpenAI-compatible HTTP API with continuous batching."""
+    if replicas:  # -- scale-out: Ray Serve --
+        try:
+            from .ray_serve import serve_cli
+        except ImportError as e:
+            raise click.ClickException(f"--replicas needs Ray Serve: pip install 'exaone-deploy[scale]' ({e})") from e
+        return serve_cli(bundle_dir, replicas, ray_address, host=host, port=port, api_key=api_key,
+                         max_batch=max_batch, max_queue=max_queue, context=context, prefill_chunk=prefill_chunk,
+                         served_model_name=served_model_name, max_body_bytes=max_body_bytes, device=device,
+                         verify=not no_verify, prefix_cache=not no_prefix_cache)
     if verbose:
         from ..commands.common import configure_logging
 
@@ -154,7 +170,7 @@ def serve_command(bundle_dir: Path, host: str, port: int, max_batch: int, max_qu
         else:
             engine = AsyncEngine.from_bundle(bundle_dir, max_batch=max_batch, context=context, max_queue=max_queue,
                                              prefill_chunk=prefill_chunk, model_name=served_model_name,
-                                             device=device, verify=not no_verify)
+                                             device=device, verify=not no_verify, prefix_cache=not no_prefix_cache)
     except (BundleError, ContextLengthError, ExaoneDeployError, FileNotFoundError, ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e
     app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout)

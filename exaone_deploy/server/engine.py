@@ -147,12 +147,12 @@ class AsyncEngine:
     """Tokenizer + scheduler thread + metrics, and the served model's name and sampling defaults."""
 
     def __init__(self, backend, tokenizer: Tokenizer, *, model_name: str, max_queue: int = 256,
-                 prefill_chunk: int = 512, defaults: dict[str, Any] | None = None):
+                 prefill_chunk: int = 512, defaults: dict[str, Any] | None = None, prefix_cache: bool = True):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.metrics = Metrics()
         self.scheduler = Scheduler(backend, tokenizer, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                                   observer=self.metrics)
+                                   observer=self.metrics, prefix_cache=prefix_cache)
         self.metrics.bind(self.scheduler.stats, self.scheduler.max_batch)
         self.max_seq_len = self.scheduler.context  # tokens per sequence: prompt + completion
         self.max_batch = self.scheduler.max_batch
@@ -169,7 +169,7 @@ class AsyncEngine:
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, *, max_batch: int = 8, context: int | None = None,
                     max_queue: int = 256, prefill_chunk: int = 512, model_name: str | None = None,
-                    device: str = "cpu", verify: bool = True) -> AsyncEngine:
+                    device: str = "cpu", verify: bool = True, prefix_cache: bool = True) -> AsyncEngine:
         manifest = load_manifest(bundle_dir, verify=verify)
         check_memory(manifest, max_batch, manifest.io.default_context(context), device)
         backend = open_backend(manifest, device=device, max_batch=max_batch,
@@ -183,7 +183,7 @@ class AsyncEngine:
                 raise ValueError(f"{gen_config}: cannot read ({e})") from None
             defaults = {k: cfg[k] for k in SAMPLING_DEFAULTS if isinstance(cfg.get(k), (int, float))}
         return cls(backend, Tokenizer.from_dir(manifest.root), model_name=model_name or Path(manifest.root).name,
-                   max_queue=max_queue, prefill_chunk=prefill_chunk, defaults=defaults)
+                   max_queue=max_queue, prefill_chunk=prefill_chunk, defaults=defaults, prefix_cache=prefix_cache)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:

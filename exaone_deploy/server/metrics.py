@@ -51,6 +51,18 @@ class Metrics(SchedulerObserver):
         self.running = Gauge("exaone_running_requests", "Requests holding a cache slot", registry=r)
         self.slots_used = Gauge("exaone_cache_slots_used", "KV-cache slots in use", registry=r)
         self.slots_total = Gauge("exaone_cache_slots_total", "KV-cache slots", registry=r)
+        # prefix cache (scheduler docstring): lookups, hits, prompt tokens taken from the cache, token hit rate
+        self.prefix_lookups = Counter("exaone_prefix_cache_queries", "Admissions that looked up the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("exaone_prefix_cache_hits", "Admissions that reused a cached prefix", registry=r)
+        self.prefix_reused = Counter("exaone_prefix_cache_reused_tokens", "Prompt tokens taken from the prefix "
+                                     "cache instead of prefilled", registry=r)
+        self.prefix_prompt = Counter("exaone_prefix_cache_prompt_tokens", "Prompt tokens of those admissions",
+                                     registry=r)
+        self.prefix_hit_rate = Gauge("exaone_prefix_cache_hit_rate", "Reused / prompt tokens of admissions so far",
+                                     registry=r)
+        self.prefix_hit_rate.set_function(
+            lambda: self.prefix_reused._value.get() / max(1.0, self.prefix_prompt._value.get()))
 
     def bind(self, stats: Callable[[], dict], slots_total: int) -> None:
         """Read the gauges from ``stats()`` (the scheduler's, with ``queue_depth``, ``running``, ``slots_used``)
@@ -85,6 +97,13 @@ class Metrics(SchedulerObserver):
 
     def on_prefill(self, tokens: int, seconds: float) -> None:
         self.prefill_time.observe(seconds)
+
+    def on_prefix(self, req: Request) -> None:
+        self.prefix_lookups.inc()
+        self.prefix_prompt.inc(len(req.prompt_ids))
+        if req.reused:
+            self.prefix_hits.inc()
+            self.prefix_reused.inc(req.reused)
 
     def on_decode(self, batch: int, seconds: float) -> None:
         self.decode_step.observe(seconds)
