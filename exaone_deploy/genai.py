@@ -12,7 +12,7 @@ its model builder (``src/python/py/models/builders/base.py``) and its runtime (`
   a GroupQueryAttention graph derives ``seqlens_k = ReduceSum(mask) - 1`` (int32) and
   ``total_sequence_length = Shape(mask)[1]`` (int32) inside the graph
   (``make_attention_mask_reformatting_for_gqa``);
-* caches ``past_key_values.%d.key/value`` -> ``present.%d.key/value`` (names are templates in
+* caches: our past/present names as ``%d`` templates (``GraphIO.past_name("%d", kv)``; names are templates in
   ``genai_config.json``), bound to one buffer when ``search.past_present_share_buffer`` is true
   (``kv_cache.cpp``: full layers get ``max_length`` positions, the layers listed in
   ``decoder.sliding_window.layers`` get ``window_size + cache_slack`` positions, the slack being 16 on CPU and 0
@@ -186,11 +186,11 @@ def genai_config(spec: ModelSpec, *, max_seq_len: int, window_cache: bool, filen
         "num_key_value_heads": spec.num_kv_heads,
         "num_hidden_layers": spec.num_layers,
         "inputs": {"input_ids": "input_ids", ATTENTION_MASK: ATTENTION_MASK,
-                   "past_key_names": GraphIO.past_name(0, "key").replace(".0.", ".%d."),
-                   "past_value_names": GraphIO.past_name(0, "value").replace(".0.", ".%d.")},
+                   "past_key_names": GraphIO.past_name("%d", "key"),
+                   "past_value_names": GraphIO.past_name("%d", "value")},
         "outputs": {"logits": "logits",
-                    "present_key_names": GraphIO.present_name(0, "key").replace(".0.", ".%d."),
-                    "present_value_names": GraphIO.present_name(0, "value").replace(".0.", ".%d.")},
+                    "present_key_names": GraphIO.present_name("%d", "key"),
+                    "present_value_names": GraphIO.present_name("%d", "value")},
     }
     sliding = [layer for layer in spec.layers if layer.sliding]
     if window_cache and sliding:

@@ -46,11 +46,11 @@ class GraphIO:
 
     # ---- names ----------------------------------------------------------------------------------
     @staticmethod
-    def past_name(layer: int, kv: str) -> str:
-        return f"{_PAST}.{layer}.{kv}"
+    def past_name(layer: int | str, kv: str) -> str:
+        return f"{_PAST}.{layer}.{kv}"  # layer "%d": the template genai_config.json takes
 
     @staticmethod
-    def present_name(layer: int, kv: str) -> str:
+    def present_name(layer: int | str, kv: str) -> str:
         return f"{_PRESENT}.{layer}.{kv}"
 
     def cache_pairs(self) -> Iterator[tuple[int, str, str, str]]:
