@@ -2,7 +2,8 @@
 
 exaone-deploy make-tiny OUT_DIR [--preset 1.2b|32b|1.2b-full|32b-full] [--seed N] [--num-layers N] [--dtype D]
 exaone-deploy inspect MODEL_DIR [--json]
-exaone-deploy export MODEL_DIR -o BUNDLE_DIR [--target ort|trt] [--dtype D] [--max-seq-len N] [--force]
+exaone-deploy export MODEL_DIR -o BUNDLE_DIR [--target ort|trt] [--dtype D] [--max-seq-len N] [--kv-cache float|int8]
+                     [--force]
 exaone-deploy verify BUNDLE_DIR --reference MODEL_DIR [--steps N] [--prompt-len N] [--json]
 """
 
@@ -73,10 +74,14 @@ def inspect_command(model_dir: str, as_json: bool) -> None:
     default=None,
     help="Longest context the bundle supports (default: the config's max_position_embeddings).",
 )
+@click.option("--kv-cache", type=click.Choice(["float", "int8"]), default="float", show_default=True,
+              help="float: the bundle dtype; int8 (ort): quantized cache, a quarter of float32's bytes, with static "
+              "scales from the weights (quantize --kv-cache int8 calibrates them).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True)
 def export_command(
-    model_dir: str, out_dir: Path, target: str, dtype: str, max_seq_len: int | None, force: bool, no_progress: bool
+    model_dir: str, out_dir: Path, target: str, dtype: str, max_seq_len: int | None, force: bool, no_progress: bool,
+    kv_cache: str = "float",
 ) -> None:
     """Export MODEL_DIR ('tiny' for the bundled model) into a self-contained bundle."""
     quiet_export_tooling()
@@ -86,7 +91,7 @@ def export_command(
     path = export_bundle(
         model_dir,
         out_dir,
-        ExportOptions(target=target, dtype=dtype, max_seq_len=max_seq_len),
+        ExportOptions(target=target, dtype=dtype, max_seq_len=max_seq_len, kv_cache=kv_cache),
         force=force,
         progress=not no_progress,
     )

@@ -1,6 +1,7 @@
 """Quantization verbs: ``quantize``, ``eval-ppl``, ``sensitivity``.
 
-exaone-deploy quantize MODEL_DIR -o BUNDLE_DIR --scheme int8-sq|fp8|int4-awq|int4-rtn --calib-data FILE ...
+exaone-deploy quantize MODEL_DIR -o BUNDLE_DIR --scheme int8-sq|fp8|int4-awq|int4-rtn --calib-data FILE
+                       [--kv-cache float|int8] ...
 exaone-deploy eval-ppl (BUNDLE_DIR | MODEL_DIR) --data FILE [--seq-len L] [--max-tokens N] [--json]
 exaone-deploy sensitivity MODEL_DIR --scheme S --calib-data FILE --data FILE [--json]
 """
@@ -100,6 +101,7 @@ def _options(kw: dict):
         method=kw["method"],
         percentile=kw["percentile"],
         max_seq_len=kw["max_seq_len"],
+        kv_cache=kw.get("kv_cache", "float"),
     )
 
 
@@ -107,6 +109,8 @@ def _options(kw: dict):
 @click.argument("model_dir")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
 @_calibration_options
+@click.option("--kv-cache", type=click.Choice(["float", "int8"]), default="float", show_default=True,
+              help="int8 (ort): INT8 KV cache with per-channel scales calibrated on the quantized graph.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the quantization record as JSON.")
