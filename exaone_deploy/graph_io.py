@@ -13,6 +13,11 @@ The step contract (docs/bundle.md) is four inputs besides the caches:
 * ``total_sequence_length`` () int32: max over rows of ``seqlens_k + 1``;
 * ``logits_index`` (batch, logits_len) int64: positions of the chunk whose logits are returned.
 
+The KV cache holds ``dtype`` elements, or int8 with ``kv_cache="int8"`` (ONNX Runtime's GroupQueryAttention
+quantizes K and V per channel on write and dequantizes on read; the per-layer scales are the initializers named
+by ``kv_scale_name``, shape ``kv_scale_shape``). ``cache_bytes`` / ``manifest_io`` report what a cache costs per
+token and at 4k, 16k and the longest context.
+
 Alternatives rejected: optimum's ``OnnxConfig`` subclass hierarchy (one model family, one contract: a frozen
 dataclass is enough), and keeping the names in the manifest only (the exporter and the lowering need them before
 a manifest exists).
@@ -20,14 +25,17 @@ a manifest exists).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
+from .errors import InputError
 from .spec import ModelSpec
 
-__all__ = ["GraphIO", "HeadIO", "graph_io_of", "DEFAULT_CONTEXT", "STEP_INPUTS", "HEAD_INPUTS", "KV"]
+__all__ = ["GraphIO", "HeadIO", "graph_io_of", "DEFAULT_CONTEXT", "STEP_INPUTS", "HEAD_INPUTS", "KV", "KV_CACHE_TYPES",
+           "KV_QUANT_TYPE", "REPORT_CONTEXTS"]
 
 DEFAULT_CONTEXT = 4096  # runtime cache capacity when none is asked for (capped by the bundle's max_seq_len)
 STEP_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "logits_index")
@@ -35,6 +43,10 @@ LOGITS = "logits"
 KV = ("key", "value")
 _PAST, _PRESENT = "past_key_values", "present"
 RUNTIME_CACHE_LEN = "cache_len"  # symbolic cache length of full-length (runtime-sized) caches
+_KV_SCALE = "kv_scale"
+KV_CACHE_TYPES = ("float", "int8")  # float: the bundle dtype; int8: quantized per channel by the attention op
+KV_QUANT_TYPE = "PER_CHANNEL"  # GroupQueryAttention k_quant_type / v_quant_type of an int8 cache
+REPORT_CONTEXTS = (4096, 16384)  # context lengths whose cache bytes the manifest lists (besides max_seq_len)
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,12 @@ class GraphIO:
     dtype: str = "float32"
     max_seq_len: int = 0
     window_cache: bool = False  # sliding layers hold window-sized caches (ort target)
+    kv_cache: str = "float"  # KV_CACHE_TYPES
+    kv_scales: str = ""  # int8 cache: where the scales came from (recorded in the manifest)
+
+    def __post_init__(self):
+        if self.kv_cache not in KV_CACHE_TYPES:
+            raise InputError(f"unknown KV cache type {self.kv_cache!r} (choose from {', '.join(KV_CACHE_TYPES)})")
 
     # ---- names ----------------------------------------------------------------------------------
     @staticmethod
@@ -66,6 +84,11 @@ class GraphIO:
     @property
     def output_names(self) -> list[str]:
         return [LOGITS, *(q for _, _, _, q in self.cache_pairs())]
+
+    @staticmethod
+    def kv_scale_name(layer: int, kv: str) -> str:
+        """The initializer holding the int8 cache scale of layer ``layer``'s K or V (``kv`` in ``KV``)."""
+        return f"{_KV_SCALE}.{layer}.{kv}"
 
     @staticmethod
     def cache_layer(name: str) -> int | None:
@@ -111,6 +134,25 @@ class GraphIO:
     def cache_shape(self, layer: int, batch: int, capacity: int) -> tuple[int, int, int, int]:
         s = self.spec
         return (batch, s.num_kv_heads, self.cache_len(layer, capacity), s.head_dim)
+
+    @property
+    def cache_dtype(self) -> str:
+        """The element type of the cache buffers: ``int8`` for a quantized cache, else the bundle dtype."""
+        return "int8" if self.kv_cache == "int8" else self.dtype
+
+    @property
+    def kv_scale_shape(self) -> tuple[int, int, int, int]:
+        """Per-channel scales broadcast over (batch, kv_heads, cache_len, head_dim): one per KV channel."""
+        return (1, self.spec.num_kv_heads, 1, self.spec.head_dim)
+
+    @property
+    def cache_bytes_per_token(self) -> int:
+        """Cache bytes one token adds (K and V of every layer; sliding layers stop growing at their window)."""
+        return self.spec.kv_cache_bytes(1, bytes_per_elem=self.cache_dtype)
+
+    def cache_bytes(self, context: int, batch: int = 1) -> int:
+        """Bytes of all cache buffers holding ``context`` tokens per row (window-sized where this bundle is)."""
+        return self.spec.kv_cache_bytes(context, batch, self.cache_dtype, windowed=self.window_cache)
 
     def cache_shapes(self, batch: int, capacity: int) -> list[tuple[int, int, int, int]]:
         """The shape of every cache tensor over ``batch`` rows, in ``cache_pairs`` order (K then V per layer)."""
@@ -197,7 +239,7 @@ class GraphIO:
     # ---- manifest -------------------------------------------------------------------------------
     def manifest_io(self) -> dict[str, Any]:
         """The manifest's ``io`` section (docs/bundle.md)."""
-        s, dtype = self.spec, self.dtype
+        s, dtype = self.spec, self.cache_dtype
         kv = ["batch", s.num_kv_heads, RUNTIME_CACHE_LEN, s.head_dim]
         return {
             "inputs": [
@@ -215,19 +257,36 @@ class GraphIO:
                 {"name": f"{_PRESENT}.{{i}}.key|value", "dtype": dtype, "shape": kv,
                  "doc": "the past buffers updated in place (bind the same memory)"},
             ],
-            "cache": {"layout": "BNSH", "dtype": dtype, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
-                      "max_len": self.max_seq_len, "in_place": True, "window_cache": self.window_cache,
-                      "per_layer_len": self.cache_lengths},
+            "cache": self._manifest_cache(),
         }
 
+    def _manifest_cache(self) -> dict[str, Any]:
+        s = self.spec
+        contexts = sorted({c for c in REPORT_CONTEXTS if c < self.max_seq_len} | {self.max_seq_len})
+        cache = {"layout": "BNSH", "dtype": self.cache_dtype, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
+                 "max_len": self.max_seq_len, "in_place": True, "window_cache": self.window_cache,
+                 "per_layer_len": self.cache_lengths, "bytes_per_token": self.cache_bytes_per_token,
+                 "bytes": {str(c): self.cache_bytes(c) for c in contexts}}
+        if self.kv_cache == "int8":
+            cache["quant"] = {"type": KV_QUANT_TYPE, "bit_width": 8, "scales": self.kv_scales,
+                              "scale_inputs": f"{_KV_SCALE}.{{i}}.key|value", "scale_shape": list(self.kv_scale_shape)}
+        return cache
+
     @classmethod
-    def from_manifest_data(cls, spec: ModelSpec, data: dict[str, Any]) -> "GraphIO":
+    def from_manifest_data(cls, spec: ModelSpec, data: dict[str, Any]) -> GraphIO:
         cache = data.get("io", {}).get("cache", {})
+        cache_dtype = cache.get("dtype", data["dtype"])  # manifests before int8 caches: the bundle dtype
+        if cache_dtype not in (data["dtype"], "int8"):
+            raise InputError(f"manifest field 'io.cache.dtype': expected {data['dtype']!r} or 'int8', "
+                             f"got {cache_dtype!r}")
+        quant = cache.get("quant") if isinstance(cache.get("quant"), dict) else {}
         return cls(spec, dtype=data["dtype"], max_seq_len=int(data["max_seq_len"]),
-                   window_cache=bool(cache.get("window_cache")))
+                   window_cache=bool(cache.get("window_cache")), kv_cache="int8" if cache_dtype == "int8" else "float",
+                   kv_scales=str(quant.get("scales", "")))
 
     def profile_summary(self, profile: dict[str, Any]) -> dict[str, Any]:
-        """A profile as recorded in an engine manifest: the step inputs, and the caches once as ``past_key_values.*``."""
+        """A profile as recorded in an engine manifest: the step inputs, and the caches once as
+        ``past_key_values.*``."""
         summary = {k: v for k, v in profile.items() if not self.is_cache(k)}
         summary[f"{_PAST}.*"] = profile[self.past_name(0, KV[0])]
         return summary
@@ -315,8 +374,10 @@ class HeadIO(GraphIO):
         return cls(spec, dtype=data["dtype"], max_seq_len=int(data["max_seq_len"]))
 
 
-def graph_io_of(spec: ModelSpec, dtype: str, max_seq_len: int, window_cache: bool = False) -> GraphIO:
-    """The I/O contract of a graph of ``spec``: a :class:`HeadIO` for a task head, else the decoder's."""
+def graph_io_of(spec: ModelSpec, dtype: str, max_seq_len: int, window_cache: bool = False, kv_cache: str = "float",
+                kv_scales: str = "") -> GraphIO:
+    """The I/O contract of a graph of ``spec``: a :class:`HeadIO` for a task head (no KV cache), else the
+    decoder's."""
     if not spec.head.is_lm:
         return HeadIO(spec, dtype, max_seq_len)
-    return GraphIO(spec, dtype, max_seq_len, window_cache)
+    return GraphIO(spec, dtype, max_seq_len, window_cache, kv_cache=kv_cache, kv_scales=kv_scales)

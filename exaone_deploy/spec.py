@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TASKS", "ConfigError", "HeadSpec", "LayerSpec", "ModelSpec", "RopeSpec", "load_spec"]
+__all__ = ["TASKS", "CACHE_ELEM_BYTES", "ConfigError", "HeadSpec", "LayerSpec", "ModelSpec", "RopeSpec", "load_spec"]
 from .errors import ExaoneDeployError
+
+CACHE_ELEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}  # KV-cache element sizes by dtype
 
 
 SUPPORTED_MODEL_TYPES = ("exaone4",)
@@ -178,8 +180,16 @@ class ModelSpec:
             return total + self.head.num_labels * (d + int(self.head.bias))
         return total + (0 if self.tie_word_embeddings else v * d)
 
-    def kv_cache_bytes(self, context: int, batch: int = 1, bytes_per_elem: int = 2, windowed: bool = True) -> int:
-        """Bytes of K and V caches for `context` tokens; sliding layers hold only `window` if windowed."""
+    def kv_cache_bytes(self, context: int, batch: int = 1, bytes_per_elem: int | str = 2, windowed: bool = True
+                       ) -> int:
+        """Bytes of K and V caches for `context` tokens; sliding layers hold only `window` if windowed.
+
+        ``bytes_per_elem``: the cache element size in bytes, or a cache dtype name (``CACHE_ELEM_BYTES``: float32 4,
+        float16/bfloat16 2, int8 1)."""
+        if isinstance(bytes_per_elem, str):
+            if bytes_per_elem not in CACHE_ELEM_BYTES:
+                raise ValueError(f"unknown cache dtype {bytes_per_elem!r} (choose from {', '.join(CACHE_ELEM_BYTES)})")
+            bytes_per_elem = CACHE_ELEM_BYTES[bytes_per_elem]
         total = 0
         for layer in self.layers:
             length = min(context, layer.window) if (windowed and layer.sliding) else context
@@ -351,7 +361,8 @@ def _parse_head(cfg: dict, path) -> HeadSpec:
         raise ConfigError(path, "architectures", f"expected a list of one class name, got {archs!r}")
     task = TASKS.get(archs[0])
     if task is None:
-        raise ConfigError(path, "architectures", f"unsupported architecture {archs[0]!r} (supported: {', '.join(TASKS)})")
+        raise ConfigError(path, "architectures",
+                          f"unsupported architecture {archs[0]!r} (supported: {', '.join(TASKS)})")
     pad = cfg.get("pad_token_id")
     if task in ("causal-lm", "question-answering"):
         return HeadSpec(task, pad_token_id=pad, bias=task == "question-answering")

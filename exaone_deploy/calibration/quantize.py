@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -25,12 +26,14 @@ from .. import bundle as bundle_mod
 from ..checkpoint import resolve_model_dir
 from ..errors import ExaoneDeployError
 from ..exporter import writer
-from ..exporter.export import CANONICAL_FILE, ExportOptions, export_bundle, graph_io
+from ..exporter.export import CANONICAL_FILE, ExportOptions, check_kv_cache, export_bundle, graph_io
+from ..graph_io import GraphIO
 from ..spec import load_spec
+from ..text.corpus import CalibrationSet, calibration_samples
 from ..text.tokenizer import Tokenizer
+from . import kvcache
 from . import numerics as nq
 from . import stats as stats_mod
-from ..text.corpus import CalibrationSet, calibration_samples
 from .graph import InputGroup, find_linears, input_groups, resolve_keep_float
 from .rewrite import SCHEMES, GroupPlan, Plan, apply_plan, fold_target
 
@@ -66,6 +69,7 @@ class QuantOptions:
     awq_tokens: int = 512  # tokens the AWQ scale search evaluates (the clip search uses all of them)
     max_seq_len: int | None = None
     lm_head: str = "same"  # int4 schemes: "same" = INT4 head; "int8" = 8-bit head (llama.cpp keeps it at Q6_K)
+    kv_cache: str = "float"  # "int8": INT8 KV cache, scales calibrated on the quantized graph (kvcache.py)
 
     def validate(self) -> None:
         if self.scheme not in SCHEMES:
@@ -85,12 +89,14 @@ class QuantOptions:
             raise QuantizeError(f"--alpha must be in [0, 1], got {self.alpha}")
         if not 0.0 < self.percentile <= 100.0:
             raise QuantizeError(f"--percentile must be in (0, 100], got {self.percentile}")
+        check_kv_cache(self.kv_cache, self.target, QuantizeError)
         if self.calib_data is None and self.needs_calibration:
-            raise QuantizeError(f"scheme {self.scheme} needs --calib-data")
+            raise QuantizeError(f"scheme {self.scheme} needs --calib-data" if self.scheme != "int4-rtn" else
+                                "--kv-cache int8 needs --calib-data (the cache scales are calibrated)")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.scheme != "int4-rtn"
+        return self.scheme != "int4-rtn" or self.kv_cache == "int8"
 
 
 @dataclass
@@ -226,6 +232,11 @@ def write_quantized_bundle(source: Source, plan: Plan, options: QuantOptions, ou
     names = {lin.name for lin in linears}
     include = (names - keep) if include is None else (include & names) - keep
     summary = apply_plan(model, plan, options.target, include, quantize=not smooth_only)
+    src_manifest = bundle_mod.load_manifest(source.bundle, verify=False)
+    io = graph_io(source.spec, ExportOptions(options.target, "float32", kv_cache=options.kv_cache),
+                  max_seq_len=src_manifest.max_seq_len)
+    if options.kv_cache == "int8":
+        io = _calibrate_kv_cache(source, model, io, calib)
     model.doc_string = f"EXAONE 4 canonical graph, {options.scheme} quantized for {options.target} by exaone-deploy"
     info = {
         "scheme": options.scheme,
@@ -238,15 +249,28 @@ def write_quantized_bundle(source: Source, plan: Plan, options: QuantOptions, ou
         "calibration": calib.describe() if calib is not None else None,
         "keep_float": sorted(names - include),
         "quantized": len(summary),
+        "kv_cache": options.kv_cache,
         "layers": summary,
         **(extra_info or {}),
     }
     # The same contract and lowering as an export of the source for this target (fusions included).
-    src_manifest = bundle_mod.load_manifest(source.bundle, verify=False)
-    io = graph_io(source.spec, ExportOptions(options.target, "float32"), max_seq_len=src_manifest.max_seq_len)
     writer.write_into(out_tmp, model, io, options.target, source_dir=source.model_dir,
                       tokenizer_dirs=(source.bundle, source.model_dir), extra={"quantization": info}, check=check)
     return info
+
+
+def _calibrate_kv_cache(source: Source, model: ir.Model, io: GraphIO, calib: CalibrationSet | None) -> GraphIO:
+    """Per-channel K/V ranges of the rewritten (quantized) graph over the calibration samples -> the INT8 cache
+    scales as initializers of ``model``; returns ``io`` with their source recorded."""
+    if calib is None:
+        raise QuantizeError("--kv-cache int8 needs calibration samples (--calib-data)")
+    cm = stats_mod.CalibrationModel(source.bundle, source.spec, canonical=model, linears=False, kv_cache=True)
+    amax = stats_mod.collect_kv(cm, calib.tokens)
+    del cm
+    kvcache.add_scale_initializers(model, io, amax)
+    d = calib.describe()
+    return dataclasses.replace(io, kv_scales=f"calibrated: per-channel max |k| (after RoPE) and |v| of the quantized "
+                                             f"graph over {d['samples']} x {d['seq_len']} tokens of {d['file']}")
 
 
 def quantize(model_dir: str | Path, out_dir: str | Path, options: QuantOptions, *, force: bool = False,

@@ -5,6 +5,10 @@ added as an extra graph output; the calibration samples run through it as prompt
 stream into per-group accumulators. No torch is involved, the numbers come from the exact graph we ship (the
 same kernels, the same attention op), and memory stays at one batch of activations.
 
+With ``kv_cache=True`` the key and value inputs of every attention op are tapped too (``collect_kv``: the
+per-channel ranges of the INT8 KV cache's scales, kvcache.py); given an in-memory ``canonical`` graph (the
+quantized one about to ship, its float weights still in the bundle's external data), that graph is run instead.
+
 Pass 1 gathers per-channel max |x| and mean |x| (SmoothQuant, AWQ), plus, for AWQ, a strided subsample of the
 tokens (the scale search) and per-block Gram matrices over all tokens (the clip search). Pass 2, needed only
 for the percentile and entropy methods, histograms |x / s| of the smoothed activation over the range pass 1
@@ -14,16 +18,16 @@ found.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
 from ..exporter import lower
-from ..graph_io import GraphIO, HeadIO
+from ..graph_io import KV, GraphIO, HeadIO
 from ..runtime.ort_backend import bind_step
 from ..spec import ModelSpec
 from .graph import InputGroup, find_linears, input_groups
@@ -31,7 +35,9 @@ from .numerics import HIST_BINS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GroupStats", "CalibrationModel"]
+__all__ = ["GroupStats", "CalibrationModel", "collect_kv"]
+
+KV_TAP = "kv:"  # prefix of the attention key/value taps among CalibrationModel.outputs
 
 
 @dataclass
@@ -63,11 +69,17 @@ class CalibrationModel:
     """The fp32 bundle's graph, lowered for ONNX Runtime, with the linear inputs as extra outputs."""
 
     def __init__(self, bundle_dir: Path, spec: ModelSpec, canonical_file: str = "canonical.onnx",
-                 threads: int | None = None):
+                 threads: int | None = None, *, canonical: ir.Model | None = None, linears: bool = True,
+                 kv_cache: bool = False):
+        """``canonical``: run this graph (left unchanged) instead of the bundle's; ``linears``: tap the linear
+        inputs (``collect``); ``kv_cache``: tap the attention ops' key and value inputs (``collect_kv``)."""
         self.spec = spec
         self.io = GraphIO(spec)  # float32, full-length caches (lowered without window caches)
-        model = ir.load(Path(bundle_dir) / canonical_file)
-        self.groups: list[InputGroup] = input_groups(find_linears(model.graph))
+        if canonical is not None:  # a copy: lowering rewrites the graph in place
+            model = ir.serde.deserialize_model(ir.serde.serialize_model(canonical))
+        else:
+            model = ir.load(Path(bundle_dir) / canonical_file)
+        self.groups: list[InputGroup] = input_groups(find_linears(model.graph)) if linears else []
         model = lower.lower(model, spec, "ort", fuse_linears=False)  # each linear keeps its own MatMul to tap
         by_name = {g.input.name: g for g in input_groups(find_linears(model.graph))}
         self.outputs: dict[str, str] = {}  # group name -> value name in the lowered graph
@@ -78,6 +90,16 @@ class CalibrationModel:
             if lowered.input not in model.graph.outputs:
                 model.graph.outputs.append(lowered.input)
             self.outputs[g.name] = lowered.input.name
+        self.kv_taps: dict[str, tuple[int, str, bool]] = {}  # tap name -> (layer, "key"|"value", rotary)
+        for node in (n for n in model.graph if kv_cache and n.op_type == "GroupQueryAttention"):
+            layer = self.io.cache_layer(node.inputs[3].name)
+            rotary = bool(node.attributes["do_rotary"].value) if "do_rotary" in node.attributes else False
+            for kv, value in zip(KV, node.inputs[1:3]):
+                if value not in model.graph.outputs:
+                    model.graph.outputs.append(value)
+                name = f"{KV_TAP}{layer}.{kv}"
+                self.outputs[name] = value.name
+                self.kv_taps[name] = (layer, kv, rotary)
         # Weights stay in the bundle's external data file; only the graph is serialised.
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -129,7 +151,9 @@ def collect(model: CalibrationModel, tokens: np.ndarray, *, awq_block: int | Non
     seen = {name: 0 for name in stats}
 
     def fn(name: str, x: np.ndarray) -> None:
-        st = stats[name]
+        st = stats.get(name)  # None: a KV-cache tap (collect_kv)
+        if st is None:
+            return
         a = np.abs(x)
         np.maximum(st.absmax, a.max(axis=0), out=st.absmax)
         st.sumabs += a.sum(axis=0, dtype=np.float64)
@@ -156,7 +180,9 @@ def collect_histograms(model: CalibrationModel, tokens: np.ndarray, stats: dict[
         st.hist = np.zeros(HIST_BINS, np.float64)
 
     def fn(name: str, x: np.ndarray) -> None:
-        st = stats[name]
+        st = stats.get(name)
+        if st is None:
+            return
         inv = inv_smooth.get(name)
         a = np.abs(x * inv) if inv is not None else np.abs(x)
         if st.hist_max > 0:
@@ -164,3 +190,26 @@ def collect_histograms(model: CalibrationModel, tokens: np.ndarray, stats: dict[
             st.hist += h
 
     model.run(tokens, fn, progress=progress, desc="calibrate (histograms)")
+
+
+def collect_kv(model: CalibrationModel, tokens: np.ndarray, progress: bool = False
+               ) -> dict[tuple[int, str], np.ndarray]:
+    """Per (layer, "key"|"value"): the per-channel range the INT8 cache must hold over the samples. Keys of RoPE
+    layers are bounded after rotation at any position (``kvcache.rope_pair_absmax``). Needs ``kv_cache=True``."""
+    from .kvcache import rope_pair_absmax
+
+    if not model.kv_taps:
+        raise RuntimeError("collect_kv needs a CalibrationModel built with kv_cache=True")
+    s = model.spec
+    amax = {(layer, kv): np.zeros(s.kv_size, np.float32) for layer, kv, _ in model.kv_taps.values()}
+
+    def fn(name: str, x: np.ndarray) -> None:
+        tap = model.kv_taps.get(name)
+        if tap is None:
+            return
+        layer, kv, rotary = tap
+        a = rope_pair_absmax(x, s.num_kv_heads, s.head_dim) if rotary and kv == "key" else np.abs(x).max(axis=0)
+        np.maximum(amax[(layer, kv)], a, out=amax[(layer, kv)])
+
+    model.run(tokens, fn, progress=progress, desc="calibrate (KV cache)")
+    return amax

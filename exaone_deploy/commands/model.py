@@ -3,7 +3,8 @@
 exaone-deploy make-tiny OUT_DIR [--preset 1.2b|32b|1.2b-full|32b-full] [--seed N] [--num-layers N] [--dtype D]
                         [--quantized gptq|awq|fp8|compressed-tensors [--group-size N]]
 exaone-deploy inspect MODEL_DIR [--revision REV] [--json] [--target ort|trt] [--dtype D]
-exaone-deploy export MODEL_DIR -o BUNDLE_DIR [--revision REV] [--target ort|trt] [--dtype D] [--max-seq-len N] [--force]
+exaone-deploy export MODEL_DIR -o BUNDLE_DIR [--revision REV] [--target ort|trt] [--dtype D] [--max-seq-len N]
+                     [--kv-cache float|int8] [--accuracy-level 0-4] [--force]
 exaone-deploy verify BUNDLE_DIR --reference MODEL_DIR [--revision REV] [--steps N] [--prompt-len N] [--json]
 
 MODEL_DIR is a checkpoint directory, ``tiny`` (the bundled model), or a Hugging Face Hub id ``ORG/NAME``
@@ -143,6 +144,9 @@ def _quantization(model_dir: Path, spec, target: str, dtype: str) -> dict | None
     default=None,
     help="Longest context the bundle supports (default: the config's max_position_embeddings).",
 )
+@click.option("--kv-cache", type=click.Choice(["float", "int8"]), default="float", show_default=True,
+              help="float: the bundle dtype; int8 (ort): quantized cache, a quarter of float32's bytes, with static "
+              "scales from the weights (quantize --kv-cache int8 calibrates them).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="Pre-quantized int4/int8 checkpoints on ort: MatMulNBits accuracy level (0: float activations, "
                    "exactly the checkpoint's model; 4: int8 activations, faster on CPU, as our own int4 bundles).")
@@ -150,7 +154,7 @@ def _quantization(model_dir: Path, spec, target: str, dtype: str) -> dict | None
 @click.option("--no-progress", is_flag=True)
 def export_command(
     model_dir: str, out_dir: Path, revision: str | None, target: str, dtype: str, max_seq_len: int | None,
-    accuracy_level: int, force: bool, no_progress: bool
+    kv_cache: str, accuracy_level: int, force: bool, no_progress: bool
 ) -> None:
     """Export MODEL_DIR ('tiny' for the bundled model, ORG/NAME for a Hugging Face Hub id) into a self-contained
     bundle (an ort bundle also runs in onnxruntime-genai: docs/runtimes.md)."""
@@ -161,7 +165,8 @@ def export_command(
     path = export_bundle(
         resolve_model(model_dir, revision),
         out_dir,
-        ExportOptions(target=target, dtype=dtype, max_seq_len=max_seq_len, accuracy_level=accuracy_level),
+        ExportOptions(target=target, dtype=dtype, max_seq_len=max_seq_len, kv_cache=kv_cache,
+                      accuracy_level=accuracy_level),
         force=force,
         progress=not no_progress,
     )

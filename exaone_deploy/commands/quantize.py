@@ -1,7 +1,7 @@
 """Quantization verbs: ``quantize``, ``eval-ppl``, ``sensitivity``.
 
 exaone-deploy quantize MODEL_DIR -o BUNDLE_DIR --scheme int8-sq|fp8|int4-awq|int4-rtn --calib-data FILE
-                       [--revision REV] ...
+                       [--revision REV] [--kv-cache float|int8] ...
 exaone-deploy eval-ppl (BUNDLE_DIR | MODEL_DIR) --data FILE [--revision REV] [--seq-len L] [--max-tokens N] [--json]
 
 MODEL_DIR: a checkpoint directory, ``tiny``, or a Hugging Face Hub id ORG/NAME (``--revision``: commands/model.py).
@@ -104,6 +104,7 @@ def _options(kw: dict):
         method=kw["method"],
         percentile=kw["percentile"],
         max_seq_len=kw["max_seq_len"],
+        kv_cache=kw.get("kv_cache", "float"),
     )
 
 
@@ -112,6 +113,8 @@ def _options(kw: dict):
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
 @revision_option
 @_calibration_options
+@click.option("--kv-cache", type=click.Choice(["float", "int8"]), default="float", show_default=True,
+              help="int8 (ort): INT8 KV cache with per-channel scales calibrated on the quantized graph.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the quantization record as JSON.")

@@ -16,9 +16,9 @@ import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor
 
-from ..errors import ExaoneDeployError
 from .. import bundle as bundle_mod
 from ..checkpoint import Checkpoint, CheckpointError, resolve_model_dir
+from ..errors import ExaoneDeployError
 from ..graph_io import GraphIO, graph_io_of
 from ..spec import ModelSpec, load_spec
 from . import heads, lower, ops, writer  # noqa: F401 (lower: tests patch export.lower.check_model)
@@ -27,7 +27,8 @@ from .writer import ALIGNMENT, CANONICAL_FILE, MODEL_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "ExportOptions", "export_bundle", "trace_canonical", "graph_io", "transposed_name",
+__all__ = ["ExportError", "ExportOptions", "export_bundle", "check_kv_cache", "ort_int8_kv_cache_support",
+           "trace_canonical", "graph_io", "transposed_name",
            "untransposed_name", "WEIGHTS_FILE", "CANONICAL_FILE", "MODEL_FILE", "ALIGNMENT"]
 
 TARGETS = ("ort", "trt")
@@ -58,6 +59,7 @@ class ExportOptions:
     # Pre-quantized int4/int8 checkpoints on ort: MatMulNBits' accuracy_level (0: float activations, exactly the
     # checkpoint's dequantized model; 4: int8 activations with integer dot products, faster on CPU).
     accuracy_level: int = 0
+    kv_cache: str = "float"  # "float" (the bundle dtype) or "int8" (ort: GroupQueryAttention's quantized cache)
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -68,6 +70,42 @@ class ExportOptions:
             raise ExportError(f"max_seq_len must be positive, got {self.max_seq_len}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ExportError(f"accuracy_level must be 0-4 (MatMulNBits), got {self.accuracy_level}")
+        check_kv_cache(self.kv_cache, self.target, ExportError)
+
+
+STATIC_KV_SCALES = "static: K bounded by the k_norm weights, V estimated from the weights (no data)"
+
+
+def ort_int8_kv_cache_support() -> str | None:
+    """None when the installed onnxruntime's GroupQueryAttention keeps an INT8 cache, else why not (feature
+    detection on the op schema: the attribute ``kv_cache_bit_width`` and the ``k_scale``/``v_scale`` inputs)."""
+    try:
+        import onnxruntime
+        from onnxruntime.capi import onnxruntime_pybind11_state as C
+    except ImportError:
+        return "onnxruntime is not installed"
+    for schema in C.get_all_operator_schema():
+        if schema.name == "GroupQueryAttention" and schema.domain == "com.microsoft":
+            if "kv_cache_bit_width" in schema.attributes and any(i.name == "k_scale" for i in schema.inputs):
+                return None
+            break
+    return f"onnxruntime {onnxruntime.__version__}'s GroupQueryAttention has no INT8 KV cache (1.32 has)"
+
+
+def check_kv_cache(kv_cache: str, target: str, error: type[ExaoneDeployError]) -> None:
+    """Refuse a KV cache type the target cannot run, with one line (export and quantize options)."""
+    from ..graph_io import KV_CACHE_TYPES
+
+    if kv_cache not in KV_CACHE_TYPES:
+        raise error(f"unknown --kv-cache {kv_cache!r} (choose from {', '.join(KV_CACHE_TYPES)})")
+    if kv_cache == "float":
+        return
+    if target != "ort":
+        raise error(f"--kv-cache {kv_cache} is for the ort target only (the TensorRT attention plugin keeps a "
+                    "float cache)")
+    why = ort_int8_kv_cache_support()
+    if why is not None:
+        raise error(f"--kv-cache {kv_cache} needs ONNX Runtime's INT8 GroupQueryAttention cache: {why}")
 
 
 def graph_io(spec: ModelSpec, options: ExportOptions, max_seq_len: int | None = None) -> GraphIO:
@@ -75,7 +113,9 @@ def graph_io(spec: ModelSpec, options: ExportOptions, max_seq_len: int | None = 
     hybrid model, and only when asked (the one place that decides it; quantize writes through it too)."""
     window_cache = options.window_cache and options.target == "ort" and spec.is_hybrid
     max_positions = max_seq_len or options.max_seq_len or spec.max_position_embeddings
-    return graph_io_of(spec, options.dtype, max_positions, window_cache)  # a HeadIO for a task head
+    scales = STATIC_KV_SCALES if options.kv_cache == "int8" else ""
+    return graph_io_of(spec, options.dtype, max_positions, window_cache, kv_cache=options.kv_cache,
+                       kv_scales=scales)  # a HeadIO (no KV cache) for a task head
 
 
 def trace_canonical(spec: ModelSpec, dtype: str, max_positions: int, opset: int = 21) -> ir.Model:
@@ -215,6 +255,11 @@ def _export_into(src: Path, tmp: Path, options: ExportOptions, progress: bool) -
             prequantized = lower_prequantized(m, ckpt, options.target, options.dtype, options.accuracy_level)
         stage("bind weights")
         bind_weights(m, spec, ckpt, options.dtype, io.max_seq_len)
+        if io.kv_cache == "int8":
+            from ..calibration import kvcache
+
+            amax = kvcache.static_amax(spec, lambda name: ckpt.read_torch(name, torch.float32).numpy())
+            kvcache.add_scale_initializers(m, io, amax)
         m.producer_name, m.producer_version = "exaone-deploy", _version()
         m.doc_string = f"EXAONE 4 canonical graph ({options.dtype}) exported by exaone-deploy"
         with _progress(progress, "weights", len(m.graph.initializers)) as wbar:

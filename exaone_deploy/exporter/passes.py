@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassBase, PassManager, PassResult
 
-from ..graph_io import GraphIO
+from ..graph_io import KV, KV_QUANT_TYPE, GraphIO
 from . import ops
 
 __all__ = ["RsqrtAsDiv", "FuseParallelMatMuls", "AttentionToGroupQueryAttention", "AttentionToTrtPlugin",
@@ -220,9 +220,26 @@ class AttentionToGroupQueryAttention(_AttentionPass):
     """``EXAONEAttention`` -> ``com.microsoft::GroupQueryAttention``: same inputs (cos/sin only on RoPE layers),
     ``local_window_size`` on sliding layers, ``do_rotary``. Where ``io.cache_lengths`` gives a layer a fixed
     length W, the op keeps a window-sized cache (``sliding_window_cache=1``) and the layer's past/present
-    tensors get W as their length."""
+    tensors get W as their length.
+
+    With ``io.kv_cache == "int8"`` the op keeps an INT8 cache: ``k_quant_type``/``v_quant_type`` per channel,
+    ``kv_cache_bit_width`` 8, the layer's scales (the initializers ``io.kv_scale_name(layer, "key"|"value")``,
+    which the exporter or the quantizer put into the canonical graph) as its ``k_scale``/``v_scale`` inputs, and
+    the layer's past/present tensors become int8. K is quantized after the op's RoPE. A float cache drops any
+    such scale initializers (a canonical graph from an int8-cache bundle lowered for a float twin)."""
 
     domain = ORT_DOMAIN
+    K_SCALE_SLOT = 12  # GroupQueryAttention input index of k_scale (v_scale follows)
+
+    def call(self, model: ir.Model) -> PassResult:
+        result = super().call(model)
+        if self.io.kv_cache != "int8":
+            graph = model.graph
+            for i, kv, _, _ in self.io.cache_pairs():
+                v = graph.initializers.get(self.io.kv_scale_name(i, kv))
+                if v is not None and not v.uses():
+                    del graph.initializers[v.name]
+        return result
 
     def lower(self, graph: ir.Graph, node: ir.Node, layer: int, a: dict) -> None:
         if a.get("ring", 0):
@@ -236,17 +253,28 @@ class AttentionToGroupQueryAttention(_AttentionPass):
         windowed = isinstance(window, int) and bool(a.get("window", 0))
         if windowed:
             attributes["sliding_window_cache"] = 1
+        int8 = self.io.kv_cache == "int8"
+        if int8:
+            inputs += [None] * (self.K_SCALE_SLOT - len(inputs)) + self._scales(graph, layer)
+            attributes.update(k_quant_type=KV_QUANT_TYPE, v_quant_type=KV_QUANT_TYPE, kv_cache_bit_width=8)
         new = ir.node("GroupQueryAttention", inputs, attributes=attributes, domain=ORT_DOMAIN, num_outputs=3,
                       name=node.name)
         _replace(graph, node, new)
-        if windowed:
-            names = {n for i, _, p, q in self.io.cache_pairs() if i == layer for n in (p, q)}
-            for v in [*graph.inputs, *graph.outputs]:
-                if v.name in names:
-                    _set_dim(v, 2, window)
-            for out in new.outputs[1:]:
-                if out.shape is not None and len(out.shape):
-                    _set_dim(out, 2, window)
+        names = {n for i, _, p, q in self.io.cache_pairs() if i == layer for n in (p, q)}
+        for v in [*(v for v in [*graph.inputs, *graph.outputs] if v.name in names), *new.outputs[1:]]:
+            if windowed and v.shape is not None and len(v.shape):
+                _set_dim(v, 2, window)
+            if int8:
+                v.type = ir.TensorType(ir.DataType.INT8)
+
+    def _scales(self, graph: ir.Graph, layer: int) -> list[ir.Value]:
+        scales = [graph.initializers.get(self.io.kv_scale_name(layer, kv)) for kv in KV]
+        for v, kv in zip(scales, KV):
+            if v is None or v.shape is None or tuple(v.shape) != self.io.kv_scale_shape:
+                raise ValueError(f"int8 KV cache: initializer {self.io.kv_scale_name(layer, kv)!r} "
+                                 f"{'is missing' if v is None else f'has shape {v.shape}'}; expected "
+                                 f"{self.io.kv_scale_shape} float32 scales (export or quantize adds them)")
+        return scales
 
 
 class AttentionToTrtPlugin(_AttentionPass):

@@ -135,6 +135,7 @@ class OrtBackend(Backend):
                               f"exaone-deploy may need a newer onnxruntime: pip install -U onnxruntime") from e
         log.info("session ready")
         self.np_dtype = _NP.get(m.dtype, np.float16)
+        self.cache_np_dtype = np.int8 if self.io.cache_dtype == "int8" else self.np_dtype  # --kv-cache int8
         self.ort_dtype = self.np_dtype if m.dtype != "bfloat16" else None
         self._caches: list[ort.OrtValue] = []
         self._decode_cache: dict[tuple[int, int], tuple] = {}
@@ -144,8 +145,9 @@ class OrtBackend(Backend):
     def _allocate(self, max_batch: int, max_seq_len: int) -> None:
         dev = "cuda" if self.device == "cuda" else "cpu"
         shapes = self.io.cache_shapes(max_batch, max_seq_len)
-        self._caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.np_dtype), dev, 0) for shape in shapes]
-        item = np.dtype(self.np_dtype).itemsize
+        self._caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.cache_np_dtype), dev, 0)
+                        for shape in shapes]
+        item = np.dtype(self.cache_np_dtype).itemsize
         self._row_bytes = [int(np.prod(shape[1:])) * item for shape in shapes]
         self._decode_cache.clear()
         log.info("KV cache: %d slots x %d tokens, %.1f MiB on %s", max_batch, max_seq_len,
@@ -160,7 +162,7 @@ class OrtBackend(Backend):
     # ---- binding ------------------------------------------------------------------------------
     def _bind(self, r0: int, rows: int, inputs: dict[str, np.ndarray], logits: np.ndarray) -> ort.IOBinding:
         ptrs = [c.data_ptr() + r0 * n for c, n in zip(self._caches, self._row_bytes)]
-        return bind_step(self.session, self.io, inputs, logits, ptrs, self.max_seq_len, self.np_dtype,
+        return bind_step(self.session, self.io, inputs, logits, ptrs, self.max_seq_len, self.cache_np_dtype,
                          "cuda" if self.device == "cuda" else "cpu")
 
     def _run(self, io: ort.IOBinding) -> None:
