@@ -103,11 +103,7 @@ def test_every_linear_is_quantized_with_no_float_path(bundles, scheme, target):
         assert not [n for n in inits if n.endswith(".weight.T")], file
         assert not [n for n in g.node if n.op_type == "MatMul" and any(i.endswith(".weight.T") for i in n.input)]
         weights = [n for n in inits if n.endswith((".int8", ".fp8", ".int4", ".nbits"))]
-        if file == "model.onnx" and target == "ort" and scheme != "fp8":
-            # lowered for ONNX Runtime: q/k/v and gate/up fused into one quantized linear each (passes.py)
-            assert len(weights) == 2 * 4 + 1 and sum("+" in w for w in weights) == 2 * 2
-        else:
-            assert len(weights) == 2 * 7 + 1  # q k v o gate up down per layer, plus the (tied) LM head
+        assert len(weights) == 2 * 7 + 1  # q k v o gate up down per layer, plus the (tied) LM head
         for w in weights:
             consumers = [n for n in g.node if w in n.input]
             assert len(consumers) == 1

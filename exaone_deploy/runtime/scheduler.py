@@ -238,9 +238,10 @@ class Scheduler:
             self._cond.notify()
 
     def _room_locked(self) -> int:
-        """Sequences that can be submitted now: free cache slots plus free queue places (waiting requests take the
-        free slots first). So ``max_queue=0`` still fills idle slots, and a group fits while slots are free."""
-        return len(self._free) + self.max_queue - len(self._waiting)
+        """Sequences that can be submitted now: free cache slots (empty, or holding a finished sequence's prefix
+        cache, which is evicted when needed) plus free queue places (waiting requests take the free slots first).
+        So ``max_queue=0`` still fills idle slots, and a group fits while slots are free."""
+        return len(self._free) + len(self._cached) + self.max_queue - len(self._waiting)
 
     def cancel(self, req: Request) -> None:
         """Drop a request (client gone): its slot is freed before the next model call."""
