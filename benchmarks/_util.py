@@ -15,11 +15,11 @@ import multiprocessing
 import resource
 import sys
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-__all__ = ["current_rss_bytes", "peak_rss_bytes", "run_isolated", "print_table", "emit", "add_json_flag",
-           "fmt_bytes"]
+__all__ = ["current_rss_bytes", "peak_rss_bytes", "run_isolated", "print_table", "emit", "add_json_flag", "fmt_bytes"]
 
 
 def _status_bytes(key: str) -> int | None:
@@ -93,8 +93,9 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def print_table(rows: Sequence[dict], cols: Sequence[str | tuple[str, str]], title: str | None = None,
-                file=None) -> None:
+def print_table(
+    rows: Sequence[dict], cols: Sequence[str | tuple[str, str]], title: str | None = None, file=None
+) -> None:
     """Print ``rows`` (dicts) as an aligned text table. ``cols``: keys, or (key, header) pairs."""
     file = file or sys.stdout
     cols = [(c, c) if isinstance(c, str) else c for c in cols]
@@ -103,8 +104,7 @@ def print_table(rows: Sequence[dict], cols: Sequence[str | tuple[str, str]], tit
     if title:
         print(title, file=file)
     for n, r in enumerate(cells):
-        print("  ".join(c.rjust(w) if n and _numeric(c) else c.ljust(w) for c, w in zip(r, widths)).rstrip(),
-              file=file)
+        print("  ".join(c.rjust(w) if n and _numeric(c) else c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=file)
         if n == 0:
             print("  ".join("-" * w for w in widths), file=file)
 

@@ -63,7 +63,6 @@ def _rope(x, cos, sin):
 
 def _sdpa(q, k, v):
     """GQA SDPA; q (B,N,1,H), k/v (B,Nkv,T,H)."""
-    import torch
     import torch.nn.functional as F
 
     try:
@@ -73,8 +72,17 @@ def _sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
 
 
-def bench_case(model: str, dtype_name: str, kind: str, ctx: int, batch: int, iters: int, *, window: int = WINDOW,
-               device: str = "cuda") -> dict:
+def bench_case(
+    model: str,
+    dtype_name: str,
+    kind: str,
+    ctx: int,
+    batch: int,
+    iters: int,
+    *,
+    window: int = WINDOW,
+    device: str = "cuda",
+) -> dict:
     """One row of the table. ``device="cpu"`` (with TRITON_INTERPRET=1) runs only the correctness check."""
     import torch
 
@@ -119,11 +127,18 @@ def bench_case(model: str, dtype_name: str, kind: str, ctx: int, batch: int, ite
 
     ours_us = _graph_time_us(lambda: exaone_attention(q, k, v, ck, cv, seqlens, tsl, cos, sin, **kw), iters)
     fused_us = _graph_time_us(
-        lambda: exaone_attention(q, k, v, fused_k, fused_v, seqlens, tsl, cos, sin, fused=True, **kw), iters)
+        lambda: exaone_attention(q, k, v, fused_k, fused_v, seqlens, tsl, cos, sin, fused=True, **kw), iters
+    )
     sdpa_us = _graph_time_us(lambda: _sdpa(qr, ck, cv), iters)
     nbytes = 2 * batch * Nkv * keys * H * torch.finfo(dtype).bits // 8
-    row.update(ours_us=ours_us, fused_us=fused_us, sdpa_us=sdpa_us, ours_gbs=nbytes / ours_us / 1e3,
-               fused_gbs=nbytes / fused_us / 1e3, sdpa_gbs=nbytes / sdpa_us / 1e3)
+    row.update(
+        ours_us=ours_us,
+        fused_us=fused_us,
+        sdpa_us=sdpa_us,
+        ours_gbs=nbytes / ours_us / 1e3,
+        fused_gbs=nbytes / fused_us / 1e3,
+        sdpa_gbs=nbytes / sdpa_us / 1e3,
+    )
     return row
 
 
@@ -150,10 +165,14 @@ def main(argv=None) -> int:
         print("attention_kernels: triton is not installed (pip install triton). Skipping.")
         return 0
 
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  batch {args.batch}  "
-          f"decode step (S=1), CUDA-graph timings over {args.iters} replays")
-    head = (f"{'model':<16} {'dtype':<5} {'attention':<12} {'ctx':>6} {'keys':>6} | {'ours us':>8} {'GB/s':>6} | "
-            f"{'fused us':>8} {'GB/s':>6} | {'sdpa us':>8} {'GB/s':>6} | {'speedup':>7} {'max err':>8}")
+    print(
+        f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  batch {args.batch}  "
+        f"decode step (S=1), CUDA-graph timings over {args.iters} replays"
+    )
+    head = (
+        f"{'model':<16} {'dtype':<5} {'attention':<12} {'ctx':>6} {'keys':>6} | {'ours us':>8} {'GB/s':>6} | "
+        f"{'fused us':>8} {'GB/s':>6} | {'sdpa us':>8} {'GB/s':>6} | {'speedup':>7} {'max err':>8}"
+    )
     print(head)
     print("-" * len(head))
     failures = 0
@@ -164,13 +183,17 @@ def main(argv=None) -> int:
                     r = bench_case(model, dtype_name, kind, ctx, args.batch, args.iters)
                     ok = r["err"] <= 3e-2 and r["cache_ok"] and math.isfinite(r["err"])
                     failures += not ok
-                    print(f"{r['model']:<16} {r['dtype']:<5} {r['kind']:<12} {r['ctx']:>6} {r['keys']:>6} | "
-                          f"{r['ours_us']:>8.1f} {r['ours_gbs']:>6.0f} | "
-                          f"{r['fused_us']:>8.1f} {r['fused_gbs']:>6.0f} | "
-                          f"{r['sdpa_us']:>8.1f} {r['sdpa_gbs']:>6.0f} | {r['sdpa_us'] / r['ours_us']:>6.2f}x "
-                          f"{r['err']:>8.1e}{'' if ok else '  MISMATCH'}")
-    print("ours = split-KV attention + cache-update kernels (torch/JIT path); fused = the single kernel of the "
-          "TensorRT AOT plugin; sdpa = torch SDPA (GQA) on the updated cache, attention only.")
+                    print(
+                        f"{r['model']:<16} {r['dtype']:<5} {r['kind']:<12} {r['ctx']:>6} {r['keys']:>6} | "
+                        f"{r['ours_us']:>8.1f} {r['ours_gbs']:>6.0f} | "
+                        f"{r['fused_us']:>8.1f} {r['fused_gbs']:>6.0f} | "
+                        f"{r['sdpa_us']:>8.1f} {r['sdpa_gbs']:>6.0f} | {r['sdpa_us'] / r['ours_us']:>6.2f}x "
+                        f"{r['err']:>8.1e}{'' if ok else '  MISMATCH'}"
+                    )
+    print(
+        "ours = split-KV attention + cache-update kernels (torch/JIT path); fused = the single kernel of the "
+        "TensorRT AOT plugin; sdpa = torch SDPA (GQA) on the updated cache, attention only."
+    )
     if failures:
         print(f"{failures} case(s) did not match torch", file=sys.stderr)
         return 1

@@ -34,8 +34,11 @@ from exaone_deploy.runtime.grammar import GrammarConstraint
 from exaone_deploy.runtime.sampling import SamplingParams
 from exaone_deploy.text.tokenizer import Tokenizer
 
-SCHEMA = {"type": "object", "properties": {"role": {"enum": ["king", "queen", "fool"]}, "speech": {"type": "string"}},
-          "required": ["role", "speech"]}
+SCHEMA = {
+    "type": "object",
+    "properties": {"role": {"enum": ["king", "queen", "fool"]}, "speech": {"type": "string"}},
+    "required": ["role", "speech"],
+}
 
 
 def measure(gen: Generator, batch: int, params: SamplingParams) -> float:
@@ -70,10 +73,22 @@ def main() -> None:
     rows = []
     for b in batches:
         f, c = (statistics.median(runs[(b, n)]) for n in ("free", "constrained"))
-        rows.append({"batch": b, "free_tok_s": round(f, 2), "constrained_tok_s": round(c, 2),
-                     "overhead_pct": round(100 * (f / c - 1), 2), "rounds": args.rounds, "tokens": args.tokens})
-    result = {"bundle": str(args.bundle), "vocab": gen.backend.spec.vocab_size,
-              "tokenizer_tokens": gen.tokenizer.vocab_size, "results": rows}
+        rows.append(
+            {
+                "batch": b,
+                "free_tok_s": round(f, 2),
+                "constrained_tok_s": round(c, 2),
+                "overhead_pct": round(100 * (f / c - 1), 2),
+                "rounds": args.rounds,
+                "tokens": args.tokens,
+            }
+        )
+    result = {
+        "bundle": str(args.bundle),
+        "vocab": gen.backend.spec.vocab_size,
+        "tokenizer_tokens": gen.tokenizer.vocab_size,
+        "results": rows,
+    }
     emit(result, args.json, lambda: print_table(rows, list(rows[0])))
 
 

@@ -76,8 +76,9 @@ def _spec(text: str) -> tuple[str, str, dict[str, str]]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("models", nargs="+", type=_spec, metavar="LABEL=MODEL[@KEY=VALUE...]")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=12)
@@ -105,15 +106,29 @@ def main(argv=None) -> dict:
     rows = []
     for label, ts in times.items():
         ratios = np.array(times[first]) / np.array(ts)
-        rows.append({"session": label, "step_ms": 1e3 * float(np.median(ts)), "min_ms": 1e3 * float(np.min(ts)),
-                     "speed_vs_first": float(np.median(ratios)), "ratio_min": float(ratios.min()),
-                     "ratio_max": float(ratios.max())})
+        rows.append(
+            {
+                "session": label,
+                "step_ms": 1e3 * float(np.median(ts)),
+                "min_ms": 1e3 * float(np.min(ts)),
+                "speed_vs_first": float(np.median(ratios)),
+                "ratio_min": float(ratios.min()),
+                "ratio_max": float(ratios.max()),
+            }
+        )
     result = {"threads": args.threads, "rounds": args.rounds, "steps": args.steps, "past": args.past, "rows": rows}
 
     def table():
         shown = [dict(r, speed=f"{r['speed_vs_first']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})") for r in rows]
-        print_table(shown, [("session", "session"), ("step_ms", "median step ms"), ("min_ms", "min ms"),
-                            ("speed", f"speed vs {first}")])
+        print_table(
+            shown,
+            [
+                ("session", "session"),
+                ("step_ms", "median step ms"),
+                ("min_ms", "min ms"),
+                ("speed", f"speed vs {first}"),
+            ],
+        )
 
     emit(result, args.json, table)
     return result

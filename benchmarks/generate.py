@@ -37,7 +37,8 @@ generations (best kept). All of that is repeated for ``--rounds`` interleaved ro
 from round to round): this shared machine's bandwidth drifts by up to 2x over minutes, so a ratio between two
 systems is taken within each round, from neighbouring measurements, and the table shows the median over rounds
 (with its min-max); each system's own figures are from its best round. Reported: load time, time to first
-token (prompt in -> first token out), prefill tok/s (batch x prompt / TTFT), decode tok/s (batch x (new - 1) / time from the first token to the last),
+token (prompt in -> first token out), prefill tok/s (batch x prompt / TTFT), decode tok/s
+(batch x (new - 1) / time from the first token to the last),
 peak RSS (VmHWM of that interpreter, also as a multiple of the fp32 weights) and peak anonymous RSS (sampled;
 VmHWM also counts clean page-cache pages of memory-mapped weight files). The machine's read bandwidth is
 measured in the same run (over a 2 GiB float32 array: BLAS sgemv, sums one slice per thread, a 1-thread
@@ -70,17 +71,34 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import current_rss_bytes, emit, fmt_bytes, peak_rss_bytes, print_table, run_isolated  # noqa: E402
+
 from exaone_deploy.bundle import atomic_dir  # noqa: E402
 from exaone_deploy.runtime.hugepages import hugepage_env  # noqa: E402
-from _util import current_rss_bytes, emit, fmt_bytes, peak_rss_bytes, print_table, run_isolated  # noqa: E402
 
 log = logging.getLogger("bench.generate")
 
-SYSTEMS = ("ours", "transformers", "genai", "genai-int4", "genai-int8", "genai-thp", "llamacpp-f32", "llamacpp-q8_0",
-           "llamacpp-q4_0", "genai-ours", "genai-ours-int4", "ours-int4")
+SYSTEMS = (
+    "ours",
+    "transformers",
+    "genai",
+    "genai-int4",
+    "genai-int8",
+    "genai-thp",
+    "llamacpp-f32",
+    "llamacpp-q8_0",
+    "llamacpp-q4_0",
+    "genai-ours",
+    "genai-ours-int4",
+    "ours-int4",
+)
 LLAMACPP_PRECISION = {"llamacpp-f32": "f32", "llamacpp-q8_0": "q8_0", "llamacpp-q4_0": "q4_0"}
-LLAMACPP_PEER = {None: "llamacpp-f32", "int8-sq": "llamacpp-q8_0", "int4-awq": "llamacpp-q4_0",
-                 "int4-rtn": "llamacpp-q4_0"}  # our bundle's quantization scheme -> the llama.cpp row it is held to
+LLAMACPP_PEER = {
+    None: "llamacpp-f32",
+    "int8-sq": "llamacpp-q8_0",
+    "int4-awq": "llamacpp-q4_0",
+    "int4-rtn": "llamacpp-q4_0",
+}  # our bundle's quantization scheme -> the llama.cpp row it is held to
 # Our bundles, fp32 or int4 (``quantize --scheme int4-rtn``), through our Python loop or genai's C++ loop.
 OUR_BUNDLES = {"genai-ours": ("fp32", "genai"), "genai-ours-int4": ("int4", "genai"), "ours-int4": ("int4", "ours")}
 GENAI_PRECISION = {"genai": "fp32", "genai-int4": "int4", "genai-int8": "int8", "genai-thp": "fp32"}
@@ -124,8 +142,7 @@ def _export(ckpt: Path, out: Path) -> None:  # runs in its own interpreter (the 
     _quiet()
     from exaone_deploy.exporter.export import ExportOptions, export_bundle
 
-    export_bundle(ckpt, out, ExportOptions(target="ort", dtype="float32", max_seq_len=4096), force=True,
-                  progress=False)
+    export_bundle(ckpt, out, ExportOptions(target="ort", dtype="float32", max_seq_len=4096), force=True, progress=False)
 
 
 def build_bundle(workdir: Path, layers: int | None) -> Path:
@@ -140,8 +157,7 @@ def build_bundle(workdir: Path, layers: int | None) -> Path:
 
 
 # EXAONE 4 (post-norm) -> Qwen3 (pre-norm): the same two norms per layer under other names.
-_QWEN3_NAMES = {"post_attention_layernorm": "input_layernorm",
-                "post_feedforward_layernorm": "post_attention_layernorm"}
+_QWEN3_NAMES = {"post_attention_layernorm": "input_layernorm", "post_feedforward_layernorm": "post_attention_layernorm"}
 
 
 def _qwen3_name(name: str) -> str:
@@ -178,12 +194,21 @@ def build_qwen3_twin(workdir: Path, layers: int | None) -> Path:
         index["weight_map"] = {_qwen3_name(k): v for k, v in index["weight_map"].items()}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config = transformers.Qwen3Config(
-            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
-            num_key_value_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"],
-            tie_word_embeddings=cfg["tie_word_embeddings"], max_position_embeddings=4096,
-            rms_norm_eps=cfg["rms_norm_eps"], rope_theta=float(cfg["rope_theta"]), bos_token_id=cfg["bos_token_id"],
-            eos_token_id=cfg["eos_token_id"], pad_token_id=cfg["pad_token_id"], dtype="float32",
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg["num_key_value_heads"],
+            head_dim=cfg["head_dim"],
+            tie_word_embeddings=cfg["tie_word_embeddings"],
+            max_position_embeddings=4096,
+            rms_norm_eps=cfg["rms_norm_eps"],
+            rope_theta=float(cfg["rope_theta"]),
+            bos_token_id=cfg["bos_token_id"],
+            eos_token_id=cfg["eos_token_id"],
+            pad_token_id=cfg["pad_token_id"],
+            dtype="float32",
         )
         config.architectures = ["Qwen3ForCausalLM"]
         config.save_pretrained(tmp)
@@ -201,19 +226,36 @@ def build_genai(workdir: Path, layers: int | None, precision: str) -> Path:
     import importlib.util
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
-        raise RuntimeError("onnxruntime-genai is not installed (pip install --no-deps onnxruntime-genai==0.18.0; "
-                           "it needs onnxruntime >= 1.31, which --no-deps keeps as it is)")
+        raise RuntimeError(
+            "onnxruntime-genai is not installed (pip install --no-deps onnxruntime-genai==0.18.0; "
+            "it needs onnxruntime >= 1.31, which --no-deps keeps as it is)"
+        )
     twin = build_qwen3_twin(workdir, layers)
     print(f"building onnxruntime-genai {precision} model {out} ...", file=sys.stderr)
     cache = Path(tempfile.mkdtemp(prefix=".genai-cache-", dir=workdir))
     try:
         with atomic_dir(out, replaceable=Path.is_dir) as tmp:
-            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(twin), "-o", str(tmp),
-                   "-p", precision, "-e", "cpu", "-c", str(cache)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                str(twin),
+                "-o",
+                str(tmp),
+                "-p",
+                precision,
+                "-e",
+                "cpu",
+                "-c",
+                str(cache),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0 or not (tmp / "genai_config.json").is_file():
-                raise RuntimeError(f"the onnxruntime-genai builder failed for {twin} (-p {precision}):\n"
-                                   + (proc.stdout + proc.stderr)[-3000:])
+                raise RuntimeError(
+                    f"the onnxruntime-genai builder failed for {twin} (-p {precision}):\n"
+                    + (proc.stdout + proc.stderr)[-3000:]
+                )
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     return out
@@ -320,8 +362,12 @@ def measure_bandwidth(threads: int, gib: float = 2.0, repeats: int = 7) -> dict:
                 t0 = time.perf_counter()
                 fn()
                 best[name] = max(best[name], a.nbytes / (time.perf_counter() - t0))
-    return {"bytes": a.nbytes, "threads": threads, **{f"{k}_Bps": v for k, v in best.items()},
-            "read_Bps": max(best.values())}
+    return {
+        "bytes": a.nbytes,
+        "threads": threads,
+        **{f"{k}_Bps": v for k, v in best.items()},
+        "read_Bps": max(best.values()),
+    }
 
 
 def _rss_anon() -> int:
@@ -351,7 +397,7 @@ class AnonPeak:
             self._stop.wait(self.interval)
 
     @classmethod
-    def start(cls) -> "AnonPeak":
+    def start(cls) -> AnonPeak:
         sampler = cls()
         sampler._thread.start()
         return sampler
@@ -364,10 +410,15 @@ class AnonPeak:
 
 def _result(load_s, prefill_s, ttft_s, decode_s, batch, prompt_len, new_tokens, tokens, rss_loaded) -> dict:
     return {
-        "load_s": load_s, "prefill_s": prefill_s, "ttft_s": ttft_s, "decode_s": decode_s,
+        "load_s": load_s,
+        "prefill_s": prefill_s,
+        "ttft_s": ttft_s,
+        "decode_s": decode_s,
         "prefill_tok_s": batch * prompt_len / ttft_s,
         "decode_tok_s": batch * (new_tokens - 1) / decode_s if new_tokens > 1 else None,
-        "rss_loaded": rss_loaded, "peak_rss": peak_rss_bytes(), "tokens": tokens,
+        "rss_loaded": rss_loaded,
+        "peak_rss": peak_rss_bytes(),
+        "tokens": tokens,
     }
 
 
@@ -401,8 +452,19 @@ def run_ours(bundle: str, batch: int, prompt_len: int, new_tokens: int, threads:
     for _ in range(repeats):
         results = gen.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
         t = results[0].timings
-        runs.append(_result(load_s, t["prefill_s"], t["ttft_s"], t["decode_s"], batch, prompt_len, new_tokens,
-                            [r.token_ids for r in results], rss_loaded))
+        runs.append(
+            _result(
+                load_s,
+                t["prefill_s"],
+                t["ttft_s"],
+                t["decode_s"],
+                batch,
+                prompt_len,
+                new_tokens,
+                [r.token_ids for r in results],
+                rss_loaded,
+            )
+        )
     return dict(_best(runs), peak_anon=anon.peak, version=f"onnxruntime {ort.__version__}")
 
 
@@ -414,8 +476,9 @@ def run_transformers(ckpt: str, batch: int, prompt_len: int, new_tokens: int, th
     torch.set_num_threads(threads)
     anon = AnonPeak.start()
     t0 = time.perf_counter()
-    model = transformers.Exaone4ForCausalLM.from_pretrained(ckpt, dtype=torch.float32,
-                                                            attn_implementation="sdpa").eval()
+    model = transformers.Exaone4ForCausalLM.from_pretrained(
+        ckpt, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
     load_s, rss_loaded = time.perf_counter() - t0, current_rss_bytes()
 
     class Stamps(transformers.LogitsProcessor):
@@ -437,14 +500,27 @@ def run_transformers(ckpt: str, batch: int, prompt_len: int, new_tokens: int, th
         for _ in range(repeats):
             stamps = transformers.LogitsProcessorList([Stamps()])
             t0 = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, logits_processor=stamps,
-                                 **kw)
+            out = model.generate(
+                ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, logits_processor=stamps, **kw
+            )
             t_end = time.perf_counter()
             t_first = stamps[0].t[0]
-            runs.append(_result(load_s, t_first - t0, t_first - t0, t_end - t_first, batch, prompt_len, new_tokens,
-                                out[:, prompt_len:].tolist(), rss_loaded))
-    return dict(_best(runs), peak_anon=anon.peak,
-                version=f"transformers {transformers.__version__}, torch {torch.__version__}")
+            runs.append(
+                _result(
+                    load_s,
+                    t_first - t0,
+                    t_first - t0,
+                    t_end - t_first,
+                    batch,
+                    prompt_len,
+                    new_tokens,
+                    out[:, prompt_len:].tolist(),
+                    rss_loaded,
+                )
+            )
+    return dict(
+        _best(runs), peak_anon=anon.peak, version=f"transformers {transformers.__version__}, torch {torch.__version__}"
+    )
 
 
 def run_genai(model_dir: str, batch: int, prompt_len: int, new_tokens: int, threads: int, repeats: int) -> dict:
@@ -461,8 +537,9 @@ def run_genai(model_dir: str, batch: int, prompt_len: int, new_tokens: int, thre
 
     def generate(n: int):
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=prompt_len + n, min_length=prompt_len + n, do_sample=False,
-                                  batch_size=batch)
+        params.set_search_options(
+            max_length=prompt_len + n, min_length=prompt_len + n, do_sample=False, batch_size=batch
+        )
         gen = og.Generator(model, params)
         t0 = time.perf_counter()
         gen.append_tokens(ids)  # the prompt's forward pass
@@ -495,8 +572,9 @@ def run_llamacpp(gguf: str, batch: int, prompt_len: int, new_tokens: int, thread
     llama = llamacpp.locate()
     r = llamacpp.bench(llama, Path(gguf), threads, prompt_len, new_tokens - 1, prompt_len, repetitions=repeats)
     ttft = prompt_len / r["prefill_tok_s"]
-    out = _result(r["load_s"], ttft, ttft, (new_tokens - 1) / r["decode_tok_s"], 1, prompt_len, new_tokens, [[]],
-                  r["peak_rss"])
+    out = _result(
+        r["load_s"], ttft, ttft, (new_tokens - 1) / r["decode_tok_s"], 1, prompt_len, new_tokens, [[]], r["peak_rss"]
+    )
     return dict(out, peak_rss=r["peak_rss"], peak_anon=r["peak_rss"], version=r["build"])
 
 
@@ -540,24 +618,42 @@ def _extra_bundle(text: str) -> tuple[Path, str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--systems", type=_systems, default=["ours", "transformers", "genai", "genai-int4"],
-                    help=f"comma-separated, from {','.join(SYSTEMS)} (default: ours,transformers,genai,genai-int4)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--systems",
+        type=_systems,
+        default=["ours", "transformers", "genai", "genai-int4"],
+        help=f"comma-separated, from {','.join(SYSTEMS)} (default: ours,transformers,genai,genai-int4)",
+    )
     ap.add_argument("--batch", type=_int_list, default=[1, 4], help="batch sizes (default 1,4)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1, help="timed generations per measurement (best kept)")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="rounds of measurements, interleaved; ratios are medians of within-round ratios (default 3)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of measurements, interleaved; ratios are medians of within-round ratios (default 3)",
+    )
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="threads (default: all cores)")
-    ap.add_argument("--bundle", type=_extra_bundle, action="append", default=[], metavar="PATH[=LABEL]",
-                    help="another bundle to run through our runtime, as an extra row (repeatable)")
+    ap.add_argument(
+        "--bundle",
+        type=_extra_bundle,
+        action="append",
+        default=[],
+        metavar="PATH[=LABEL]",
+        help="another bundle to run through our runtime, as an extra row (repeatable)",
+    )
     ap.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick check (default: 30)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/exaone-deploy-bench"))
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
-    ap.add_argument("--build-llamacpp", action="store_true",
-                    help="build llama.cpp under --workdir when LLAMA_CPP_BIN is unset (pip sdist + cmake, slow)")
+    ap.add_argument(
+        "--build-llamacpp",
+        action="store_true",
+        help="build llama.cpp under --workdir when LLAMA_CPP_BIN is unset (pip sdist + cmake, slow)",
+    )
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -651,20 +747,34 @@ def main(argv=None) -> dict:
             targets.append(dict(label=system, kind=system, path=ckpt, fn=run_transformers))
         elif system in LLAMACPP_PRECISION:
             try:
-                targets.append(dict(label=system, kind="llamacpp", fn=run_llamacpp,
-                                    path=build_llamacpp(workdir, L, system, args.build_llamacpp)))
+                targets.append(
+                    dict(
+                        label=system,
+                        kind="llamacpp",
+                        fn=run_llamacpp,
+                        path=build_llamacpp(workdir, L, system, args.build_llamacpp),
+                    )
+                )
             except Exception as e:  # noqa: BLE001 - a peer that cannot be built is reported, not fatal
                 print(f"{system}: {e}", file=sys.stderr)
                 targets.append(dict(label=system, error=str(e).strip().splitlines()[0][:200]))
         elif system in OUR_BUNDLES:  # the same bundle through genai's C++ loop: our Python loop's overhead
             precision, loop = OUR_BUNDLES[system]
-            targets.append(dict(label=system, kind="bundle", path=build_our_bundle(workdir, L, precision),
-                                fn=run_ours if loop == "ours" else run_genai, hugepages=loop == "ours"))
+            targets.append(
+                dict(
+                    label=system,
+                    kind="bundle",
+                    path=build_our_bundle(workdir, L, precision),
+                    fn=run_ours if loop == "ours" else run_genai,
+                    hugepages=loop == "ours",
+                )
+            )
         else:
             try:
                 path = build_genai(workdir, L, GENAI_PRECISION[system])
-                targets.append(dict(label=system, kind="genai", path=path, fn=run_genai,
-                                    hugepages=system == "genai-thp"))
+                targets.append(
+                    dict(label=system, kind="genai", path=path, fn=run_genai, hugepages=system == "genai-thp")
+                )
             except Exception as e:  # noqa: BLE001 - a peer that cannot be built is reported, not fatal
                 print(f"{system}: {e}", file=sys.stderr)
                 targets.append(dict(label=system, error=str(e).strip().splitlines()[0][:200]))
@@ -705,13 +815,19 @@ def main(argv=None) -> dict:
         order = live[k:] + live[:k]
         for b in args.batch:
             for t in order:
-                row = {"system": t["label"], "batch": b, "round": rnd + 1, "path": str(t["path"]),
-                       "decode_bytes_per_token": t["decode_bytes_per_token"]}
+                row = {
+                    "system": t["label"],
+                    "batch": b,
+                    "round": rnd + 1,
+                    "path": str(t["path"]),
+                    "decode_bytes_per_token": t["decode_bytes_per_token"],
+                }
                 print(f"round {rnd + 1}/{args.rounds}: {t['label']}, batch {b} ...", file=sys.stderr)
                 try:
                     with _environment(hugepage_env() if t.get("hugepages") else None):
-                        row.update(run_isolated(t["fn"], str(t["path"]), b, P, N, T, args.repeats,
-                                                timeout=args.timeout))
+                        row.update(
+                            run_isolated(t["fn"], str(t["path"]), b, P, N, T, args.repeats, timeout=args.timeout)
+                        )
                 except Exception as e:  # noqa: BLE001 - reported in the table
                     row["error"] = str(e).strip().splitlines()[-1][:200]
                     print(f"{t['label']} (batch {b}) failed: {e}", file=sys.stderr)
@@ -749,25 +865,43 @@ def main(argv=None) -> dict:
             r["tokens_match_transformers"] = "all" if d is None else f"first {d}"
 
     result = {
-        "model": {"checkpoint": str(ckpt), "layers": json.loads((ckpt / "config.json").read_text())["num_hidden_layers"],
-                  "fp32_weight_bytes": param_bytes},
-        "settings": {"prompt_len": P, "new_tokens": N, "batch": args.batch, "threads": T, "repeats": args.repeats,
-                     "rounds": args.rounds},
-        "bandwidth": bw, "bandwidth_rounds": [x["read_Bps"] for x in bws], "rows": rows,
+        "model": {
+            "checkpoint": str(ckpt),
+            "layers": json.loads((ckpt / "config.json").read_text())["num_hidden_layers"],
+            "fp32_weight_bytes": param_bytes,
+        },
+        "settings": {
+            "prompt_len": P,
+            "new_tokens": N,
+            "batch": args.batch,
+            "threads": T,
+            "repeats": args.repeats,
+            "rounds": args.rounds,
+        },
+        "bandwidth": bw,
+        "bandwidth_rounds": [x["read_Bps"] for x in bws],
+        "rows": rows,
         "rounds": per_round,
     }
 
     def table():
         cpu = bw["read_Bps"] / 1e9
-        print(f"EXAONE-4.0-1.2B shape ({result['model']['layers']} layers), random weights, fp32 weights "
-              f"{fmt_bytes(param_bytes)}; prompt {P}, {N} new tokens, greedy, {T} threads")
-        print(f"read bandwidth {cpu:.1f} GB/s (sgemv {bw['gemv_Bps'] / 1e9:.1f}, sum {bw['sum_Bps'] / 1e9:.1f}, "
-              f"1-thread sum {bw['sum_1_thread_Bps'] / 1e9:.1f}); batch-1 decode ceiling at fp32: "
-              f"{bw['read_Bps'] / hf_read_bytes:.2f} tok/s ({hf_read_bytes / 1e9:.2f} GB/token)")
+        print(
+            f"EXAONE-4.0-1.2B shape ({result['model']['layers']} layers), random weights, fp32 weights "
+            f"{fmt_bytes(param_bytes)}; prompt {P}, {N} new tokens, greedy, {T} threads"
+        )
+        print(
+            f"read bandwidth {cpu:.1f} GB/s (sgemv {bw['gemv_Bps'] / 1e9:.1f}, sum {bw['sum_Bps'] / 1e9:.1f}, "
+            f"1-thread sum {bw['sum_1_thread_Bps'] / 1e9:.1f}); batch-1 decode ceiling at fp32: "
+            f"{bw['read_Bps'] / hf_read_bytes:.2f} tok/s ({hf_read_bytes / 1e9:.2f} GB/token)"
+        )
         if len(bws) > 1:
-            print(f"{len(bws)} interleaved rounds (read bandwidth per round: "
-                  f"{', '.join(format(x['read_Bps'] / 1e9, '.1f') for x in bws)} GB/s); speeds: each system's best round; "
-                  "ratios: median of within-round ratios (min-max)")
+            print(
+                f"{len(bws)} interleaved rounds (read bandwidth per round: "
+                f"{', '.join(format(x['read_Bps'] / 1e9, '.1f') for x in bws)} GB/s); "
+                "speeds: each system's best round; "
+                "ratios: median of within-round ratios (min-max)"
+            )
         print()
         shown = []
         for r in rows:
@@ -778,8 +912,15 @@ def main(argv=None) -> dict:
             for k in ("decode_of_ceiling",):
                 if k in s:
                     s[k] = f"{100 * s[k]:.0f}%"
-            for k in ("prefill_vs_transformers", "prefill_vs_genai", "decode_vs_transformers", "decode_vs_genai",
-                      "prefill_vs_llamacpp", "decode_vs_llamacpp", "rss_over_fp32_weights"):
+            for k in (
+                "prefill_vs_transformers",
+                "prefill_vs_genai",
+                "decode_vs_transformers",
+                "decode_vs_genai",
+                "prefill_vs_llamacpp",
+                "decode_vs_llamacpp",
+                "rss_over_fp32_weights",
+            ):
                 if k in s:
                     rounds = s.get(f"{k}_rounds", [])
                     spread = f" ({min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else ""
@@ -788,15 +929,29 @@ def main(argv=None) -> dict:
             if "error" in r:
                 s["load_s"] = "failed: " + r["error"]
             shown.append(s)
-        print_table(shown, [
-            ("system", "system"), ("batch", "B"), ("load_s", "load s"), ("ttft_s", "TTFT s"),
-            ("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s"), ("GB/tok", "GB/tok"),
-            ("decode_of_ceiling", "of ceiling"), ("peak_rss", "peak RSS GiB"), ("rss_over_fp32_weights", "/fp32 w"),
-            ("peak_anon", "anon GiB"), ("prefill_vs_transformers", "prefill/hf"), ("prefill_vs_genai", "prefill/genai"),
-            ("decode_vs_transformers", "decode/hf"), ("decode_vs_genai", "decode/genai"),
-            ("prefill_vs_llamacpp", "prefill/llama.cpp"), ("decode_vs_llamacpp", "decode/llama.cpp"),
-            ("tokens_match_transformers", "tokens = hf"),
-        ])
+        print_table(
+            shown,
+            [
+                ("system", "system"),
+                ("batch", "B"),
+                ("load_s", "load s"),
+                ("ttft_s", "TTFT s"),
+                ("prefill_tok_s", "prefill tok/s"),
+                ("decode_tok_s", "decode tok/s"),
+                ("GB/tok", "GB/tok"),
+                ("decode_of_ceiling", "of ceiling"),
+                ("peak_rss", "peak RSS GiB"),
+                ("rss_over_fp32_weights", "/fp32 w"),
+                ("peak_anon", "anon GiB"),
+                ("prefill_vs_transformers", "prefill/hf"),
+                ("prefill_vs_genai", "prefill/genai"),
+                ("decode_vs_transformers", "decode/hf"),
+                ("decode_vs_genai", "decode/genai"),
+                ("prefill_vs_llamacpp", "prefill/llama.cpp"),
+                ("decode_vs_llamacpp", "decode/llama.cpp"),
+                ("tokens_match_transformers", "tokens = hf"),
+            ],
+        )
         versions = sorted({r["version"] for r in rows if "version" in r})
         print("\n" + "; ".join(versions))
 

@@ -82,8 +82,10 @@ def _synthetic_texts(seed: int = 0):
             syll = hangul if rng.random() < 0.35 else latin
             words.append("".join(rng.choice(syll) for _ in range(rng.randint(2, 5))))
         yield " ".join(words)
-        doc = {rng.choice(keys): rng.choice([rng.randint(0, 10**6), " ".join(words[:3]), [1.5, words[3]], None])
-               for _ in range(4)}
+        doc = {
+            rng.choice(keys): rng.choice([rng.randint(0, 10**6), " ".join(words[:3]), [1.5, words[3]], None])
+            for _ in range(4)
+        }
         yield json.dumps(doc, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 2]))
 
 
@@ -174,8 +176,11 @@ def instance(rng: random.Random) -> dict:
         "name": rng.choice(words),
         "age": rng.randint(0, 99),
         "role": rng.choice(["admin", "user", "guest"]),
-        "address": {"city": rng.choice(words), "zip": f"{rng.randint(0, 99999):05d}",
-                    "geo": {"lat": round(rng.uniform(-90, 90), 4), "lon": round(rng.uniform(-180, 180), 4)}},
+        "address": {
+            "city": rng.choice(words),
+            "zip": f"{rng.randint(0, 99999):05d}",
+            "geo": {"lat": round(rng.uniform(-90, 90), 4), "lon": round(rng.uniform(-180, 180), 4)},
+        },
         "tags": rng.sample(words, rng.randint(0, 4)),
         "scores": [round(rng.uniform(0, 100), 2) for _ in range(rng.randint(0, 5))],
         "active": rng.random() < 0.5,
@@ -183,8 +188,9 @@ def instance(rng: random.Random) -> dict:
     return doc
 
 
-def drive(make, fill, accept, done, batch: int, steps: int, vocab: int, eos: int, seed: int,
-          documents=None) -> tuple[list[float], list[float]]:
+def drive(
+    make, fill, accept, done, batch: int, steps: int, vocab: int, eos: int, seed: int, documents=None
+) -> tuple[list[float], list[float]]:
     """Per-step times (s) of computing the masks of ``batch`` matchers and of applying them to (batch, V) logits.
 
     With ``documents`` (a list of token-id lists), each matcher is fed whole documents in turn; else its tokens
@@ -249,8 +255,12 @@ def main() -> None:
         except ImportError as e:
             print(f"{name}: skipped ({e}; pip install 'exaone-deploy[bench,grammar]')", file=sys.stderr)
             continue
-        row = {"engine": name, "vocab": args.vocab, "tokenizer_info_s": round(info_s, 3),
-               "compile_ms": round(1e3 * compile_s, 1)}
+        row = {
+            "engine": name,
+            "vocab": args.vocab,
+            "tokenizer_info_s": round(info_s, 3),
+            "compile_ms": round(1e3 * compile_s, 1),
+        }
         for mode, docs in (("random", None), ("document", documents)):
             for batch in (1, 8):
                 drive(make, fill, accept, done, batch, 20, args.vocab, eos, 1, docs)  # warm-up
@@ -266,10 +276,15 @@ def main() -> None:
     cols += [(f"{m}_b{b}_{q}_ms", f"{m[:3]} b{b} {q.replace('_', ' ')}") for m, b, q in cells]
 
     def table():
-        print_table(rows, cols, title="ms per decode step: compute the masks (b8: 8 at once), apply them to logits "
-                    "(runtime.grammar.apply_bitmask); ran: random logits, doc: valid documents")
+        print_table(
+            rows,
+            cols,
+            title="ms per decode step: compute the masks (b8: 8 at once), apply them to logits "
+            "(runtime.grammar.apply_bitmask); ran: random logits, doc: valid documents",
+        )
 
     emit(result, args.json, table)
+
 
 if __name__ == "__main__":
     main()

@@ -28,13 +28,22 @@ def sizes() -> list[dict]:
     from exaone_deploy.graph_io import GraphIO
 
     rows = []
-    for name, layers, kv, hd, window, pattern in (("EXAONE-4.0-1.2B", 30, 8, 64, 0, "G"),
-                                                    ("EXAONE-4.0-32B", 64, 8, 128, 4096, "LLLG")):
+    for name, layers, kv, hd, window, pattern in (
+        ("EXAONE-4.0-1.2B", 30, 8, 64, 0, "G"),
+        ("EXAONE-4.0-32B", 64, 8, 128, 4096, "LLLG"),
+    ):
         spec = _spec(layers, kv, hd, window, pattern)
         for dtype, kind in (("bfloat16", "float"), ("bfloat16", "int8")):
             io = GraphIO(spec, dtype, 131072, window_cache=spec.is_hybrid, kv_cache=kind)
-            rows.append({"model": name, "cache": io.cache_dtype, "4096": io.cache_bytes(4096),
-                         "16384": io.cache_bytes(16384), "bytes_per_token": io.cache_bytes_per_token})
+            rows.append(
+                {
+                    "model": name,
+                    "cache": io.cache_dtype,
+                    "4096": io.cache_bytes(4096),
+                    "16384": io.cache_bytes(16384),
+                    "bytes_per_token": io.cache_bytes_per_token,
+                }
+            )
     return rows
 
 
@@ -43,11 +52,23 @@ def _spec(layers, kv, hd, window, pattern):
     from exaone_deploy.spec import load_spec
 
     kinds = [("sliding_attention" if pattern[i % len(pattern)] == "L" else "full_attention") for i in range(layers)]
-    cfg = {"architectures": ["Exaone4ForCausalLM"], "model_type": "exaone4", "hidden_size": 2048,
-           "intermediate_size": 4096, "num_hidden_layers": layers, "num_attention_heads": 32,
-           "num_key_value_heads": kv, "head_dim": hd, "vocab_size": 102400, "max_position_embeddings": 131072,
-           "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": window or None, "layer_types": kinds,
-           "tie_word_embeddings": True}
+    cfg = {
+        "architectures": ["Exaone4ForCausalLM"],
+        "model_type": "exaone4",
+        "hidden_size": 2048,
+        "intermediate_size": 4096,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 32,
+        "num_key_value_heads": kv,
+        "head_dim": hd,
+        "vocab_size": 102400,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "sliding_window": window or None,
+        "layer_types": kinds,
+        "tie_word_embeddings": True,
+    }
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps(cfg))
         return load_spec(d)
@@ -82,13 +103,23 @@ def accuracy(args) -> dict:
         write_quantized_bundle(source, plan, cal, work / "fp32-kv8-calibrated", calib=calib, smooth_only=True)
         for scheme in ("int8-sq", "int4-awq"):
             for kv in ("float", "int8"):
-                quantize(fp32, work / f"{scheme}-kv{'8' if kv == 'int8' else 'f'}",
-                         QuantOptions(scheme, train, calib_samples=args.calib_samples, kv_cache=kv))
+                quantize(
+                    fp32,
+                    work / f"{scheme}-kv{'8' if kv == 'int8' else 'f'}",
+                    QuantOptions(scheme, train, calib_samples=args.calib_samples, kv_cache=kv),
+                )
         tokens, _ = token_stream(heldout, Tokenizer.from_dir(fp32))
         wins = windows(tokens, args.seq_len, args.max_tokens)
         rows = []
-        for name in ("fp32", "fp32-kv8-static", "fp32-kv8-calibrated", "int8-sq-kvf", "int8-sq-kv8",
-                     "int4-awq-kvf", "int4-awq-kv8"):
+        for name in (
+            "fp32",
+            "fp32-kv8-static",
+            "fp32-kv8-calibrated",
+            "int8-sq-kvf",
+            "int8-sq-kv8",
+            "int4-awq-kvf",
+            "int4-awq-kv8",
+        ):
             be = OrtBackend(work / name, max_seq_len=args.seq_len)
             total = count = 0
             for w in wins:
@@ -100,8 +131,15 @@ def accuracy(args) -> dict:
         for r in rows:
             ref = base["fp32"] if r["bundle"].startswith("fp32") else base[r["bundle"][:-1] + "f"]
             r["increase_pct"] = 100.0 * (r["ppl"] / ref - 1.0)
-        return {"heldout_tokens": count, "windows": len(wins), "seq_len": args.seq_len, "chunk": args.chunk,
-                "calib_samples": args.calib_samples, "rows": rows, "sizes": sizes()}
+        return {
+            "heldout_tokens": count,
+            "windows": len(wins),
+            "seq_len": args.seq_len,
+            "chunk": args.chunk,
+            "calib_samples": args.calib_samples,
+            "rows": rows,
+            "sizes": sizes(),
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -33,25 +33,43 @@ def _linear(kind: str, x: str, name: str, k: int, n: int, rng) -> tuple[list, li
         w = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32) * 0.02, name)
         return [helper.make_node("MatMul", [x, name], [name + "_y"])], [w]
     if kind in ("mmitf8", "dqmm"):
-        inits = [numpy_helper.from_array(rng.integers(-127, 127, (k, n), dtype=np.int8), name),
-                 numpy_helper.from_array(np.full(n, 0.01, np.float32), name + "_s")]
+        inits = [
+            numpy_helper.from_array(rng.integers(-127, 127, (k, n), dtype=np.int8), name),
+            numpy_helper.from_array(np.full(n, 0.01, np.float32), name + "_s"),
+        ]
         if kind == "mmitf8":
-            node = helper.make_node("MatMulIntegerToFloat", [x + "_q", name, x + "_sc", name + "_s", x + "_zp"],
-                                    [name + "_y"], domain="com.microsoft")
+            node = helper.make_node(
+                "MatMulIntegerToFloat",
+                [x + "_q", name, x + "_sc", name + "_s", x + "_zp"],
+                [name + "_y"],
+                domain="com.microsoft",
+            )
         else:
             inits.append(numpy_helper.from_array(np.zeros(n, np.int8), name + "_z"))
-            node = helper.make_node("DynamicQuantizeMatMul", [x, name, name + "_s", name + "_z"], [name + "_y"],
-                                    domain="com.microsoft")
+            node = helper.make_node(
+                "DynamicQuantizeMatMul", [x, name, name + "_s", name + "_z"], [name + "_y"], domain="com.microsoft"
+            )
         return [node], inits
     m = re.fullmatch(r"nb(\d)_acc(\d)_b(\d+)", kind)
     if m is None:
         raise SystemExit(f"unknown config {kind!r}")
     bits, acc, block = map(int, m.groups())
     nb = -(-k // block)
-    inits = [numpy_helper.from_array(rng.integers(0, 255, (n, nb, block * bits // 8), dtype=np.uint8), name),
-             numpy_helper.from_array(np.full(n * nb, 0.01, np.float32), name + "_s")]
-    node = helper.make_node("MatMulNBits", [x, name, name + "_s"], [name + "_y"], domain="com.microsoft", K=k, N=n,
-                            bits=bits, block_size=block, accuracy_level=acc)
+    inits = [
+        numpy_helper.from_array(rng.integers(0, 255, (n, nb, block * bits // 8), dtype=np.uint8), name),
+        numpy_helper.from_array(np.full(n * nb, 0.01, np.float32), name + "_s"),
+    ]
+    node = helper.make_node(
+        "MatMulNBits",
+        [x, name, name + "_s"],
+        [name + "_y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block,
+        accuracy_level=acc,
+    )
     return [node], inits
 
 
@@ -61,8 +79,10 @@ def build(kind: str, shapes: list[tuple[int, int]], layers: int, rows: int):
     nodes, inits, outs = [], [], []
     if kind == "mmitf8":
         for k in widths:
-            inits += [numpy_helper.from_array(np.array(0.05, np.float32), f"x{k}_sc"),
-                      numpy_helper.from_array(np.array(128, np.uint8), f"x{k}_zp")]
+            inits += [
+                numpy_helper.from_array(np.array(0.05, np.float32), f"x{k}_sc"),
+                numpy_helper.from_array(np.array(128, np.uint8), f"x{k}_zp"),
+            ]
             nodes.append(helper.make_node("QuantizeLinear", [f"x{k}", f"x{k}_sc", f"x{k}_zp"], [f"x{k}_q"]))
     for layer in range(layers):
         for i, (k, n) in enumerate(shapes):
@@ -71,9 +91,13 @@ def build(kind: str, shapes: list[tuple[int, int]], layers: int, rows: int):
             inits += ins
             outs.append(ns[-1].output[0])
     nodes.append(helper.make_node("Concat", outs, ["y"], axis=-1))
-    graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [rows, k])
-                                            for k in widths],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    graph = helper.make_graph(
+        nodes,
+        kind,
+        [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [rows, k]) for k in widths],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets)
 
@@ -81,10 +105,13 @@ def build(kind: str, shapes: list[tuple[int, int]], layers: int, rows: int):
 def main(argv=None) -> dict:
     import onnxruntime as ort
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="fp32,mmitf8,nb8_acc4_b32,nb8_acc4_b128,nb4_acc4_b32,nb4_acc0_b32,"
-                                         "nb4_acc4_b64,nb4_acc4_b128")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--configs",
+        default="fp32,mmitf8,nb8_acc4_b32,nb8_acc4_b128,nb4_acc4_b32,nb4_acc0_b32,nb4_acc4_b64,nb4_acc4_b128",
+    )
     ap.add_argument("--shapes", default=SHAPES_1_2B, help="comma-separated INxOUT of one layer's linears")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rows", type=int, default=1, help="activation rows (1: decode; the prompt length: prefill)")
@@ -96,8 +123,12 @@ def main(argv=None) -> dict:
     configs = args.configs.split(",")
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.log_severity_level = args.threads, 3
-    sessions = {c: ort.InferenceSession(build(c, shapes, args.layers, args.rows).SerializeToString(), so,
-                                        providers=["CPUExecutionProvider"]) for c in configs}
+    sessions = {
+        c: ort.InferenceSession(
+            build(c, shapes, args.layers, args.rows).SerializeToString(), so, providers=["CPUExecutionProvider"]
+        )
+        for c in configs
+    }
     rng = np.random.default_rng(1)
     feeds = {f"x{k}": rng.standard_normal((args.rows, k), dtype=np.float32) for k in {k for k, _ in shapes}}
     for s in sessions.values():
@@ -111,12 +142,16 @@ def main(argv=None) -> dict:
             s.run(None, feeds)
             times[c].append((time.perf_counter() - t) / 2)
     base = np.array(times[configs[0]])
-    rows = [{"config": c, "ms": 1e3 * float(np.median(ts)), "speed": float(np.median(base / np.array(ts)))}
-            for c, ts in times.items()]
-    result = {"shapes": args.shapes, "layers": args.layers, "rows": args.rows, "threads": args.threads,
-              "results": rows}
-    emit(result, args.json, lambda: print_table(rows, [("config", "config"), ("ms", "median ms"),
-                                                       ("speed", f"speed vs {configs[0]}")]))
+    rows = [
+        {"config": c, "ms": 1e3 * float(np.median(ts)), "speed": float(np.median(base / np.array(ts)))}
+        for c, ts in times.items()
+    ]
+    result = {"shapes": args.shapes, "layers": args.layers, "rows": args.rows, "threads": args.threads, "results": rows}
+    emit(
+        result,
+        args.json,
+        lambda: print_table(rows, [("config", "config"), ("ms", "median ms"), ("speed", f"speed vs {configs[0]}")]),
+    )
     return result
 
 

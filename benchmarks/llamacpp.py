@@ -48,11 +48,25 @@ log = logging.getLogger("bench.llamacpp")
 
 PY_PACKAGE, PY_VERSION = "llama-cpp-python", "0.3.36"
 TOOLS = ("llama-bench", "llama-quantize", "llama-server")
-CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
-               "-DGGML_F16C=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX_VNNI=ON",
-               "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DLLAMA_CURL=OFF",
-               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
-               "-DLLAMA_BUILD_TOOLS=ON")
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_AVX=ON",
+    "-DGGML_AVX2=ON",
+    "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON",
+    "-DGGML_AVX512=ON",
+    "-DGGML_AVX512_VNNI=ON",
+    "-DGGML_AVX_VNNI=ON",
+    "-DGGML_AMX_TILE=OFF",
+    "-DGGML_AMX_INT8=OFF",
+    "-DGGML_AMX_BF16=OFF",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_TOOLS=ON",
+)
 # our precision -> llama.cpp file type (llama-quantize's name); Q4_0 keeps the output matrix at Q6_K by default
 FILE_TYPES = {"f32": "F32", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 
@@ -78,8 +92,11 @@ class LlamaCpp:
 
 
 def _source_of(bin_dir: Path) -> Path | None:
-    for cand in (bin_dir.parent.parent, bin_dir.parent.parent / "vendor" / "llama.cpp",
-                 *sorted(bin_dir.parent.parent.glob("llama_cpp_python-*/vendor/llama.cpp"))):
+    for cand in (
+        bin_dir.parent.parent,
+        bin_dir.parent.parent / "vendor" / "llama.cpp",
+        *sorted(bin_dir.parent.parent.glob("llama_cpp_python-*/vendor/llama.cpp")),
+    ):
         if (cand / "convert_hf_to_gguf.py").is_file() and (cand / "gguf-py").is_dir():
             return cand
     return None
@@ -95,8 +112,9 @@ def locate(workdir: Path | None = None, build_if_missing: bool = False) -> Llama
         if not (bin_dir / "llama-bench").is_file():
             raise LlamaCppError(f"LLAMA_CPP_BIN={bin_dir}: no llama-bench there")
         if src is None or not (src / "convert_hf_to_gguf.py").is_file():
-            raise LlamaCppError(f"no llama.cpp source tree with convert_hf_to_gguf.py for LLAMA_CPP_BIN={bin_dir}; "
-                                "set LLAMA_CPP_SRC")
+            raise LlamaCppError(
+                f"no llama.cpp source tree with convert_hf_to_gguf.py for LLAMA_CPP_BIN={bin_dir}; set LLAMA_CPP_SRC"
+            )
         return LlamaCpp(bin_dir, src)
     if workdir is not None:
         cached = workdir / f"llama.cpp-{PY_VERSION}"
@@ -104,8 +122,10 @@ def locate(workdir: Path | None = None, build_if_missing: bool = False) -> Llama
             return LlamaCpp(cached / "build" / "bin", cached / "src" / "vendor" / "llama.cpp")
         if build_if_missing:
             return build(workdir)
-    raise LlamaCppError("llama.cpp not found: set LLAMA_CPP_BIN (and LLAMA_CPP_SRC), or let the benchmark build it "
-                        f"(--build-llamacpp: pip download {PY_PACKAGE}=={PY_VERSION} and a CMake build, ~20 min)")
+    raise LlamaCppError(
+        "llama.cpp not found: set LLAMA_CPP_BIN (and LLAMA_CPP_SRC), or let the benchmark build it "
+        f"(--build-llamacpp: pip download {PY_PACKAGE}=={PY_VERSION} and a CMake build, ~20 min)"
+    )
 
 
 def build(workdir: Path, jobs: int | None = None) -> LlamaCpp:
@@ -116,8 +136,21 @@ def build(workdir: Path, jobs: int | None = None) -> LlamaCpp:
         raise LlamaCppError("building llama.cpp needs cmake (pip install cmake) and a C++ compiler")
     dl = root / "sdist"
     dl.mkdir(parents=True, exist_ok=True)
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dl),
-          f"{PY_PACKAGE}=={PY_VERSION}"], "pip download")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(dl),
+            f"{PY_PACKAGE}=={PY_VERSION}",
+        ],
+        "pip download",
+    )
     archive = next(dl.glob("*.tar.gz"), None)
     if archive is None:
         raise LlamaCppError(f"pip download left no source archive in {dl}")
@@ -129,8 +162,9 @@ def build(workdir: Path, jobs: int | None = None) -> LlamaCpp:
     shutil.rmtree(root / "extract", ignore_errors=True)
     build_dir = root / "build"
     _run(["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build_dir), *CMAKE_FLAGS], "cmake configure")
-    _run(["cmake", "--build", str(build_dir), "-j", str(jobs or os.cpu_count() or 1), "--target", *TOOLS],
-         "cmake build")
+    _run(
+        ["cmake", "--build", str(build_dir), "-j", str(jobs or os.cpu_count() or 1), "--target", *TOOLS], "cmake build"
+    )
     return LlamaCpp(build_dir / "bin", src / "vendor" / "llama.cpp")
 
 
@@ -138,8 +172,9 @@ def _run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
     log.info("%s: %s", what, " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if proc.returncode != 0:
-        raise LlamaCppError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd[:3])} ...\n"
-                            + (proc.stdout + proc.stderr)[-2000:])
+        raise LlamaCppError(
+            f"{what} failed (exit {proc.returncode}): {' '.join(cmd[:3])} ...\n" + (proc.stdout + proc.stderr)[-2000:]
+        )
     return proc
 
 
@@ -163,8 +198,11 @@ def convert(llama: LlamaCpp, checkpoint: Path, out: Path, outtype: str = "f32") 
     """``convert_hf_to_gguf.py CHECKPOINT --outtype OUTTYPE --outfile OUT``, with the pre-tokenizer named
     (module docstring). Written to a temporary name and renamed."""
     tmp = out.with_name(out.name + ".partial")
-    code = _CONVERT.format(src=str(llama.src_dir), gguf_py=str(llama.src_dir / "gguf-py"),
-                           argv=[str(checkpoint), "--outtype", outtype, "--outfile", str(tmp)])
+    code = _CONVERT.format(
+        src=str(llama.src_dir),
+        gguf_py=str(llama.src_dir / "gguf-py"),
+        argv=[str(checkpoint), "--outtype", outtype, "--outfile", str(tmp)],
+    )
     try:
         _run([sys.executable, "-c", code], f"convert {checkpoint.name} to GGUF {outtype}")
         tmp.replace(out)
@@ -216,8 +254,18 @@ def gguf_decode_bytes(path: Path, src_dir: Path | None = None) -> int:
 
 
 def _bench_json(llama: LlamaCpp, gguf: Path, threads: int, args: list[str], repetitions: int) -> dict:
-    cmd = [str(llama.tool("llama-bench")), "-m", str(gguf), "-t", str(threads), "-r", str(repetitions), "-o", "json",
-           *args]
+    cmd = [
+        str(llama.tool("llama-bench")),
+        "-m",
+        str(gguf),
+        "-t",
+        str(threads),
+        "-r",
+        str(repetitions),
+        "-o",
+        "json",
+        *args,
+    ]
     proc = _run(cmd, "llama-bench")
     try:
         rows = json.loads(proc.stdout)
@@ -228,8 +276,9 @@ def _bench_json(llama: LlamaCpp, gguf: Path, threads: int, args: list[str], repe
     return rows[0]
 
 
-def bench(llama: LlamaCpp, gguf: Path, threads: int, prompt_len: int, new_tokens: int, depth: int,
-          repetitions: int = 1) -> dict:
+def bench(
+    llama: LlamaCpp, gguf: Path, threads: int, prompt_len: int, new_tokens: int, depth: int, repetitions: int = 1
+) -> dict:
     """Prefill tok/s of a ``prompt_len`` prompt (empty context) and decode tok/s of ``new_tokens`` tokens after
     ``depth`` tokens, each the best of ``repetitions``; wall times and the tools' peak RSS."""
     t0 = time.perf_counter()
@@ -238,12 +287,18 @@ def bench(llama: LlamaCpp, gguf: Path, threads: int, prompt_len: int, new_tokens
     tg = _bench_json(llama, gguf, threads, ["-p", "0", "-n", str(new_tokens), "-d", str(depth)], repetitions)
     pp_best, tg_best = max(pp["samples_ts"]), max(tg["samples_ts"])
     timed = sum(pp["samples_ns"]) / 1e9 * (1 + 1 / len(pp["samples_ns"]))  # repetitions + llama-bench's warm-up
-    return {"prefill_tok_s": pp_best, "decode_tok_s": tg_best, "pp_wall_s": t1 - t0,
-            "load_s": max(t1 - t0 - timed, 0.0), "tg_wall_s": time.perf_counter() - t1,
-            "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-            "build": f"llama.cpp {pp.get('build_commit', '?')} ({pp.get('cpu_info', '').strip()}, "
-                     f"{pp.get('type_k', '?')} KV cache)",
-            "model_type": pp.get("model_type"), "model_size": pp.get("model_size")}
+    return {
+        "prefill_tok_s": pp_best,
+        "decode_tok_s": tg_best,
+        "pp_wall_s": t1 - t0,
+        "load_s": max(t1 - t0 - timed, 0.0),
+        "tg_wall_s": time.perf_counter() - t1,
+        "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "build": f"llama.cpp {pp.get('build_commit', '?')} ({pp.get('cpu_info', '').strip()}, "
+        f"{pp.get('type_k', '?')} KV cache)",
+        "model_type": pp.get("model_type"),
+        "model_size": pp.get("model_size"),
+    }
 
 
 def _main(argv: list[str]) -> None:
@@ -264,8 +319,9 @@ def _main(argv: list[str]) -> None:
     for p in args.precisions:
         gguf = gguf_for(llama, args.checkpoint, p, args.workdir)
         r = bench(llama, gguf, args.threads, args.prompt_len, args.new_tokens, args.prompt_len)
-        print(json.dumps({"precision": p, "gguf": str(gguf), "decode_bytes": gguf_decode_bytes(gguf, llama.src_dir),
-                          **r}))
+        print(
+            json.dumps({"precision": p, "gguf": str(gguf), "decode_bytes": gguf_decode_bytes(gguf, llama.src_dir), **r})
+        )
 
 
 if __name__ == "__main__":

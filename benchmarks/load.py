@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import add_json_flag, current_rss_bytes, emit, fmt_bytes, peak_rss_bytes, print_table, run_isolated  # noqa: E402
 
@@ -31,8 +30,9 @@ TARGET = 1.25
 # ---- the checkpoint ---------------------------------------------------------------------------------------------
 
 
-def write_checkpoint(workdir: Path, preset: str = "1.2b-full", num_layers: int | None = None,
-                     seed: int = 0) -> tuple[Path, float | None]:
+def write_checkpoint(
+    workdir: Path, preset: str = "1.2b-full", num_layers: int | None = None, seed: int = 0
+) -> tuple[Path, float | None]:
     """Write (or reuse) a random-weight bf16 checkpoint with make-tiny's preset (the real 1.2B config for
     "1.2b-full", written tensor by tensor); returns (dir, seconds spent writing or None when cached)."""
     from exaone_deploy.tiny.make import make_tiny
@@ -62,8 +62,13 @@ def measure_ours(model_dir: str, dtype: str, warmup_dir: str) -> dict:
     from exaone_deploy.exporter.reference import load_reference
     from exaone_deploy.spec import load_spec
 
-    r = {"run": "exaone_deploy load_reference", "dtype": dtype, "import_s": time.perf_counter() - t0,
-         "baseline_rss": current_rss_bytes(), "baseline_peak": peak_rss_bytes()}
+    r = {
+        "run": "exaone_deploy load_reference",
+        "dtype": dtype,
+        "import_s": time.perf_counter() - t0,
+        "baseline_rss": current_rss_bytes(),
+        "baseline_peak": peak_rss_bytes(),
+    }
     load_reference(warmup_dir, dtype)  # result dropped at once
     r["warm_rss"] = current_rss_bytes()
     t0 = time.perf_counter()
@@ -89,8 +94,13 @@ def measure_transformers(model_dir: str, dtype: str) -> dict:
     import torch
     import transformers
 
-    r = {"run": "transformers from_pretrained", "dtype": dtype, "import_s": time.perf_counter() - t0,
-         "baseline_rss": current_rss_bytes(), "baseline_peak": peak_rss_bytes()}
+    r = {
+        "run": "transformers from_pretrained",
+        "dtype": dtype,
+        "import_s": time.perf_counter() - t0,
+        "baseline_rss": current_rss_bytes(),
+        "baseline_peak": peak_rss_bytes(),
+    }
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     t0, c0 = time.perf_counter(), _cpu_s()
@@ -113,10 +123,15 @@ def _derive(r: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/exaone-deploy-bench"),
-                        help="where the checkpoint is written and cached (default: %(default)s)")
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
-                        choices=["bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/tmp/exaone-deploy-bench"),
+        help="where the checkpoint is written and cached (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float16", "float32"]
+    )
     parser.add_argument("--repeat", type=int, default=1, help="measure each dtype this many times (fresh processes)")
     parser.add_argument("--peers", action="store_true", help="also measure transformers' from_pretrained")
     parser.add_argument("--check", action="store_true", help=f"exit 1 if a peak RSS / weights ratio > {TARGET}")
@@ -146,20 +161,45 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def table():
-        print(f"checkpoint: {model_dir} ({len(files)} file(s), {fmt_bytes(result['checkpoint_bytes'])} bf16"
-              + (f", written in {write_s:.1f} s)" if write_s else ", cached)"))
-        shown = [dict(r, weights_h=fmt_bytes(r["weights"]), base_h=fmt_bytes(r["baseline_rss"]),
-                      warm_h=fmt_bytes(r["warm_rss"]) if "warm_rss" in r else "-",
-                      peak_h=fmt_bytes(r["peak_rss"]), ok="yes" if r["meets_target"] else "NO") for r in rows]
-        print_table(shown, [("run", "run"), ("dtype", "dtype"), ("weights_h", "weights"),
-                            ("load_s", "load s"), ("load_cpu_s", "cpu s"), ("header_ms", "header ms"),
-                            ("validate_ms", "validate ms"), ("base_h", "baseline RSS"), ("warm_h", "warm RSS"),
-                            ("peak_h", "peak RSS"), ("ratio", "peak/weights"),
-                            ("ratio_minus_baseline", "(peak-base)/w"), ("ratio_minus_warm", "(peak-warm)/w"),
-                            ("ok", f"peak/weights <= {TARGET}")])
-        print("baseline RSS: interpreter + torch + exaone_deploy imported, before any load. warm RSS: after "
-              "loading a 2-layer miniature first (torch's one-time warm-up). peak/weights includes both; "
-              "the (peak-...)/w columns subtract them. cpu s: user+sys of the load (wall time depends on load).")
+        print(
+            f"checkpoint: {model_dir} ({len(files)} file(s), {fmt_bytes(result['checkpoint_bytes'])} bf16"
+            + (f", written in {write_s:.1f} s)" if write_s else ", cached)")
+        )
+        shown = [
+            dict(
+                r,
+                weights_h=fmt_bytes(r["weights"]),
+                base_h=fmt_bytes(r["baseline_rss"]),
+                warm_h=fmt_bytes(r["warm_rss"]) if "warm_rss" in r else "-",
+                peak_h=fmt_bytes(r["peak_rss"]),
+                ok="yes" if r["meets_target"] else "NO",
+            )
+            for r in rows
+        ]
+        print_table(
+            shown,
+            [
+                ("run", "run"),
+                ("dtype", "dtype"),
+                ("weights_h", "weights"),
+                ("load_s", "load s"),
+                ("load_cpu_s", "cpu s"),
+                ("header_ms", "header ms"),
+                ("validate_ms", "validate ms"),
+                ("base_h", "baseline RSS"),
+                ("warm_h", "warm RSS"),
+                ("peak_h", "peak RSS"),
+                ("ratio", "peak/weights"),
+                ("ratio_minus_baseline", "(peak-base)/w"),
+                ("ratio_minus_warm", "(peak-warm)/w"),
+                ("ok", f"peak/weights <= {TARGET}"),
+            ],
+        )
+        print(
+            "baseline RSS: interpreter + torch + exaone_deploy imported, before any load. warm RSS: after "
+            "loading a 2-layer miniature first (torch's one-time warm-up). peak/weights includes both; "
+            "the (peak-...)/w columns subtract them. cpu s: user+sys of the load (wall time depends on load)."
+        )
 
     emit(result, args.json, table)
     return 1 if args.check and not all(r["meets_target"] for r in rows) else 0

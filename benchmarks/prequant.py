@@ -30,8 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import add_json_flag, emit, print_table  # noqa: E402
 
 HIDDEN, Q, KV, FFN = 2048, 2048, 512, 4096
-LINEARS = {"q_proj": (Q, HIDDEN), "k_proj": (KV, HIDDEN), "v_proj": (KV, HIDDEN), "o_proj": (HIDDEN, Q),
-           "gate_proj": (FFN, HIDDEN), "up_proj": (FFN, HIDDEN), "down_proj": (HIDDEN, FFN)}
+LINEARS = {
+    "q_proj": (Q, HIDDEN),
+    "k_proj": (KV, HIDDEN),
+    "v_proj": (KV, HIDDEN),
+    "o_proj": (HIDDEN, Q),
+    "gate_proj": (FFN, HIDDEN),
+    "up_proj": (FFN, HIDDEN),
+    "down_proj": (HIDDEN, FFN),
+}
 
 
 def _layer_model(variant: str, block: int, level: int, tmp: Path) -> str:
@@ -67,15 +74,25 @@ def _layer_model(variant: str, block: int, level: int, tmp: Path) -> str:
         sym = variant == "gptq-sym"
         g_idx = act_order_g_idx(w, block) if variant == "gptq-actorder" else None
         iw: IntWeight = quantize_int(w, 4, block, sym=sym, g_idx=g_idx)
-        scheme = PrequantScheme("awq" if variant == "awq" else "gptq", 4, block, sym=sym, zero_point=True,
-                                desc_act=g_idx is not None, checkpoint_format="gptq_v2")
+        scheme = PrequantScheme(
+            "awq" if variant == "awq" else "gptq",
+            4,
+            block,
+            sym=sym,
+            zero_point=True,
+            desc_act=g_idx is not None,
+            checkpoint_format="gptq_v2",
+        )
         plan = pl.LinearPlan(f"m.{name}", out, inp, 4, block, block, "matmulnbits")
         lin = pl._Linear.__new__(pl._Linear)
         lin.scheme, lin.plan, lin.perm = scheme, plan, None
         if g_idx is not None:
             lin.perm = np.argsort(g_idx, kind="stable")
-        lin.__dict__["weight"] = IntWeight(iw.codes[:, lin.perm], iw.scales, iw.zeros, iw.g_idx[lin.perm], 4,
-                                           block) if lin.perm is not None else iw
+        lin.__dict__["weight"] = (
+            IntWeight(iw.codes[:, lin.perm], iw.scales, iw.zeros, iw.g_idx[lin.perm], 4, block)
+            if lin.perm is not None
+            else iw
+        )
         pl._lower_one(rw, mm, lin, "ort")
         outputs.append(next(n for n in graph if n.name == name and n.op_type == "MatMulNBits").outputs[0])
     for i, v in enumerate(outputs):
@@ -100,15 +117,28 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     import onnxruntime as ort
 
-    configs = [("ours", 4), ("gptq-sym", 0), ("gptq-sym", 4), ("awq", 0), ("awq", 4), ("gptq-actorder", 0),
-               ("gptq-actorder", 4)]
+    configs = [
+        ("ours", 4),
+        ("gptq-sym", 0),
+        ("gptq-sym", 4),
+        ("awq", 0),
+        ("awq", 4),
+        ("gptq-actorder", 0),
+        ("gptq-actorder", 4),
+    ]
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
-    feeds = {"x": np.random.default_rng(1).standard_normal((1, 1, HIDDEN)).astype(np.float32),
-             "xf": np.random.default_rng(2).standard_normal((1, 1, FFN)).astype(np.float32)}
+    feeds = {
+        "x": np.random.default_rng(1).standard_normal((1, 1, HIDDEN)).astype(np.float32),
+        "xf": np.random.default_rng(2).standard_normal((1, 1, FFN)).astype(np.float32),
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = {c: ort.InferenceSession(_layer_model(c[0], args.block, c[1], Path(tmp)), so,
-                                            providers=["CPUExecutionProvider"]) for c in configs}
+        sessions = {
+            c: ort.InferenceSession(
+                _layer_model(c[0], args.block, c[1], Path(tmp)), so, providers=["CPUExecutionProvider"]
+            )
+            for c in configs
+        }
     best: dict = {c: [] for c in configs}
     for _ in range(args.rounds):
         for c, s in sessions.items():
@@ -118,12 +148,28 @@ def main(argv=None) -> dict:
                 s.run(None, feeds)
             best[c].append((time.perf_counter() - t) / args.iters)
     base = statistics.median(best[("ours", 4)])
-    rows = [{"variant": v, "accuracy_level": lvl, "us_per_layer_step": statistics.median(best[v, lvl]) * 1e6,
-             "vs_ours": statistics.median(best[v, lvl]) / base} for v, lvl in configs]
-    result = {"shape": "EXAONE-4.0-1.2B layer, batch 1, 1 token", "block": args.block, "rounds": args.rounds,
-              "rows": rows}
-    emit(result, args.json, lambda: print_table(rows, ["variant", "accuracy_level", "us_per_layer_step",
-                                                      "vs_ours"], title=f"block {args.block}"))
+    rows = [
+        {
+            "variant": v,
+            "accuracy_level": lvl,
+            "us_per_layer_step": statistics.median(best[v, lvl]) * 1e6,
+            "vs_ours": statistics.median(best[v, lvl]) / base,
+        }
+        for v, lvl in configs
+    ]
+    result = {
+        "shape": "EXAONE-4.0-1.2B layer, batch 1, 1 token",
+        "block": args.block,
+        "rounds": args.rounds,
+        "rows": rows,
+    }
+    emit(
+        result,
+        args.json,
+        lambda: print_table(
+            rows, ["variant", "accuracy_level", "us_per_layer_step", "vs_ours"], title=f"block {args.block}"
+        ),
+    )
     return result
 
 

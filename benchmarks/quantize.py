@@ -70,24 +70,26 @@ def corpus_split(workdir: Path) -> tuple[Path, Path]:
 
 def accuracy(args) -> dict:
     _quiet()
-    from exaone_deploy.validate.ppl import perplexity
     from exaone_deploy.calibration.quantize import QuantizeError, QuantOptions, quantize
     from exaone_deploy.checkpoint import resolve_model_dir
     from exaone_deploy.exporter.export import ExportOptions, export_bundle
-    from exaone_deploy.text.tokenizer import Tokenizer
     from exaone_deploy.text.corpus import token_stream
+    from exaone_deploy.text.tokenizer import Tokenizer
+    from exaone_deploy.validate.ppl import perplexity
 
     model = resolve_model_dir(args.model)
     if not (model / "config.json").is_file():
-        raise SystemExit(f"{model}: no checkpoint there (the bundled tiny model may not be trained yet; "
-                         "pass --model DIR)")
+        raise SystemExit(
+            f"{model}: no checkpoint there (the bundled tiny model may not be trained yet; pass --model DIR)"
+        )
     args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="quantize-accuracy-", dir=args.workdir))
     try:
         train, heldout = corpus_split(work)
         t = time.perf_counter()
-        fp32 = export_bundle(model, work / "fp32", ExportOptions("ort", "float32", max(args.seq_len, 512)),
-                             progress=False)
+        fp32 = export_bundle(
+            model, work / "fp32", ExportOptions("ort", "float32", max(args.seq_len, 512)), progress=False
+        )
         export_s = time.perf_counter() - t
         tokens, _ = token_stream(heldout, Tokenizer.from_dir(fp32))
 
@@ -95,13 +97,30 @@ def accuracy(args) -> dict:
             return perplexity(bundle, heldout, seq_len=args.seq_len, max_tokens=args.max_tokens, tokens=tokens)
 
         base = ppl(fp32)
-        rows = [{"config": "fp32", "scheme": "fp32", "target": "ort", "ppl": base.ppl, "increase_pct": 0.0,
-                 "weights": (fp32 / "weights.data").stat().st_size, "quantize_s": export_s}]
+        rows = [
+            {
+                "config": "fp32",
+                "scheme": "fp32",
+                "target": "ort",
+                "ppl": base.ppl,
+                "increase_pct": 0.0,
+                "weights": (fp32 / "weights.data").stat().st_size,
+                "quantize_s": export_s,
+            }
+        ]
         configs = [c for c in ACCURACY_CONFIGS if not args.schemes or c[0] in args.schemes]
         for scheme, target, block, method in configs:
             name = f"{scheme}-{target}-b{block}-{method}"
-            opts = QuantOptions(scheme, train, target=target, calib_samples=args.calib_samples,
-                                calib_seq_len=args.calib_seq_len, block_size=block, method=method, alpha=args.alpha)
+            opts = QuantOptions(
+                scheme,
+                train,
+                target=target,
+                calib_samples=args.calib_samples,
+                calib_seq_len=args.calib_seq_len,
+                block_size=block,
+                method=method,
+                alpha=args.alpha,
+            )
             t = time.perf_counter()
             try:
                 out = quantize(fp32, work / name, opts)
@@ -112,11 +131,18 @@ def accuracy(args) -> dict:
             r = ppl(work / name)
             key = scheme if not scheme.startswith("int4") else f"{scheme}@{block}"
             inc = 100.0 * (r.ppl / base.ppl - 1.0)
-            row = {"config": name, "scheme": scheme, "target": target,
-                   "block": block if scheme.startswith("int4") else None,
-                   "method": method if scheme in ("int8-sq", "fp8") else None,
-                   "ppl": r.ppl, "increase_pct": inc, "limit_pct": TARGETS.get(key),
-                   "weights": (work / name / "weights.data").stat().st_size, "quantize_s": took}
+            row = {
+                "config": name,
+                "scheme": scheme,
+                "target": target,
+                "block": block if scheme.startswith("int4") else None,
+                "method": method if scheme in ("int8-sq", "fp8") else None,
+                "ppl": r.ppl,
+                "increase_pct": inc,
+                "limit_pct": TARGETS.get(key),
+                "weights": (work / name / "weights.data").stat().st_size,
+                "quantize_s": took,
+            }
             if row["limit_pct"] is not None:
                 row["ok"] = inc <= row["limit_pct"]
             rows.append(row)
@@ -130,10 +156,18 @@ def accuracy(args) -> dict:
                 awq[0]["awq_beats_rtn"] = awq[0]["ppl"] < rtn[0]["ppl"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"model": str(model), "heldout_tokens": base.tokens, "seq_len": args.seq_len,
-            "calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len,
-                            "source": "first 90% of tinyshakespeare"},
-            "fp32_ppl": base.ppl, "rows": rows}
+    return {
+        "model": str(model),
+        "heldout_tokens": base.tokens,
+        "seq_len": args.seq_len,
+        "calibration": {
+            "samples": args.calib_samples,
+            "seq_len": args.calib_seq_len,
+            "source": "first 90% of tinyshakespeare",
+        },
+        "fp32_ppl": base.ppl,
+        "rows": rows,
+    }
 
 
 # ---- speed (1.2B shape) --------------------------------------------------------------------------------------
@@ -159,16 +193,16 @@ def _export(ckpt: str, out: str) -> None:
     _quiet()
     from exaone_deploy.exporter.export import ExportOptions, export_bundle
 
-    export_bundle(ckpt, out, ExportOptions(target="ort", dtype="float32", max_seq_len=4096), force=True,
-                  progress=False)
+    export_bundle(ckpt, out, ExportOptions(target="ort", dtype="float32", max_seq_len=4096), force=True, progress=False)
 
 
 def _quantize(bundle: str, out: str, scheme: str, calib: str, block: int) -> dict:
     _quiet()
     from exaone_deploy.calibration.quantize import QuantOptions, quantize
 
-    opts = QuantOptions(scheme, Path(calib), target="ort", calib_samples=8, calib_seq_len=128, block_size=block,
-                        awq_tokens=256)
+    opts = QuantOptions(
+        scheme, Path(calib), target="ort", calib_samples=8, calib_seq_len=128, block_size=block, awq_tokens=256
+    )
     info = quantize(bundle, out, opts, force=True)
     return {"timings": info["timings"], "peak_rss": peak_rss_bytes()}
 
@@ -177,8 +211,8 @@ def _decode(bundle: str, prompt_len: int, new_tokens: int, repeats: int, relower
     import numpy as np
 
     from exaone_deploy.bundle import load_manifest
-    from exaone_deploy.validate.ppl import ort_twin
     from exaone_deploy.runtime.ort_backend import OrtBackend
+    from exaone_deploy.validate.ppl import ort_twin
 
     source = load_manifest(bundle, verify=False)
     if relower:  # a cached fp32 bundle may predate the current lowering: lower its canonical graph afresh
@@ -208,8 +242,13 @@ def _decode(bundle: str, prompt_len: int, new_tokens: int, repeats: int, relower
         tokens = out
     if relower:
         shutil.rmtree(work, ignore_errors=True)
-    return {"load_s": load_s, "prefill_tok_s": best_prefill, "decode_tok_s": best_decode, "peak_rss": peak_rss_bytes(),
-            "tokens": tokens}
+    return {
+        "load_s": load_s,
+        "prefill_tok_s": best_prefill,
+        "decode_tok_s": best_decode,
+        "peak_rss": peak_rss_bytes(),
+        "tokens": tokens,
+    }
 
 
 def speed(args) -> dict:
@@ -232,15 +271,23 @@ def speed(args) -> dict:
     rows = []
     for name, path in bundles.items():
         r = run_isolated(_decode, str(path), args.prompt_len, args.new_tokens, args.repeats, name == "fp32")
-        r.update(name=name, weights=(path / "weights.data").stat().st_size,
-                 quantize_s=(quant.get(name) or {}).get("timings", {}).get("total_s"))
+        r.update(
+            name=name,
+            weights=(path / "weights.data").stat().st_size,
+            quantize_s=(quant.get(name) or {}).get("timings", {}).get("total_s"),
+        )
         rows.append(r)
     base = rows[0]["decode_tok_s"]
     for r in rows:
         r["decode_vs_fp32"] = r["decode_tok_s"] / base
         r["prefill_vs_fp32"] = r["prefill_tok_s"] / rows[0]["prefill_tok_s"]
-    return {"shape": "EXAONE-4.0-1.2B (random weights)", "layers": args.speed_layers or 30,
-            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rows": rows}
+    return {
+        "shape": "EXAONE-4.0-1.2B (random weights)",
+        "layers": args.speed_layers or 30,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "rows": rows,
+    }
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
@@ -278,27 +325,52 @@ def main(argv=None) -> dict:
     def table():
         if "accuracy" in result:
             a = result["accuracy"]
-            rows = [dict(r, weights=fmt_bytes(r["weights"]),
-                         limit_pct=None if r.get("limit_pct") is None else f"<= {r['limit_pct']}",
-                         ok={True: "yes", False: "NO"}.get(r.get("ok")),
-                         awq_beats_rtn={True: "yes", False: "NO"}.get(r.get("awq_beats_rtn")))
-                    for r in a["rows"]]
-            print_table(rows, [("config", "config"), ("ppl", "ppl"), ("increase_pct", "+%"), ("limit_pct", "target %"),
-                               ("ok", "ok"), ("awq_beats_rtn", "AWQ<RTN"), ("weights", "weights"),
-                               ("quantize_s", "quantize s")],
-                        title=f"perplexity on the held-out 10% of tinyshakespeare ({a['heldout_tokens']} tokens, "
-                              f"windows of {a['seq_len']}), {a['model']}; calibration {a['calibration']['samples']}"
-                              f" x {a['calibration']['seq_len']} tokens of the first 90%")
+            rows = [
+                dict(
+                    r,
+                    weights=fmt_bytes(r["weights"]),
+                    limit_pct=None if r.get("limit_pct") is None else f"<= {r['limit_pct']}",
+                    ok={True: "yes", False: "NO"}.get(r.get("ok")),
+                    awq_beats_rtn={True: "yes", False: "NO"}.get(r.get("awq_beats_rtn")),
+                )
+                for r in a["rows"]
+            ]
+            print_table(
+                rows,
+                [
+                    ("config", "config"),
+                    ("ppl", "ppl"),
+                    ("increase_pct", "+%"),
+                    ("limit_pct", "target %"),
+                    ("ok", "ok"),
+                    ("awq_beats_rtn", "AWQ<RTN"),
+                    ("weights", "weights"),
+                    ("quantize_s", "quantize s"),
+                ],
+                title=f"perplexity on the held-out 10% of tinyshakespeare ({a['heldout_tokens']} tokens, "
+                f"windows of {a['seq_len']}), {a['model']}; calibration {a['calibration']['samples']}"
+                f" x {a['calibration']['seq_len']} tokens of the first 90%",
+            )
             print()
         if "speed" in result:
             s = result["speed"]
             rows = [dict(r, weights=fmt_bytes(r["weights"]), peak_rss=fmt_bytes(r["peak_rss"])) for r in s["rows"]]
-            print_table(rows, [("name", "bundle"), ("decode_tok_s", "decode tok/s"), ("decode_vs_fp32", "x fp32"),
-                               ("prefill_tok_s", "prefill tok/s"), ("prefill_vs_fp32", "x fp32"),
-                               ("weights", "weights"), ("peak_rss", "peak RSS"), ("load_s", "load s"),
-                               ("quantize_s", "quantize s")],
-                        title=f"{s['shape']}, {s['layers']} layers, ONNX Runtime CPU, batch 1, "
-                              f"{s['prompt_len']}-token prompt, {s['new_tokens']} new tokens (best of repeats)")
+            print_table(
+                rows,
+                [
+                    ("name", "bundle"),
+                    ("decode_tok_s", "decode tok/s"),
+                    ("decode_vs_fp32", "x fp32"),
+                    ("prefill_tok_s", "prefill tok/s"),
+                    ("prefill_vs_fp32", "x fp32"),
+                    ("weights", "weights"),
+                    ("peak_rss", "peak RSS"),
+                    ("load_s", "load s"),
+                    ("quantize_s", "quantize s"),
+                ],
+                title=f"{s['shape']}, {s['layers']} layers, ONNX Runtime CPU, batch 1, "
+                f"{s['prompt_len']}-token prompt, {s['new_tokens']} new tokens (best of repeats)",
+            )
 
     emit(result, args.json, table)
     return result

@@ -54,6 +54,7 @@ LLAMA_SRC = Path(os.environ.get("LLAMA_CPP_SRC", "/work/llama/llama_cpp_python-0
 
 # ---- artifacts (cached in --workdir) ---------------------------------------------------------------
 
+
 def _quiet() -> None:
     import warnings
 
@@ -91,8 +92,9 @@ def our_bundles(ckpt: Path, workdir: Path, max_seq_len: int) -> dict[str, Path]:
 
     fp32 = workdir / f"{ckpt.name}-ort-fp32"
     int4 = workdir / f"{ckpt.name}-ort-int4"
-    _cached_bundle(fp32, lambda: api.export(ckpt, fp32, target="ort", dtype="float32", max_seq_len=max_seq_len,
-                                           force=True))
+    _cached_bundle(
+        fp32, lambda: api.export(ckpt, fp32, target="ort", dtype="float32", max_seq_len=max_seq_len, force=True)
+    )
     _cached_bundle(int4, lambda: api.quantize(fp32, int4, "int4-rtn", force=True))
     return {"fp32": fp32, "int4": int4}
 
@@ -102,20 +104,41 @@ def gguf_files(ckpt: Path, workdir: Path) -> dict[str, Path]:
     f32, q4 = workdir / f"{ckpt.name}-f32.gguf", workdir / f"{ckpt.name}-q4_0.gguf"
     if not f32.is_file():
         # the tiny tokenizer's pre-tokenizer hash is unknown to the converter: convert it as EXAONE 4's
-        shim = ("import sys, runpy; sys.argv = sys.argv[1:]; import conversion.base as b; "
-                "b.TextModel.get_vocab_base_pre = lambda self, tok: 'exaone4'; "
-                "runpy.run_path(sys.argv[0], run_name='__main__')")
+        shim = (
+            "import sys, runpy; sys.argv = sys.argv[1:]; import conversion.base as b; "
+            "b.TextModel.get_vocab_base_pre = lambda self, tok: 'exaone4'; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')"
+        )
         env = dict(os.environ, PYTHONPATH=f"{LLAMA_SRC}:{LLAMA_SRC / 'gguf-py'}")
-        subprocess.run([sys.executable, "-c", shim, str(LLAMA_SRC / "convert_hf_to_gguf.py"), str(ckpt),
-                        "--outfile", str(f32), "--outtype", "f32"], check=True, env=env, cwd=LLAMA_SRC,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                shim,
+                str(LLAMA_SRC / "convert_hf_to_gguf.py"),
+                str(ckpt),
+                "--outfile",
+                str(f32),
+                "--outtype",
+                "f32",
+            ],
+            check=True,
+            env=env,
+            cwd=LLAMA_SRC,
+            stdout=subprocess.DEVNULL,
+        )
     if not q4.is_file():
-        subprocess.run([str(LLAMA_BIN / "llama-quantize"), str(f32), str(q4), "Q4_0"], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [str(LLAMA_BIN / "llama-quantize"), str(f32), str(q4), "Q4_0"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     return {"f32": f32, "q4_0": q4}
 
 
 # ---- servers ----------------------------------------------------------------------------------------
+
 
 class LlamaServer:
     """``llama-server`` on 127.0.0.1 (continuous batching, ``parallel`` slots of ``context`` tokens each)."""
@@ -126,9 +149,25 @@ class LlamaServer:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        cmd = [str(LLAMA_BIN / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-               "-np", str(parallel), "-c", str(context * parallel), "--cont-batching", "--no-warmup",
-               "-t", str(threads or os.cpu_count()), "-tb", str(threads or os.cpu_count())]
+        cmd = [
+            str(LLAMA_BIN / "llama-server"),
+            "-m",
+            str(gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-np",
+            str(parallel),
+            "-c",
+            str(context * parallel),
+            "--cont-batching",
+            "--no-warmup",
+            "-t",
+            str(threads or os.cpu_count()),
+            "-tb",
+            str(threads or os.cpu_count()),
+        ]
         self.log = Path(gguf).with_suffix(".server.log")
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -165,10 +204,18 @@ def scrape(url: str) -> dict[str, float]:
 
 # ---- the clients ----------------------------------------------------------------------------------
 
+
 async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> dict:
     """One streamed greedy completion of token-id ``prompt``: ttft, chunk gaps (ITL), tokens, token ids (ours)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "return_token_ids": True, "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     stamps, ids, usage = [], [], None
     async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -187,8 +234,13 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: 
                     ids += choice.get("token_ids") or []
     t1 = time.perf_counter()
     tokens = (usage or {}).get("completion_tokens") or len(ids) or len(stamps)
-    return {"ttft": (stamps[0] if stamps else t1) - t0, "latency": t1 - t0, "tokens": tokens, "token_ids": ids,
-            "itl": np.diff(stamps).tolist()}
+    return {
+        "ttft": (stamps[0] if stamps else t1) - t0,
+        "latency": t1 - t0,
+        "tokens": tokens,
+        "token_ids": ids,
+        "itl": np.diff(stamps).tolist(),
+    }
 
 
 async def run_level(url: str, prompts: list[list[int]], concurrency: int, n_requests: int, max_tokens: int):
@@ -216,8 +268,9 @@ async def run_level(url: str, prompts: list[list[int]], concurrency: int, n_requ
     return [results[i] for i in range(n_requests)], wall
 
 
-async def run_conversations(url: str, system: list[int], n_conv: int, turns: int, user_len: int,
-                            max_tokens: int, seed: int = 1) -> list[list[float]]:
+async def run_conversations(
+    url: str, system: list[int], n_conv: int, turns: int, user_len: int, max_tokens: int, seed: int = 1
+) -> list[list[float]]:
     """``n_conv`` concurrent conversations; returns each turn's TTFT, per conversation."""
     rng = np.random.default_rng(seed)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(3600.0)) as client:
@@ -260,15 +313,22 @@ def measure(url: str, prompts, levels, requests, max_tokens, ours: bool) -> list
                 same = (same is not False) and r["token_ids"] == reference[key][1]
         tokens = sum(r["tokens"] for r in results)
         itl = [x for r in results for x in r["itl"]]
-        rows.append({
-            "concurrency": c, "requests": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "decode_tokens_per_s": step_tokens / step_s if step_s else None,
-            "mean_decode_batch": step_tokens / steps if steps else None,
-            "ttft_p50_s": percentile([r["ttft"] for r in results], 50),
-            "ttft_p99_s": percentile([r["ttft"] for r in results], 99),
-            "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
-            "same_as_lower_concurrency": same,
-        })
+        rows.append(
+            {
+                "concurrency": c,
+                "requests": n,
+                "tokens": tokens,
+                "wall_s": wall,
+                "tokens_per_s": tokens / wall,
+                "decode_tokens_per_s": step_tokens / step_s if step_s else None,
+                "mean_decode_batch": step_tokens / steps if steps else None,
+                "ttft_p50_s": percentile([r["ttft"] for r in results], 50),
+                "ttft_p99_s": percentile([r["ttft"] for r in results], 99),
+                "itl_p50_s": percentile(itl, 50),
+                "itl_p99_s": percentile(itl, 99),
+                "same_as_lower_concurrency": same,
+            }
+        )
         print(f"  concurrency {c}: {tokens} tokens in {wall:.1f} s", file=sys.stderr)
     for r in rows:
         r["tokens_per_s_vs_1"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
@@ -277,17 +337,21 @@ def measure(url: str, prompts, levels, requests, max_tokens, ours: bool) -> list
 
 def print_rows(name: str, rows: list[dict]) -> None:
     print(f"\n{name}")
-    head = (f"{'conc':>4} {'reqs':>4} {'tok/s':>7} {'x':>5} {'decode tok/s':>12} {'batch':>5} "
-            f"{'ttft p50':>8} {'ttft p99':>8} {'itl p50':>8} {'itl p99':>8} {'same':>4}")
+    head = (
+        f"{'conc':>4} {'reqs':>4} {'tok/s':>7} {'x':>5} {'decode tok/s':>12} {'batch':>5} "
+        f"{'ttft p50':>8} {'ttft p99':>8} {'itl p50':>8} {'itl p99':>8} {'same':>4}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         same = "-" if r["same_as_lower_concurrency"] is None else "yes" if r["same_as_lower_concurrency"] else "NO"
         dec = f"{r['decode_tokens_per_s']:.2f}" if r["decode_tokens_per_s"] else "-"
         batch = f"{r['mean_decode_batch']:.1f}" if r["mean_decode_batch"] else "-"
-        print(f"{r['concurrency']:>4} {r['requests']:>4} {r['tokens_per_s']:>7.2f} {r['tokens_per_s_vs_1']:>5.2f} "
-              f"{dec:>12} {batch:>5} {r['ttft_p50_s']:>7.2f}s {r['ttft_p99_s']:>7.2f}s "
-              f"{r['itl_p50_s'] * 1000:>6.0f}ms {r['itl_p99_s'] * 1000:>6.0f}ms {same:>4}")
+        print(
+            f"{r['concurrency']:>4} {r['requests']:>4} {r['tokens_per_s']:>7.2f} {r['tokens_per_s_vs_1']:>5.2f} "
+            f"{dec:>12} {batch:>5} {r['ttft_p50_s']:>7.2f}s {r['ttft_p99_s']:>7.2f}s "
+            f"{r['itl_p50_s'] * 1000:>6.0f}ms {r['itl_p99_s'] * 1000:>6.0f}ms {same:>4}"
+        )
 
 
 def main(argv=None) -> int:
@@ -295,11 +359,15 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", type=Path, default=None, help="Serve this bundle only (target ours-fp32).")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/exaone-deploy-bench"))
     ap.add_argument("--layers", type=int, default=30, help="Layers of the 1.2B shape (30: the real depth).")
-    ap.add_argument("--targets", default="ours-fp32,ours-int4,llama-f32,llama-q4_0",
-                    help="Comma-separated: ours-fp32, ours-int4, llama-f32, llama-q4_0.")
+    ap.add_argument(
+        "--targets",
+        default="ours-fp32,ours-int4,llama-f32,llama-q4_0",
+        help="Comma-separated: ours-fp32, ours-int4, llama-f32, llama-q4_0.",
+    )
     ap.add_argument("--concurrency", default="1,4,16,32", help="Comma-separated client concurrencies.")
-    ap.add_argument("--requests", type=int, default=None,
-                    help="Requests per level (default: 2 x concurrency, at least 3).")
+    ap.add_argument(
+        "--requests", type=int, default=None, help="Requests per level (default: 2 x concurrency, at least 3)."
+    )
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--context", type=int, default=256, help="Tokens per cache slot on the server.")
@@ -324,10 +392,25 @@ def main(argv=None) -> int:
     prompts = [rng.integers(100, 2000, size=args.prompt_len).tolist() for _ in range(max(levels) * 2)]
     if args.threads:
         os.environ["EXAONE_DEPLOY_THREADS"] = str(args.threads)
-    common = ["--no-verify", "--max-batch", str(max(levels)), "--context", str(args.context),
-              "--max-queue", str(4 * max(levels)), "--prefill-chunk", str(max(args.prompt_len, 64))]
-    report: dict = {"layers": args.layers, "cpu_count": os.cpu_count(), "threads": args.threads,
-                    "max_tokens": args.max_tokens, "prompt_len": args.prompt_len, "targets": {}}
+    common = [
+        "--no-verify",
+        "--max-batch",
+        str(max(levels)),
+        "--context",
+        str(args.context),
+        "--max-queue",
+        str(4 * max(levels)),
+        "--prefill-chunk",
+        str(max(args.prompt_len, 64)),
+    ]
+    report: dict = {
+        "layers": args.layers,
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "max_tokens": args.max_tokens,
+        "prompt_len": args.prompt_len,
+        "targets": {},
+    }
 
     for target in targets:
         print(f"{target} ...", file=sys.stderr)
@@ -337,8 +420,9 @@ def main(argv=None) -> int:
         else:
             server = LlamaServer(ggufs[q], max(levels), args.context, args.threads)
         try:
-            report["targets"][target] = measure(server.url, prompts, levels, args.requests, args.max_tokens,
-                                                kind == "ours")
+            report["targets"][target] = measure(
+                server.url, prompts, levels, args.requests, args.max_tokens, kind == "ours"
+            )
         finally:
             server.close()
 
@@ -361,31 +445,47 @@ def main(argv=None) -> int:
         report["multi_turn"] = {}
         for label, extra in (("reuse", []), ("no-reuse", ["--no-prefix-cache"])):
             print(f"multi-turn, {label} ...", file=sys.stderr)
-            server = ServerProcess(bundles["fp32"], "--no-verify", "--max-batch", str(args.conversations),
-                                   "--context", str(multi_ctx), "--prefill-chunk", "512", *extra)
+            server = ServerProcess(
+                bundles["fp32"],
+                "--no-verify",
+                "--max-batch",
+                str(args.conversations),
+                "--context",
+                str(multi_ctx),
+                "--prefill-chunk",
+                "512",
+                *extra,
+            )
             try:
                 asyncio.run(run_level(server.url, prompts, 1, 1, 2))
-                ttfts = asyncio.run(run_conversations(server.url, system, args.conversations, args.turns, 32,
-                                                      args.max_tokens))
+                ttfts = asyncio.run(
+                    run_conversations(server.url, system, args.conversations, args.turns, 32, args.max_tokens)
+                )
                 health = httpx.get(server.url + "/health").json()
             finally:
                 server.close()
             per_turn = np.median(np.asarray(ttfts), axis=0).tolist()
-            report["multi_turn"][label] = {"ttft_median_per_turn_s": per_turn,
-                                           "turn_last_over_first": per_turn[-1] / per_turn[0],
-                                           "prefix_tokens_reused": health.get("prefix_tokens_reused")}
+            report["multi_turn"][label] = {
+                "ttft_median_per_turn_s": per_turn,
+                "turn_last_over_first": per_turn[-1] / per_turn[0],
+                "prefix_tokens_reused": health.get("prefix_tokens_reused"),
+            }
 
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"1.2B shape, {args.layers} layers; prompt {args.prompt_len} tokens, {args.max_tokens} new tokens per "
-          f"request; {os.cpu_count()} CPUs, threads {args.threads or 'all'}")
+    print(
+        f"1.2B shape, {args.layers} layers; prompt {args.prompt_len} tokens, {args.max_tokens} new tokens per "
+        f"request; {os.cpu_count()} CPUs, threads {args.threads or 'all'}"
+    )
     for name, rows in report["targets"].items():
         print_rows(name, rows)
     for label, m in report.get("multi_turn", {}).items():
         turns = " ".join(f"{t * 1000:.0f}" for t in m["ttft_median_per_turn_s"])
-        print(f"\nmulti-turn {label}: TTFT per turn (ms, median of {args.conversations} conversations): {turns}; "
-              f"last/first {m['turn_last_over_first']:.2f}; prefix tokens reused {m['prefix_tokens_reused']}")
+        print(
+            f"\nmulti-turn {label}: TTFT per turn (ms, median of {args.conversations} conversations): {turns}; "
+            f"last/first {m['turn_last_over_first']:.2f}; prefix tokens reused {m['prefix_tokens_reused']}"
+        )
     return 0
 
 

@@ -49,16 +49,27 @@ def bundle_feeds(bundle: str | Path, prompt_len: int = 16, cache_len: int = 64, 
                 out[f"past_key_values.{i}.{kv}"] = np.zeros(shape, dtype)
         return out
 
-    prompt = {"input_ids": ids, "seqlens_k": np.array([prompt_len - 1], np.int32),
-              "total_sequence_length": np.array(prompt_len, np.int32),
-              "logits_index": np.array([[prompt_len - 1]], np.int64), **caches()}
-    decode = {"input_ids": ids[:, -1:], "seqlens_k": np.array([prompt_len], np.int32),
-              "total_sequence_length": np.array(prompt_len + 1, np.int32),
-              "logits_index": np.array([[0]], np.int64), **caches()}
+    prompt = {
+        "input_ids": ids,
+        "seqlens_k": np.array([prompt_len - 1], np.int32),
+        "total_sequence_length": np.array(prompt_len, np.int32),
+        "logits_index": np.array([[prompt_len - 1]], np.int64),
+        **caches(),
+    }
+    decode = {
+        "input_ids": ids[:, -1:],
+        "seqlens_k": np.array([prompt_len], np.int32),
+        "total_sequence_length": np.array(prompt_len + 1, np.int32),
+        "logits_index": np.array([[0]], np.int64),
+        **caches(),
+    }
     return [prompt, decode]
 
 
 def load_data():
     """Polygraphy's entry point: an iterable of feed dicts."""
-    return bundle_feeds(os.environ.get("EXAONE_BUNDLE", "."), int(os.environ.get("EXAONE_PROMPT_LEN", "16")),
-                        int(os.environ.get("EXAONE_CACHE_LEN", "64")))
+    return bundle_feeds(
+        os.environ.get("EXAONE_BUNDLE", "."),
+        int(os.environ.get("EXAONE_PROMPT_LEN", "16")),
+        int(os.environ.get("EXAONE_CACHE_LEN", "64")),
+    )

@@ -37,8 +37,9 @@ def _params(sampling: dict[str, Any], generator=None, json_schema: dict | None =
     if json_schema is not None:
         from .runtime.grammar import GrammarConstraint
 
-        sampling["grammar"] = GrammarConstraint.json_schema(generator.tokenizer, json_schema,
-                                                            generator.backend.spec.vocab_size, reasoning).grammar
+        sampling["grammar"] = GrammarConstraint.json_schema(
+            generator.tokenizer, json_schema, generator.backend.spec.vocab_size, reasoning
+        ).grammar
     return SamplingParams(**_tuples(sampling, "stop", "stop_token_ids")).validate()
 
 

@@ -24,14 +24,31 @@ from .errors import ExaoneDeployError
 from .graph_io import GraphIO
 from .spec import LIMITS, ModelSpec
 
-__all__ = ["BundleError", "Manifest", "load_manifest", "write_manifest", "copy_tokenizer_files", "finish_bundle",
-           "atomic_dir", "is_checkpoint_dir", "FORMAT", "FORMAT_VERSION"]
+__all__ = [
+    "BundleError",
+    "Manifest",
+    "load_manifest",
+    "write_manifest",
+    "copy_tokenizer_files",
+    "finish_bundle",
+    "atomic_dir",
+    "is_checkpoint_dir",
+    "FORMAT",
+    "FORMAT_VERSION",
+]
 
 FORMAT = "exaone-deploy-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json", "config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "config.json",
+)
 
 
 class BundleError(ExaoneDeployError, ValueError):
@@ -103,9 +120,18 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def write_manifest(root: Path, *, io: GraphIO, target: str, model_file: str, canonical_file: str | None,
-                   weights_file: str | None, source_dir: Path, extra: dict[str, Any] | None = None,
-                   more_files: dict[str, str] | None = None) -> dict[str, Any]:
+def write_manifest(
+    root: Path,
+    *,
+    io: GraphIO,
+    target: str,
+    model_file: str,
+    canonical_file: str | None,
+    weights_file: str | None,
+    source_dir: Path,
+    extra: dict[str, Any] | None = None,
+    more_files: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Write ``root/manifest.json`` (atomically) listing the sha256 of every other file in ``root``.
     ``more_files``: further ``files`` entries (role -> name), e.g. ``genai`` (exaone_deploy/genai.py)."""
     spec = io.spec
@@ -179,8 +205,10 @@ def _check_manifest(root: Path, data: object) -> dict[str, Any]:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise bad("format_version", f"expected a positive integer, got {version!r}")
     if version > FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format {version} is newer than this exaone-deploy supports "
-                          f"({FORMAT_VERSION}); upgrade exaone-deploy")
+        raise BundleError(
+            f"{path}: bundle format {version} is newer than this exaone-deploy supports "
+            f"({FORMAT_VERSION}); upgrade exaone-deploy"
+        )
     if data.get("target") not in TARGETS:
         raise bad("target", f"expected one of {', '.join(TARGETS)}, got {data.get('target')!r}")
     if not isinstance(data.get("dtype"), str):
@@ -220,17 +248,26 @@ def _spec_of(root: Path, data: dict[str, Any]) -> ModelSpec:
         spec = ModelSpec.from_json(data["spec"])
     except (TypeError, KeyError, ValueError, AttributeError) as e:
         raise BundleError(f"{field_name}: malformed ({type(e).__name__}: {e})") from None
-    sizes = {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
-             "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
-             "num_key_value_heads": spec.num_kv_heads, "vocab_size": spec.vocab_size, "head_dim": spec.head_dim}
+    sizes = {
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "vocab_size": spec.vocab_size,
+        "head_dim": spec.head_dim,
+    }
     for key, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= LIMITS[key]:
             raise BundleError(f"{field_name}: {key} {value!r} is not a supported size")
     if len(spec.layers) != spec.num_layers or spec.num_heads % spec.num_kv_heads:
         raise BundleError(f"{field_name}: inconsistent layer or head counts")
     for layer in spec.layers:
-        if isinstance(layer.window, bool) or not isinstance(layer.window, int) or not \
-                0 <= layer.window <= LIMITS["sliding_window"]:
+        if (
+            isinstance(layer.window, bool)
+            or not isinstance(layer.window, int)
+            or not 0 <= layer.window <= LIMITS["sliding_window"]
+        ):
             raise BundleError(f"{field_name}: layer {layer.index} window {layer.window!r} is not a supported size")
     return spec
 
@@ -254,15 +291,25 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     if verify:
         for name, digest in data.get("sha256", {}).items():
             if sha256_file(root / name) != digest:
-                raise BundleError(f"{root / name}: sha256 mismatch with {MANIFEST} (the file is corrupt or was "
-                                  "modified)")
+                raise BundleError(
+                    f"{root / name}: sha256 mismatch with {MANIFEST} (the file is corrupt or was modified)"
+                )
     return Manifest(root, data, _spec_of(root, data))
 
 
-def finish_bundle(root: Path, io: GraphIO, *, target: str, model_file: str, source_dir: Path,
-                  tokenizer_dirs: tuple[Path, ...] = (), canonical_file: str | None = None,
-                  weights_file: str | None = None, extra: dict[str, Any] | None = None,
-                  before_manifest: Callable[[Path], dict[str, str]] | None = None) -> dict[str, Any]:
+def finish_bundle(
+    root: Path,
+    io: GraphIO,
+    *,
+    target: str,
+    model_file: str,
+    source_dir: Path,
+    tokenizer_dirs: tuple[Path, ...] = (),
+    canonical_file: str | None = None,
+    weights_file: str | None = None,
+    extra: dict[str, Any] | None = None,
+    before_manifest: Callable[[Path], dict[str, str]] | None = None,
+) -> dict[str, Any]:
     """The last steps of writing any bundle into its staging directory ``root``: the tokenizer files of the first
     of ``tokenizer_dirs`` (default: ``source_dir``) that has any, then ``before_manifest(root)`` (files that read
     the tokenizer files; it returns their ``files`` entries, role -> name), then the manifest (written last: a
@@ -271,13 +318,27 @@ def finish_bundle(root: Path, io: GraphIO, *, target: str, model_file: str, sour
         if copy_tokenizer_files(Path(d), root):
             break
     more = before_manifest(root) if before_manifest is not None else None
-    return write_manifest(root, io=io, target=target, model_file=model_file, canonical_file=canonical_file,
-                          weights_file=weights_file, source_dir=source_dir, extra=extra, more_files=more)
+    return write_manifest(
+        root,
+        io=io,
+        target=target,
+        model_file=model_file,
+        canonical_file=canonical_file,
+        weights_file=weights_file,
+        source_dir=source_dir,
+        extra=extra,
+        more_files=more,
+    )
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, *, force: bool = False, replaceable: Callable[[Path], bool] | None = None,
-               error: type[Exception] = BundleError) -> Iterator[Path]:
+def atomic_dir(
+    out: str | Path,
+    *,
+    force: bool = False,
+    replaceable: Callable[[Path], bool] | None = None,
+    error: type[Exception] = BundleError,
+) -> Iterator[Path]:
     """Yield a fresh sibling directory of ``out`` (mode 0755) to write into; when the block succeeds it
     replaces ``out`` atomically (a rename), when it fails (any exception, KeyboardInterrupt included) it is
     removed and ``out`` is left as it was.
@@ -299,8 +360,10 @@ def atomic_dir(out: str | Path, *, force: bool = False, replaceable: Callable[[P
             if out.is_symlink() or not replaceable(out):
                 raise error(f"{out}: output already exists (refusing to replace it)")
         elif out.is_symlink() or not is_bundle_dir(out):
-            raise error(f"{out}: exists and is not an exaone-deploy bundle or an empty directory; refusing to replace "
-                        "it (choose another output path)")
+            raise error(
+                f"{out}: exists and is not an exaone-deploy bundle or an empty directory; refusing to replace "
+                "it (choose another output path)"
+            )
         elif not force:
             raise error(f"{out}: output already exists (use --force to replace it)")
     try:
@@ -338,7 +401,7 @@ def _remove_stale(out: Path) -> None:
         for p in out.parent.iterdir():
             if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
                 continue
-            pid = p.name[len(prefix):].split("-", 1)[0]
+            pid = p.name[len(prefix) :].split("-", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(p, ignore_errors=True)
 

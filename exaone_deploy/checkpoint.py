@@ -94,8 +94,12 @@ def _read_header(path: Path, quantized: bool = False) -> dict[str, TensorInfo]:
         try:
             dtype, shape, (start, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
             ints = [*shape, start, end]
-            if not isinstance(meta["shape"], list) or any(isinstance(x, bool) or not isinstance(x, int) for x in ints) \
-                    or min(shape, default=0) < 0 or not 0 <= start <= end:
+            if (
+                not isinstance(meta["shape"], list)
+                or any(isinstance(x, bool) or not isinstance(x, int) for x in ints)
+                or min(shape, default=0) < 0
+                or not 0 <= start <= end
+            ):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
@@ -181,8 +185,12 @@ class Checkpoint:
         from .prequant.formats import LINEAR_SUFFIXES
 
         module, _, leaf = name.rpartition(".")
-        return (self.scheme is not None and leaf == "weight" and module.endswith(LINEAR_SUFFIXES)
-                and not self.scheme.is_ignored(module))
+        return (
+            self.scheme is not None
+            and leaf == "weight"
+            and module.endswith(LINEAR_SUFFIXES)
+            and not self.scheme.is_ignored(module)
+        )
 
     @property
     def nbytes(self) -> int:
@@ -260,7 +268,7 @@ class Checkpoint:
                     if not k:
                         raise CheckpointError(f"{info.file}: truncated while reading '{info.name}'")
                     got += k
-                flat[start:start + n].copy_(scratch[:n])
+                flat[start : start + n].copy_(scratch[:n])
                 self._check_finite(info, bool(torch.isfinite(scratch[:n]).all()))
         return out
 
@@ -296,8 +304,9 @@ class Checkpoint:
         yield from expected_tensors(spec).items()
 
 
-def quantized_tensors(expected: dict[str, tuple[int, ...]], scheme
-                      ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+def quantized_tensors(
+    expected: dict[str, tuple[int, ...]], scheme
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """``expected`` (a float checkpoint's tensors) with each linear ``scheme`` quantizes replaced by its packed
     tensors; returns (required, optional). Linears the scheme leaves unquantized keep their float weight."""
     from .prequant.formats import LINEAR_SUFFIXES, tensor_shapes

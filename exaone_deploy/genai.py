@@ -103,17 +103,21 @@ class AttentionMaskInputs(ir.passes.InPlacePass):
         if ATTENTION_MASK in inputs or "input_ids" not in inputs or any(v is None for v in old):
             return ir.passes.PassResult(model, modified=False)
         batch = inputs["input_ids"].shape[0] if inputs["input_ids"].shape is not None else "batch"
-        mask = ir.Value(name=ATTENTION_MASK, shape=ir.Shape([batch, "total_sequence_length"]),
-                        type=ir.TensorType(ir.DataType.INT64))
+        mask = ir.Value(
+            name=ATTENTION_MASK, shape=ir.Shape([batch, "total_sequence_length"]), type=ir.TensorType(ir.DataType.INT64)
+        )
         tape = ir.tape.Tape()
         one, axis1 = _const(tape, "one", [1]), _const(tape, "axis1", [1])
-        seqlens = tape.op("Cast", [tape.op("Sub", [tape.op("ReduceSum", [mask, axis1], {"keepdims": 0}), one])],
-                          {"to": ir.DataType.INT32})
-        total = tape.op("Cast", [tape.op("Squeeze", [tape.op("Shape", [mask], {"start": 1, "end": 2})])],
-                        {"to": ir.DataType.INT32})
+        seqlens = tape.op(
+            "Cast",
+            [tape.op("Sub", [tape.op("ReduceSum", [mask, axis1], {"keepdims": 0}), one])],
+            {"to": ir.DataType.INT32},
+        )
+        total = tape.op(
+            "Cast", [tape.op("Squeeze", [tape.op("Shape", [mask], {"start": 1, "end": 2})])], {"to": ir.DataType.INT32}
+        )
         seq = tape.op("Shape", [inputs["input_ids"]], {"start": 1, "end": 2})
-        chunk = tape.op("Slice", [mask, tape.op("Neg", [seq]), _const(tape, "end", [np.iinfo(np.int64).max]),
-                                  axis1])
+        chunk = tape.op("Slice", [mask, tape.op("Neg", [seq]), _const(tape, "end", [np.iinfo(np.int64).max]), axis1])
         index = tape.op("Sub", [tape.op("ReduceSum", [chunk, axis1], {"keepdims": 1}), one])
         for value, new, shape in zip(old, (seqlens, total, index), ([batch], [], [batch, 1])):
             new.name, new.shape, new.type = f"genai/{value.name}", ir.Shape(shape), value.type
@@ -162,8 +166,15 @@ def _ids(value: Any) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
-def genai_config(spec: ModelSpec, *, max_seq_len: int, window_cache: bool, filename: str = GENAI_FILE,
-                 generation_config: dict[str, Any] | None = None, max_length: int | None = None) -> dict[str, Any]:
+def genai_config(
+    spec: ModelSpec,
+    *,
+    max_seq_len: int,
+    window_cache: bool,
+    filename: str = GENAI_FILE,
+    generation_config: dict[str, Any] | None = None,
+    max_length: int | None = None,
+) -> dict[str, Any]:
     """``genai_config.json`` for the variant graph (schema: genai's ``src/config.h``, as its builder writes it).
 
     ``context_length`` is the bundle's ``max_seq_len`` (its RoPE tables end there); ``search.max_length``, the
@@ -185,39 +196,68 @@ def genai_config(spec: ModelSpec, *, max_seq_len: int, window_cache: bool, filen
         "num_attention_heads": spec.num_heads,
         "num_key_value_heads": spec.num_kv_heads,
         "num_hidden_layers": spec.num_layers,
-        "inputs": {"input_ids": "input_ids", ATTENTION_MASK: ATTENTION_MASK,
-                   "past_key_names": GraphIO.past_name("%d", "key"),
-                   "past_value_names": GraphIO.past_name("%d", "value")},
-        "outputs": {"logits": "logits",
-                    "present_key_names": GraphIO.present_name("%d", "key"),
-                    "present_value_names": GraphIO.present_name("%d", "value")},
+        "inputs": {
+            "input_ids": "input_ids",
+            ATTENTION_MASK: ATTENTION_MASK,
+            "past_key_names": GraphIO.past_name("%d", "key"),
+            "past_value_names": GraphIO.past_name("%d", "value"),
+        },
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": GraphIO.present_name("%d", "key"),
+            "present_value_names": GraphIO.present_name("%d", "value"),
+        },
     }
     sliding = [layer for layer in spec.layers if layer.sliding]
     if window_cache and sliding:
         windows = {layer.window for layer in sliding}
         if len(windows) != 1:
             raise GenaiError(f"genai_config: genai has one sliding window size, the model has {sorted(windows)}")
-        decoder["sliding_window"] = {"window_size": windows.pop(), "slide_key_value_cache": False,
-                                     "slide_inputs": False, "layers": [layer.index for layer in sliding],
-                                     "cache_slack": 0}
-    search = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
-              **{k: gen[k] for k in _SEARCH_KEYS if gen.get(k) is not None}}
-    search.update({"max_length": min(max_length or max_seq_len, max_seq_len), "min_length": 0, "num_beams": 1,
-                   "num_return_sequences": 1,
-                   "past_present_share_buffer": True, "early_stopping": True, "length_penalty": 1.0,
-                   "no_repeat_ngram_size": 0, "diversity_penalty": 0.0})
+        decoder["sliding_window"] = {
+            "window_size": windows.pop(),
+            "slide_key_value_cache": False,
+            "slide_inputs": False,
+            "layers": [layer.index for layer in sliding],
+            "cache_slack": 0,
+        }
+    search = {
+        "do_sample": False,
+        "temperature": 1.0,
+        "top_k": 50,
+        "top_p": 1.0,
+        "repetition_penalty": 1.0,
+        **{k: gen[k] for k in _SEARCH_KEYS if gen.get(k) is not None},
+    }
+    search.update(
+        {
+            "max_length": min(max_length or max_seq_len, max_seq_len),
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": True,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "no_repeat_ngram_size": 0,
+            "diversity_penalty": 0.0,
+        }
+    )
     return {
-        "model": {"type": MODEL_TYPE, "context_length": max_seq_len, "vocab_size": spec.vocab_size,
-                  "bos_token_id": int(bos) if bos is not None else eos[0],
-                  "eos_token_id": eos if len(eos) > 1 else eos[0],
-                  "pad_token_id": int(pad) if pad is not None else eos[0],
-                  "decoder": decoder},
+        "model": {
+            "type": MODEL_TYPE,
+            "context_length": max_seq_len,
+            "vocab_size": spec.vocab_size,
+            "bos_token_id": int(bos) if bos is not None else eos[0],
+            "eos_token_id": eos if len(eos) > 1 else eos[0],
+            "pad_token_id": int(pad) if pad is not None else eos[0],
+            "decoder": decoder,
+        },
         "search": search,
     }
 
 
-def write_genai_variant(bundle_dir: str | Path, spec: ModelSpec, *, max_seq_len: int, window_cache: bool,
-                        model_file: str = "model.onnx") -> list[str]:
+def write_genai_variant(
+    bundle_dir: str | Path, spec: ModelSpec, *, max_seq_len: int, window_cache: bool, model_file: str = "model.onnx"
+) -> list[str]:
     """Write ``genai.onnx`` (from ``model_file``, sharing its external weight files) and ``genai_config.json``
     into ``bundle_dir``. Returns the names written. Call it before the manifest is written (the manifest then
     hashes them), or use :func:`add_genai_variant` on a finished bundle.
@@ -227,8 +267,13 @@ def write_genai_variant(bundle_dir: str | Path, spec: ModelSpec, *, max_seq_len:
     """
     root = Path(bundle_dir)
     model = lower_for_genai(ir.load(root / model_file))
-    shared = sorted({t.const_value.location for t in model.graph.initializers.values()
-                     if isinstance(t.const_value, ir.ExternalTensor)})
+    shared = sorted(
+        {
+            t.const_value.location
+            for t in model.graph.initializers.values()
+            if isinstance(t.const_value, ir.ExternalTensor)
+        }
+    )
     ir.save(model, root / GENAI_FILE)
     log.info("%s: %s written over %s", root, GENAI_FILE, ", ".join(shared) or "inline weights")
     gen_path = root / "generation_config.json"
@@ -250,8 +295,13 @@ def add_genai_variant(bundle_dir: str | Path) -> list[str]:
     if manifest.target != "ort":
         raise BundleError(f"{manifest.root}: a {manifest.target} bundle; onnxruntime-genai runs ort bundles only")
     io = manifest.io
-    names = write_genai_variant(manifest.root, manifest.spec, max_seq_len=manifest.max_seq_len,
-                                window_cache=io.window_cache, model_file=manifest.model_path.name)
+    names = write_genai_variant(
+        manifest.root,
+        manifest.spec,
+        max_seq_len=manifest.max_seq_len,
+        window_cache=io.window_cache,
+        model_file=manifest.model_path.name,
+    )
     data = manifest.data
     data["files"]["genai"] = GENAI_FILE
     data["sha256"].update({n: sha256_file(manifest.root / n) for n in names})
@@ -261,8 +311,15 @@ def add_genai_variant(bundle_dir: str | Path) -> list[str]:
     return names
 
 
-def cache_bytes(spec: ModelSpec, *, max_length: int, batch: int = 1, bytes_per_elem: int = 4,
-                window_cache: bool = True, slack: int = 16) -> int:
+def cache_bytes(
+    spec: ModelSpec,
+    *,
+    max_length: int,
+    batch: int = 1,
+    bytes_per_elem: int = 4,
+    window_cache: bool = True,
+    slack: int = 16,
+) -> int:
     """KV-cache bytes genai allocates for the variant: ``max_length`` positions on global layers, and on
     sliding layers ``min(window + slack, max_length)`` with windowed caches or ``max_length`` without."""
     total = 0

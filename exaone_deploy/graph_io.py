@@ -34,8 +34,18 @@ import numpy as np
 from .errors import InputError
 from .spec import ModelSpec
 
-__all__ = ["GraphIO", "HeadIO", "graph_io_of", "DEFAULT_CONTEXT", "STEP_INPUTS", "HEAD_INPUTS", "KV", "KV_CACHE_TYPES",
-           "KV_QUANT_TYPE", "REPORT_CONTEXTS"]
+__all__ = [
+    "GraphIO",
+    "HeadIO",
+    "graph_io_of",
+    "DEFAULT_CONTEXT",
+    "STEP_INPUTS",
+    "HEAD_INPUTS",
+    "KV",
+    "KV_CACHE_TYPES",
+    "KV_QUANT_TYPE",
+    "REPORT_CONTEXTS",
+]
 
 DEFAULT_CONTEXT = 4096  # runtime cache capacity when none is asked for (capped by the bundle's max_seq_len)
 STEP_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "logits_index")
@@ -101,7 +111,7 @@ class GraphIO:
     @staticmethod
     def present_of(past: str) -> str | None:
         """The present output that aliases a past input (None when ``past`` is no cache input)."""
-        return _PRESENT + past[len(_PAST):] if past.startswith(_PAST + ".") else None
+        return _PRESENT + past[len(_PAST) :] if past.startswith(_PAST + ".") else None
 
     @staticmethod
     def is_cache(name: str) -> bool:
@@ -110,8 +120,12 @@ class GraphIO:
     # ---- dims -----------------------------------------------------------------------------------
     def dim_names(self, name: str) -> tuple[str | None, ...] | None:
         """Names of the dynamic axes of an input/output (None for a static axis)."""
-        fixed = {"input_ids": ("batch", "sequence"), "seqlens_k": ("batch",), "logits_index": ("batch", "logits_len"),
-                 LOGITS: ("batch", "logits_len", None)}
+        fixed = {
+            "input_ids": ("batch", "sequence"),
+            "seqlens_k": ("batch",),
+            "logits_index": ("batch", "logits_len"),
+            LOGITS: ("batch", "logits_len", None),
+        }
         if name in fixed:
             return fixed[name]
         if self.is_cache(name):
@@ -121,8 +135,9 @@ class GraphIO:
     @property
     def cache_lengths(self) -> list[int | str]:
         """Per layer: the fixed window W (window-sized cache) or ``"cache_len"`` (chosen by the runtime)."""
-        return [layer.window if (self.window_cache and layer.sliding) else RUNTIME_CACHE_LEN
-                for layer in self.spec.layers]
+        return [
+            layer.window if (self.window_cache and layer.sliding) else RUNTIME_CACHE_LEN for layer in self.spec.layers
+        ]
 
     def cache_lengths_at(self, capacity: int) -> list[int]:
         """Per layer, the cache length when the runtime-sized caches hold ``capacity`` tokens."""
@@ -166,18 +181,25 @@ class GraphIO:
         for k, (i, _, past, present) in enumerate(self.cache_pairs()):
             yield k, past, present, self.cache_shape(i, rows, capacity)
 
-    def profile_shapes(self, max_batch: int, max_seq_len: int, prefill_opt_len: int | None = None
-                       ) -> list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
+    def profile_shapes(
+        self, max_batch: int, max_seq_len: int, prefill_opt_len: int | None = None
+    ) -> list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
         """(min, opt, max) shapes of every dynamic input for a TensorRT engine's prefill and decode profiles.
 
         ``total_sequence_length`` is a scalar (no dynamic dimension) and needs no profile entry. A cache of
         fixed (window) length has that length at min, opt and max."""
         B, C = max_batch, max_seq_len
         opt_s = min(C, prefill_opt_len or 256)
-        prefill = {"input_ids": ((1, 1), (1, opt_s), (B, C)), "seqlens_k": ((1,), (1,), (B,)),
-                   "logits_index": ((1, 1), (1, 1), (B, C))}
-        decode = {"input_ids": ((1, 1), (B, 1), (B, 1)), "seqlens_k": ((1,), (B,), (B,)),
-                  "logits_index": ((1, 1), (B, 1), (B, 1))}
+        prefill = {
+            "input_ids": ((1, 1), (1, opt_s), (B, C)),
+            "seqlens_k": ((1,), (1,), (B,)),
+            "logits_index": ((1, 1), (1, 1), (B, C)),
+        }
+        decode = {
+            "input_ids": ((1, 1), (B, 1), (B, 1)),
+            "seqlens_k": ((1,), (B,), (B,)),
+            "logits_index": ((1, 1), (B, 1), (B, 1)),
+        }
         for i, _, past, _ in self.cache_pairs():
             _, heads, n, h = self.cache_shape(i, B, C)
             lo = 1 if self.cache_lengths[i] == RUNTIME_CACHE_LEN else n
@@ -191,8 +213,9 @@ class GraphIO:
 
     # ---- step inputs ------------------------------------------------------------------------------
     @staticmethod
-    def prefill_inputs(prompts: Sequence[Sequence[int]], all_logits: bool = False
-                       ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def prefill_inputs(
+        prompts: Sequence[Sequence[int]], all_logits: bool = False
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """A prompt step over fresh rows, right-padded with 0: (inputs, per-row lengths). Logits of each row's
         last token, or (``all_logits``) of every position of the padded chunk."""
         lens = np.array([len(p) for p in prompts], dtype=np.int64)
@@ -203,7 +226,8 @@ class GraphIO:
             "input_ids": ids,
             "seqlens_k": (lens - 1).astype(np.int32),
             "total_sequence_length": np.array(ids.shape[1], dtype=np.int32),
-            "logits_index": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy() if all_logits
+            "logits_index": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+            if all_logits
             else (lens - 1)[:, None],
         }
         return inputs, lens
@@ -244,18 +268,34 @@ class GraphIO:
         return {
             "inputs": [
                 {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
-                {"name": "seqlens_k", "dtype": "int32", "shape": ["batch"],
-                 "doc": "tokens in the row after this step, minus one"},
-                {"name": "total_sequence_length", "dtype": "int32", "shape": [],
-                 "doc": "max over rows of seqlens_k + 1; equal to sequence on a prompt step"},
-                {"name": "logits_index", "dtype": "int64", "shape": ["batch", "logits_len"],
-                 "doc": "positions in the chunk whose logits are returned"},
+                {
+                    "name": "seqlens_k",
+                    "dtype": "int32",
+                    "shape": ["batch"],
+                    "doc": "tokens in the row after this step, minus one",
+                },
+                {
+                    "name": "total_sequence_length",
+                    "dtype": "int32",
+                    "shape": [],
+                    "doc": "max over rows of seqlens_k + 1; equal to sequence on a prompt step",
+                },
+                {
+                    "name": "logits_index",
+                    "dtype": "int64",
+                    "shape": ["batch", "logits_len"],
+                    "doc": "positions in the chunk whose logits are returned",
+                },
                 {"name": f"{_PAST}.{{i}}.key|value", "dtype": dtype, "shape": kv},
             ],
             "outputs": [
                 {"name": LOGITS, "dtype": "float32", "shape": ["batch", "logits_len", s.vocab_size]},
-                {"name": f"{_PRESENT}.{{i}}.key|value", "dtype": dtype, "shape": kv,
-                 "doc": "the past buffers updated in place (bind the same memory)"},
+                {
+                    "name": f"{_PRESENT}.{{i}}.key|value",
+                    "dtype": dtype,
+                    "shape": kv,
+                    "doc": "the past buffers updated in place (bind the same memory)",
+                },
             ],
             "cache": self._manifest_cache(),
         }
@@ -263,13 +303,26 @@ class GraphIO:
     def _manifest_cache(self) -> dict[str, Any]:
         s = self.spec
         contexts = sorted({c for c in REPORT_CONTEXTS if c < self.max_seq_len} | {self.max_seq_len})
-        cache = {"layout": "BNSH", "dtype": self.cache_dtype, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
-                 "max_len": self.max_seq_len, "in_place": True, "window_cache": self.window_cache,
-                 "per_layer_len": self.cache_lengths, "bytes_per_token": self.cache_bytes_per_token,
-                 "bytes": {str(c): self.cache_bytes(c) for c in contexts}}
+        cache = {
+            "layout": "BNSH",
+            "dtype": self.cache_dtype,
+            "num_kv_heads": s.num_kv_heads,
+            "head_dim": s.head_dim,
+            "max_len": self.max_seq_len,
+            "in_place": True,
+            "window_cache": self.window_cache,
+            "per_layer_len": self.cache_lengths,
+            "bytes_per_token": self.cache_bytes_per_token,
+            "bytes": {str(c): self.cache_bytes(c) for c in contexts},
+        }
         if self.kv_cache == "int8":
-            cache["quant"] = {"type": KV_QUANT_TYPE, "bit_width": 8, "scales": self.kv_scales,
-                              "scale_inputs": f"{_KV_SCALE}.{{i}}.key|value", "scale_shape": list(self.kv_scale_shape)}
+            cache["quant"] = {
+                "type": KV_QUANT_TYPE,
+                "bit_width": 8,
+                "scales": self.kv_scales,
+                "scale_inputs": f"{_KV_SCALE}.{{i}}.key|value",
+                "scale_shape": list(self.kv_scale_shape),
+            }
         return cache
 
     @classmethod
@@ -277,12 +330,18 @@ class GraphIO:
         cache = data.get("io", {}).get("cache", {})
         cache_dtype = cache.get("dtype", data["dtype"])  # manifests before int8 caches: the bundle dtype
         if cache_dtype not in (data["dtype"], "int8"):
-            raise InputError(f"manifest field 'io.cache.dtype': expected {data['dtype']!r} or 'int8', "
-                             f"got {cache_dtype!r}")
+            raise InputError(
+                f"manifest field 'io.cache.dtype': expected {data['dtype']!r} or 'int8', got {cache_dtype!r}"
+            )
         quant = cache.get("quant") if isinstance(cache.get("quant"), dict) else {}
-        return cls(spec, dtype=data["dtype"], max_seq_len=int(data["max_seq_len"]),
-                   window_cache=bool(cache.get("window_cache")), kv_cache="int8" if cache_dtype == "int8" else "float",
-                   kv_scales=str(quant.get("scales", "")))
+        return cls(
+            spec,
+            dtype=data["dtype"],
+            max_seq_len=int(data["max_seq_len"]),
+            window_cache=bool(cache.get("window_cache")),
+            kv_cache="int8" if cache_dtype == "int8" else "float",
+            kv_scales=str(quant.get("scales", "")),
+        )
 
     def profile_summary(self, profile: dict[str, Any]) -> dict[str, Any]:
         """A profile as recorded in an engine manifest: the step inputs, and the caches once as
@@ -359,14 +418,26 @@ class HeadIO(GraphIO):
         head = self.spec.head
         return {
             "inputs": [
-                {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"],
-                 "doc": "rows right-padded (with the pad token id)"},
-                {"name": "attention_lengths", "dtype": "int32", "shape": ["batch"],
-                 "doc": "real tokens of each row (1..sequence)"},
+                {
+                    "name": "input_ids",
+                    "dtype": "int64",
+                    "shape": ["batch", "sequence"],
+                    "doc": "rows right-padded (with the pad token id)",
+                },
+                {
+                    "name": "attention_lengths",
+                    "dtype": "int32",
+                    "shape": ["batch"],
+                    "doc": "real tokens of each row (1..sequence)",
+                },
             ],
             "outputs": [{"name": n, "dtype": "float32", "shape": self.output_shape(n)} for n in self.output_names],
-            "head": {"task": head.task, "labels": list(head.labels), "problem_type": head.problem_type,
-                     "pad_token_id": head.pad_token_id},
+            "head": {
+                "task": head.task,
+                "labels": list(head.labels),
+                "problem_type": head.problem_type,
+                "pad_token_id": head.pad_token_id,
+            },
         }
 
     @classmethod
@@ -374,8 +445,14 @@ class HeadIO(GraphIO):
         return cls(spec, dtype=data["dtype"], max_seq_len=int(data["max_seq_len"]))
 
 
-def graph_io_of(spec: ModelSpec, dtype: str, max_seq_len: int, window_cache: bool = False, kv_cache: str = "float",
-                kv_scales: str = "") -> GraphIO:
+def graph_io_of(
+    spec: ModelSpec,
+    dtype: str,
+    max_seq_len: int,
+    window_cache: bool = False,
+    kv_cache: str = "float",
+    kv_scales: str = "",
+) -> GraphIO:
     """The I/O contract of a graph of ``spec``: a :class:`HeadIO` for a task head (no KV cache), else the
     decoder's."""
     if not spec.head.is_lm:

@@ -26,16 +26,32 @@ __all__ = ["ALLOW_PATTERNS", "IGNORE_PATTERNS", "is_repo_id", "snapshot", "snaps
 log = logging.getLogger(__name__)
 
 ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "chat_template.jinja"]
-IGNORE_PATTERNS = ["*/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.gguf", "*.onnx", "*.onnx_data",
-                   "*.h5", "*.msgpack"]
+IGNORE_PATTERNS = [
+    "*/*",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.pkl",
+    "*.gguf",
+    "*.onnx",
+    "*.onnx_data",
+    "*.h5",
+    "*.msgpack",
+]
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
 def is_repo_id(name: str | Path) -> bool:
     """True for a string shaped like ``ORG/NAME`` that is not an existing local path."""
     s = str(name)
-    return (isinstance(name, str) and _REPO_ID.fullmatch(s) is not None and ".." not in s
-            and not s.endswith(".git") and not Path(s).exists())
+    return (
+        isinstance(name, str)
+        and _REPO_ID.fullmatch(s) is not None
+        and ".." not in s
+        and not s.endswith(".git")
+        and not Path(s).exists()
+    )
 
 
 def snapshot(repo_id: str, revision: str | None = None) -> Path:
@@ -46,25 +62,32 @@ def snapshot(repo_id: str, revision: str | None = None) -> Path:
         from huggingface_hub import errors as hf_errors
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise CheckpointError(f"{repo_id}: no such local directory; to fetch it from the Hugging Face Hub install "
-                              "huggingface-hub (pip install 'exaone-deploy[export]')") from None
+        raise CheckpointError(
+            f"{repo_id}: no such local directory; to fetch it from the Hugging Face Hub install "
+            "huggingface-hub (pip install 'exaone-deploy[export]')"
+        ) from None
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
     log.info("resolving %s on the Hugging Face Hub", where)
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
-                                 ignore_patterns=IGNORE_PATTERNS)
+        path = snapshot_download(
+            repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS
+        )
     except hf_errors.RevisionNotFoundError:
         raise CheckpointError(f"{where}: revision not found on the Hugging Face Hub") from None
     except hf_errors.GatedRepoError:
         raise CheckpointError(f"{where}: gated repo; accept its terms on huggingface.co and set HF_TOKEN") from None
     except hf_errors.RepositoryNotFoundError:
-        raise CheckpointError(f"{where}: no such local directory, and no such repo on the Hugging Face Hub "
-                              "(private repos need HF_TOKEN)") from None
+        raise CheckpointError(
+            f"{where}: no such local directory, and no such repo on the Hugging Face Hub (private repos need HF_TOKEN)"
+        ) from None
     except hf_errors.LocalEntryNotFoundError as e:  # IncompleteSnapshotError (huggingface_hub 2.x) included
         from huggingface_hub import constants
 
-        reason = ("not in the Hugging Face cache and HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else
-                  "the Hugging Face Hub is unreachable and the cache does not hold it")
+        reason = (
+            "not in the Hugging Face cache and HF_HUB_OFFLINE=1"
+            if constants.HF_HUB_OFFLINE
+            else "the Hugging Face Hub is unreachable and the cache does not hold it"
+        )
         detail = " (incomplete snapshot)" if type(e).__name__ == "IncompleteSnapshotError" else ""
         raise CheckpointError(f"{where}: {reason}{detail} (cache: {constants.HF_HUB_CACHE})") from None
     except (hf_errors.HfHubHTTPError, hf_errors.HFValidationError, OSError) as e:
@@ -80,5 +103,5 @@ def snapshot_origin(path: str | Path) -> dict[str, str] | None:
     parts = Path(path).parts
     if len(parts) < 3 or parts[-2] != "snapshots" or not parts[-3].startswith("models--"):
         return None
-    org_name = parts[-3][len("models--"):].split("--", 1)  # Hub names never hold "--"
+    org_name = parts[-3][len("models--") :].split("--", 1)  # Hub names never hold "--"
     return {"repo_id": "/".join(org_name), "revision": parts[-1]} if len(org_name) == 2 else None

@@ -38,7 +38,8 @@ def llama3_inv_freq(
     wavelen = f32(2 * np.pi) / inv_freq
     inv_freq_llama = np.where(wavelen > low_freq_wavelen, inv_freq / f32(factor), inv_freq)
     smooth = (f32(original_max_position_embeddings) / wavelen - f32(low_freq_factor)) / f32(
-        high_freq_factor - low_freq_factor)
+        high_freq_factor - low_freq_factor
+    )
     smoothed = (f32(1) - smooth) * inv_freq_llama / f32(factor) + smooth * inv_freq_llama
     is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return np.where(is_medium, smoothed, inv_freq_llama).astype(np.float32)

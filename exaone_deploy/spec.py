@@ -65,7 +65,11 @@ class RopeSpec:
 
         if self.rope_type == "llama3":
             return llama3_inv_freq(
-                head_dim, self.theta, self.factor, self.low_freq_factor, self.high_freq_factor,
+                head_dim,
+                self.theta,
+                self.factor,
+                self.low_freq_factor,
+                self.high_freq_factor,
                 self.original_max_position_embeddings,
             )
         return default_inv_freq(head_dim, self.theta)
@@ -180,8 +184,7 @@ class ModelSpec:
             return total + self.head.num_labels * (d + int(self.head.bias))
         return total + (0 if self.tie_word_embeddings else v * d)
 
-    def kv_cache_bytes(self, context: int, batch: int = 1, bytes_per_elem: int | str = 2, windowed: bool = True
-                       ) -> int:
+    def kv_cache_bytes(self, context: int, batch: int = 1, bytes_per_elem: int | str = 2, windowed: bool = True) -> int:
         """Bytes of K and V caches for `context` tokens; sliding layers hold only `window` if windowed.
 
         ``bytes_per_elem``: the cache element size in bytes, or a cache dtype name (``CACHE_ELEM_BYTES``: float32 4,
@@ -220,9 +223,16 @@ class ModelSpec:
 # real model (EXAONE 4.0 32B: hidden 5120, 64 layers, vocab 102,400, 131,072 positions), far below what would
 # hang `inspect` or exhaust memory when a hostile file asks for it.
 LIMITS = {
-    "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "num_hidden_layers": 1 << 10,
-    "num_attention_heads": 1 << 10, "num_key_value_heads": 1 << 10, "vocab_size": 1 << 22, "head_dim": 1 << 11,
-    "max_position_embeddings": 1 << 24, "sliding_window": 1 << 24, "original_max_position_embeddings": 1 << 24,
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 20,
+    "num_hidden_layers": 1 << 10,
+    "num_attention_heads": 1 << 10,
+    "num_key_value_heads": 1 << 10,
+    "vocab_size": 1 << 22,
+    "head_dim": 1 << 11,
+    "max_position_embeddings": 1 << 24,
+    "sliding_window": 1 << 24,
+    "original_max_position_embeddings": 1 << 24,
 }
 
 
@@ -271,19 +281,26 @@ def _parse_rope(cfg: dict, path) -> RopeSpec:
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
-            path, f"{field_name}.rope_type",
+            path,
+            f"{field_name}.rope_type",
             f"unsupported RoPE type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})",
         )
     if rope_type == "default":
         return RopeSpec("default", float(theta))
+
     def get(key, kind=float):
         if params.get(key) is None:
             raise ConfigError(path, f"{field_name}.{key}", "required for rope_type 'llama3'")
         return _checked(params[key], f"{field_name}.{key}", path, kind)
 
-    return RopeSpec("llama3", float(theta), factor=float(get("factor")), low_freq_factor=float(get("low_freq_factor")),
-                    high_freq_factor=float(get("high_freq_factor")),
-                    original_max_position_embeddings=get("original_max_position_embeddings", int))
+    return RopeSpec(
+        "llama3",
+        float(theta),
+        factor=float(get("factor")),
+        low_freq_factor=float(get("low_freq_factor")),
+        high_freq_factor=float(get("high_freq_factor")),
+        original_max_position_embeddings=get("original_max_position_embeddings", int),
+    )
 
 
 def _parse_layer_kinds(cfg: dict, num_layers: int, sliding_window: int | None, path) -> list[bool]:
@@ -316,7 +333,8 @@ def _parse_layer_kinds(cfg: dict, num_layers: int, sliding_window: int | None, p
         kinds = [(i + 1) % pattern != 0 for i in range(num_layers)]
     elif pattern is None:
         raise ConfigError(
-            path, "sliding_window_pattern",
+            path,
+            "sliding_window_pattern",
             "sliding_window is set but neither sliding_window_pattern nor layer_types says which layers use it",
         )
     else:
@@ -361,8 +379,9 @@ def _parse_head(cfg: dict, path) -> HeadSpec:
         raise ConfigError(path, "architectures", f"expected a list of one class name, got {archs!r}")
     task = TASKS.get(archs[0])
     if task is None:
-        raise ConfigError(path, "architectures",
-                          f"unsupported architecture {archs[0]!r} (supported: {', '.join(TASKS)})")
+        raise ConfigError(
+            path, "architectures", f"unsupported architecture {archs[0]!r} (supported: {', '.join(TASKS)})"
+        )
     pad = cfg.get("pad_token_id")
     if task in ("causal-lm", "question-answering"):
         return HeadSpec(task, pad_token_id=pad, bias=task == "question-answering")
@@ -388,7 +407,8 @@ def spec_from_config(cfg: dict, path: str | Path = "config.json", raw: bytes | N
     kv_heads = heads if kv_heads is None else _require(cfg, "num_key_value_heads", path)
     if heads % kv_heads:
         raise ConfigError(
-            path, "num_key_value_heads",
+            path,
+            "num_key_value_heads",
             f"num_attention_heads ({heads}) is not divisible by num_key_value_heads ({kv_heads})",
         )
     head_dim = cfg.get("head_dim")

@@ -17,15 +17,26 @@ def bench():
 
 
 def _run(system, rnd, decode, prefill=100.0, rss=5, tokens=((1, 2),)):
-    return {"system": system, "batch": 1, "round": rnd, "load_s": 1.0, "ttft_s": 1.0 / prefill, "prefill_s": 0.5,
-            "decode_s": 1.0 / decode, "prefill_tok_s": prefill, "decode_tok_s": decode, "peak_rss": rss,
-            "peak_anon": rss, "rss_loaded": rss, "tokens": [list(t) for t in tokens]}
+    return {
+        "system": system,
+        "batch": 1,
+        "round": rnd,
+        "load_s": 1.0,
+        "ttft_s": 1.0 / prefill,
+        "prefill_s": 0.5,
+        "decode_s": 1.0 / decode,
+        "prefill_tok_s": prefill,
+        "decode_tok_s": decode,
+        "peak_rss": rss,
+        "peak_anon": rss,
+        "rss_loaded": rss,
+        "tokens": [list(t) for t in tokens],
+    }
 
 
 def test_ratios_are_paired_within_rounds(bench):
     # The machine halves its speed in round 2: both systems slow down, the within-round ratio stays 0.9.
-    rounds = [[_run("ours", 1, 9.0), _run("genai", 1, 10.0)],
-              [_run("genai", 2, 5.0), _run("ours", 2, 4.5)]]
+    rounds = [[_run("ours", 1, 9.0), _run("genai", 1, 10.0)], [_run("genai", 2, 5.0), _run("ours", 2, 4.5)]]
     assert bench._paired_ratios(rounds, "ours", "genai", 1, "decode_tok_s") == pytest.approx([0.9, 0.9])
     # A round where the peer failed contributes no ratio.
     rounds.append([_run("ours", 3, 9.5), {"system": "genai", "batch": 1, "round": 3, "error": "boom"}])

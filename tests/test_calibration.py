@@ -9,9 +9,14 @@ import onnxruntime as ort
 import pytest
 
 from exaone_deploy.calibration import numerics as nq
-from exaone_deploy.text.corpus import (CalibrationDataError, calibration_samples, read_documents, split_text,
-                                            token_stream)
 from exaone_deploy.calibration.rewrite import GroupPlan, Plan, apply_plan
+from exaone_deploy.text.corpus import (
+    CalibrationDataError,
+    calibration_samples,
+    read_documents,
+    split_text,
+    token_stream,
+)
 from exaone_deploy.text.tokenizer import Tokenizer
 from exaone_deploy.tiny.make import make_tiny
 
@@ -41,7 +46,7 @@ def test_korean_english_text_samples_are_deterministic(tok, tmp_path):
     # Windows are real slices of the file's token stream, Korean and English both present overall.
     stream = np.asarray(tok.encode(KO_EN * 20))
     for row in a.tokens:
-        starts = [i for i in range(len(stream) - 31) if np.array_equal(stream[i:i + 32], row)]
+        starts = [i for i in range(len(stream) - 31) if np.array_equal(stream[i : i + 32], row)]
         assert starts
     text = "".join(tok.decode(r) for r in calibration_samples(f, tok, 10, 32).tokens)
     assert any("\uac00" <= ch <= "\ud7a3" for ch in text) and any(ch.isascii() and ch.isalpha() for ch in text)
@@ -67,17 +72,22 @@ def test_chat_jsonl_is_rendered_with_the_chat_template(tok, tmp_path):
     assert docs[0] == tok.apply_chat_template(rec["messages"], add_generation_prompt=False, tokenize=False)
     assert "[|user|]" in docs[0] and "[|endofturn|]" in docs[0]
     stream, _ = token_stream(f, tok)
-    assert (stream == tok.token_to_id("[|user|]")).sum() == 4 and (stream == tok.token_to_id("[|endofturn|]")).sum() == 8
+    assert (stream == tok.token_to_id("[|user|]")).sum() == 4 and (
+        stream == tok.token_to_id("[|endofturn|]")
+    ).sum() == 8
     assert calibration_samples(f, tok, 2, 8).tokens.shape == (2, 8)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "the file is empty"),
-    ("   \n\n", "the file is empty"),
-    ('{"text": "a"}\n{"text": oops}\n', r"bad\.jsonl:2: not valid JSON"),
-    ('{"text": 3}\n', r"field 'text' is int, not a string"),
-    ('{"messages": "hi"}\n', "needs a non-empty 'messages' list"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "the file is empty"),
+        ("   \n\n", "the file is empty"),
+        ('{"text": "a"}\n{"text": oops}\n', r"bad\.jsonl:2: not valid JSON"),
+        ('{"text": 3}\n', r"field 'text' is int, not a string"),
+        ('{"messages": "hi"}\n', "needs a non-empty 'messages' list"),
+    ],
+)
 def test_bad_files_give_clear_errors(tok, tmp_path, content, message):
     f = tmp_path / "bad.jsonl"
     f.write_text(content)
@@ -200,8 +210,12 @@ def test_tie_heads_groups_query_heads_of_one_kv_head():
 
 def _single_linear(w: np.ndarray) -> ir.Model:
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["rows", w.shape[0]]))
-    wv = ir.Value(name="model.layers.0.mlp.down_proj.weight.T", type=ir.TensorType(ir.DataType.FLOAT),
-                  shape=ir.Shape(w.shape), const_value=ir.Tensor(w))
+    wv = ir.Value(
+        name="model.layers.0.mlp.down_proj.weight.T",
+        type=ir.TensorType(ir.DataType.FLOAT),
+        shape=ir.Shape(w.shape),
+        const_value=ir.Tensor(w),
+    )
     node = ir.node("MatMul", [x, wv])
     node.outputs[0].name = "y"
     node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
@@ -214,8 +228,9 @@ def _run(model: ir.Model, x: np.ndarray, optimize: bool = True) -> np.ndarray:
     so.log_severity_level = 3
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        ir.serde.serialize_model(model).SerializeToString(), so, providers=["CPUExecutionProvider"]
+    )
     return sess.run(None, {"x": x})[0]
 
 
@@ -234,8 +249,12 @@ def test_int8_ops_compute_the_numpy_numerics(linear_case, target):
     x, w, s = linear_case
     amax = float(np.abs(x / s).max()) * 0.9  # some clipping too
     m = _single_linear(w)
-    apply_plan(m, Plan("int8-sq", groups={"layers.0.down": GroupPlan(smooth=s, act_amax=amax)}), target,
-               {"layers.0.mlp.down_proj"})
+    apply_plan(
+        m,
+        Plan("int8-sq", groups={"layers.0.down": GroupPlan(smooth=s, act_amax=amax)}),
+        target,
+        {"layers.0.mlp.down_proj"},
+    )
     q, sc = nq.quantize_int8(w * s[:, None])
     want = nq.quantize_activation_int8((x * (1 / s)).astype(np.float32), np.float32(amax / 127)) @ (q * sc)
     np.testing.assert_allclose(_run(m, x), want, rtol=1e-4, atol=1e-4)
@@ -260,8 +279,12 @@ def test_int4_ops_compute_the_numpy_numerics(linear_case, target, rows):
     x, w, s = x[:, :rows], w[:rows], s[:rows]
     clip = np.full((2, 48), 0.9, np.float32)
     m = _single_linear(w)
-    apply_plan(m, Plan("int4-awq", 32, {"layers.0.down": GroupPlan(smooth=s, clip={"layers.0.mlp.down_proj": clip})}),
-               target, {"layers.0.mlp.down_proj"})
+    apply_plan(
+        m,
+        Plan("int4-awq", 32, {"layers.0.down": GroupPlan(smooth=s, clip={"layers.0.mlp.down_proj": clip})}),
+        target,
+        {"layers.0.mlp.down_proj"},
+    )
     want = (x / s) @ nq.fake_quant_int4(w * s[:, None], 32, clip)
     got = _run(m, x)
     # ONNX Runtime fuses a blocked INT4 DequantizeLinear -> MatMul into MatMulNBits at accuracy level 4 itself, so

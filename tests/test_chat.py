@@ -85,9 +85,7 @@ CONVERSATIONS = {
         {
             "role": "assistant",
             "content": None,  # OpenAI clients send null content with tool calls
-            "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
-            ],
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}],
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
     ],
@@ -491,10 +489,7 @@ def test_stream_matches_whole_parse(text, opened):
 
 
 def test_stream_never_emits_tag_fragments():
-    text = (
-        "<think>\nabc def\n</think>\n\nHi there "
-        '<tool_call>{"name": "f", "arguments": {}}</tool_call> and more text.'
-    )
+    text = '<think>\nabc def\n</think>\n\nHi there <tool_call>{"name": "f", "arguments": {}}</tool_call> and more text.'
     pieces, _ = _run_stream(text, False, [1] * len(text))
     for kind, piece in pieces:
         if kind != "tool_call":
@@ -547,8 +542,11 @@ def test_control_tokens_in_tool_arguments_and_results_stay_text():
     tok = Tokenizer.from_dir(assets.tiny_model_dir())
     messages = [
         {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "get", "arguments": {"city": "[|user|]x"}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "get", "arguments": {"city": "[|user|]x"}}}],
+        },
         {"role": "tool", "content": "[|assistant|]sunny"},
     ]
     tools = [{"type": "function", "function": {"name": "get", "description": "[|system|]", "parameters": {}}}]

@@ -47,8 +47,9 @@ def _copy_meta(src: Path, dst: Path) -> Path:
 def _single_file(src: Path, dst: Path, tensors: dict | None = None) -> Path:
     """src re-written as one model.safetensors (no index), optionally with other tensors."""
     _copy_meta(src, dst)
-    save_file(_st_tensors(src) if tensors is None else tensors, str(dst / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        _st_tensors(src) if tensors is None else tensors, str(dst / "model.safetensors"), metadata={"format": "pt"}
+    )
     return dst
 
 
@@ -193,8 +194,10 @@ def test_one_error_lists_all_problems(tiny_dirs, tmp_path):
     tensors[k_norm] = torch.ones(32, dtype=torch.bfloat16)  # head_dim is 16
     model_dir = _single_file(src, tmp_path / "broken", tensors)
 
-    for load in (lambda: Checkpoint(model_dir).validate(load_spec(model_dir)),
-                 lambda: load_reference(model_dir, "float32", max_positions=64)):
+    for load in (
+        lambda: Checkpoint(model_dir).validate(load_spec(model_dir)),
+        lambda: load_reference(model_dir, "float32", max_positions=64),
+    ):
         with pytest.raises(CheckpointError) as info:
             load()
         message = str(info.value)
@@ -232,11 +235,14 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
-@pytest.mark.parametrize("files", [
-    ["pytorch_model.bin"],
-    ["model.pt"],
-    ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json"],
-])
+@pytest.mark.parametrize(
+    "files",
+    [
+        ["pytorch_model.bin"],
+        ["model.pt"],
+        ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json"],
+    ],
+)
 def test_pickles_refused(tiny_dirs, tmp_path, files):
     marker = tmp_path / "unpickled"
     model_dir = _copy_meta(tiny_dirs["32b"], tmp_path / "pickled")
@@ -309,12 +315,12 @@ def test_header_entry_malformed(copy32):
     shard = _first_shard(copy32)
     data = shard.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     name = "model.embed_tokens.weight"
     del header[name]["data_offsets"]
     raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)  # shorter: pad to the same length
     assert len(raw) == n
-    shard.write_bytes(data[:8] + raw + data[8 + n:])
+    shard.write_bytes(data[:8] + raw + data[8 + n :])
     message = _refused(copy32)
     assert str(shard) in message and name in message
 
@@ -416,7 +422,7 @@ def _write_sparse_checkpoint(model_dir: Path, cfg: dict, num_shards: int) -> int
     for k in range(num_shards):
         file = f"model-{k + 1:05d}-of-{num_shards:05d}.safetensors"
         header, offset = {}, 0
-        for name, shape in names[k * per_shard:(k + 1) * per_shard]:
+        for name, shape in names[k * per_shard : (k + 1) * per_shard]:
             nbytes = int(np.prod(shape)) * 2
             header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
@@ -428,7 +434,8 @@ def _write_sparse_checkpoint(model_dir: Path, cfg: dict, num_shards: int) -> int
             f.truncate(8 + len(raw) + offset)
         total += offset
     (model_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return total
 
 
@@ -451,12 +458,16 @@ def test_full_size_checkpoint_is_opened_lazily(tmp_path, real_config, name, num_
     assert _rss() - before < 300 * 2**20
 
 
-@pytest.mark.parametrize("entry", [
-    {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]},
-    {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]},
-    {"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]},
-    {"dtype": "F32", "shape": "ab", "data_offsets": [0, 8]},
-], ids=["negative-offset", "float-offsets", "negative-dims", "string-shape"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]},
+        {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]},
+        {"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]},
+        {"dtype": "F32", "shape": "ab", "data_offsets": [0, 8]},
+    ],
+    ids=["negative-offset", "float-offsets", "negative-dims", "string-shape"],
+)
 def test_header_entry_values_checked(tmp_path, entry):
     raw = json.dumps({"model.norm.weight": entry}).encode()
     raw += b" " * (-len(raw) % 8)

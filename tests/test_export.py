@@ -46,8 +46,12 @@ def bundles(workdir, checkpoints):
     out = {}
     for preset, ckpt in checkpoints.items():
         for dtype in ("float32", "float16"):
-            out[preset, dtype] = export_bundle(ckpt, workdir / f"bundle-{preset}-{dtype}",
-                                               ExportOptions(dtype=dtype, max_seq_len=MAX_SEQ), progress=False)
+            out[preset, dtype] = export_bundle(
+                ckpt,
+                workdir / f"bundle-{preset}-{dtype}",
+                ExportOptions(dtype=dtype, max_seq_len=MAX_SEQ),
+                progress=False,
+            )
     return out
 
 
@@ -106,8 +110,8 @@ def test_left_padded_batch_equals_each_alone(bundles, checkpoints, preset):
     ids = np.zeros((3, S), dtype=np.int64)
     mask = np.zeros((3, S), dtype=np.int64)
     for b, p in enumerate(prompts):
-        ids[b, S - len(p):] = p
-        mask[b, S - len(p):] = 1
+        ids[b, S - len(p) :] = p
+        mask[b, S - len(p) :] = 1
     batch = OrtBackend(bundles[preset, "float32"], max_batch=3, capacity=S + 8)
     # The runtime's left-padding path: strip pads per row, one right-padded prompt step for the batch.
     packed = [row[m.astype(bool)].tolist() for row, m in zip(ids, mask)]
@@ -132,13 +136,24 @@ def test_gqa_window_semantics_pinned():
     N, Nkv, H, C, W = 4, 2, 8, 24, 4
     names = ["q", "k", "v", "pk", "pv", "seqlens_k", "total"]
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names[:5]]
-    inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, None),
-               helper.make_tensor_value_info("total", TensorProto.INT32, None)]
-    node = helper.make_node("GroupQueryAttention", names, ["o", "ok", "ov"], domain="com.microsoft",
-                            num_heads=N, kv_num_heads=Nkv, local_window_size=W)
+    inputs += [
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, None),
+        helper.make_tensor_value_info("total", TensorProto.INT32, None),
+    ]
+    node = helper.make_node(
+        "GroupQueryAttention",
+        names,
+        ["o", "ok", "ov"],
+        domain="com.microsoft",
+        num_heads=N,
+        kv_num_heads=Nkv,
+        local_window_size=W,
+    )
     outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("o", "ok", "ov")]
-    model = helper.make_model(helper.make_graph([node], "g", inputs, outs),
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        helper.make_graph([node], "g", inputs, outs),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     S = 12
@@ -152,14 +167,15 @@ def test_gqa_window_semantics_pinned():
     np.testing.assert_allclose(ok, rk, atol=1e-6)
     # and a decode step past the window, from the shared buffer
     q1, k1, v1 = (rng.standard_normal((1, 1, n * H)).astype(np.float32) for n in (N, Nkv, Nkv))
-    o1, _, _ = sess.run(None, dict(q=q1, k=k1, v=v1, pk=ok, pv=ov, seqlens_k=np.array([S], np.int32),
-                                   total=np.array(S + 1, np.int32)))
+    o1, _, _ = sess.run(
+        None, dict(q=q1, k=k1, v=v1, pk=ok, pv=ov, seqlens_k=np.array([S], np.int32), total=np.array(S + 1, np.int32))
+    )
     r1, _, _ = attention_ref(q1, k1, v1, rk, rv, np.array([S]), S + 1, num_heads=N, kv_num_heads=Nkv, window=W)
     np.testing.assert_allclose(o1, r1, atol=1e-5)
 
 
 def test_graphs_pass_checker_and_have_contract(bundles):
-    for (preset, dtype), path in bundles.items():
+    for (preset, _dtype), path in bundles.items():
         m = load_manifest(path)
         assert m.spec.num_layers == (4 if preset == "1.2b" else 8)
         for name in ("canonical.onnx", "model.onnx"):
@@ -178,14 +194,17 @@ def test_graphs_pass_checker_and_have_contract(bundles):
         assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
         # The canonical graph carries our custom op; the weights live in one shared external file.
         canon = onnx.load(str(path / "canonical.onnx"), load_external_data=False)
-        assert sum(n.op_type == "EXAONEAttention" and n.domain == "ai.exaone_deploy" for n in canon.graph.node) \
+        assert (
+            sum(n.op_type == "EXAONEAttention" and n.domain == "ai.exaone_deploy" for n in canon.graph.node)
             == m.spec.num_layers
+        )
         # Weights live in the shared external file; the ort graph's fused q/k/v and gate/up weights in fused.data.
         locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
         assert locations == {"weights.data", "fused.data"}
         assert sum(n.op_type == "MatMul" for n in model.graph.node) == 4 * m.spec.num_layers + 1
-        assert {e.value for t in canon.graph.initializer for e in t.external_data if e.key == "location"} \
-            == {"weights.data"}
+        assert {e.value for t in canon.graph.initializer for e in t.external_data if e.key == "location"} == {
+            "weights.data"
+        }
 
 
 def test_32b_layer_plan_in_graph(bundles):
@@ -195,8 +214,9 @@ def test_32b_layer_plan_in_graph(bundles):
 
 
 def test_trt_lowering_has_plugin_nodes(workdir, checkpoints):
-    path = export_bundle(checkpoints["32b"], workdir / "trt32", ExportOptions(target="trt", max_seq_len=64),
-                         progress=False)
+    path = export_bundle(
+        checkpoints["32b"], workdir / "trt32", ExportOptions(target="trt", max_seq_len=64), progress=False
+    )
     model = onnx.load(str(path / "model.onnx"), load_external_data=False)
     nodes = [n for n in model.graph.node if n.op_type == TRT_OP_TYPE]
     assert len(nodes) == 8
@@ -219,6 +239,7 @@ def test_export_is_byte_identical(workdir, checkpoints):
 
 
 # ---- bad input ------------------------------------------------------------------------------------
+
 
 def _no_partial(parent: Path, name: str) -> None:
     leftovers = [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.tmp-")]
@@ -302,6 +323,7 @@ def test_tampered_bundle_is_refused(workdir, bundles):
 
 # ---- CLI ------------------------------------------------------------------------------------------
 
+
 def _cli(*args, check=True):
     r = subprocess.run([sys.executable, "-m", "exaone_deploy.cli", *map(str, args)], capture_output=True, text=True)
     if check and r.returncode:
@@ -357,8 +379,12 @@ def test_window_sized_caches_for_sliding_layers(bundles):
 
 
 def test_full_length_cache_option(workdir, checkpoints, bundles):
-    full = export_bundle(checkpoints["32b"], workdir / "fullcache", ExportOptions(max_seq_len=MAX_SEQ, window_cache=False),
-                         progress=False)
+    full = export_bundle(
+        checkpoints["32b"],
+        workdir / "fullcache",
+        ExportOptions(max_seq_len=MAX_SEQ, window_cache=False),
+        progress=False,
+    )
     assert load_manifest(full).cache_lengths == ["cache_len"] * 8
     prompt = np.random.default_rng(6).integers(9, 500, PROMPT_LEN).tolist()
     a = OrtBackend(full, capacity=64)

@@ -28,13 +28,27 @@ WRAPPER = textwrap.dedent("""
     main(argv, prog_name="exaone-deploy")
 """)
 
-EXTRAS_MODULES = ["torch", "onnx", "onnxscript", "onnx_ir", "safetensors", "fastapi", "uvicorn",
-                  "prometheus_client", "tensorrt"]
+EXTRAS_MODULES = [
+    "torch",
+    "onnx",
+    "onnxscript",
+    "onnx_ir",
+    "safetensors",
+    "fastapi",
+    "uvicorn",
+    "prometheus_client",
+    "tensorrt",
+]
 
 
 def cli(*argv: str, blocked=(), ort_version: str | None = None, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", WRAPPER, json.dumps([list(blocked), ort_version, list(argv)])],
-                          capture_output=True, text=True, timeout=300, input=stdin)
+    return subprocess.run(
+        [sys.executable, "-c", WRAPPER, json.dumps([list(blocked), ort_version, list(argv)])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        input=stdin,
+    )
 
 
 def one_error_line(r: subprocess.CompletedProcess) -> str:
@@ -62,17 +76,21 @@ def bundle(checkpoint, tmp_path_factory):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return export_bundle(checkpoint, tmp_path_factory.mktemp("fc") / "bundle", ExportOptions(max_seq_len=256),
-                             progress=False)
+        return export_bundle(
+            checkpoint, tmp_path_factory.mktemp("fc") / "bundle", ExportOptions(max_seq_len=256), progress=False
+        )
 
 
-@pytest.mark.parametrize("verb, extra", [
-    (["export", "{ckpt}", "-o", "{tmp}/out"], "export"),
-    (["demo", "--bundle", "{tmp}/demo"], "export"),
-    (["quantize", "{bundle}", "-o", "{tmp}/q", "--scheme", "int8-sq"], "export"),
-    (["build", "{bundle}", "--check-only"], "export"),
-    (["serve", "{bundle}"], "serve"),
-])
+@pytest.mark.parametrize(
+    "verb, extra",
+    [
+        (["export", "{ckpt}", "-o", "{tmp}/out"], "export"),
+        (["demo", "--bundle", "{tmp}/demo"], "export"),
+        (["quantize", "{bundle}", "-o", "{tmp}/q", "--scheme", "int8-sq"], "export"),
+        (["build", "{bundle}", "--check-only"], "export"),
+        (["serve", "{bundle}"], "serve"),
+    ],
+)
 def test_edge_install_names_the_extra(verb, extra, checkpoint, bundle, tmp_path):
     argv = [a.format(ckpt=checkpoint, bundle=bundle, tmp=tmp_path) for a in verb]
     line = one_error_line(cli(*argv, blocked=EXTRAS_MODULES))
@@ -99,8 +117,15 @@ def test_checkpoint_where_a_bundle_is_expected(verb, which, checkpoint):
     assert "is a checkpoint, not a bundle" in line and f"exaone-deploy export {path} -o " in line, line
 
 
-@pytest.mark.parametrize("content", [[{"type": "image_url", "image_url": {"url": "http://x/y.png"}}], 42,
-                                     {"text": "hi"}, [{"type": "text", "text": 3}]])
+@pytest.mark.parametrize(
+    "content",
+    [
+        [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}],
+        42,
+        {"text": "hi"},
+        [{"type": "text", "text": 3}],
+    ],
+)
 def test_messages_content_that_is_not_text(content, bundle, tmp_path):
     f = tmp_path / "m.json"
     f.write_text(json.dumps([{"role": "user", "content": content}]))

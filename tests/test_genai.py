@@ -22,6 +22,7 @@ MAX_SEQ = 256
 
 # ---- passes on a hand-built graph ------------------------------------------------------------------
 
+
 def _contract_graph() -> ir.Model:
     """The four step inputs of docs/bundle.md passed straight through, plus one window-sized cache."""
     B, S, K = ir.SymbolicDim("batch"), ir.SymbolicDim("sequence"), ir.SymbolicDim("logits_len")
@@ -30,20 +31,31 @@ def _contract_graph() -> ir.Model:
     total = ir.val("total_sequence_length", ir.DataType.INT32, ir.Shape([]))
     index = ir.val("logits_index", ir.DataType.INT64, ir.Shape([B, K]))
     past = ir.val("past_key_values.0.key", ir.DataType.FLOAT, ir.Shape([B, 1, 4, 2]))
-    nodes = [ir.node("Identity", [seqlens], outputs=[ir.val("s", ir.DataType.INT32, ir.Shape([B]))]),
-             ir.node("Identity", [total], outputs=[ir.val("t", ir.DataType.INT32, ir.Shape([]))]),
-             ir.node("Cast", [index], {"to": ir.DataType.FLOAT},
-                     outputs=[ir.val("logits", ir.DataType.FLOAT, ir.Shape([B, K]))]),
-             ir.node("Identity", [past], outputs=[ir.val("present.0.key", ir.DataType.FLOAT, ir.Shape([B, 1, 4, 2]))])]
-    graph = ir.Graph([ids, seqlens, total, index, past], [n.outputs[0] for n in nodes], nodes=nodes,
-                     opset_imports={"": 21}, name="contract")
+    nodes = [
+        ir.node("Identity", [seqlens], outputs=[ir.val("s", ir.DataType.INT32, ir.Shape([B]))]),
+        ir.node("Identity", [total], outputs=[ir.val("t", ir.DataType.INT32, ir.Shape([]))]),
+        ir.node(
+            "Cast", [index], {"to": ir.DataType.FLOAT}, outputs=[ir.val("logits", ir.DataType.FLOAT, ir.Shape([B, K]))]
+        ),
+        ir.node("Identity", [past], outputs=[ir.val("present.0.key", ir.DataType.FLOAT, ir.Shape([B, 1, 4, 2]))]),
+    ]
+    graph = ir.Graph(
+        [ids, seqlens, total, index, past],
+        [n.outputs[0] for n in nodes],
+        nodes=nodes,
+        opset_imports={"": 21},
+        name="contract",
+    )
     return ir.Model(graph, ir_version=10)
 
 
 def _run(model: ir.Model, ids: np.ndarray, mask: np.ndarray, cache_len: int = 4) -> dict[str, np.ndarray]:
     sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": ids, "attention_mask": mask,
-             "past_key_values.0.key": np.zeros((ids.shape[0], 1, cache_len, 2), np.float32)}
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "past_key_values.0.key": np.zeros((ids.shape[0], 1, cache_len, 2), np.float32),
+    }
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
 
@@ -80,21 +92,36 @@ def test_symbolic_window_caches_pass():
 
 # ---- genai_config.json ---------------------------------------------------------------------------------
 
+
 def test_genai_config_schema():
     from exaone_deploy import assets
 
     spec = load_spec(assets.tiny_model_dir())
-    gen = {"eos_token_id": [8, 361], "pad_token_id": 0, "bos_token_id": 1, "temperature": 0.6, "top_p": 0.95,
-           "do_sample": True}
+    gen = {
+        "eos_token_id": [8, 361],
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "do_sample": True,
+    }
     cfg = genai.genai_config(spec, max_seq_len=512, window_cache=True, generation_config=gen)
     m, d = cfg["model"], cfg["model"]["decoder"]
     assert m["type"] == genai.MODEL_TYPE and m["context_length"] == 512 and m["vocab_size"] == spec.vocab_size
     assert (m["eos_token_id"], m["pad_token_id"], m["bos_token_id"]) == ([8, 361], 0, 1)
-    assert (d["head_size"], d["hidden_size"], d["num_attention_heads"], d["num_key_value_heads"],
-            d["num_hidden_layers"]) == (spec.head_dim, spec.hidden_size, spec.num_heads, spec.num_kv_heads,
-                                        spec.num_layers)
-    assert d["inputs"] == {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    assert (
+        d["head_size"],
+        d["hidden_size"],
+        d["num_attention_heads"],
+        d["num_key_value_heads"],
+        d["num_hidden_layers"],
+    ) == (spec.head_dim, spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.num_layers)
+    assert d["inputs"] == {
+        "input_ids": "input_ids",
+        "attention_mask": "attention_mask",
+        "past_key_names": "past_key_values.%d.key",
+        "past_value_names": "past_key_values.%d.value",
+    }
     assert d["outputs"]["present_value_names"] == "present.%d.value"
     assert d["sliding_window"]["layers"] == [layer.index for layer in spec.layers if layer.sliding]
     assert d["sliding_window"]["window_size"] == spec.sliding_window
@@ -112,12 +139,15 @@ def test_cache_bytes_windowed_and_full():
 
     spec = load_spec(assets.tiny_model_dir())
     assert genai.cache_bytes(spec, max_length=1024, slack=0) == spec.kv_cache_bytes(1024, bytes_per_elem=4)
-    assert genai.cache_bytes(spec, max_length=1024, window_cache=False) == \
-        spec.kv_cache_bytes(1024, bytes_per_elem=4, windowed=False)
+    assert genai.cache_bytes(spec, max_length=1024, window_cache=False) == spec.kv_cache_bytes(
+        1024, bytes_per_elem=4, windowed=False
+    )
     sliding = sum(layer.sliding for layer in spec.layers)
     per_pos = 2 * spec.num_kv_heads * spec.head_dim * 4
-    assert genai.cache_bytes(spec, max_length=1024) - genai.cache_bytes(spec, max_length=1024, slack=0) == \
-        sliding * 16 * per_pos
+    assert (
+        genai.cache_bytes(spec, max_length=1024) - genai.cache_bytes(spec, max_length=1024, slack=0)
+        == sliding * 16 * per_pos
+    )
 
 
 # ---- genai on real bundles ------------------------------------------------------------------------------
@@ -126,8 +156,9 @@ try:
     import onnxruntime_genai as og
 except ImportError:  # an install without the 'genai' extra: the passes and the config are still tested above
     og = None
-needs_og = pytest.mark.skipif(og is None, reason="onnxruntime-genai is not installed (pip install "
-                                                 "'exaone-deploy[genai]')")
+needs_og = pytest.mark.skipif(
+    og is None, reason="onnxruntime-genai is not installed (pip install 'exaone-deploy[genai]')"
+)
 SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
 
 
@@ -146,8 +177,10 @@ def bundles(tmp_path_factory, tiny_dirs):
     gen = json.loads((ckpt32 / "generation_config.json").read_text())
     (ckpt32 / "generation_config.json").write_text(json.dumps({**gen, **SAMPLING_DEFAULTS}))
     ckpts = {"tiny": assets.tiny_model_dir(), "1.2b": tiny_dirs["1.2b"], "32b": ckpt32}
-    return {name: (export_bundle(ckpt, root / f"bundle-{name}", ExportOptions(max_seq_len=MAX_SEQ), progress=False),
-                   ckpt) for name, ckpt in ckpts.items()}
+    return {
+        name: (export_bundle(ckpt, root / f"bundle-{name}", ExportOptions(max_seq_len=MAX_SEQ), progress=False), ckpt)
+        for name, ckpt in ckpts.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +191,10 @@ def quantized(bundles, tmp_path_factory):
     from exaone_deploy.calibration.quantize import QuantOptions, quantize
 
     root = tmp_path_factory.mktemp("genai-q")
-    options = {"int4": QuantOptions("int4-rtn"),
-               "int8": QuantOptions("int8-sq", calib_data=assets.corpus_path(), calib_samples=8, calib_seq_len=64)}
+    options = {
+        "int4": QuantOptions("int4-rtn"),
+        "int8": QuantOptions("int8-sq", calib_data=assets.corpus_path(), calib_samples=8, calib_seq_len=64),
+    }
     out = {}
     for preset, scheme in (("1.2b", "int4"), ("32b", "int4"), ("32b", "int8")):
         out[preset, scheme] = root / f"{preset}-{scheme}"
@@ -185,8 +220,11 @@ def _ours_greedy(bundle, prompt) -> list[int]:
     from exaone_deploy.runtime.generate import Generator
     from exaone_deploy.runtime.sampling import SamplingParams
 
-    return Generator.from_bundle(bundle).generate([prompt], SamplingParams(max_new_tokens=STEPS,
-                                                                           temperature=0.0))[0].token_ids
+    return (
+        Generator.from_bundle(bundle)
+        .generate([prompt], SamplingParams(max_new_tokens=STEPS, temperature=0.0))[0]
+        .token_ids
+    )
 
 
 def _genai_greedy(bundle, prompts: list[list[int]]) -> list[list[int]]:
@@ -207,10 +245,16 @@ def _assert_variant_shares_the_weights(b) -> None:
     m = load_manifest(b)  # sha256 of every file, genai's included, checks out
     assert m.data["files"]["genai"] == genai.GENAI_FILE and genai.GENAI_CONFIG in m.data["sha256"]
     model = ir.load(b / genai.GENAI_FILE)
-    external = {v.const_value.location for v in model.graph.initializers.values()
-                if isinstance(v.const_value, ir.ExternalTensor)}
-    inline = [v.name for v in model.graph.initializers.values()
-              if not isinstance(v.const_value, ir.ExternalTensor) and v.const_value.nbytes > 4096]
+    external = {
+        v.const_value.location
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
+    inline = [
+        v.name
+        for v in model.graph.initializers.values()
+        if not isinstance(v.const_value, ir.ExternalTensor) and v.const_value.nbytes > 4096
+    ]
     assert external <= {"weights.data", "fused.data"} and "weights.data" in external and not inline
     assert {p.name for p in b.glob("*.data")} == external  # no second weights file
     assert (b / genai.GENAI_FILE).stat().st_size < 1.1 * (b / "model.onnx").stat().st_size
@@ -285,7 +329,7 @@ def test_genai_greedy_equals_ours_and_transformers(bundles, name):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=STEPS, do_sample=False, pad_token_id=0)
-    assert ref[0, len(prompt):].tolist() == ours
+    assert ref[0, len(prompt) :].tolist() == ours
 
 
 @needs_og

@@ -139,8 +139,10 @@ def test_json_object(tok):
 
 
 def test_eos_only_when_complete(tok):
-    constraint = GrammarConstraint.json_schema(tok, {"type": "object", "properties": {"n": {"type": "integer"}},
-                                                     "required": ["n"], "additionalProperties": False})
+    constraint = GrammarConstraint.json_schema(
+        tok,
+        {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False},
+    )
     eos = tok.eos_ids[0]
     text = '{"n": 42}'
     for i, token in enumerate(tok.encode(text)):
@@ -189,6 +191,7 @@ def test_reasoning_is_free_then_json(tok):
         assert not mask[tok.eos_ids[0]] and mask[close]
         assert mask[tok.encode(" the")[0]] and mask[tok.encode("{")[0]]
         assert mask.sum() > 0.9 * tok.vocab_size
+
         # </think> is allowed from step 5 + n on, once any multi-byte character in the thought is complete.
         def end_thought(step, ids, logits, n=n):
             return close if step >= 5 + n and logits[close] > -np.inf else None
@@ -223,7 +226,7 @@ def test_wider_logits_than_tokenizer(tok):
     constraint = GrammarConstraint.json_object(tok, vocab_size=tok.vocab_size + 64)
     logits = np.zeros((1, tok.vocab_size + 64), np.float32)
     apply_batch(logits, [constraint])
-    assert np.isneginf(logits[0, tok.vocab_size:]).all()
+    assert np.isneginf(logits[0, tok.vocab_size :]).all()
     with pytest.raises(ValueError, match="smaller"):
         GrammarConstraint.json_object(tok, vocab_size=tok.vocab_size - 1)
 

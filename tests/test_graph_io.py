@@ -17,15 +17,24 @@ def specs(real_config):
 def test_names_round_trip(specs):
     io = GraphIO(specs["32b"])
     pairs = list(io.cache_pairs())
-    assert len(pairs) == 2 * 64 and pairs[:2] == [(0, "key", "past_key_values.0.key", "present.0.key"),
-                                                  (0, "value", "past_key_values.0.value", "present.0.value")]
-    for layer, kv, past, present in pairs:
+    assert len(pairs) == 2 * 64 and pairs[:2] == [
+        (0, "key", "past_key_values.0.key", "present.0.key"),
+        (0, "value", "past_key_values.0.value", "present.0.value"),
+    ]
+    for layer, _kv, past, present in pairs:
         assert io.cache_layer(past) == io.cache_layer(present) == layer
         assert io.present_of(past) == present and io.is_cache(past) and io.is_cache(present)
     assert io.input_names == [*STEP_INPUTS, *(p for _, _, p, _ in pairs)]
     assert io.output_names == ["logits", *(q for _, _, _, q in pairs)]
-    for other in ("input_ids", "logits", "past_key_values.x.key", "present.0.query", "past_key_values.0",
-                  "present.1.key.extra", "past_key_values_0_key"):
+    for other in (
+        "input_ids",
+        "logits",
+        "past_key_values.x.key",
+        "present.0.query",
+        "past_key_values.0",
+        "present.1.key.extra",
+        "past_key_values_0_key",
+    ):
         assert io.cache_layer(other) is None and not io.is_cache(other)
     assert io.present_of("logits") is None and io.present_of("present.0.key") is None
 
@@ -35,7 +44,12 @@ def test_cache_lengths_of_a_hybrid_spec(specs):
     windowed = GraphIO(spec, max_seq_len=32768, window_cache=True)
     assert windowed.cache_lengths == [4096, 4096, 4096, "cache_len"] * 16
     assert windowed.cache_lengths_at(8192)[:4] == [4096, 4096, 4096, 8192]
-    assert windowed.cache_shape(1, 3, 8192) == (3, 8, 4096, 128) and windowed.cache_shape(3, 3, 8192) == (3, 8, 8192, 128)
+    assert windowed.cache_shape(1, 3, 8192) == (3, 8, 4096, 128) and windowed.cache_shape(3, 3, 8192) == (
+        3,
+        8,
+        8192,
+        128,
+    )
     shapes = windowed.cache_shapes(2, 10000)
     assert len(shapes) == 128 and shapes[0] == shapes[1] == (2, 8, 4096, 128) and shapes[7] == (2, 8, 10000, 128)
     full = GraphIO(spec, max_seq_len=32768)
@@ -61,8 +75,12 @@ def test_prefill_inputs_equal_the_backends_hand_built_ones():
     inputs, lens = GraphIO.prefill_inputs(prompts)
     # What OrtBackend._prefill_rows / TrtBackend / calibration built by hand before GraphIO:
     ids = np.array([[5, 6, 7, 0, 0], [9, 0, 0, 0, 0], [1, 2, 3, 4, 8]], dtype=np.int64)
-    want = {"input_ids": ids, "seqlens_k": np.array([2, 0, 4], np.int32),
-            "total_sequence_length": np.array(5, np.int32), "logits_index": np.array([[2], [0], [4]], np.int64)}
+    want = {
+        "input_ids": ids,
+        "seqlens_k": np.array([2, 0, 4], np.int32),
+        "total_sequence_length": np.array(5, np.int32),
+        "logits_index": np.array([[2], [0], [4]], np.int64),
+    }
     assert list(inputs) == list(STEP_INPUTS)
     for name, arr in want.items():
         assert inputs[name].dtype == arr.dtype and inputs[name].shape == arr.shape, name
@@ -78,9 +96,12 @@ def test_prefill_inputs_equal_the_backends_hand_built_ones():
 def test_extend_inputs_equal_the_backends_hand_built_ones(all_logits):
     past, tokens = 10, [4, 5, 6]
     got = GraphIO.extend_inputs(past, tokens, all_logits)
-    want = {"input_ids": np.array([[4, 5, 6]], np.int64), "seqlens_k": np.array([12], np.int32),
-            "total_sequence_length": np.array(13, np.int32),
-            "logits_index": np.array([[0, 1, 2]] if all_logits else [[2]], np.int64)}
+    want = {
+        "input_ids": np.array([[4, 5, 6]], np.int64),
+        "seqlens_k": np.array([12], np.int32),
+        "total_sequence_length": np.array(13, np.int32),
+        "logits_index": np.array([[0, 1, 2]] if all_logits else [[2]], np.int64),
+    }
     for name, arr in want.items():
         assert got[name].dtype == arr.dtype and got[name].shape == arr.shape, name
         np.testing.assert_array_equal(got[name], arr)

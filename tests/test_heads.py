@@ -69,7 +69,8 @@ def head_dirs(tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("heads")
     return {
         (preset, task): _make_head(tiny_dirs[preset], root / f"{preset}-{task}", task)
-        for preset in ("32b", "1.2b") for task in CLASSES
+        for preset in ("32b", "1.2b")
+        for task in CLASSES
     }
 
 
@@ -92,8 +93,10 @@ def test_spec_and_checkpoint_read_head_classes(head_dirs, task):
     path = head_dirs[("32b", task)]
     spec = load_spec(path)
     assert spec.head.task == task and spec.is_hybrid
-    assert spec.head.labels == {"sequence-classification": SEQ_LABELS, "token-classification": TOKEN_LABELS,
-                                "question-answering": ()}[task]
+    assert (
+        spec.head.labels
+        == {"sequence-classification": SEQ_LABELS, "token-classification": TOKEN_LABELS, "question-answering": ()}[task]
+    )
     ckpt = Checkpoint(path)
     ckpt.validate(spec)
     assert ckpt.nbytes == 4 * spec.num_parameters()  # fp32: every tensor counted, none unexpected
@@ -183,18 +186,23 @@ def test_token_entities_match_token_classification_pipeline(head_dirs):
     path = head_dirs[("32b", "token-classification")]
     texts = [*TEXTS, "Juliet and Romeo walked from Verona to Mantua with Friar Laurence."]
     out, lengths = _hf_logits(path, "token-classification", texts)
-    pipe = transformers.pipeline("token-classification", model=_hf_model(path, "token-classification"),
-                                 tokenizer=_hf_tokenizer(path), aggregation_strategy="simple")
+    pipe = transformers.pipeline(
+        "token-classification",
+        model=_hf_model(path, "token-classification"),
+        tokenizer=_hf_tokenizer(path),
+        aggregation_strategy="simple",
+    )
     tok = Tokenizer.from_dir(path)
     grouped = 0
     for b, text in enumerate(texts):
         enc = rh.encode_text(tok, text)
         ours = rh.token_entities(text, enc, out.logits[b, : lengths[b]].numpy(), TOKEN_LABELS, tok)
         want = pipe(text)
-        assert [{k: e[k] for k in ("entity_group", "word", "start", "end")} for e in ours] == \
-            [{k: e[k] for k in ("entity_group", "word", "start", "end")} for e in want]
+        assert [{k: e[k] for k in ("entity_group", "word", "start", "end")} for e in ours] == [
+            {k: e[k] for k in ("entity_group", "word", "start", "end")} for e in want
+        ]
         assert [e["score"] for e in ours] == pytest.approx([float(e["score"]) for e in want], rel=1e-5)
-        assert all(text[e["start"]:e["end"]].strip() == e["word"].strip() for e in ours)
+        assert all(text[e["start"] : e["end"]].strip() == e["word"].strip() for e in ours)
         grouped += sum(e["end"] - e["start"] > len(tok.encode(e["word"])[:1]) for e in ours)
     assert grouped, "no multi-token entity: the grouping rules went untested"
 
@@ -205,8 +213,16 @@ def test_qa_windows_match_transformers_tokenizer(head_dirs):
     tok, hf = Tokenizer.from_dir(path), _hf_tokenizer(path)
     question, context = "Who is the prince?", " ".join(TEXTS * 3)
     windows = rh.qa_encode(tok, question, context, max_seq_len=48, doc_stride=16)
-    want = hf(question, context, truncation="only_second", max_length=48, stride=16, padding="do_not_pad",
-              return_overflowing_tokens=True, return_offsets_mapping=True)
+    want = hf(
+        question,
+        context,
+        truncation="only_second",
+        max_length=48,
+        stride=16,
+        padding="do_not_pad",
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+    )
     assert len(windows) == len(want["input_ids"]) > 2
     for i, w in enumerate(windows):
         assert w.ids == want["input_ids"][i] and w.offsets == [tuple(o) for o in want["offset_mapping"][i]]
@@ -229,9 +245,15 @@ def test_qa_span_scores_match_select_starts_ends(head_dirs):
     for b, w in enumerate(windows):
         n = lengths[b]
         p_mask = np.array([[sid != 1 for sid in w.sequence_ids]], dtype=np.int64)
-        want = select_starts_ends(start[b:b + 1, :n].numpy(), end[b:b + 1, :n].numpy(), p_mask,
-                                  np.ones((1, n), np.int64), top_k=7, max_answer_len=6)
-        got = rh._spans(start[b:b + 1, :n].numpy(), end[b:b + 1, :n].numpy(), p_mask == 0, 7, 6, 1e6, False)
+        want = select_starts_ends(
+            start[b : b + 1, :n].numpy(),
+            end[b : b + 1, :n].numpy(),
+            p_mask,
+            np.ones((1, n), np.int64),
+            top_k=7,
+            max_answer_len=6,
+        )
+        got = rh._spans(start[b : b + 1, :n].numpy(), end[b : b + 1, :n].numpy(), p_mask == 0, 7, 6, 1e6, False)
         for g, x in zip(got[:3], want[:3]):
             np.testing.assert_allclose(g, x, rtol=1e-6)
         assert all(w.sequence_ids[s] == 1 and s <= e < s + 6 for s, e in zip(*got[:2]))

@@ -57,8 +57,9 @@ def heads(tiny_dirs, tmp_path_factory):
     one = root / "ckpt-score"
     torch.manual_seed(1)
     model = transformers.Exaone4ForSequenceClassification(config).float()
-    model.model.load_state_dict(transformers.Exaone4ForCausalLM.from_pretrained(base, dtype=torch.float32)
-                                .model.state_dict())
+    model.model.load_state_dict(
+        transformers.Exaone4ForCausalLM.from_pretrained(base, dtype=torch.float32).model.state_dict()
+    )
     torch.nn.init.normal_(model.score.weight, std=0.1)
     model.save_pretrained(one)
     for f in base.glob("tokenizer*"):
@@ -115,8 +116,9 @@ def test_bundle_logits_match_transformers(heads, task):
 
 def test_classify_cli_matches_text_classification_pipeline(heads, tmp_path):
     ckpt, bundle = heads["sequence-classification"]
-    pipe = transformers.pipeline("text-classification", model=_hf(ckpt, "sequence-classification"),
-                                 tokenizer=_hf_tokenizer(ckpt))
+    pipe = transformers.pipeline(
+        "text-classification", model=_hf(ckpt, "sequence-classification"), tokenizer=_hf_tokenizer(ckpt)
+    )
     inputs = tmp_path / "in.jsonl"
     inputs.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:2]) + json.dumps(TEXTS[2]) + "\n")
     from_text = _json("classify", bundle, *[a for t in TEXTS for a in ("--text", t)], "--json")
@@ -135,8 +137,12 @@ def test_classify_cli_matches_text_classification_pipeline(heads, tmp_path):
 
 def test_classify_cli_matches_token_classification_pipeline(heads):
     ckpt, bundle = heads["token-classification"]
-    pipe = transformers.pipeline("token-classification", model=_hf(ckpt, "token-classification"),
-                                 tokenizer=_hf_tokenizer(ckpt), aggregation_strategy="simple")
+    pipe = transformers.pipeline(
+        "token-classification",
+        model=_hf(ckpt, "token-classification"),
+        tokenizer=_hf_tokenizer(ckpt),
+        aggregation_strategy="simple",
+    )
     results = _json("classify", bundle, *[a for t in NER_TEXTS for a in ("--text", t)], "--json")
     keys = ("entity_group", "word", "start", "end")
     assert sum(len(r["entities"]) for r in results) > len(NER_TEXTS)
@@ -162,7 +168,7 @@ def test_qa_cli_matches_transformers_logits_over_stride_windows(heads):
     assert len(best) == 1 and len(top3) == 1 and len(top3[0]) == 3
     for ours, ref in zip([best[0], *top3[0]], [*want1, *want3], strict=True):
         assert (ours["answer"], ours["start"], ours["end"]) == (ref["answer"], ref["start"], ref["end"])
-        assert CONTEXT[ours["start"]:ours["end"]] == ours["answer"]
+        assert CONTEXT[ours["start"] : ours["end"]] == ours["answer"]
         assert ours["score"] == pytest.approx(ref["score"], rel=1e-3)
 
 
@@ -285,8 +291,12 @@ def test_server_validation(heads):
         for path in ("/classify", "/v1/classify", "/score", "/v1/qa"):
             r = c.post(path, json={"input": "x"})
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
-        bad = [({"input": []}, "input"), ({"input": 5}, "input"), ({"input": ["a", 3]}, "input"),
-               ({"input": ["x" * 2000]}, None)]
+        bad = [
+            ({"input": []}, "input"),
+            ({"input": 5}, "input"),
+            ({"input": ["a", 3]}, "input"),
+            ({"input": ["x" * 2000]}, None),
+        ]
         for body, param in bad:
             r = c.post("/classify", json=body, headers=ok)
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
@@ -294,9 +304,12 @@ def test_server_validation(heads):
         r = c.post("/classify", json={"input": "x", "model": "other"}, headers=ok)
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
         assert c.post("/classify", json={"input": "x" * 5000}, headers=ok).status_code == 413
-        for path, body in [("/v1/qa", {"question": "q", "context": "c"}), ("/v1/score", {"text_1": "a", "text_2": "b"}),
-                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
-                           ("/v1/completions", {"prompt": "hi"})]:
+        for path, body in [
+            ("/v1/qa", {"question": "q", "context": "c"}),
+            ("/v1/score", {"text_1": "a", "text_2": "b"}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+            ("/v1/completions", {"prompt": "hi"}),
+        ]:
             r = c.post(path, json=body, headers=ok)
             assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_task", (path, r.text)
         assert c.get("/health").json()["task"] == "sequence-classification"
@@ -343,8 +356,7 @@ def test_quantize_applies_to_the_backbone_of_a_head_bundle(heads, tmp_path, sche
     _, bundle = heads["token-classification"]
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(TEXTS * 20))
-    info = quantize(bundle, tmp_path / "q", QuantOptions(scheme, calib_data=calib, calib_samples=4,
-                                                         calib_seq_len=32))
+    info = quantize(bundle, tmp_path / "q", QuantOptions(scheme, calib_data=calib, calib_samples=4, calib_seq_len=32))
     model, ref = HeadModel(tmp_path / "q"), HeadModel(bundle)
     assert info["quantized"] == 7 * model.spec.num_layers and not info["keep_float"]
     assert model.manifest.get("quantization")["scheme"] == scheme

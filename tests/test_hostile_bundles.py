@@ -47,6 +47,7 @@ def _set(path: str, value):
         for k in keys[:-1]:
             target = target[k]
         target[keys[-1]] = value
+
     return edit
 
 
@@ -55,6 +56,7 @@ def _add_sha(name: str, make=None):
         if make is not None:
             make(root)
         data["sha256"][name] = "0" * 64
+
     return edit
 
 
@@ -153,9 +155,13 @@ def test_good_bundle_loads(good_bundle):
 @pytest.mark.parametrize("case", ["dotdot model file", "fifo listed", "spec huge layers"])
 def test_cli_prints_one_line(good_bundle, tmp_path, case):
     root = _variant(good_bundle, tmp_path, CASES[case][0])
-    r = subprocess.run([sys.executable, "-m", "exaone_deploy", "generate", str(root), "--prompt", "x",
-                        "--max-new-tokens", "1"], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "EXAONE_DEPLOY_HUGEPAGES": "0"})
+    r = subprocess.run(
+        [sys.executable, "-m", "exaone_deploy", "generate", str(root), "--prompt", "x", "--max-new-tokens", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "EXAONE_DEPLOY_HUGEPAGES": "0"},
+    )
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]

@@ -60,8 +60,15 @@ def test_hostile_config_values(tmp_path, real_config, field, value, named):
     assert time.perf_counter() - start < 1.0
 
 
-@pytest.mark.parametrize("key,value", [("rope_theta", float("nan")), ("factor", float("inf")),
-                                       ("original_max_position_embeddings", 2**40), ("low_freq_factor", "1")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("rope_theta", float("nan")),
+        ("factor", float("inf")),
+        ("original_max_position_embeddings", 2**40),
+        ("low_freq_factor", "1"),
+    ],
+)
 def test_hostile_rope_parameters(tmp_path, real_config, key, value):
     cfg = real_config("32b")  # llama3 rope_scaling with rope_theta at the top level (transformers 4.x spelling)
     (cfg if key == "rope_theta" else cfg["rope_scaling"])[key] = value
@@ -74,8 +81,9 @@ def test_inspect_of_huge_layer_count_is_one_line_and_fast(tmp_path, real_config)
     cfg["num_hidden_layers"] = 10**9
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     start = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "exaone_deploy", "inspect", str(tmp_path)], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "exaone_deploy", "inspect", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and "num_hidden_layers" in r.stderr
     assert time.perf_counter() - start < 30
@@ -91,32 +99,49 @@ def _raw_safetensors(path, entries: dict, data: bytes) -> None:
 
 def test_overlapping_tensors_refused(tmp_path):
     data = np.arange(8, dtype=np.float32).tobytes()
-    _raw_safetensors(tmp_path / "model.safetensors", {
-        "a": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]},
-        "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]},
-    }, data)
+    _raw_safetensors(
+        tmp_path / "model.safetensors",
+        {
+            "a": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]},
+            "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]},
+        },
+        data,
+    )
     with pytest.raises(CheckpointError, match="overlaps"):
         Checkpoint(tmp_path)
 
 
 def test_gap_between_tensors_refused(tmp_path):
     data = np.arange(12, dtype=np.float32).tobytes()
-    _raw_safetensors(tmp_path / "model.safetensors", {
-        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-        "b": {"dtype": "F32", "shape": [4], "data_offsets": [32, 48]},
-    }, data)
+    _raw_safetensors(
+        tmp_path / "model.safetensors",
+        {
+            "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+            "b": {"dtype": "F32", "shape": [4], "data_offsets": [32, 48]},
+        },
+        data,
+    )
     with pytest.raises(CheckpointError, match="gap"):
         Checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("dtype,code,bad", [(np.float32, "F32", np.nan), (np.float16, "F16", np.inf),
-                                            (np.uint16, "BF16", 0x7FC0), (np.uint16, "BF16", 0xFF80)])
+@pytest.mark.parametrize(
+    "dtype,code,bad",
+    [
+        (np.float32, "F32", np.nan),
+        (np.float16, "F16", np.inf),
+        (np.uint16, "BF16", 0x7FC0),
+        (np.uint16, "BF16", 0xFF80),
+    ],
+)
 def test_non_finite_weights_named(tmp_path, dtype, code, bad):
     arr = np.ones(16, dtype=dtype) if code != "BF16" else np.full(16, 0x3F80, dtype=np.uint16)
     arr[5] = bad
-    _raw_safetensors(tmp_path / "model.safetensors",
-                     {"model.norm.weight": {"dtype": code, "shape": [16], "data_offsets": [0, arr.nbytes]}},
-                     arr.tobytes())
+    _raw_safetensors(
+        tmp_path / "model.safetensors",
+        {"model.norm.weight": {"dtype": code, "shape": [16], "data_offsets": [0, arr.nbytes]}},
+        arr.tobytes(),
+    )
     ckpt = Checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match=r"model\.norm\.weight.*NaN or infinite"):
         ckpt.read_numpy("model.norm.weight")
@@ -129,6 +154,9 @@ def test_non_finite_weights_named(tmp_path, dtype, code, bad):
 
 def test_finite_weights_still_load(tmp_path):
     arr = np.linspace(-3, 3, 16, dtype=np.float32)
-    _raw_safetensors(tmp_path / "model.safetensors",
-                     {"w": {"dtype": "F32", "shape": [16], "data_offsets": [0, arr.nbytes]}}, arr.tobytes())
+    _raw_safetensors(
+        tmp_path / "model.safetensors",
+        {"w": {"dtype": "F32", "shape": [16], "data_offsets": [0, arr.nbytes]}},
+        arr.tobytes(),
+    )
     np.testing.assert_array_equal(Checkpoint(tmp_path).read_numpy("w"), arr)

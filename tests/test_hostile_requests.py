@@ -48,8 +48,9 @@ def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return export_bundle(make_tiny(root / "ckpt", "32b"), root / "bundle", ExportOptions(max_seq_len=CONTEXT),
-                             progress=False)
+        return export_bundle(
+            make_tiny(root / "ckpt", "32b"), root / "bundle", ExportOptions(max_seq_len=CONTEXT), progress=False
+        )
 
 
 class Live(ServerProcess):
@@ -63,8 +64,17 @@ class Live(ServerProcess):
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    s = Live(bundle, "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--header-timeout", "1",
-             "--body-timeout", "1")
+    s = Live(
+        bundle,
+        "--max-batch",
+        str(MAX_BATCH),
+        "--max-queue",
+        str(MAX_QUEUE),
+        "--header-timeout",
+        "1",
+        "--body-timeout",
+        "1",
+    )
     yield s
     s.close()
 
@@ -85,12 +95,22 @@ def hostile_requests(tok: Tokenizer) -> list[tuple[str, str, bytes]]:
     bound = CONTEXT * max_token_bytes(tok)
     cases = [
         ("nested arrays, 100k deep", c, "[" * 100_000 + "]" * 100_000),
-        ("nested objects in an extra field, 100k deep", c, '{"prompt": "hi", "x": ' + '{"a": ' * 100_000 + "1"
-         + "}" * 100_001),
-        ("nested 500 deep in chat_template_kwargs", ch, "{" + user + ', "chat_template_kwargs": {"k": '
-         + "[" * 500 + "]" * 500 + "}}"),
-        ("nested 500 deep in a tool's parameters", ch, "{" + user + ', "tools": [{"type": "function", "function": '
-         '{"name": "f", "parameters": ' + '{"a": ' * 500 + "1" + "}" * 500 + "}}]}"),
+        (
+            "nested objects in an extra field, 100k deep",
+            c,
+            '{"prompt": "hi", "x": ' + '{"a": ' * 100_000 + "1" + "}" * 100_001,
+        ),
+        (
+            "nested 500 deep in chat_template_kwargs",
+            ch,
+            "{" + user + ', "chat_template_kwargs": {"k": ' + "[" * 500 + "]" * 500 + "}}",
+        ),
+        (
+            "nested 500 deep in a tool's parameters",
+            ch,
+            "{" + user + ', "tools": [{"type": "function", "function": '
+            '{"name": "f", "parameters": ' + '{"a": ' * 500 + "1" + "}" * 500 + "}}]}",
+        ),
         ("5000-digit max_tokens", c, '{"prompt": "hi", "max_tokens": ' + "9" * 5000 + "}"),
         ("5000-digit seed", c, '{"prompt": "hi", "seed": ' + "9" * 5000 + "}"),
         ("5000-digit token id", c, '{"prompt": [' + "9" * 5000 + "]}"),
@@ -108,17 +128,22 @@ def hostile_requests(tok: Tokenizer) -> list[tuple[str, str, bytes]]:
         ("huge stop token id", c, '{"prompt": "hi", "stop_token_ids": [' + str(10**30) + "]}"),
         ("logit_bias extremes", c, '{"prompt": "hi", "logit_bias": {"1": 1e308, "2": -1e308}}'),
         ("n above the hard limit", c, '{"prompt": "hi", "n": 1000000}'),
-        ("more sequences than slots + queue", c,
-         json.dumps({"prompt": ["a", "b"], "n": 2, "max_tokens": 1})),
+        ("more sequences than slots + queue", c, json.dumps({"prompt": ["a", "b"], "n": 2, "max_tokens": 1})),
         (f"prompt text over {bound} bytes (never tokenized)", c, json.dumps({"prompt": "x" * (bound + 1)})),
-        ("chat message over the byte bound", ch, json.dumps({"messages": [{"role": "user", "content":
-                                                                            "y" * (bound + 1)}]})),
+        (
+            "chat message over the byte bound",
+            ch,
+            json.dumps({"messages": [{"role": "user", "content": "y" * (bound + 1)}]}),
+        ),
         ("prompt ids over the context", c, json.dumps({"prompt": [5] * (CONTEXT + 1)})),
         ("not an object", c, "[1, 2]"),
         ("empty body", c, ""),
         ("unknown model", c, '{"prompt": "hi", "model": "other"}'),
-        ("content that is not text", ch, '{"messages": [{"role": "user", "content": [{"type": "image_url", '
-         '"image_url": {"url": "http://x"}}]}]}'),
+        (
+            "content that is not text",
+            ch,
+            '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}',
+        ),
     ]
     return [(name, path, body if isinstance(body, bytes) else body.encode()) for name, path, body in cases]
 
@@ -126,10 +151,16 @@ def hostile_requests(tok: Tokenizer) -> list[tuple[str, str, bytes]]:
 # Values that pass validation and used to reach the sampler with numbers it could not use: each must be served
 # (200) or refused (400), never fail (500), and leave the server correct.
 EXTREME_SAMPLING = [
-    {"temperature": 1e-300}, {"temperature": 1e-5}, {"temperature": 2.0, "top_p": 1e-300},
-    {"temperature": 1.0, "min_p": 1.0}, {"temperature": 1.0, "top_k": 2**63}, {"temperature": 1.0, "top_k": 10**30},
-    {"temperature": 1.0, "seed": 10**4000}, {"repetition_penalty": 1e-300, "temperature": 1.0},
-    {"repetition_penalty": 1e-300}, {"repetition_penalty": 2.0, "temperature": 2.0, "top_p": 1e-9},
+    {"temperature": 1e-300},
+    {"temperature": 1e-5},
+    {"temperature": 2.0, "top_p": 1e-300},
+    {"temperature": 1.0, "min_p": 1.0},
+    {"temperature": 1.0, "top_k": 2**63},
+    {"temperature": 1.0, "top_k": 10**30},
+    {"temperature": 1.0, "seed": 10**4000},
+    {"repetition_penalty": 1e-300, "temperature": 1.0},
+    {"repetition_penalty": 1e-300},
+    {"repetition_penalty": 2.0, "temperature": 2.0, "top_p": 1e-9},
 ]
 
 
@@ -152,8 +183,11 @@ def test_hostile_corpus_gets_4xx_and_the_server_stays_correct(server, tok, bundl
         else:
             _assert_error_shape(r, str(extra))
     # greedy still matches the offline generator, nothing is left running, and no traceback was logged
-    want = Generator.from_bundle(bundle, max_batch=1, capacity=CONTEXT).generate(
-        ["ROMEO:\n"], SamplingParams(max_new_tokens=8))[0].text
+    want = (
+        Generator.from_bundle(bundle, max_batch=1, capacity=CONTEXT)
+        .generate(["ROMEO:\n"], SamplingParams(max_new_tokens=8))[0]
+        .text
+    )
     r = server.http.post("/v1/completions", json={"prompt": "ROMEO:\n", "max_tokens": 8, "temperature": 0})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
     h = server.http.get("/health").json()
@@ -208,8 +242,10 @@ def test_slow_headers_and_slow_bodies_are_dropped(server):
     drip = _connect(server)
     drip.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # headers never finish
     slow_body = _connect(server)
-    slow_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: 100\r\n\r\n{\"prompt\":")
+    slow_body.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"prompt":'
+    )
     try:
         assert _closed_within(idle, 5) == b""
         assert _closed_within(drip, 5) == b""
@@ -291,9 +327,11 @@ def test_prompt_flood_does_not_stall_streams_or_health(bundle):
                 flood.wait(30)
                 reader.join(30)
         med_un, med_lo = sorted(unloaded)[ROUNDS // 2], sorted(loaded)[ROUNDS // 2]
-        print(f"\nflood: {len(codes)} prompts of 2 MB; longest gap per stream, unloaded "
-              f"{[round(g * 1e3, 1) for g in unloaded]} ms, under the flood {[round(g * 1e3, 1) for g in loaded]} ms; "
-              f"/health worst {max(health) * 1e3:.1f} ms of {len(health)}")
+        print(
+            f"\nflood: {len(codes)} prompts of 2 MB; longest gap per stream, unloaded "
+            f"{[round(g * 1e3, 1) for g in unloaded]} ms, under the flood {[round(g * 1e3, 1) for g in loaded]} ms; "
+            f"/health worst {max(health) * 1e3:.1f} ms of {len(health)}"
+        )
         FLOOD_GAPS.update(unloaded=med_un, loaded=med_lo)
         assert codes and set(codes) == {400}, codes[:5]
         assert len(health) >= 20 and max(health) < 0.5, sorted(health)[-5:]
@@ -302,9 +340,12 @@ def test_prompt_flood_does_not_stall_streams_or_health(bundle):
     assert "Traceback" not in s.log()
 
 
-@pytest.mark.xfail(strict=False, reason="on the shared 2-core test machine the tiny model decodes a token in ~3 ms, "
-                   "and each rejected 2 MB body still costs the event loop ~10 ms of GIL time (receive + JSON), which "
-                   "the scheduler thread waits for: the median longest gap measures 2-2.5x the unloaded one here")
+@pytest.mark.xfail(
+    strict=False,
+    reason="on the shared 2-core test machine the tiny model decodes a token in ~3 ms, "
+    "and each rejected 2 MB body still costs the event loop ~10 ms of GIL time (receive + JSON), which "
+    "the scheduler thread waits for: the median longest gap measures 2-2.5x the unloaded one here",
+)
 def test_flood_keeps_stream_gaps_within_2x():
     if not FLOOD_GAPS:
         pytest.skip("the flood test did not run")
@@ -317,15 +358,19 @@ def test_flood_keeps_stream_gaps_within_2x():
 def test_sigterm_ends_every_stream_and_exits_within_grace(bundle):
     grace = 1.5  # streams are ended 0.75 s after SIGTERM: long before 1,000 tokens are out
     s = Live(bundle, "--max-batch", "8", "--max-queue", "8", "--shutdown-grace", str(grace))
-    body = {"prompt": "once upon a time", "max_tokens": CONTEXT - 24, "ignore_eos": True, "temperature": 1.0,
-            "stream": True}
+    body = {
+        "prompt": "once upon a time",
+        "max_tokens": CONTEXT - 24,
+        "ignore_eos": True,
+        "temperature": 1.0,
+        "stream": True,
+    }
     ends: list = [None] * 8
     started = threading.Barrier(9)
 
     def client(i):
         try:
-            with httpx.Client(base_url=s.url, timeout=30) as c, c.stream("POST", "/v1/completions",
-                                                                         json=body) as r:
+            with httpx.Client(base_url=s.url, timeout=30) as c, c.stream("POST", "/v1/completions", json=body) as r:
                 lines = r.iter_lines()
                 first = next(lines)
                 started.wait(30)
@@ -349,7 +394,7 @@ def test_sigterm_ends_every_stream_and_exits_within_grace(bundle):
     for i, events in enumerate(ends):
         assert isinstance(events, list) and events, (i, events, log[-3000:])
         assert events[-1] == "data: [DONE]", (i, events[-3:])
-        last = json.loads(events[-2][len("data: "):])
+        last = json.loads(events[-2][len("data: ") :])
         # every stream either finished or got the shutdown error event
         assert "error" in last or last["choices"][-1]["finish_reason"] in ("stop", "length"), (i, last)
     assert any("error" in json.loads(e[-2][6:]) for e in ends), "no stream outlived the grace period"
@@ -364,14 +409,22 @@ def test_sigterm_ends_every_stream_and_exits_within_grace(bundle):
 
 def _serve(bundle, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([sys.executable, "-m", "exaone_deploy.server", str(bundle), "--port", "0", *args],
-                          capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "exaone_deploy.server", str(bundle), "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
-@pytest.mark.parametrize("args, needle", [
-    (("--api-key", "sk-\u00e9t\u00e9"), "--api-key must be printable ASCII"),
-    (("--max-batch", "100000000"), "of memory is available"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("--api-key", "sk-\u00e9t\u00e9"), "--api-key must be printable ASCII"),
+        (("--max-batch", "100000000"), "of memory is available"),
+    ],
+)
 def test_startup_refusals_are_one_line(bundle, args, needle):
     r = _serve(bundle, *args)
     assert r.returncode != 0

@@ -35,8 +35,11 @@ def populate_cache(cache: Path, repo_id: str, src: Path, commit: str = COMMIT, r
             continue
         data = f.read_bytes()
         # LFS files are named by their sha256, regular git files by their git blob sha1.
-        etag = hashlib.sha256(data).hexdigest() if f.suffix == ".safetensors" else \
-            hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        etag = (
+            hashlib.sha256(data).hexdigest()
+            if f.suffix == ".safetensors"
+            else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        )
         (blobs / etag).write_bytes(data)
         (snap / f.name).symlink_to(os.path.relpath(blobs / etag, snap))
     (repo / "refs").mkdir(exist_ok=True)
@@ -57,15 +60,41 @@ def offline_cache(tmp_path, monkeypatch):
 def test_patterns_keep_only_what_export_needs():
     from huggingface_hub.utils import filter_repo_objects
 
-    files = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
-             "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json",
-             "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
-             "pytorch_model.bin", "model.pt", "consolidated.pth", "model-Q4_K_M.gguf", "model.onnx", "README.md",
-             "original/model.safetensors", "onnx/model.onnx_data", "onnx/config.json"]
+    files = [
+        "config.json",
+        "generation_config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "vocab.json",
+        "merges.txt",
+        "pytorch_model.bin",
+        "model.pt",
+        "consolidated.pth",
+        "model-Q4_K_M.gguf",
+        "model.onnx",
+        "README.md",
+        "original/model.safetensors",
+        "onnx/model.onnx_data",
+        "onnx/config.json",
+    ]
     kept = set(filter_repo_objects(files, allow_patterns=hub.ALLOW_PATTERNS, ignore_patterns=hub.IGNORE_PATTERNS))
-    assert kept == {"config.json", "generation_config.json", "model-00001-of-00002.safetensors",
-                    "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json",
-                    "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json"}
+    assert kept == {
+        "config.json",
+        "generation_config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "vocab.json",
+    }
 
 
 def test_is_repo_id(tmp_path, monkeypatch):
@@ -95,8 +124,13 @@ def test_offline_resolves_from_cache(offline_cache):
 
 
 def _cli(env: dict, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "exaone_deploy.cli", *map(str, args)], check=False,
-                          capture_output=True, text=True, env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-m", "exaone_deploy.cli", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
 
 
 @pytest.mark.slow
@@ -116,10 +150,14 @@ def test_cli_inspect_and_export_offline(tmp_path):
     assert (manifest["source"]["name"], manifest["source"]["revision"]) == (REPO, COMMIT)
     assert manifest["files"]["genai"] == "genai.onnx"  # a Hub id exports to a bundle genai runs too
     assert (out / "tokenizer.json").read_bytes() == (assets.tiny_model_dir() / "tokenizer.json").read_bytes()
-    for verb, message in ((("inspect", "Other/absent"), "Other/absent: not in the Hugging Face cache"),
-                          (("export", "Other/absent", "-o", tmp_path / "C"), "Other/absent: not in the Hugging Face"),
-                          (("export", REPO, "--revision", "v9", "-o", tmp_path / "C"),
-                           f"{REPO}@v9: not in the Hugging Face cache and HF_HUB_OFFLINE=1")):
+    for verb, message in (
+        (("inspect", "Other/absent"), "Other/absent: not in the Hugging Face cache"),
+        (("export", "Other/absent", "-o", tmp_path / "C"), "Other/absent: not in the Hugging Face"),
+        (
+            ("export", REPO, "--revision", "v9", "-o", tmp_path / "C"),
+            f"{REPO}@v9: not in the Hugging Face cache and HF_HUB_OFFLINE=1",
+        ),
+    ):
         r = _cli(env, *verb)
         assert r.returncode == 1 and "Traceback" not in r.stderr
         lines = r.stderr.strip().splitlines()
@@ -153,21 +191,27 @@ def test_verbs_take_hub_ids_with_revision(offline_cache, tmp_path):
     assert code == 0 and json.loads(out) == json.loads(json.dumps(load_spec(assets.tiny_model_dir()).to_json()))
     b, q = tmp_path / "B", tmp_path / "Q"
     assert run("export", REPO, "--revision", "main", "-o", b, "--max-seq-len", 64, "--no-progress")[0] == 0
-    code, out = run("quantize", REPO, "--revision", COMMIT, "-o", q, "--scheme", "int4-rtn", "--max-seq-len", 64,
-                    "--no-progress")
+    code, out = run(
+        "quantize", REPO, "--revision", COMMIT, "-o", q, "--scheme", "int4-rtn", "--max-seq-len", 64, "--no-progress"
+    )
     assert code == 0, out
     for bundle in (b, q):
         source = load_manifest(bundle).data["source"]
         assert (source["name"], source["revision"]) == (REPO, COMMIT)
-    code, out = run("verify", b, "--reference", REPO, "--revision", COMMIT, "--steps", 4, "--prompt-len", 16,
-                    "--json")
+    code, out = run("verify", b, "--reference", REPO, "--revision", COMMIT, "--steps", 4, "--prompt-len", 16, "--json")
     assert code == 0 and json.loads(out)["ok"], out
-    ppl = [run("eval-ppl", *where, "--data", assets.corpus_path(), "--seq-len", 32, "--max-tokens", 96, "--json")
-           for where in ((REPO, "--revision", "main"), (assets.tiny_model_dir(),))]
+    ppl = [
+        run("eval-ppl", *where, "--data", assets.corpus_path(), "--seq-len", 32, "--max-tokens", 96, "--json")
+        for where in ((REPO, "--revision", "main"), (assets.tiny_model_dir(),))
+    ]
     assert ppl[0][0] == 0 and json.loads(ppl[0][1])["ppl"] == json.loads(ppl[1][1])["ppl"], ppl
     code, out = run("inspect", "tiny", "--revision", "main")
-    assert code == 1 and out == "Error: --revision main: 'tiny' is not a Hugging Face Hub id (ORG/NAME); a local " \
+    assert (
+        code == 1
+        and out
+        == "Error: --revision main: 'tiny' is not a Hugging Face Hub id (ORG/NAME); a local "
         "directory has no revisions\n"
+    )
     code, out = run("quantize", "Other/absent", "-o", tmp_path / "C", "--scheme", "int4-rtn")
     assert code == 1 and out.startswith("Error: Other/absent: not in the Hugging Face cache") and out.count("\n") == 1
     assert not (tmp_path / "C").exists()

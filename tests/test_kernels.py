@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("triton", reason="triton is not installed (pip install triton): the kernel tests need it, "
-                                     "in interpreter mode on CPU")
+pytest.importorskip(
+    "triton",
+    reason="triton is not installed (pip install triton): the kernel tests need it, in interpreter mode on CPU",
+)
 
 from exaone_deploy import opref  # noqa: E402
 from exaone_deploy.tensorrt import kernels as ta  # noqa: E402
@@ -27,8 +29,9 @@ from exaone_deploy.tensorrt import plugin as trt_plugin  # noqa: E402
 
 INTERPRET = type(ta._attention_kernel).__name__ == "InterpretedFunction"
 DEVICE = "cpu" if INTERPRET else "cuda"
-needs_device = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
-                                  reason="TRITON_INTERPRET=0 and no CUDA device")
+needs_device = pytest.mark.skipif(
+    not INTERPRET and not torch.cuda.is_available(), reason="TRITON_INTERPRET=0 and no CUDA device"
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # max abs error of the output; cache entries are compared to within one rounding of their dtype
@@ -50,19 +53,39 @@ def make_case(seed, *, B, S, N, Nkv, H, C, lens, prompt, dtype, maxpos=64):
     seqlens = np.asarray(lens, dtype=np.int32)
     assert seqlens.shape == (B,)
     return dict(
-        q=rand(B, S, N * H), k=rand(B, S, Nkv * H), v=rand(B, S, Nkv * H),
-        past_k=rand(B, Nkv, C, H), past_v=rand(B, Nkv, C, H),
-        seqlens=seqlens, tsl=S if prompt else int(seqlens.max()) + 1,
-        cos=torch.from_numpy(cos).to(td), sin=torch.from_numpy(sin).to(td), N=N, Nkv=Nkv, dtype=dtype,
+        q=rand(B, S, N * H),
+        k=rand(B, S, Nkv * H),
+        v=rand(B, S, Nkv * H),
+        past_k=rand(B, Nkv, C, H),
+        past_v=rand(B, Nkv, C, H),
+        seqlens=seqlens,
+        tsl=S if prompt else int(seqlens.max()) + 1,
+        cos=torch.from_numpy(cos).to(td),
+        sin=torch.from_numpy(sin).to(td),
+        N=N,
+        Nkv=Nkv,
+        dtype=dtype,
     )
 
 
 def run_ref(case, *, window, rotary, ring, past_k=None, past_v=None):
     f = lambda t: t.float().numpy()  # noqa: E731
     return opref.attention_ref(
-        f(case["q"]), f(case["k"]), f(case["v"]), f(case["past_k"] if past_k is None else past_k),
-        f(case["past_v"] if past_v is None else past_v), case["seqlens"], case["tsl"], f(case["cos"]),
-        f(case["sin"]), num_heads=case["N"], kv_num_heads=case["Nkv"], window=window, rotary=rotary, ring=ring)
+        f(case["q"]),
+        f(case["k"]),
+        f(case["v"]),
+        f(case["past_k"] if past_k is None else past_k),
+        f(case["past_v"] if past_v is None else past_v),
+        case["seqlens"],
+        case["tsl"],
+        f(case["cos"]),
+        f(case["sin"]),
+        num_heads=case["N"],
+        kv_num_heads=case["Nkv"],
+        window=window,
+        rotary=rotary,
+        ring=ring,
+    )
 
 
 def run_kernels(case, *, window, rotary, ring, mode, config=SMALL, tsl_tensor=False):
@@ -71,10 +94,24 @@ def run_kernels(case, *, window, rotary, ring, mode, config=SMALL, tsl_tensor=Fa
     pk, pv = d(case["past_k"].clone()), d(case["past_v"].clone())
     tsl = torch.tensor([case["tsl"]], dtype=torch.int32, device=DEVICE) if tsl_tensor else case["tsl"]
     out = ta.exaone_attention(
-        d(case["q"]), d(case["k"]), d(case["v"]), pk, pv, d(torch.from_numpy(case["seqlens"])), tsl,
-        d(case["cos"]) if rotary else None, d(case["sin"]) if rotary else None, num_heads=case["N"],
-        kv_num_heads=case["Nkv"], window=window, rotary=rotary, ring=ring, fused=(mode == "fused"),
-        num_splits=3 if mode == "splitkv" else 1, config=config)
+        d(case["q"]),
+        d(case["k"]),
+        d(case["v"]),
+        pk,
+        pv,
+        d(torch.from_numpy(case["seqlens"])),
+        tsl,
+        d(case["cos"]) if rotary else None,
+        d(case["sin"]) if rotary else None,
+        num_heads=case["N"],
+        kv_num_heads=case["Nkv"],
+        window=window,
+        rotary=rotary,
+        ring=ring,
+        fused=(mode == "fused"),
+        num_splits=3 if mode == "splitkv" else 1,
+        config=config,
+    )
     return out.float().cpu().numpy(), pk.float().cpu().numpy(), pv.float().cpu().numpy()
 
 
@@ -93,47 +130,71 @@ def assert_matches(case, ours, ref):
 # (id, case kwargs, op attributes)
 CASES = [
     # prompt, global, RoPE, GQA 1, right-padded rows of 6, 3 and 1 tokens
-    ("prompt-global-rope-gqa1-fp32",
-     dict(B=3, S=7, N=2, Nkv=2, H=32, C=8, lens=[5, 2, 0], prompt=True, dtype="fp32"),
-     dict(window=0, rotary=1, ring=0)),
-    ("prompt-window-rope-gqa4-fp32",
-     dict(B=2, S=9, N=8, Nkv=2, H=32, C=12, lens=[8, 3], prompt=True, dtype="fp32"),
-     dict(window=3, rotary=1, ring=0)),
-    ("prompt-window-nope-gqa5-fp16",
-     dict(B=2, S=6, N=10, Nkv=2, H=64, C=8, lens=[5, 1], prompt=True, dtype="fp16"),
-     dict(window=2, rotary=0, ring=0)),
+    (
+        "prompt-global-rope-gqa1-fp32",
+        dict(B=3, S=7, N=2, Nkv=2, H=32, C=8, lens=[5, 2, 0], prompt=True, dtype="fp32"),
+        dict(window=0, rotary=1, ring=0),
+    ),
+    (
+        "prompt-window-rope-gqa4-fp32",
+        dict(B=2, S=9, N=8, Nkv=2, H=32, C=12, lens=[8, 3], prompt=True, dtype="fp32"),
+        dict(window=3, rotary=1, ring=0),
+    ),
+    (
+        "prompt-window-nope-gqa5-fp16",
+        dict(B=2, S=6, N=10, Nkv=2, H=64, C=8, lens=[5, 1], prompt=True, dtype="fp16"),
+        dict(window=2, rotary=0, ring=0),
+    ),
     # decode: S=1, rows with 1, 18 and 40 tokens after the step (the last one fills the cache exactly)
-    ("decode-global-rope-gqa5-fp32",
-     dict(B=3, S=1, N=5, Nkv=1, H=32, C=40, lens=[0, 17, 39], prompt=False, dtype="fp32"),
-     dict(window=0, rotary=1, ring=0)),
-    ("decode-global-nope-gqa4-fp16",
-     dict(B=2, S=1, N=8, Nkv=2, H=64, C=24, lens=[3, 22], prompt=False, dtype="fp16"),
-     dict(window=0, rotary=0, ring=0)),
+    (
+        "decode-global-rope-gqa5-fp32",
+        dict(B=3, S=1, N=5, Nkv=1, H=32, C=40, lens=[0, 17, 39], prompt=False, dtype="fp32"),
+        dict(window=0, rotary=1, ring=0),
+    ),
+    (
+        "decode-global-nope-gqa4-fp16",
+        dict(B=2, S=1, N=8, Nkv=2, H=64, C=24, lens=[3, 22], prompt=False, dtype="fp16"),
+        dict(window=0, rotary=0, ring=0),
+    ),
     # decode into a ring buffer that has wrapped around several times
-    ("decode-ring-wrap-window-gqa4-fp16",
-     dict(B=2, S=1, N=4, Nkv=1, H=64, C=8, lens=[5, 29], prompt=False, dtype="fp16"),
-     dict(window=8, rotary=1, ring=1)),
-    ("decode-ring-wrap-window-gqa5-bf16",
-     dict(B=2, S=1, N=10, Nkv=2, H=32, C=6, lens=[2, 33], prompt=False, dtype="bf16"),
-     dict(window=5, rotary=1, ring=1)),
+    (
+        "decode-ring-wrap-window-gqa4-fp16",
+        dict(B=2, S=1, N=4, Nkv=1, H=64, C=8, lens=[5, 29], prompt=False, dtype="fp16"),
+        dict(window=8, rotary=1, ring=1),
+    ),
+    (
+        "decode-ring-wrap-window-gqa5-bf16",
+        dict(B=2, S=1, N=10, Nkv=2, H=32, C=6, lens=[2, 33], prompt=False, dtype="bf16"),
+        dict(window=5, rotary=1, ring=1),
+    ),
     # chunk continuation (S > 1, all tokens real)
-    ("chunk-linear-window-gqa1-fp32",
-     dict(B=2, S=5, N=2, Nkv=2, H=32, C=24, lens=[9, 20], prompt=False, dtype="fp32"),
-     dict(window=4, rotary=1, ring=0)),
-    ("chunk-linear-global-gqa5-fp16",
-     dict(B=2, S=4, N=5, Nkv=1, H=64, C=16, lens=[3, 12], prompt=False, dtype="fp16"),
-     dict(window=0, rotary=1, ring=0)),
+    (
+        "chunk-linear-window-gqa1-fp32",
+        dict(B=2, S=5, N=2, Nkv=2, H=32, C=24, lens=[9, 20], prompt=False, dtype="fp32"),
+        dict(window=4, rotary=1, ring=0),
+    ),
+    (
+        "chunk-linear-global-gqa5-fp16",
+        dict(B=2, S=4, N=5, Nkv=1, H=64, C=16, lens=[3, 12], prompt=False, dtype="fp16"),
+        dict(window=0, rotary=1, ring=0),
+    ),
     # chunk into a wrapped ring whose writes clobber slots other queries of the chunk still read
-    ("chunk-ring-wrap-clobber-gqa4-fp32",
-     dict(B=2, S=5, N=4, Nkv=1, H=32, C=8, lens=[20, 13], prompt=False, dtype="fp32"),
-     dict(window=6, rotary=1, ring=1)),
-    ("chunk-ring-wrap-gqa1-fp16",
-     dict(B=2, S=3, N=2, Nkv=2, H=64, C=10, lens=[14, 40], prompt=False, dtype="fp16"),
-     dict(window=7, rotary=1, ring=1)),
+    (
+        "chunk-ring-wrap-clobber-gqa4-fp32",
+        dict(B=2, S=5, N=4, Nkv=1, H=32, C=8, lens=[20, 13], prompt=False, dtype="fp32"),
+        dict(window=6, rotary=1, ring=1),
+    ),
+    (
+        "chunk-ring-wrap-gqa1-fp16",
+        dict(B=2, S=3, N=2, Nkv=2, H=64, C=10, lens=[14, 40], prompt=False, dtype="fp16"),
+        dict(window=7, rotary=1, ring=1),
+    ),
     # prompt longer than the ring: only the last C tokens are kept
-    ("prompt-ring-longer-than-cache-gqa4-fp32",
-     dict(B=2, S=11, N=8, Nkv=2, H=32, C=4, lens=[10, 2], prompt=True, dtype="fp32"),
-     dict(window=4, rotary=1, ring=1)),
+    (
+        "prompt-ring-longer-than-cache-gqa4-fp32",
+        dict(B=2, S=11, N=8, Nkv=2, H=32, C=4, lens=[10, 2], prompt=True, dtype="fp32"),
+        dict(window=4, rotary=1, ring=1),
+    ),
 ]
 
 
@@ -150,11 +211,13 @@ def test_matches_reference(case_id, shape, attrs, mode):
 def test_default_tiles_and_total_length_tensor(mode):
     """Default launch configuration, and total_sequence_length given as a device tensor (TensorRT's case)."""
     attrs = dict(window=5, rotary=1, ring=0)
-    for i, (shape, tsl_tensor) in enumerate([
-        (dict(B=2, S=20, N=5, Nkv=1, H=32, C=24, lens=[19, 7], prompt=True, dtype="fp32"), True),
-        (dict(B=2, S=3, N=5, Nkv=1, H=32, C=24, lens=[4, 21], prompt=False, dtype="fp32"), True),
-        (dict(B=1, S=1, N=4, Nkv=1, H=64, C=24, lens=[12], prompt=False, dtype="fp16"), False),
-    ]):
+    for i, (shape, tsl_tensor) in enumerate(
+        [
+            (dict(B=2, S=20, N=5, Nkv=1, H=32, C=24, lens=[19, 7], prompt=True, dtype="fp32"), True),
+            (dict(B=2, S=3, N=5, Nkv=1, H=32, C=24, lens=[4, 21], prompt=False, dtype="fp32"), True),
+            (dict(B=1, S=1, N=4, Nkv=1, H=64, C=24, lens=[12], prompt=False, dtype="fp16"), False),
+        ]
+    ):
         case = make_case(100 + i, **shape)
         ours = run_kernels(case, mode=mode, config=None, tsl_tensor=tsl_tensor, **attrs)
         assert_matches(case, ours, run_ref(case, **attrs))
@@ -177,9 +240,21 @@ def test_generation_loop_ring_buffer(mode):
             our_k, our_v = case["past_k"].clone().to(DEVICE), case["past_v"].clone().to(DEVICE)
         ref_out, ref_k, ref_v = run_ref(case, past_k=torch.from_numpy(ref_k), past_v=torch.from_numpy(ref_v), **attrs)
         out = ta.exaone_attention(
-            case["q"].to(DEVICE), case["k"].to(DEVICE), case["v"].to(DEVICE), our_k, our_v,
-            torch.from_numpy(case["seqlens"]).to(DEVICE), case["tsl"], case["cos"].to(DEVICE),
-            case["sin"].to(DEVICE), num_heads=N, kv_num_heads=Nkv, fused=(mode == "fused"), config=SMALL, **attrs)
+            case["q"].to(DEVICE),
+            case["k"].to(DEVICE),
+            case["v"].to(DEVICE),
+            our_k,
+            our_v,
+            torch.from_numpy(case["seqlens"]).to(DEVICE),
+            case["tsl"],
+            case["cos"].to(DEVICE),
+            case["sin"].to(DEVICE),
+            num_heads=N,
+            kv_num_heads=Nkv,
+            fused=(mode == "fused"),
+            config=SMALL,
+            **attrs,
+        )
         assert np.abs(out.cpu().numpy() - ref_out).max() <= 1e-5, f"step {i}"
         assert np.abs(our_k.cpu().numpy() - ref_k).max() <= 1e-5, f"step {i}"
         assert np.array_equal(our_v.cpu().numpy(), ref_v), f"step {i}"
@@ -195,8 +270,17 @@ def test_rejects_bad_arguments():
         ta.exaone_attention(*args, num_heads=4, kv_num_heads=2, rotary=1)
     with pytest.raises(ValueError, match="contiguous"):
         strided = case["past_k"].transpose(2, 3).contiguous().transpose(2, 3)  # same shape, not contiguous
-        ta.exaone_attention(case["q"], case["k"], case["v"], strided, case["past_v"],
-                            torch.from_numpy(case["seqlens"]), 2, num_heads=4, kv_num_heads=2)
+        ta.exaone_attention(
+            case["q"],
+            case["k"],
+            case["v"],
+            strided,
+            case["past_v"],
+            torch.from_numpy(case["seqlens"]),
+            2,
+            num_heads=4,
+            kv_num_heads=2,
+        )
     with pytest.raises(ValueError, match="int32"):
         ta.exaone_attention(*args[:5], torch.tensor([1]), 2, num_heads=4, kv_num_heads=2)
 
@@ -226,8 +310,19 @@ def test_fused_kernel_parameter_order_is_tensorrt_aot_order():
     import inspect
 
     params = list(inspect.signature(ta._fused_attention_kernel.fn).parameters)
-    sig, constexprs = ta.fused_kernel_signature("fp16", "fp16", "fp32", num_heads=40, kv_num_heads=8, head_dim=128,
-                                                scale=0.0, window=4096, rotary=1, ring=1, config=ta.LaunchConfig())
+    sig, constexprs = ta.fused_kernel_signature(
+        "fp16",
+        "fp16",
+        "fp32",
+        num_heads=40,
+        kv_num_heads=8,
+        head_dim=128,
+        scale=0.0,
+        window=4096,
+        rotary=1,
+        ring=1,
+        config=ta.LaunchConfig(),
+    )
     assert list(sig) == params
     runtime = [p for p in params if sig[p] != "constexpr"]
     kinds = [sig[p] for p in runtime]
@@ -285,7 +380,8 @@ def test_register_plugin_with_tensorrt():
     pytest.importorskip("tensorrt.plugin", reason="this TensorRT has no tensorrt.plugin module")
     trt_plugin.register_plugins(aot=True, jit=True)
     trt_plugin.register_plugins()  # idempotent
-    creator = trt.get_plugin_registry().get_creator(trt_plugin.PLUGIN_OP_TYPE, trt_plugin.PLUGIN_VERSION,
-                                                    trt_plugin.PLUGIN_NAMESPACE)
+    creator = trt.get_plugin_registry().get_creator(
+        trt_plugin.PLUGIN_OP_TYPE, trt_plugin.PLUGIN_VERSION, trt_plugin.PLUGIN_NAMESPACE
+    )
     assert creator is not None
     assert trt_plugin.is_registered() == {"descriptor": True, "jit": True, "aot": True}

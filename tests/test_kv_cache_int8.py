@@ -44,16 +44,22 @@ def bundles(tiny_dirs, tmp_path_factory):
     out = {}
     for preset, ckpt in tiny_dirs.items():
         fp32 = export_bundle(ckpt, root / f"{preset}-fp32", ExportOptions(max_seq_len=MAX_SEQ), progress=False)
-        static = export_bundle(ckpt, root / f"{preset}-kv8", ExportOptions(max_seq_len=MAX_SEQ, kv_cache="int8"),
-                               progress=False)
+        static = export_bundle(
+            ckpt, root / f"{preset}-kv8", ExportOptions(max_seq_len=MAX_SEQ, kv_cache="int8"), progress=False
+        )
         opts = QuantOptions("int4-rtn", calib, calib_samples=32, calib_seq_len=64, kv_cache="int8")
         source = open_source(fp32, root)
         plan, cal, _ = calibrate(source, opts)
         (root / f"{preset}-kv8-cal").mkdir()
         write_quantized_bundle(source, plan, opts, root / f"{preset}-kv8-cal", calib=cal, smooth_only=True)
         prompt = Tokenizer.from_dir(fp32).encode(assets.heldout_text()[:400])[:N_PROMPT]
-        out[preset] = {"ckpt": ckpt, "fp32": fp32, "static": static, "calibrated": root / f"{preset}-kv8-cal",
-                       "prompt": prompt}
+        out[preset] = {
+            "ckpt": ckpt,
+            "fp32": fp32,
+            "static": static,
+            "calibrated": root / f"{preset}-kv8-cal",
+            "prompt": prompt,
+        }
     return out
 
 
@@ -96,8 +102,12 @@ def test_greedy_tokens_unchanged_for_32_tokens(bundles, preset):
 def test_int8_cache_is_used_and_calibrated_scales_beat_static(bundles, preset):
     ids = bundles[preset]["prompt"] * 2
     ref = OrtBackend(bundles[preset]["fp32"], max_seq_len=MAX_SEQ).score(ids, slot=0, chunk=7)
-    err = {scales: np.abs(OrtBackend(bundles[preset][scales], max_seq_len=MAX_SEQ).score(ids, slot=0, chunk=7)
-                          - ref).mean() for scales in ("static", "calibrated")}
+    err = {
+        scales: np.abs(
+            OrtBackend(bundles[preset][scales], max_seq_len=MAX_SEQ).score(ids, slot=0, chunk=7) - ref
+        ).mean()
+        for scales in ("static", "calibrated")
+    }
     assert 0 < err["calibrated"] < err["static"], err  # quantized (not bypassed); finer steps, smaller error
 
 
@@ -118,13 +128,15 @@ def test_lowered_graph_and_manifest(bundles, preset):
     scale = inits[GraphIO.kv_scale_name(0, "key")]
     assert scale.data_type == onnx.TensorProto.FLOAT and list(scale.dims) == [1, spec.num_kv_heads, 1, spec.head_dim]
     caches = [v for v in [*model.graph.input, *model.graph.output] if GraphIO.is_cache(v.name)]
-    assert len(caches) == 4 * spec.num_layers and all(v.type.tensor_type.elem_type == onnx.TensorProto.INT8
-                                                      for v in caches)
+    assert len(caches) == 4 * spec.num_layers and all(
+        v.type.tensor_type.elem_type == onnx.TensorProto.INT8 for v in caches
+    )
     cache = manifest["io"]["cache"]
     assert cache["dtype"] == "int8" and cache["quant"]["type"] == "PER_CHANNEL"
     assert cache["quant"]["scales"].startswith("static")
     assert json.loads((bundles[preset]["calibrated"] / "manifest.json").read_text())["io"]["cache"]["quant"][
-        "scales"].startswith("calibrated")
+        "scales"
+    ].startswith("calibrated")
     windowed = spec.is_hybrid
     assert cache["bytes"] == {str(MAX_SEQ): spec.kv_cache_bytes(MAX_SEQ, bytes_per_elem=1, windowed=windowed)}
     assert cache["bytes_per_token"] == 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim
@@ -179,8 +191,13 @@ def test_rope_pair_absmax_bounds_every_rotation():
     k = x.reshape(50, kvh, 2, d // 2)
     seen = np.zeros(kvh * d, np.float32)
     for theta in np.linspace(0, 2 * np.pi, 64):
-        rot = np.concatenate([k[:, :, 0] * np.cos(theta) - k[:, :, 1] * np.sin(theta),
-                              k[:, :, 1] * np.cos(theta) + k[:, :, 0] * np.sin(theta)], axis=-1)
+        rot = np.concatenate(
+            [
+                k[:, :, 0] * np.cos(theta) - k[:, :, 1] * np.sin(theta),
+                k[:, :, 1] * np.cos(theta) + k[:, :, 0] * np.sin(theta),
+            ],
+            axis=-1,
+        )
         seen = np.maximum(seen, np.abs(rot).max(axis=0).reshape(-1))
     assert np.all(seen <= bound + 1e-6) and np.all(seen >= 0.99 * bound)  # tight: some angle reaches it
 
@@ -219,8 +236,23 @@ def test_trt_target_refused(tiny_dirs, tmp_path):
         QuantOptions("int4-rtn", target="trt", kv_cache="int8").validate()
     with pytest.raises(QuantizeError, match="needs --calib-data"):
         QuantOptions("int4-rtn", kv_cache="int8").validate()
-    r = subprocess.run([sys.executable, "-m", "exaone_deploy.cli", "export", str(tiny_dirs["1.2b"]), "-o",
-                        str(tmp_path / "c"), "--target", "trt", "--kv-cache", "int8"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exaone_deploy.cli",
+            "export",
+            str(tiny_dirs["1.2b"]),
+            "-o",
+            str(tmp_path / "c"),
+            "--target",
+            "trt",
+            "--kv-cache",
+            "int8",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip().count("\n") == 0 and "ort target only" in r.stderr
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
@@ -230,9 +262,12 @@ def test_onnxruntime_without_int8_cache_refused(tiny_dirs, tmp_path, monkeypatch
     """An onnxruntime whose GroupQueryAttention schema predates the quantized cache (no kv_cache_bit_width)."""
     from onnxruntime.capi import onnxruntime_pybind11_state as C
 
-    old = types.SimpleNamespace(name="GroupQueryAttention", domain="com.microsoft",
-                                attributes={"num_heads": None, "kv_num_heads": None},
-                                inputs=[types.SimpleNamespace(name=n) for n in ("query", "key", "value")])
+    old = types.SimpleNamespace(
+        name="GroupQueryAttention",
+        domain="com.microsoft",
+        attributes={"num_heads": None, "kv_num_heads": None},
+        inputs=[types.SimpleNamespace(name=n) for n in ("query", "key", "value")],
+    )
     monkeypatch.setattr(C, "get_all_operator_schema", lambda: [old])
     with pytest.raises(ExportError, match="has no INT8 KV cache") as e:
         export_bundle(tiny_dirs["1.2b"], tmp_path / "b", ExportOptions(kv_cache="int8"))

@@ -23,8 +23,9 @@ ENV = {**os.environ, "EXAONE_DEPLOY_HUGEPAGES": "0"}
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "exaone_deploy", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "exaone_deploy", *map(str, args)], capture_output=True, text=True, timeout=300, env=ENV
+    )
 
 
 def _one_error_line(r: subprocess.CompletedProcess, *words: str) -> None:
@@ -77,8 +78,12 @@ def test_export_force_replaces_a_bundle_and_an_empty_directory(tmp_path):
 
 def test_killed_export_leaves_a_staging_dir_that_the_next_run_removes(tmp_path):
     out = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, "-m", "exaone_deploy", "export", "tiny", "-o", str(out), "--no-progress"],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exaone_deploy", "export", "tiny", "-o", str(out), "--no-progress"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     staged = []
     while time.time() < deadline and not staged:

@@ -18,8 +18,7 @@ RNG = np.random.default_rng(0)
 
 
 def _model(inputs, outputs, nodes, initializers=(), opsets=None) -> ir.Model:
-    graph = ir.Graph(inputs, outputs, nodes=nodes, initializers=initializers,
-                     opset_imports=opsets or {"": 21})
+    graph = ir.Graph(inputs, outputs, nodes=nodes, initializers=initializers, opset_imports=opsets or {"": 21})
     return ir.Model(graph, ir_version=10)
 
 
@@ -41,6 +40,7 @@ def _ops(model: ir.Model) -> list[str]:
 
 
 # ---- RsqrtAsDiv -------------------------------------------------------------------------------------------
+
 
 def _rms_like() -> ir.Model:
     x, v = _input("x", [2, 3]), _input("v", [2, 1])
@@ -73,6 +73,7 @@ def test_rsqrt_as_div_leaves_a_reciprocal_of_something_else():
 
 # ---- FuseParallelMatMuls ----------------------------------------------------------------------------------
 
+
 def _parallel(dtypes=(np.float32, np.float32, np.float32)) -> ir.Model:
     x, other = _input("x", [2, 8]), _input("other", [2, 8])
     ws = [_init(f"w{i}", RNG.standard_normal((8, n)).astype(dt)) for i, (n, dt) in enumerate(zip((8, 4, 4), dtypes))]
@@ -89,8 +90,10 @@ def _parallel(dtypes=(np.float32, np.float32, np.float32)) -> ir.Model:
 
 def test_fuse_parallel_matmuls_makes_one_gemm_and_a_split():
     model = _parallel()
-    feeds = {"x": RNG.standard_normal((2, 8)).astype(np.float32),
-             "other": RNG.standard_normal((2, 8)).astype(np.float32)}
+    feeds = {
+        "x": RNG.standard_normal((2, 8)).astype(np.float32),
+        "other": RNG.standard_normal((2, 8)).astype(np.float32),
+    }
     before = _run(model, feeds)
     assert passes.FuseParallelMatMuls()(model).modified
     # the lone MatMul (its own input) is left alone
@@ -123,20 +126,32 @@ def test_fused_weights_are_written_at_save_time(tmp_path):
 
 # ---- attention lowerings ----------------------------------------------------------------------------------
 
-SPEC = spec_from_config({
-    "model_type": "exaone4",
-    "vocab_size": 16, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 64, "rope_theta": 10000.0, "sliding_window": 4,
-    "layer_types": ["sliding_attention", "full_attention"],
-})
+SPEC = spec_from_config(
+    {
+        "model_type": "exaone4",
+        "vocab_size": 16,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 64,
+        "rope_theta": 10000.0,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+    }
+)
 
 
 def _attention_model(io: GraphIO, with_rope_tables: bool = True) -> ir.Model:
     """One EXAONEAttention node per layer reading that layer's cache inputs, as the exporter traces them."""
     s = SPEC
-    seqlens, total = _input("seqlens_k", ["batch"], ir.DataType.INT32), _input("total_sequence_length", [],
-                                                                                ir.DataType.INT32)
+    seqlens, total = (
+        _input("seqlens_k", ["batch"], ir.DataType.INT32),
+        _input("total_sequence_length", [], ir.DataType.INT32),
+    )
     inputs, outputs, nodes, inits = [seqlens, total], [], [], []
     cos = sin = None
     if with_rope_tables:
@@ -147,14 +162,26 @@ def _attention_model(io: GraphIO, with_rope_tables: bool = True) -> ir.Model:
         q = _input(f"q{layer.index}", ["batch", "sequence", s.q_size])
         k = _input(f"k{layer.index}", ["batch", "sequence", s.kv_size])
         v = _input(f"v{layer.index}", ["batch", "sequence", s.kv_size])
-        pk, pv = (_input(io.past_name(layer.index, kv), ["batch", s.num_kv_heads, "cache_len", s.head_dim])
-                  for kv in ("key", "value"))
+        pk, pv = (
+            _input(io.past_name(layer.index, kv), ["batch", s.num_kv_heads, "cache_len", s.head_dim])
+            for kv in ("key", "value")
+        )
         inputs += [q, k, v, pk, pv]
         rope = [cos, sin] if layer.rope and with_rope_tables else []
-        node = ir.node(ops.OP_TYPE, [q, k, v, pk, pv, seqlens, total, *rope], domain=ops.DOMAIN, num_outputs=3,
-                       attributes={"num_heads": s.num_heads, "kv_num_heads": s.num_kv_heads, "scale": 0.25,
-                                   "window": layer.window, "rotary": int(layer.rope and with_rope_tables)},
-                       name=f"attn{layer.index}")
+        node = ir.node(
+            ops.OP_TYPE,
+            [q, k, v, pk, pv, seqlens, total, *rope],
+            domain=ops.DOMAIN,
+            num_outputs=3,
+            attributes={
+                "num_heads": s.num_heads,
+                "kv_num_heads": s.num_kv_heads,
+                "scale": 0.25,
+                "window": layer.window,
+                "rotary": int(layer.rope and with_rope_tables),
+            },
+            name=f"attn{layer.index}",
+        )
         out, nk, nv = node.outputs
         out.name = f"attn{layer.index}_out"
         nk.name, nv.name = io.present_name(layer.index, "key"), io.present_name(layer.index, "value")
@@ -224,9 +251,14 @@ def test_attention_to_trt_plugin(with_tables):
 def test_target_pass_lists():
     io = GraphIO(SPEC, window_cache=True)
     assert [type(p) for p in passes.target_passes("ort", io)] == [
-        passes.RsqrtAsDiv, passes.FuseParallelMatMuls, passes.AttentionToGroupQueryAttention]
+        passes.RsqrtAsDiv,
+        passes.FuseParallelMatMuls,
+        passes.AttentionToGroupQueryAttention,
+    ]
     assert [type(p) for p in passes.target_passes("ort", io, fuse_linears=False)] == [
-        passes.RsqrtAsDiv, passes.AttentionToGroupQueryAttention]  # the calibration view
+        passes.RsqrtAsDiv,
+        passes.AttentionToGroupQueryAttention,
+    ]  # the calibration view
     assert [type(p) for p in passes.target_passes("trt", io)] == [passes.AttentionToTrtPlugin]
     with pytest.raises(ValueError, match="unknown target"):
         passes.target_passes("tflite", io)

@@ -70,17 +70,19 @@ def _gptq_oracle(st, module: str, bits: int, v1: bool, scale_dtype):
     AutoGPTQ's v1 zero convention (``zeros + 1`` masked to ``bits``). Returns (codes [in, out], w [in, out])."""
     qweight, qzeros = _t(st[module + ".qweight"]), _t(st[module + ".qzeros"])
     scales, g_idx = _t(st[module + ".scales"]).to(scale_dtype), _t(st[module + ".g_idx"]).long()
-    wf, pf, maxq = torch.arange(0, 32, bits, dtype=torch.int32), 32 // bits, 2 ** bits - 1
+    wf, pf, maxq = torch.arange(0, 32, bits, dtype=torch.int32), 32 // bits, 2**bits - 1
     zeros = torch.bitwise_right_shift(qzeros.unsqueeze(2).expand(-1, -1, pf), wf.unsqueeze(0)).to(torch.int16)
     zeros = torch.bitwise_and(zeros + 1 if v1 else zeros, maxq).reshape(qzeros.shape[0], -1)
     weight = torch.bitwise_and(
-        torch.bitwise_right_shift(qweight.unsqueeze(1).expand(-1, pf, -1), wf.unsqueeze(-1)).to(torch.int16), maxq)
+        torch.bitwise_right_shift(qweight.unsqueeze(1).expand(-1, pf, -1), wf.unsqueeze(-1)).to(torch.int16), maxq
+    )
     weight = weight.reshape(-1, weight.shape[2])
     return weight, scales[g_idx] * (weight - zeros[g_idx])
 
 
 def _awq_oracle(st, module: str, group: int, scale_dtype):
     """AutoAWQ ``unpack_awq`` + ``reverse_awq_order`` + ``dequantize_gemm``. Returns (codes, w), [in, out]."""
+
     def unpack(packed):
         shifts = torch.arange(0, 32, 4)
         ints = torch.bitwise_right_shift(packed[:, :, None], shifts[None, None, :]).to(torch.int8)
@@ -136,8 +138,9 @@ def test_compressed_tensors_codes_match_library_unpack(prequant_dir, variant):
 def _transformers_loaded(out, quantization_config) -> dict:
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    model = transformers.Exaone4ForCausalLM.from_pretrained(str(out), dtype=torch.float32,
-                                                           quantization_config=quantization_config)
+    model = transformers.Exaone4ForCausalLM.from_pretrained(
+        str(out), dtype=torch.float32, quantization_config=quantization_config
+    )
     return {k: v.float().numpy() for k, v in model.state_dict().items()}
 
 
@@ -150,8 +153,11 @@ def test_transformers_loader_dequantizes_like_us(prequant_dir, variant):
     transformers = pytest.importorskip("transformers")
     out = prequant_dir(variant)
     scheme = read_scheme(out)
-    config = transformers.FineGrainedFP8Config(dequantize=True) if scheme.method == "fp8" else \
-        transformers.CompressedTensorsConfig(dequantize=True)
+    config = (
+        transformers.FineGrainedFP8Config(dequantize=True)
+        if scheme.method == "fp8"
+        else transformers.CompressedTensorsConfig(dequantize=True)
+    )
     theirs, ours = _transformers_loaded(out, config), dequantized_linears(out)
     assert len(ours) == 7 * 8 - (1 if "skip" in variant else 0)
     for name, w in ours.items():
@@ -167,8 +173,9 @@ def test_fp8_matches_transformers_dequantize(prequant_dir, variant):
     scheme, st = read_scheme(out), SafetensorsDir(out)
     for module, q in iter_quantized_linears(out):
         weight = _t(st[module + ".weight"].view(np.uint8)).view(torch.float8_e4m3fn)
-        ref = fp8._dequantize_fp8_weight(weight, _t(st[module + ".weight_scale_inv"]),
-                                         list(scheme.weight_block_size), torch.float32)
+        ref = fp8._dequantize_fp8_weight(
+            weight, _t(st[module + ".weight_scale_inv"]), list(scheme.weight_block_size), torch.float32
+        )
         np.testing.assert_array_equal(q.dequantize(), ref.numpy())
     skipped = "model.layers.0.mlp.down_proj"
     assert (skipped + ".weight_scale_inv" in st) == ("skip" not in variant)
@@ -199,7 +206,7 @@ def test_make_prequantized_32b(tiny_dirs, prequant_dir, variant):
         np.testing.assert_array_equal(again.scale, ours[module].scale)
     else:
         got = ours[module]
-        assert got.codes.shape == w.shape and got.codes.dtype == np.uint8 and got.codes.max() < 2 ** got.bits
+        assert got.codes.shape == w.shape and got.codes.dtype == np.uint8 and got.codes.max() < 2**got.bits
         assert np.abs(got.dequantize() - w).max() <= 0.5 * got.scales.max() * (1 + 1e-6)
     dq = dequantized_linears(out)
     for name, array in dq.items():  # the dequantized weights are the re-read of the stored tensors
@@ -219,23 +226,72 @@ def test_make_prequantized_32b(tiny_dirs, prequant_dir, variant):
 
 # ---- config recognition ----------------------------------------------------------------------------------
 RECOGNISED = [
-    (quantization_config("gptq", group_size=128, desc_act=True),
-     {"method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": True, "checkpoint_format": "gptq"}),
-    ({"bits": 8, "group_size": -1, "desc_act": False, "sym": False, "quant_method": "gptq",
-      "checkpoint_format": "gptq_v2"}, {"bits": 8, "group_size": -1, "sym": False, "checkpoint_format": "gptq_v2"}),
-    ({"bits": 4, "group_size": 128, "damp_percent": 0.01, "desc_act": False, "static_groups": False, "sym": True,
-      "true_sequential": True, "model_name_or_path": None, "model_file_base_name": "model", "quant_method": "gptq"},
-     {"method": "gptq", "checkpoint_format": "gptq"}),  # AutoGPTQ's spelling: no checkpoint_format means v1
+    (
+        quantization_config("gptq", group_size=128, desc_act=True),
+        {"method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": True, "checkpoint_format": "gptq"},
+    ),
+    (
+        {
+            "bits": 8,
+            "group_size": -1,
+            "desc_act": False,
+            "sym": False,
+            "quant_method": "gptq",
+            "checkpoint_format": "gptq_v2",
+        },
+        {"bits": 8, "group_size": -1, "sym": False, "checkpoint_format": "gptq_v2"},
+    ),
+    (
+        {
+            "bits": 4,
+            "group_size": 128,
+            "damp_percent": 0.01,
+            "desc_act": False,
+            "static_groups": False,
+            "sym": True,
+            "true_sequential": True,
+            "model_name_or_path": None,
+            "model_file_base_name": "model",
+            "quant_method": "gptq",
+        },
+        {"method": "gptq", "checkpoint_format": "gptq"},
+    ),  # AutoGPTQ's spelling: no checkpoint_format means v1
     (quantization_config("awq", group_size=64), {"method": "awq", "bits": 4, "group_size": 64, "zero_point": True}),
-    ({"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4, "version": "GEMM",
-      "modules_to_not_convert": ["lm_head"]}, {"method": "awq", "ignore": ("lm_head",)}),
+    (
+        {
+            "quant_method": "awq",
+            "zero_point": True,
+            "group_size": 128,
+            "bits": 4,
+            "version": "GEMM",
+            "modules_to_not_convert": ["lm_head"],
+        },
+        {"method": "awq", "ignore": ("lm_head",)},
+    ),
     (quantization_config("fp8"), {"method": "fp8", "weight_block_size": (128, 128), "activation_scheme": "dynamic"}),
-    ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
-      "ignored_layers": ["model.layers.0.mlp.down_proj"]}, {"ignore": ("model.layers.0.mlp.down_proj",)}),
-    (quantization_config("compressed-tensors", group_size=128),
-     {"method": "compressed-tensors", "bits": 4, "group_size": 128, "strategy": "group", "ignore": ("lm_head",)}),
-    (quantization_config("compressed-tensors", weight_type="float"),
-     {"weight_type": "float", "bits": 8, "strategy": "block", "weight_block_size": (128, 128), "activation_scheme": "dynamic"}),
+    (
+        {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+            "ignored_layers": ["model.layers.0.mlp.down_proj"],
+        },
+        {"ignore": ("model.layers.0.mlp.down_proj",)},
+    ),
+    (
+        quantization_config("compressed-tensors", group_size=128),
+        {"method": "compressed-tensors", "bits": 4, "group_size": 128, "strategy": "group", "ignore": ("lm_head",)},
+    ),
+    (
+        quantization_config("compressed-tensors", weight_type="float"),
+        {
+            "weight_type": "float",
+            "bits": 8,
+            "strategy": "block",
+            "weight_block_size": (128, 128),
+            "activation_scheme": "dynamic",
+        },
+    ),
 ]
 
 
@@ -255,8 +311,9 @@ def test_compressed_tensors_library_accepts_our_config():
 def test_quantize_config_json_and_whole_row_group(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "exaone4"}))
     assert read_scheme(tmp_path) is None
-    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": -1, "sym": True,
-                                                               "desc_act": False, "quant_method": "gptq"}))
+    (tmp_path / "quantize_config.json").write_text(
+        json.dumps({"bits": 4, "group_size": -1, "sym": True, "desc_act": False, "quant_method": "gptq"})
+    )
     scheme = read_scheme(tmp_path)
     assert scheme.method == "gptq" and scheme.group_of(5120) == 5120 and scheme.source.endswith("quantize_config.json")
     assert scheme.is_ignored("lm_head") and not scheme.is_ignored("model.layers.0.mlp.down_proj")
@@ -274,30 +331,59 @@ REFUSED = [
     ({**_GPTQ, "dynamic": {r"-:.*down_proj": {"bits": 8}}}, "quantization_config.dynamic = "),
     ({**_GPTQ, "pack_dtype": "int16"}, "quantization_config.pack_dtype = 'int16'"),
     ({**_GPTQ, "group_size": 0}, "quantization_config.group_size = 0"),
-    ({"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4, "version": "gemv"},
-     "quantization_config.version = 'gemv'"),
-    ({"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4, "version": "exllama"},
-     "quantization_config.version = 'exllama'"),
-    ({"quant_method": "awq", "zero_point": False, "group_size": 128, "bits": 4, "version": "gemm"},
-     "quantization_config.zero_point = False"),
-    ({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [128, 128]},
-     "quantization_config.activation_scheme = 'static'"),
+    (
+        {"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4, "version": "gemv"},
+        "quantization_config.version = 'gemv'",
+    ),
+    (
+        {"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4, "version": "exllama"},
+        "quantization_config.version = 'exllama'",
+    ),
+    (
+        {"quant_method": "awq", "zero_point": False, "group_size": 128, "bits": 4, "version": "gemm"},
+        "quantization_config.zero_point = False",
+    ),
+    (
+        {"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [128, 128]},
+        "quantization_config.activation_scheme = 'static'",
+    ),
     ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "quantization_config.weight_block_size = None"),
     ({"quant_method": "fp8", "weight_block_size": [128]}, "quantization_config.weight_block_size = [128]"),
-    ({"quant_method": "fp8", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
-     "quantization_config.scale_fmt = 'ue8m0'"),
+    (
+        {"quant_method": "fp8", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
+        "quantization_config.scale_fmt = 'ue8m0'",
+    ),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quantization_config.quant_method = 'bitsandbytes'"),
     ({**_CT, "format": "marlin-24"}, "quantization_config.format = 'marlin-24'"),
-    ({**_CT, "config_groups": {"a": _CT["config_groups"]["group_0"], "b": _CT["config_groups"]["group_0"]}},
-     "quantization_config.config_groups = ['a', 'b']"),
-    ({**_CT, "config_groups": {"group_0": {**_CT["config_groups"]["group_0"], "weights": {**_CT_W, "num_bits": 3}}}},
-     "quantization_config.config_groups.group_0.weights.num_bits = 3"),
-    ({**_CT, "config_groups": {"group_0": {**_CT["config_groups"]["group_0"],
-                                           "weights": {**_CT_W, "actorder": "group"}}}},
-     "quantization_config.config_groups.group_0.weights.actorder = 'group'"),
-    ({**_CT, "config_groups": {"group_0": {**_CT["config_groups"]["group_0"], "input_activations": {
-        "num_bits": 8, "type": "int", "dynamic": False}}}},
-     "quantization_config.config_groups.group_0.input_activations.dynamic = False"),
+    (
+        {**_CT, "config_groups": {"a": _CT["config_groups"]["group_0"], "b": _CT["config_groups"]["group_0"]}},
+        "quantization_config.config_groups = ['a', 'b']",
+    ),
+    (
+        {**_CT, "config_groups": {"group_0": {**_CT["config_groups"]["group_0"], "weights": {**_CT_W, "num_bits": 3}}}},
+        "quantization_config.config_groups.group_0.weights.num_bits = 3",
+    ),
+    (
+        {
+            **_CT,
+            "config_groups": {
+                "group_0": {**_CT["config_groups"]["group_0"], "weights": {**_CT_W, "actorder": "group"}}
+            },
+        },
+        "quantization_config.config_groups.group_0.weights.actorder = 'group'",
+    ),
+    (
+        {
+            **_CT,
+            "config_groups": {
+                "group_0": {
+                    **_CT["config_groups"]["group_0"],
+                    "input_activations": {"num_bits": 8, "type": "int", "dynamic": False},
+                }
+            },
+        },
+        "quantization_config.config_groups.group_0.input_activations.dynamic = False",
+    ),
 ]
 
 

@@ -38,7 +38,8 @@ VARIANTS = {
     "gptq-actorder": ("gptq", {"desc_act": True}),
 }
 ORT_CASES = [("32b", v) for v in VARIANTS if v != "gptq-actorder"] + [
-    ("1.2b", v) for v in ("gptq-asym-actorder", "awq", "fp8", "ct-int4-asym")]
+    ("1.2b", v) for v in ("gptq-asym-actorder", "awq", "fp8", "ct-int4-asym")
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +54,12 @@ def made(tiny_dirs, tmp_path_factory):
                 fmt, opts = VARIANTS[variant]
                 cache[key] = make_prequantized(tiny_dirs[preset], root / f"{preset}-{variant}", fmt, **opts)
             else:
-                cache[key] = export_bundle(get(preset, variant), root / f"{preset}-{variant}-{target}-{dtype}",
-                                           ExportOptions(target=target, dtype=dtype, max_seq_len=128),
-                                           progress=False)
+                cache[key] = export_bundle(
+                    get(preset, variant),
+                    root / f"{preset}-{variant}-{target}-{dtype}",
+                    ExportOptions(target=target, dtype=dtype, max_seq_len=128),
+                    progress=False,
+                )
         return cache[key]
 
     return get
@@ -67,8 +71,11 @@ def _initializers(path) -> dict[str, np.ndarray]:
 
 
 def _act_orders(m: onnx.ModelProto, inits: dict) -> dict[str, np.ndarray]:
-    return {n.name.partition("/")[0]: inits[n.input[1]] for n in m.graph.node
-            if n.op_type == "Gather" and n.name.endswith("/act_order")}
+    return {
+        n.name.partition("/")[0]: inits[n.input[1]]
+        for n in m.graph.node
+        if n.op_type == "Gather" and n.name.endswith("/act_order")
+    }
 
 
 def _unpack_matmulnbits(node: onnx.NodeProto, inits: dict) -> np.ndarray:
@@ -116,8 +123,10 @@ def test_ort_weights_are_the_checkpoints_values(made, preset, variant):
             module = node.input[1].removesuffix(".nbits")
             got[module + ".weight"] = _with_act_order(_unpack_matmulnbits(node, inits), perms.get(module))
         assert not any(name.endswith(".weight.T") and name[:-2] in want for name in inits)  # no float copy
-    assert sorted(got) == sorted(want) and len(want) == 7 * json.loads(
-        (bundle / "config.json").read_text())["num_hidden_layers"]
+    assert (
+        sorted(got) == sorted(want)
+        and len(want) == 7 * json.loads((bundle / "config.json").read_text())["num_hidden_layers"]
+    )
     for name, w in want.items():
         assert got[name].dtype == np.float32 and np.array_equal(got[name], w), name
     if variant == "gptq-asym-actorder":
@@ -143,7 +152,7 @@ def test_greedy_matches_transformers_with_dequantized_weights(made, tiny_dirs, p
         steps.append(backend.decode([0], [int(np.argmax(steps[-1]))])[0])
     ours = [int(np.argmax(x)) for x in steps]
     with torch.no_grad():  # transformers over the same sequence: its greedy choice after every prefix
-        ref = hf(torch.tensor([prompt + ours[:-1]])).logits[0, PROMPT_LEN - 1:].numpy()
+        ref = hf(torch.tensor([prompt + ours[:-1]])).logits[0, PROMPT_LEN - 1 :].numpy()
     theirs = [int(t) for t in ref.argmax(-1)]
     errors = np.abs(np.stack(steps) - ref).max(-1)
     assert ours == theirs
@@ -225,11 +234,14 @@ def test_verify_passes_on_a_gptq_checkpoint(made):
     assert report["ok"] and report["max_abs"] <= 1e-4 and report["greedy_agreement"] == 1.0
 
 
-@pytest.mark.parametrize("variant, target, dtype, message", [
-    ("awq", "trt", "float32", "quantization_config.zero_point = True for trt"),
-    ("ct-int4-asym", "trt", "float32", "quantization_config.sym = False for trt"),
-    ("gptq", "ort", "bfloat16", "needs --dtype float32 or float16 on ort"),
-])
+@pytest.mark.parametrize(
+    "variant, target, dtype, message",
+    [
+        ("awq", "trt", "float32", "quantization_config.zero_point = True for trt"),
+        ("ct-int4-asym", "trt", "float32", "quantization_config.sym = False for trt"),
+        ("gptq", "ort", "bfloat16", "needs --dtype float32 or float16 on ort"),
+    ],
+)
 def test_unsupported_lowering_refused_naming_field(made, tmp_path, variant, target, dtype, message):
     from exaone_deploy.errors import ExaoneDeployError
 
@@ -280,12 +292,25 @@ def test_accuracy_level_option_sets_matmulnbits_and_manifest(made, tmp_path):
     outs = {}
     for level in (0, 4):
         out = tmp_path / f"l{level}"
-        r = CliRunner().invoke(main, ["export", str(ckpt), "-o", str(out), "--accuracy-level", str(level),
-                                      "--max-seq-len", "128", "--no-progress"])
+        r = CliRunner().invoke(
+            main,
+            [
+                "export",
+                str(ckpt),
+                "-o",
+                str(out),
+                "--accuracy-level",
+                str(level),
+                "--max-seq-len",
+                "128",
+                "--no-progress",
+            ],
+        )
         assert r.exit_code == 0, r.output
         m = onnx.load(out / "model.onnx", load_external_data=False)
-        levels = {a.i for n in m.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
-                  if a.name == "accuracy_level"}
+        levels = {
+            a.i for n in m.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"
+        }
         assert levels == {level}
         assert load_manifest(out).get("prequantized")["accuracy_level"] == level
         outs[level] = out

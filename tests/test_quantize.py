@@ -183,8 +183,10 @@ def test_smoothing_folds_are_exact(request, tmp_path, scheme, model):
     opts = _opts(scheme, "ort", work["calib"], alpha=0.8)
     source = open_source(work["fp32"], tmp_path)
     plan, calib, _ = calibrate(source, opts)
-    assert all(plan.groups[g].smooth is not None for g in ("layers.0.o", "layers.1.down", "layers.0.qkv")) or \
-        scheme == "int4-awq"
+    assert (
+        all(plan.groups[g].smooth is not None for g in ("layers.0.o", "layers.1.down", "layers.0.qkv"))
+        or scheme == "int4-awq"
+    )
     out = tmp_path / "smoothed"
     out.mkdir()
     write_quantized_bundle(source, plan, opts, out, calib=calib, smooth_only=True)
@@ -232,8 +234,15 @@ def test_hybrid_model_quantizes_and_scores(hybrid, tmp_path, scheme, target, tol
 def test_keep_float_leaves_those_linears_in_float(work, tmp_path):
     out = tmp_path / "kf"
     info = quantize(work["fp32"], out, _opts("int8-sq", "trt", work["calib"], keep_float=("0", "lm_head")))
-    layer0 = ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
-              "self_attn.q_proj", "self_attn.v_proj")
+    layer0 = (
+        "mlp.down_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "self_attn.k_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    )
     assert info["keep_float"] == sorted([f"layers.0.{n}" for n in layer0] + ["lm_head"])
     m = onnx.load(out / "model.onnx", load_external_data=False)
     floats = [n for n in _inits(m) if n.endswith(".weight.T")]
@@ -280,19 +289,39 @@ def test_cli_quantize_checkpoint_and_eval_ppl(work, tmp_path):
     """From a checkpoint (exported inside quantize), Korean+English calibration text, then eval-ppl on both."""
     runner = CliRunner()
     out = tmp_path / "cli-int4"
-    r = runner.invoke(main, ["quantize", str(work["ckpt"]), "-o", str(out), "--scheme", "int4-awq", "--calib-data",
-                                         str(work["calib"]), "--calib-samples", "4", "--calib-seq-len", "64",
-                                         "--block-size", "64", "--no-progress"])
+    r = runner.invoke(
+        main,
+        [
+            "quantize",
+            str(work["ckpt"]),
+            "-o",
+            str(out),
+            "--scheme",
+            "int4-awq",
+            "--calib-data",
+            str(work["calib"]),
+            "--calib-samples",
+            "4",
+            "--calib-seq-len",
+            "64",
+            "--block-size",
+            "64",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "int4-awq bundle for ort written to" in r.output and "15 linears quantized" in r.output
     assert load_manifest(out).get("quantization")["block_size"] == 64
-    r = runner.invoke(main, ["quantize", str(work["ckpt"]), "-o", str(out), "--scheme", "fp8", "--calib-data",
-                                         str(work["calib"])])
+    r = runner.invoke(
+        main, ["quantize", str(work["ckpt"]), "-o", str(out), "--scheme", "fp8", "--calib-data", str(work["calib"])]
+    )
     assert r.exit_code != 0 and "already exists (use --force" in r.output
     ppl = {}
     for name, path in {"q": out, "fp32": work["fp32"], "ckpt": work["ckpt"]}.items():
-        r = runner.invoke(main, ["eval-ppl", str(path), "--data", str(work["calib"]), "--seq-len", "32",
-                                             "--max-tokens", "96", "--json"])
+        r = runner.invoke(
+            main,
+            ["eval-ppl", str(path), "--data", str(work["calib"]), "--seq-len", "32", "--max-tokens", "96", "--json"],
+        )
         assert r.exit_code == 0, r.output
         ppl[name] = json.loads(r.output)
     assert ppl["fp32"]["tokens"] == ppl["ckpt"]["tokens"] == 93 and ppl["fp32"]["windows"] == 3
@@ -304,11 +333,36 @@ def test_cli_quantize_checkpoint_and_eval_ppl(work, tmp_path):
 def test_cli_bad_calibration_file_names_it(work, tmp_path):
     bad = tmp_path / "calib.jsonl"
     bad.write_text('{"content": "hello"}\n')
-    r = CliRunner().invoke(main, ["quantize", str(work["fp32"]), "-o", str(tmp_path / "x"), "--scheme", "int8-sq",
-                                              "--calib-data", str(bad), "--no-progress"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "quantize",
+            str(work["fp32"]),
+            "-o",
+            str(tmp_path / "x"),
+            "--scheme",
+            "int8-sq",
+            "--calib-data",
+            str(bad),
+            "--no-progress",
+        ],
+    )
     assert r.exit_code != 0 and "calib.jsonl:1: no 'text' field (fields: content); pass --text-field" in r.output
-    r = CliRunner().invoke(main, ["quantize", str(work["fp32"]), "-o", str(tmp_path / "x"), "--scheme", "fp8",
-                                              "--calib-data", str(work["calib"]), "--calib-samples", "1000"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "quantize",
+            str(work["fp32"]),
+            "-o",
+            str(tmp_path / "x"),
+            "--scheme",
+            "fp8",
+            "--calib-data",
+            str(work["calib"]),
+            "--calib-samples",
+            "1000",
+        ],
+    )
     assert r.exit_code != 0 and "ko_en.txt:" in r.output and "1000 were asked" in r.output
     r = CliRunner().invoke(main, ["quantize", str(work["fp32"]), "-o", str(tmp_path / "x"), "--scheme", "int8-sq"])
     assert r.exit_code != 0 and "needs --calib-data" in r.output
@@ -321,9 +375,22 @@ def test_quantize_refuses_a_quantized_bundle(work, bundles, tmp_path):
 
 
 def test_sensitivity_report(work):
-    r = CliRunner().invoke(main, ["sensitivity", str(work["fp32"]), "--scheme", "int4-rtn", "--data",
-                                                 str(work["calib"]), "--seq-len", "32", "--max-tokens", "128",
-                                                 "--json"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "sensitivity",
+            str(work["fp32"]),
+            "--scheme",
+            "int4-rtn",
+            "--data",
+            str(work["calib"]),
+            "--seq-len",
+            "32",
+            "--max-tokens",
+            "128",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     assert sorted(row["unit"] for row in report["layers"]) == ["0", "1", "lm_head"]
@@ -340,9 +407,11 @@ def test_quantized_ort_bundle_gets_the_export_fusions(work, tmp_path):
     quantize(work["fp32"], out, _opts("int4-rtn", "ort", None, keep_float=("0",)))
     m = onnx.load(out / "model.onnx", load_external_data=False)
     fused = [n for n in _inits(m) if "+" in n and not n.endswith(".split")]
-    assert sorted(fused) == ["model.layers.0.mlp.gate_proj.weight.T+model.layers.0.mlp.up_proj.weight.T",
-                             "model.layers.0.self_attn.q_proj.weight.T+model.layers.0.self_attn.k_proj.weight.T+"
-                             "model.layers.0.self_attn.v_proj.weight.T"]
+    assert sorted(fused) == [
+        "model.layers.0.mlp.gate_proj.weight.T+model.layers.0.mlp.up_proj.weight.T",
+        "model.layers.0.self_attn.q_proj.weight.T+model.layers.0.self_attn.k_proj.weight.T+"
+        "model.layers.0.self_attn.v_proj.weight.T",
+    ]
     assert sum(n.op_type == "Split" for n in m.graph.node) == 2
     assert "fused.data" in load_manifest(out).get("sha256")
     assert oct(out.stat().st_mode & 0o777) == "0o755"

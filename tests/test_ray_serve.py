@@ -45,15 +45,33 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bundle = export_bundle(make_tiny(root / "ckpt", "32b"), root / "bundle", ExportOptions(max_seq_len=512),
-                               progress=False)
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False,
-             log_to_driver=False, namespace="exaone-deploy-test")
+        bundle = export_bundle(
+            make_tiny(root / "ckpt", "32b"), root / "bundle", ExportOptions(max_seq_len=512), progress=False
+        )
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="exaone-deploy-test",
+    )
     port = _free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"bundle": str(bundle), "replicas": "2", "max_batch": "4", "api_key": API_KEY,
-                             "served_model_name": MODEL}), name=APP, route_prefix="/")
+        serve.run(
+            build_app(
+                {
+                    "bundle": str(bundle),
+                    "replicas": "2",
+                    "max_batch": "4",
+                    "api_key": API_KEY,
+                    "served_model_name": MODEL,
+                }
+            ),
+            name=APP,
+            route_prefix="/",
+        )
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -142,8 +160,17 @@ def test_conversation_stays_on_its_replica(cluster):
         prompt = [20 + conv, *range(30, 45)]  # one unit (16 ids) of the affinity index
         for turn in range(3):
             prompt += [60 + turn, 70]
-            r = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0,
-                                                   "ignore_eos": True, "return_token_ids": True})
+            r = http.post(
+                "/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": prompt,
+                    "max_tokens": 6,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "return_token_ids": True,
+                },
+            )
             prompt += r.json()["choices"][0]["token_ids"]
     _wait(lambda: _health(cluster)["prefix_hits"] - hits0 >= 4, 10, "4 prefix hits")
 
@@ -187,5 +214,6 @@ def test_killed_replica_loses_no_request(cluster):
     def back():
         now = _replica_pids(cluster)
         return len(now) == 2 and victim not in now.values() and victim_name not in now
+
     _wait(back, 120, "Serve to restart the killed replica")
     assert _ask(client, 3, False, n=80) == alone[(3, False)]

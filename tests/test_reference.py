@@ -78,13 +78,16 @@ def _variant(model_dir, change):
     return model
 
 
-@pytest.mark.parametrize("preset,mistake", [
-    ("32b", "rope on global layers"),
-    ("32b", "window + 1"),
-    ("32b", "window - 1"),
-    ("32b", "no window"),
-    ("1.2b", "no rope"),
-])
+@pytest.mark.parametrize(
+    "preset,mistake",
+    [
+        ("32b", "rope on global layers"),
+        ("32b", "window + 1"),
+        ("32b", "window - 1"),
+        ("32b", "no window"),
+        ("1.2b", "no rope"),
+    ],
+)
 def test_parity_detects_plan_mistakes(tiny_dirs, oracle, preset, mistake):
     change = {
         "rope on global layers": lambda s: dataclasses.replace(s, rope=True),
@@ -116,8 +119,8 @@ def test_decode_steps_match_recompute_and_transformers_cache(tiny_dirs, oracle, 
     assert _diff(logits[:, 0], hf_logits[:, -1]) <= TOL
     worst_recompute = worst_hf = 0.0
     for t in range(prompt, prompt + steps):
-        logits, caches = model.step(seq[:, t:t + 1], [t], caches)
-        hf_logits, hf_cache = _hf_step(hf, seq[:, t:t + 1], hf_cache)
+        logits, caches = model.step(seq[:, t : t + 1], [t], caches)
+        hf_logits, hf_cache = _hf_step(hf, seq[:, t : t + 1], hf_cache)
         worst_recompute = max(worst_recompute, _diff(logits[:, 0], full[:, t]))
         worst_hf = max(worst_hf, _diff(logits[:, 0], hf_logits[:, -1]))
     assert worst_recompute <= TOL and worst_hf <= TOL
@@ -136,7 +139,7 @@ def test_chunked_prefill_equals_one_shot(tiny_dirs, ours, preset, chunk):
     one_shot, one_caches = model.step(ids, [0], model.empty_cache(1, PROMPT))
     caches, parts = model.empty_cache(1, PROMPT), []
     for start in range(0, PROMPT, chunk):
-        logits, caches = model.step(ids[:, start:start + chunk], [start], caches)
+        logits, caches = model.step(ids[:, start : start + chunk], [start], caches)
         parts.append(logits)
     assert _diff(torch.cat(parts, dim=1), one_shot) <= TOL
     for a, b in zip(caches, one_caches):
@@ -151,23 +154,23 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny_dirs, oracle, ours, pre
     ids = torch.zeros(3, S, dtype=torch.long)
     mask = torch.zeros(3, S, dtype=torch.long)
     for b, (n, s) in enumerate(zip(lengths, seqs)):
-        ids[b, S - n:], mask[b, S - n:] = s[:n], 1
+        ids[b, S - n :], mask[b, S - n :] = s[:n], 1
     logits, caches, got_lengths = model.forward_padded(ids, mask, capacity=S + steps)
     assert got_lengths.tolist() == lengths
     # transformers on the same left-padded batch (positions restarting at each row's first real token)
     hf_batch = _hf_logits(hf, ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
     for b, (n, s) in enumerate(zip(lengths, seqs)):
         alone, _ = model.step(s[None, :n], [0], model.empty_cache(1, n))
-        assert _diff(logits[b, S - n:], alone[0]) <= TOL
-        assert _diff(logits[b, S - n:], _hf_logits(hf, s[None, :n])[0]) <= TOL
-        assert _diff(logits[b, S - n:], hf_batch[b, S - n:]) <= TOL
-        assert not logits[b, :S - n].any()  # padded positions give zeros
+        assert _diff(logits[b, S - n :], alone[0]) <= TOL
+        assert _diff(logits[b, S - n :], _hf_logits(hf, s[None, :n])[0]) <= TOL
+        assert _diff(logits[b, S - n :], hf_batch[b, S - n :]) <= TOL
+        assert not logits[b, : S - n].any()  # padded positions give zeros
     # Decoding continues from the batch's caches, each row at its own length.
     for t in range(steps):
         step_ids = torch.stack([s[n + t] for n, s in zip(lengths, seqs)])[:, None]
         out, caches = model.step(step_ids, [n + t for n in lengths], caches)
         for b, (n, s) in enumerate(zip(lengths, seqs)):
-            full = _hf_logits(hf, s[None, :n + t + 1])
+            full = _hf_logits(hf, s[None, : n + t + 1])
             assert _diff(out[b, 0], full[0, -1]) <= TOL, (b, t)
 
 
@@ -197,8 +200,8 @@ def _op_inputs(mode: str, N: int, Nkv: int, rng: np.random.Generator):
     # Past buffers: real keys/values in the first past[b] slots, garbage beyond (must not be read).
     pk, pv = 100 * f(B, Nkv, C, H), 100 * f(B, Nkv, C, H)
     for b in range(B):
-        pk[b, :, :past[b]] = f(Nkv, past[b], H)
-        pv[b, :, :past[b]] = f(Nkv, past[b], H)
+        pk[b, :, : past[b]] = f(Nkv, past[b], H)
+        pv[b, :, : past[b]] = f(Nkv, past[b], H)
     cos, sin = opref.rope_cache(opref.llama3_inv_freq(H, 1e4, 8.0, 1.0, 4.0, 16), 64)
     return q, k, v, pk, pv, seqlens, total, cos, sin
 
@@ -211,13 +214,40 @@ def test_op_matches_opref(mode, heads, rotary, window):
     N, Nkv = heads
     rng = np.random.default_rng(zlib.crc32(repr((mode, heads, rotary, window)).encode()))
     q, k, v, pk, pv, seqlens, total, cos, sin = _op_inputs(mode, N, Nkv, rng)
-    expected = opref.attention_ref(q, k, v, pk, pv, seqlens, total, cos if rotary else None,
-                                   sin if rotary else None, num_heads=N, kv_num_heads=Nkv, window=window,
-                                   rotary=rotary, ring=0)
+    expected = opref.attention_ref(
+        q,
+        k,
+        v,
+        pk,
+        pv,
+        seqlens,
+        total,
+        cos if rotary else None,
+        sin if rotary else None,
+        num_heads=N,
+        kv_num_heads=Nkv,
+        window=window,
+        rotary=rotary,
+        ring=0,
+    )
     t = torch.from_numpy
     got = torch.ops.exaone_deploy.attention(
-        t(q), t(k), t(v), t(pk), t(pv), t(seqlens), torch.tensor(total, dtype=torch.int32),
-        t(cos) if rotary else None, t(sin) if rotary else None, N, Nkv, 0.0, window, rotary, 0)
+        t(q),
+        t(k),
+        t(v),
+        t(pk),
+        t(pv),
+        t(seqlens),
+        torch.tensor(total, dtype=torch.int32),
+        t(cos) if rotary else None,
+        t(sin) if rotary else None,
+        N,
+        Nkv,
+        0.0,
+        window,
+        rotary,
+        0,
+    )
     out, present_k, present_v = (x.numpy() for x in got)
     np.testing.assert_allclose(out, expected[0], rtol=0, atol=1e-5)
     np.testing.assert_allclose(present_k, expected[1], rtol=0, atol=1e-6)
@@ -231,12 +261,25 @@ def test_op_matches_opref(mode, heads, rotary, window):
 def test_op_explicit_scale():
     rng = np.random.default_rng(0)
     q, k, v, pk, pv, seqlens, total, cos, sin = _op_inputs("continuation", 8, 2, rng)
-    expected = opref.attention_ref(q, k, v, pk, pv, seqlens, total, num_heads=8, kv_num_heads=2, scale=0.1,
-                                   window=5)
+    expected = opref.attention_ref(q, k, v, pk, pv, seqlens, total, num_heads=8, kv_num_heads=2, scale=0.1, window=5)
     t = torch.from_numpy
-    out, _, _ = torch.ops.exaone_deploy.attention(t(q), t(k), t(v), t(pk), t(pv), t(seqlens),
-                                                  torch.tensor(total, dtype=torch.int32), None, None,
-                                                  8, 2, 0.1, 5, 0, 0)
+    out, _, _ = torch.ops.exaone_deploy.attention(
+        t(q),
+        t(k),
+        t(v),
+        t(pk),
+        t(pv),
+        t(seqlens),
+        torch.tensor(total, dtype=torch.int32),
+        None,
+        None,
+        8,
+        2,
+        0.1,
+        5,
+        0,
+        0,
+    )
     np.testing.assert_allclose(out.numpy(), expected[0], rtol=0, atol=1e-5)
 
 
@@ -247,7 +290,22 @@ def test_op_rejects_overflowing_cache():
     seqlens[0] = C  # C + 1 tokens in a cache of C slots
     t = torch.from_numpy
     with pytest.raises(ValueError, match="inconsistent"):
-        torch.ops.exaone_deploy.attention(t(q), t(k), t(v), t(pk), t(pv), t(seqlens),
-                                          torch.tensor(C + 1, dtype=torch.int32), None, None, 4, 2, 0.0, 0, 0, 0)
+        torch.ops.exaone_deploy.attention(
+            t(q),
+            t(k),
+            t(v),
+            t(pk),
+            t(pv),
+            t(seqlens),
+            torch.tensor(C + 1, dtype=torch.int32),
+            None,
+            None,
+            4,
+            2,
+            0.0,
+            0,
+            0,
+            0,
+        )
     with pytest.raises(ValueError):
         opref.attention_ref(q, k, v, pk, pv, seqlens, C + 1, num_heads=4, kv_num_heads=2)

@@ -28,15 +28,18 @@ def work(tmp_path_factory):
     out = {}
     for preset in ("1.2b", "32b"):
         ckpt = make_tiny(root / f"ckpt-{preset}", preset, seed=11, dtype="float32")
-        out[preset] = (ckpt, export_bundle(ckpt, root / f"bundle-{preset}", ExportOptions(max_seq_len=MAX_SEQ),
-                                           progress=False))
+        out[preset] = (
+            ckpt,
+            export_bundle(ckpt, root / f"bundle-{preset}", ExportOptions(max_seq_len=MAX_SEQ), progress=False),
+        )
     out["root"] = root
     return out
 
 
 def cli(*args, check=True, input=None):
-    r = subprocess.run([sys.executable, "-m", "exaone_deploy.cli", *map(str, args)], capture_output=True,
-                       text=True, input=input)
+    r = subprocess.run(
+        [sys.executable, "-m", "exaone_deploy.cli", *map(str, args)], capture_output=True, text=True, input=input
+    )
     if check and r.returncode:
         raise AssertionError(r.stdout + r.stderr)
     return r
@@ -51,14 +54,18 @@ def test_generate_json_token_identical_to_transformers(work, preset):
     r = cli("generate", bundle, "--input-ids", ",".join(map(str, prompt)), "--max-new-tokens", "40", "--json")
     out = json.loads(r.stdout)
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, attention_mask=torch.ones(1, 30,
-                      dtype=torch.long))[0, 30:].tolist()
+    ref = hf.generate(
+        torch.tensor([prompt]), max_new_tokens=40, do_sample=False, attention_mask=torch.ones(1, 30, dtype=torch.long)
+    )[0, 30:].tolist()
     eos = set(json.loads((ckpt / "generation_config.json").read_text())["eos_token_id"] for _ in [0])
     # transformers stops at eos too; compare the common prefix and that both stopped at the same place.
     assert out["token_ids"] == [t for t in ref][: len(out["token_ids"])]
     assert len(out["token_ids"]) == len(ref) - (1 if ref and ref[-1] in eos else 0)
-    assert out["usage"] == {"prompt_tokens": 30, "completion_tokens": len(out["token_ids"]),
-                            "total_tokens": 30 + len(out["token_ids"])}
+    assert out["usage"] == {
+        "prompt_tokens": 30,
+        "completion_tokens": len(out["token_ids"]),
+        "total_tokens": 30 + len(out["token_ids"]),
+    }
     assert {"text", "reasoning", "tool_calls", "timings"} <= set(out)
 
 
@@ -80,15 +87,17 @@ def test_seeded_sampling_is_reproducible(work):
     p = SamplingParams(max_new_tokens=16, temperature=1.5, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
     a = gen.generate([prompt], p)[0].token_ids
     b = gen.generate([prompt], p)[0].token_ids
-    c = gen.generate([prompt], SamplingParams(max_new_tokens=16, temperature=1.5, top_p=0.9, top_k=50, seed=8,
-                                              ignore_eos=True))[0].token_ids
+    c = gen.generate(
+        [prompt], SamplingParams(max_new_tokens=16, temperature=1.5, top_p=0.9, top_k=50, seed=8, ignore_eos=True)
+    )[0].token_ids
     assert a == b and a != c
 
 
 def test_stream_deltas_concatenate_to_text(work):
     gen = Generator.from_bundle(work["32b"][1])
-    deltas = list(gen.stream("To be, or not", SamplingParams(max_new_tokens=24, temperature=1.0, seed=1,
-                                                             ignore_eos=True)))
+    deltas = list(
+        gen.stream("To be, or not", SamplingParams(max_new_tokens=24, temperature=1.0, seed=1, ignore_eos=True))
+    )
     result = gen.last_result
     assert "".join(deltas) == result.text == gen.tokenizer.decode(result.token_ids)
 
@@ -119,9 +128,13 @@ def test_context_limit(work):
 
 # ---- sampler --------------------------------------------------------------------------------------
 
+
 def test_sampler_filters():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
-    draws = lambda **kw: {Sampler(SamplingParams(temperature=1.0, seed=s, **kw))(logits) for s in range(200)}
+
+    def draws(**kw):
+        return {Sampler(SamplingParams(temperature=1.0, seed=s, **kw))(logits) for s in range(200)}
+
     assert draws(top_k=2) == {0, 1}
     assert draws(top_p=0.75) == {0, 1}  # smallest set with mass >= 0.75
     assert draws(min_p=0.25) == {0, 1, 2}  # p >= 0.25 * 0.5
@@ -145,17 +158,25 @@ def test_repetition_penalty_matches_transformers():
     np.testing.assert_allclose(x, want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-3), "top_k"), (dict(min_p=2.0), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+    ],
+)
 def test_invalid_sampling_values(kw, msg):
     with pytest.raises(SamplingError, match=msg):
         SamplingParams(**kw).validate()
 
 
 # ---- bad input through the CLI ---------------------------------------------------------------------
+
 
 def test_cli_bad_inputs(work):
     bundle = work["1.2b"][1]
@@ -193,24 +214,43 @@ def test_cli_messages_use_the_chat_template(work):
     bundle = work["32b"][1]
     body = {
         "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Seoul?"}],
-        "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather by city",
-                                                     "parameters": {"type": "object",
-                                                                    "properties": {"city": {"type": "string"}}}}}],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "Weather by city",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            }
+        ],
     }
     f = work["root"] / "req.json"
     f.write_text(json.dumps(body))
     for thinking in (False, True):
         args = ["generate", bundle, "--messages", f, "--max-new-tokens", "5", "--json"]
         out = json.loads(cli(*args, *(["--thinking"] if thinking else [])).stdout)
-        ids = Tokenizer.from_dir(bundle).apply_chat_template(body["messages"], tools=body["tools"],
-                                                             enable_thinking=thinking)
+        ids = Tokenizer.from_dir(bundle).apply_chat_template(
+            body["messages"], tools=body["tools"], enable_thinking=thinking
+        )
         assert out["usage"]["prompt_tokens"] == len(ids)
         assert isinstance(out["tool_calls"], list)
 
 
 def test_cli_stream_prints_text(work):
-    r = cli("generate", work["32b"][1], "--prompt", "Hello", "--max-new-tokens", "8", "--stream", "--seed", "1",
-            "--temperature", "0.9")
+    r = cli(
+        "generate",
+        work["32b"][1],
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "8",
+        "--stream",
+        "--seed",
+        "1",
+        "--temperature",
+        "0.9",
+    )
     assert r.stdout.strip()
 
 
@@ -222,11 +262,13 @@ def test_chat_repl_commands(work):
 
 
 def test_runtime_does_not_import_torch(work):
-    code = ("import sys; import exaone_deploy.text.tokenizer, exaone_deploy.text.chat, exaone_deploy.text.detok; "
-            "assert not {'torch', 'onnx', 'onnx_ir'} & set(sys.modules), 'text/ imported torch or onnx'; "
-            "from exaone_deploy.runtime.generate import Generator; "
-            f"g = Generator.from_bundle({str(work['32b'][1])!r}); g.generate(['hi']); "
-            "assert not {'torch', 'onnx', 'onnx_ir'} & set(sys.modules), 'torch or onnx imported'")
+    code = (
+        "import sys; import exaone_deploy.text.tokenizer, exaone_deploy.text.chat, exaone_deploy.text.detok; "
+        "assert not {'torch', 'onnx', 'onnx_ir'} & set(sys.modules), 'text/ imported torch or onnx'; "
+        "from exaone_deploy.runtime.generate import Generator; "
+        f"g = Generator.from_bundle({str(work['32b'][1])!r}); g.generate(['hi']); "
+        "assert not {'torch', 'onnx', 'onnx_ir'} & set(sys.modules), 'torch or onnx imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -250,8 +292,13 @@ def test_dependencies_run_one_way(package):
     import exaone_deploy
 
     root = Path(exaone_deploy.__file__).parent
-    banned = ["torch", "onnx", "onnx_ir", "onnxscript", *(f"exaone_deploy.{p}" for p in
-                                                         ("exporter", "calibration", "tensorrt", "validate"))]
+    banned = [
+        "torch",
+        "onnx",
+        "onnx_ir",
+        "onnxscript",
+        *(f"exaone_deploy.{p}" for p in ("exporter", "calibration", "tensorrt", "validate")),
+    ]
     if package == "text":
         banned.append("exaone_deploy.runtime")
     files = sorted((root / package).rglob("*.py"))
@@ -270,16 +317,22 @@ def test_backend_registry(work):
 
     assert backend_class("ort") is OrtBackend
     trt = backend_class("tensorrt")  # importable without TensorRT: it is imported when a backend is made
-    assert trt.__module__ == "exaone_deploy.tensorrt.backend" and issubclass(trt, Backend) and set(BACKENDS) == {
-        "ort", "tensorrt"}
+    assert (
+        trt.__module__ == "exaone_deploy.tensorrt.backend"
+        and issubclass(trt, Backend)
+        and set(BACKENDS) == {"ort", "tensorrt"}
+    )
     manifest = load_manifest(work["1.2b"][1])
     backend = open_backend(manifest, max_batch=2, max_seq_len=64)
     assert isinstance(backend, OrtBackend) and (backend.max_batch, backend.max_seq_len) == (2, 64)
     manifest.data["target"] = "trt"
     with pytest.raises(BundleError, match=r"bundle-1.2b: a 'trt' bundle cannot run directly .*exaone-deploy build"):
         open_backend(manifest)
-    with pytest.raises(BundleError, match=r"nowhere: a 'genai' bundle cannot run directly \(runnable targets: ort, "
-                                          r"tensorrt"):
+    with pytest.raises(
+        BundleError,
+        match=r"nowhere: a 'genai' bundle cannot run directly \(runnable targets: ort, "
+        r"tensorrt",
+    ):
         backend_class("genai", "nowhere")
 
 

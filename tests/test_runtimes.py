@@ -67,10 +67,24 @@ def test_polygraphy_runs_the_bundle(hybrid_bundle, tmp_path):
     b, _ = hybrid_bundle
     saved = tmp_path / "outputs.json"
     env = {**os.environ, "EXAONE_BUNDLE": str(b), "EXAONE_PROMPT_LEN": "12", "EXAONE_CACHE_LEN": "32"}
-    r = subprocess.run(["polygraphy", "run", str(b / "model.onnx"), "--onnxrt", "--data-loader-script", str(LOADER),
-                        "--save-outputs", str(saved)], capture_output=True, text=True, env=env, check=False)
+    r = subprocess.run(
+        [
+            "polygraphy",
+            "run",
+            str(b / "model.onnx"),
+            "--onnxrt",
+            "--data-loader-script",
+            str(LOADER),
+            "--save-outputs",
+            str(saved),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert r.returncode == 0 and "PASSED" in r.stdout + r.stderr, r.stdout + r.stderr
-    (_, iterations), = RunResults.load(str(saved)).items()
+    ((_, iterations),) = RunResults.load(str(saved)).items()
     assert len(iterations) == 2
     sess = ort.InferenceSession(str(b / "model.onnx"), providers=["CPUExecutionProvider"])
     for it, feed in zip(iterations, _loader().bundle_feeds(b, prompt_len=12, cache_len=32)):
@@ -94,4 +108,4 @@ def test_plain_onnxruntime_snippet_in_the_docs(hybrid_bundle, monkeypatch):
     ns: dict = {}
     exec(code.replace('B = "B"', f'B = "{b.name}"').replace("prompt = [1, 2, 3]", f"prompt = {prompt}"), ns)
     ours = Generator.from_bundle(b).generate([prompt], SamplingParams(max_new_tokens=16, temperature=0.0))[0]
-    assert ns["tokens"][len(prompt):] == ours.token_ids
+    assert ns["tokens"][len(prompt) :] == ours.token_ids

@@ -23,26 +23,36 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from exaone_deploy.runtime.generate import Generator  # noqa: E402
+from exaone_deploy.runtime.sampling import SamplingParams  # noqa: E402
+from exaone_deploy.server.launcher import ServerProcess  # noqa: E402
 from exaone_deploy.text.chat import (  # noqa: E402
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
     StreamSplitter,
 )
-from exaone_deploy.runtime.generate import Generator  # noqa: E402
-from exaone_deploy.runtime.sampling import SamplingParams  # noqa: E402
-from exaone_deploy.server.launcher import ServerProcess  # noqa: E402
 from exaone_deploy.text.tokenizer import Tokenizer  # noqa: E402
 
 MODEL = "tiny-32b"
 API_KEY = "sk-test-0123456789"
 CONTEXT = 1024  # the tool-use system prompt alone is ~700 tokens of the tiny tokenizer
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "description": "Local time in a time zone.",
-    "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Local time in a time zone.",
+        "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}},
+    },
+}
 
 
 # ---- fixtures -------------------------------------------------------------------------------------
@@ -58,8 +68,9 @@ def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return export_bundle(make_tiny(root / "ckpt", "32b"), root / "bundle", ExportOptions(max_seq_len=CONTEXT),
-                             progress=False)
+        return export_bundle(
+            make_tiny(root / "ckpt", "32b"), root / "bundle", ExportOptions(max_seq_len=CONTEXT), progress=False
+        )
 
 
 class LiveServer(ServerProcess):
@@ -67,7 +78,7 @@ class LiveServer(ServerProcess):
         super().__init__(bundle, "--served-model-name", MODEL, *args, timeout=60)
         self.http = httpx.Client(base_url=self.url, timeout=60)
 
-    def client(self, api_key: str = "unused", **kw) -> "openai.OpenAI":
+    def client(self, api_key: str = "unused", **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60, **kw)
 
     def health(self) -> dict:
@@ -135,9 +146,15 @@ def test_models_health_metrics(server):
     h = server.health()
     assert h["status"] == "ok" and h["slots_total"] == 8 and h["context"] == CONTEXT and h["queue_max"] == 64
     text = server.http.get("/metrics").text
-    for name in ("exaone_http_requests_total", "exaone_time_to_first_token_seconds_bucket",
-                 "exaone_request_latency_seconds_bucket", "exaone_queue_depth", "exaone_decode_batch_size_bucket",
-                 "exaone_generation_tokens_total", "exaone_cache_slots_used"):
+    for name in (
+        "exaone_http_requests_total",
+        "exaone_time_to_first_token_seconds_bucket",
+        "exaone_request_latency_seconds_bucket",
+        "exaone_queue_depth",
+        "exaone_decode_batch_size_bucket",
+        "exaone_generation_tokens_total",
+        "exaone_cache_slots_used",
+    ):
         assert name in text, name
 
 
@@ -153,13 +170,16 @@ def test_completion_matches_offline_generator(server, offline, tok):
             assert r.choices[0].finish_reason == want.finish_reason
             assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(want.token_ids))
         # vLLM's return_token_ids extension: the ids themselves, whole and streamed
-        r = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0,
-                                      extra_body={"return_token_ids": True})
+        r = client.completions.create(
+            model=MODEL, prompt=ids, max_tokens=12, temperature=0, extra_body={"return_token_ids": True}
+        )
         assert r.choices[0].token_ids == want.token_ids and r.choices[0].prompt_token_ids == ids
-        chunks = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0, stream=True,
-                                           extra_body={"return_token_ids": True})
-        assert [t for c in chunks if c.choices for t in getattr(c.choices[0], "token_ids", None) or ()] \
-            == want.token_ids
+        chunks = client.completions.create(
+            model=MODEL, prompt=ids, max_tokens=12, temperature=0, stream=True, extra_body={"return_token_ids": True}
+        )
+        assert [
+            t for c in chunks if c.choices for t in getattr(c.choices[0], "token_ids", None) or ()
+        ] == want.token_ids
 
 
 def test_chat_non_stream_and_stream(server, offline, tok):
@@ -176,8 +196,16 @@ def test_chat_non_stream_and_stream(server, offline, tok):
     assert r.choices[0].finish_reason == want.finish_reason
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(want.token_ids))
 
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert content == msg.content
@@ -192,8 +220,9 @@ def test_tools_reach_the_prompt(server, tok):
     messages = [{"role": "user", "content": "Weather in Seoul?"}]
 
     def prompt_tokens(**kw):
-        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0,
-                                              **kw).usage.prompt_tokens
+        return client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=1, temperature=0, **kw
+        ).usage.prompt_tokens
 
     both = len(tok.apply_chat_template(messages, tools=[WEATHER, TIME]))
     only_time = len(tok.apply_chat_template(messages, tools=[TIME]))
@@ -202,13 +231,25 @@ def test_tools_reach_the_prompt(server, tok):
     assert prompt_tokens(tools=[WEATHER, TIME]) == both
     assert prompt_tokens(tools=[WEATHER, TIME], tool_choice="auto") == both
     assert prompt_tokens(tools=[WEATHER, TIME], tool_choice="none") == none
-    assert prompt_tokens(tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_time"}}) \
+    assert (
+        prompt_tokens(tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_time"}})
         == only_time
+    )
     # an assistant turn with a tool call and the tool's answer render too (OpenAI-style arguments string)
     history = messages + [
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
-            "name": "get_weather", "arguments": "{\"city\": \"Seoul\"}"}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp_c\": 24}"}]
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Seoul"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 24}'},
+    ]
     r = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], max_tokens=1, temperature=0)
     assert r.usage.prompt_tokens == len(tok.apply_chat_template(history, tools=[WEATHER]))
 
@@ -235,8 +276,13 @@ def test_reasoning_on_and_off(server, offline, tok, thinking):
         assert reasoning  # the reply starts inside <think>
     else:
         assert reasoning is None
-    kw = dict(model=MODEL, messages=messages, max_tokens=24, temperature=0,
-              extra_body={"chat_template_kwargs": {"enable_thinking": thinking}})
+    kw = dict(
+        model=MODEL,
+        messages=messages,
+        max_tokens=24,
+        temperature=0,
+        extra_body={"chat_template_kwargs": {"enable_thinking": thinking}},
+    )
     r = client.chat.completions.create(**kw)
     msg = r.choices[0].message
     assert r.usage.prompt_tokens == len(ids)
@@ -259,16 +305,20 @@ def test_stream_formatting_of_reasoning_and_tool_calls():
     def message_of(deltas):  # as it goes on the wire
         return ChatChoice.message(deltas).model_dump()
 
-    text = ("The user wants the weather.\n</think>\n\nLet me check.\n"
-            '<tool_call>{"name": "get_weather", "arguments": {"city": "Seoul"}}</tool_call>\n'
-            '<tool_call>{"name": "get_time", "arguments": {"tz": "Asia/Seoul"}}</tool_call>')
+    text = (
+        "The user wants the weather.\n</think>\n\nLet me check.\n"
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Seoul"}}</tool_call>\n'
+        '<tool_call>{"name": "get_time", "arguments": {"tz": "Asia/Seoul"}}</tool_call>'
+    )
     whole = ChatChoice(reasoning_opened=True, parse_tools=True)
     message = message_of(whole.feed(text) + whole.finish())
     assert whole.finish_reason("stop") == "tool_calls"
     assert message["reasoning_content"] == "The user wants the weather."
     assert message["content"] == "Let me check."
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
-        ("get_weather", {"city": "Seoul"}), ("get_time", {"tz": "Asia/Seoul"})]
+        ("get_weather", {"city": "Seoul"}),
+        ("get_time", {"tz": "Asia/Seoul"}),
+    ]
     ChatCompletionMessage.model_validate(message)
     rng = random.Random(0)
     for _ in range(20):
@@ -280,8 +330,10 @@ def test_stream_formatting_of_reasoning_and_tool_calls():
             ChoiceDelta.model_validate(d.model_dump())
         streamed = message_of(deltas)
         assert [t["function"] for t in streamed["tool_calls"]] == [t["function"] for t in message["tool_calls"]]
-        assert (streamed["content"], streamed["reasoning_content"]) == (message["content"],
-                                                                        message["reasoning_content"])
+        assert (streamed["content"], streamed["reasoning_content"]) == (
+            message["content"],
+            message["reasoning_content"],
+        )
     # tools not offered (tool_choice "none"): the call stays text
     off = ChatChoice(reasoning_opened=True, parse_tools=False)
     msg = message_of(off.feed(text) + off.finish())
@@ -302,8 +354,7 @@ def _load_requests(tok) -> list[dict]:
         text = " ".join(rng.choice(words) for _ in range(n_words))
         kind = ("chat", "text")[i % 2]
         sampling = {"temperature": 0} if i % 4 else {"temperature": 0.9, "top_p": 0.9, "seed": 1000 + i}
-        reqs.append({"kind": kind, "stream": bool(i % 3), "text": text, "max_tokens": rng.randint(1, 10),
-                     **sampling})
+        reqs.append({"kind": kind, "stream": bool(i % 3), "text": text, "max_tokens": rng.randint(1, 10), **sampling})
     return reqs
 
 
@@ -315,8 +366,7 @@ def _run(client, spec: dict) -> tuple:
     if spec["kind"] == "chat":
         kw["messages"] = [{"role": "user", "content": spec["text"]}]
         if spec["stream"]:
-            chunks = list(client.chat.completions.create(**kw, stream=True,
-                                                         stream_options={"include_usage": True}))
+            chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
             text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
             finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
             return text, finish[0], chunks[-1].usage.completion_tokens
@@ -358,8 +408,14 @@ def test_load_concurrent_equals_alone(server, tok):
 
 
 def _long_body(i: int, stream: bool = True) -> dict:
-    return {"model": MODEL, "prompt": f"request {i}: once upon a time", "max_tokens": 900, "ignore_eos": True,
-            "temperature": 0, "stream": stream}
+    return {
+        "model": MODEL,
+        "prompt": f"request {i}: once upon a time",
+        "max_tokens": 900,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": stream,
+    }
 
 
 def test_client_disconnects_free_slots(server, tok):
@@ -370,7 +426,7 @@ def test_client_disconnects_free_slots(server, tok):
     for i, c in enumerate(clients):
         cm = c.stream("POST", "/v1/completions", json=_long_body(i))
         streams.append((cm, cm.__enter__()))
-    for cm, r in streams[:8]:
+    for _cm, r in streams[:8]:
         assert r.status_code == 200
         next(r.iter_lines())
     for (cm, _), c in zip(streams, clients):
@@ -397,44 +453,112 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": "hello"}, 400, None, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None, "messages.0.role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 42}]}, 400, None, "messages.0.content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, None,
-     "temperature"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": 3.5}, 400, None,
-     "temperature"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, None,
-     "temperature"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, None,
-     "temperature"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+        400,
+        None,
+        "temperature",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": 3.5},
+        400,
+        None,
+        "temperature",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": -1},
+        400,
+        None,
+        "temperature",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+        400,
+        None,
+        "temperature",
+    ),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, None, "top_p"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400, None, "top_p"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_k": -2}, 400, None, "top_k"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, None,
-     "max_tokens"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, None,
-     "max_tokens"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"}, 400, None,
-     "max_tokens"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 12}, 400,
-     "context_length_exceeded", "max_tokens"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, None,
-     "stream"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5},
+        400,
+        None,
+        "max_tokens",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+        400,
+        None,
+        "max_tokens",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"},
+        400,
+        None,
+        "max_tokens",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**12},
+        400,
+        "context_length_exceeded",
+        "max_tokens",
+    ),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, None, "stream"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, None, "seed"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, None, "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 1000}, 400, None, "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, None, "stop"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}, 404,
-     "model_not_found", "model"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400,
-     None, "tool_choice"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
-     400, None, "tools.0.function"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                              "chat_template_kwargs": {"enable_thinking": "yes"}}, 400, None,
-     "chat_template_kwargs.enable_thinking"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400,
-     "unsupported_parameter", "presence_penalty"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 1500}]}, 400,
-     "context_length_exceeded", "messages"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"},
+        404,
+        "model_not_found",
+        "model",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+        400,
+        None,
+        "tool_choice",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+        400,
+        None,
+        "tools.0.function",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"enable_thinking": "yes"}},
+        400,
+        None,
+        "chat_template_kwargs.enable_thinking",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5},
+        400,
+        "unsupported_parameter",
+        "presence_penalty",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi " * 1500}]},
+        400,
+        "context_length_exceeded",
+        "messages",
+    ),
     ("/v1/completions", {"prompt": [i % 500 for i in range(CONTEXT + 10)]}, 400, "context_length_exceeded", "prompt"),
     ("/v1/completions", {"prompt": [1, 2, 99999]}, 400, "invalid_value", "prompt"),
     ("/v1/completions", {"prompt": []}, 400, "invalid_value", "prompt"),
@@ -563,6 +687,7 @@ def test_scheduler_survives_failing_requests(bundle, offline, tok):
         backend.fail_next_decode = True
         failed = run(prompts, [greedy] * 3)
         assert all(isinstance(e, Failed) and "injected" in e.message for e in failed)
+
         # A request whose sampling breaks inside the loop fails alone; its batch-mates finish
         class BrokenParams(SamplingParams):
             @property

@@ -49,15 +49,32 @@ PERSON = {
     "required": ["name", "role", "home", "lines"],
     "additionalProperties": False,
 }
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city.",
-    "parameters": {"type": "object", "properties": {
-        "city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["celsius", "fahrenheit"]}},
-        "required": ["city", "unit"], "additionalProperties": False}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "description": "Local time in a time zone.",
-    "parameters": {"type": "object", "properties": {"offset": {"type": "integer", "minimum": -12, "maximum": 14}},
-                   "required": ["offset"], "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Local time in a time zone.",
+        "parameters": {
+            "type": "object",
+            "properties": {"offset": {"type": "integer", "minimum": -12, "maximum": 14}},
+            "required": ["offset"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +83,9 @@ def bundle(tmp_path_factory):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return export_bundle("tiny", tmp_path_factory.mktemp("api") / "bundle", ExportOptions(max_seq_len=CONTEXT),
-                             progress=False)
+        return export_bundle(
+            "tiny", tmp_path_factory.mktemp("api") / "bundle", ExportOptions(max_seq_len=CONTEXT), progress=False
+        )
 
 
 @pytest.fixture(scope="module")
@@ -109,19 +127,24 @@ def test_tokenize_detokenize_tokenizer_info(server, tok):
     # special tokens in text are the special tokens (what lm-eval's remote tokenizer reads the BOS id from)
     info = server.http.get("/tokenizer_info").json()
     assert info["bos_token"] == "[BOS]" and info["eos_token"] == "[|endofturn|]" and info["chat_template"]
-    assert server.http.post("/tokenize", json={"prompt": info["bos_token"], "add_special_tokens": False}
-                            ).json()["tokens"] == [tok.bos_id]
+    assert server.http.post("/tokenize", json={"prompt": info["bos_token"], "add_special_tokens": False}).json()[
+        "tokens"
+    ] == [tok.bos_id]
     # chat messages render exactly as the chat endpoint renders them (its prompt_tokens), reasoning_effort too
     messages = [{"role": "user", "content": "Who art thou?"}]
     for effort, thinking in (("none", False), ("high", True)):
         counted = server.http.post("/tokenize", json={"messages": messages, "reasoning_effort": effort}).json()
         assert counted["tokens"] == tok.apply_chat_template(messages, enable_thinking=thinking)
-        chat = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
-                                                     reasoning_effort=effort)
+        chat = server.client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=1, reasoning_effort=effort
+        )
         assert chat.usage.prompt_tokens == counted["count"]
-    for path, payload, param in [("/tokenize", {"prompt": "a", "messages": messages}, "prompt"),
-                                 ("/tokenize", {}, "prompt"), ("/detokenize", {"tokens": [10**6]}, "tokens"),
-                                 ("/tokenize", {"prompt": "a", "model": "other"}, "model")]:
+    for path, payload, param in [
+        ("/tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+        ("/tokenize", {}, "prompt"),
+        ("/detokenize", {"tokens": [10**6]}, "tokens"),
+        ("/tokenize", {"prompt": "a", "model": "other"}, "model"),
+    ]:
         r = server.http.post(path, json=payload)
         assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
 
@@ -131,15 +154,22 @@ def test_tokenize_detokenize_tokenizer_info(server, tok):
 
 def test_chat_logprobs_equal_log_softmax_of_the_bundle(server, tok, backend):
     messages = [{"role": "user", "content": "Speak, good sir."}]
-    kw = dict(model=MODEL, messages=messages, max_tokens=16, temperature=0, logprobs=True, top_logprobs=5,
-              extra_body={"return_token_ids": True, "ignore_eos": True})
+    kw = dict(
+        model=MODEL,
+        messages=messages,
+        max_tokens=16,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=5,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )
     r = server.client.chat.completions.create(**kw)
     choice = r.choices[0]
     prompt = tok.apply_chat_template(messages)
     ids = choice.model_extra["token_ids"]
     content = choice.logprobs.content
     assert len(ids) == len(content) == 16
-    expected = _score(backend, prompt + ids)[len(prompt) - 1:-1]  # row i predicts completion token i
+    expected = _score(backend, prompt + ids)[len(prompt) - 1 : -1]  # row i predicts completion token i
     for i, (t, entry) in enumerate(zip(ids, content)):
         assert abs(entry.logprob - float(expected[i, t])) < 1e-4, (i, entry.logprob, expected[i, t])
         top = entry.top_logprobs
@@ -156,8 +186,10 @@ def test_chat_logprobs_equal_log_softmax_of_the_bundle(server, tok, backend):
 
 def test_completion_echo_scores_prompts_in_one_batch(server, tok, backend):
     texts = ["ROMEO:\nWhat light through yonder", "JULIET:\nO Romeo, Romeo", "KING:\nNow is the winter"]
-    r = server.http.post("/v1/completions", json={"model": MODEL, "prompt": [tok.encode(t) for t in texts],
-                                                  "max_tokens": 0, "echo": True, "logprobs": 2})
+    r = server.http.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": [tok.encode(t) for t in texts], "max_tokens": 0, "echo": True, "logprobs": 2},
+    )
     assert r.status_code == 200, r.text
     for choice, text in zip(sorted(r.json()["choices"], key=lambda c: c["index"]), texts):
         ids = tok.encode(text)
@@ -170,8 +202,9 @@ def test_completion_echo_scores_prompts_in_one_batch(server, tok, backend):
             assert max(lp["top_logprobs"][i].values()) == pytest.approx(float(want[i - 1].max()), abs=1e-4)
         assert lp["text_offset"] == [len(tok.decode(ids[:i])) for i in range(len(ids))]
     # lm-eval's shape: max_tokens 1, the generated token's logprob appended after the prompt's
-    r = server.client.completions.create(model=MODEL, prompt=texts[0], max_tokens=1, echo=True, logprobs=1,
-                                         temperature=0)
+    r = server.client.completions.create(
+        model=MODEL, prompt=texts[0], max_tokens=1, echo=True, logprobs=1, temperature=0
+    )
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == len(tok.encode(texts[0])) + 1 and r.choices[0].text.startswith(texts[0])
     # streamed: the echo (with the prompt's logprobs) first, then the tokens; the same text and numbers
@@ -232,8 +265,15 @@ def test_json_schema_50_samples_validate(server):
     messages = [{"role": "user", "content": "Describe a character of the play as JSON."}]
     answers = []
     for seed in range(5):  # 5 x n=10 sampled answers at temperature 1
-        r = server.client.chat.completions.create(model=MODEL, messages=messages, n=10, temperature=1.0, seed=seed,
-                                                  max_tokens=200, response_format=_json_schema_format(PERSON))
+        r = server.client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            n=10,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=200,
+            response_format=_json_schema_format(PERSON),
+        )
         answers += [(c.message.content, c.finish_reason) for c in r.choices]
     assert len(answers) == 50
     for content, reason in answers:
@@ -241,8 +281,9 @@ def test_json_schema_50_samples_validate(server):
         jsonschema.validate(json.loads(content), PERSON)
     assert len({c for c, _ in answers}) > 10  # sampled, not one answer repeated
     # json_object: any JSON object
-    r = server.client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=300,
-                                              response_format={"type": "json_object"})
+    r = server.client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=300, response_format={"type": "json_object"}
+    )
     assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
@@ -254,8 +295,10 @@ def test_constrained_and_free_requests_share_a_batch(server):
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(server.client.chat.completions.create, **free, response_format=_json_schema_format(
-            PERSON)) for _ in range(3)] + [pool.submit(server.client.chat.completions.create, **free)]
+        futures = [
+            pool.submit(server.client.chat.completions.create, **free, response_format=_json_schema_format(PERSON))
+            for _ in range(3)
+        ] + [pool.submit(server.client.chat.completions.create, **free)]
         results = [f.result() for f in futures]
     assert results[-1].choices[0].message.content == alone
     for r in results[:3]:
@@ -268,9 +311,17 @@ def test_tool_choice_required_and_named_are_enforced(server):
     messages = [{"role": "user", "content": "What is the weather in Verona?"}]
     for choice in ["required", {"type": "function", "function": {"name": "get_time"}}]:
         for parallel in (False, True):
-            r = server.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, TIME], n=8,
-                                                      tool_choice=choice, temperature=1.0, seed=1, max_tokens=200,
-                                                      parallel_tool_calls=parallel)
+            r = server.client.chat.completions.create(
+                model=MODEL,
+                messages=messages,
+                tools=[WEATHER, TIME],
+                n=8,
+                tool_choice=choice,
+                temperature=1.0,
+                seed=1,
+                max_tokens=200,
+                parallel_tool_calls=parallel,
+            )
             for c in r.choices:
                 assert c.message.tool_calls, c
                 if not parallel:  # one call, then the grammar ends the answer
@@ -283,8 +334,9 @@ def test_tool_choice_required_and_named_are_enforced(server):
 
 def test_langchain_with_structured_output(server):
     langchain_openai = pytest.importorskip("langchain_openai")
-    llm = langchain_openai.ChatOpenAI(model=MODEL, base_url=server.url + "/v1", api_key="unused", temperature=0,
-                                      max_tokens=200, max_retries=0)
+    llm = langchain_openai.ChatOpenAI(
+        model=MODEL, base_url=server.url + "/v1", api_key="unused", temperature=0, max_tokens=200, max_retries=0
+    )
     schema = {"title": "Character", "description": "A character of the play.", **PERSON}
     got = llm.with_structured_output(schema).invoke("Describe the king.")  # default method: json_schema
     jsonschema.validate(got, PERSON)
@@ -300,9 +352,29 @@ def test_cli_and_python_api_json_schema(bundle, tmp_path):
     jsonschema.validate(json.loads(reply["content"]), PERSON)
     path = tmp_path / "schema.json"
     path.write_text(json.dumps(PERSON))
-    out = subprocess.run([sys.executable, "-m", "exaone_deploy", "generate", str(bundle), "--prompt", "ROMEO:",
-                          "--json-schema", str(path), "--max-new-tokens", "200", "--temperature", "1", "--seed", "5",
-                          "--json"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exaone_deploy",
+            "generate",
+            str(bundle),
+            "--prompt",
+            "ROMEO:",
+            "--json-schema",
+            str(path),
+            "--max-new-tokens",
+            "200",
+            "--temperature",
+            "1",
+            "--seed",
+            "5",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     jsonschema.validate(json.loads(json.loads(out.stdout)["text"]), PERSON)
 
@@ -315,14 +387,27 @@ REJECTED = [
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("/v1/chat/completions", {"parallel_tool_calls": False}, "parallel_tool_calls"),
     ("/v1/chat/completions", {"reasoning_effort": "huge"}, "reasoning_effort"),
-    ("/v1/chat/completions", {"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False}},
-     "reasoning_effort"),
+    (
+        "/v1/chat/completions",
+        {"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False}},
+        "reasoning_effort",
+    ),
     ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format.type"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x",
-                              "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}},
-     "response_format"),
-    ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
-     "tool_choice"),
+    (
+        "/v1/chat/completions",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}},
+            }
+        },
+        "response_format",
+    ),
+    (
+        "/v1/chat/completions",
+        {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+        "tool_choice",
+    ),
     ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs"),
     ("/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
@@ -332,8 +417,10 @@ REJECTED = [
 def test_openai_rejected_combinations_are_400(server):
     base = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]}, "/v1/completions": {}}
     for path, extra, param in REJECTED:
-        r = server.http.post(path, json={**base[path], "max_tokens": 4, **extra} if "max_tokens" not in extra
-                             else {**base[path], **extra})
+        r = server.http.post(
+            path,
+            json={**base[path], "max_tokens": 4, **extra} if "max_tokens" not in extra else {**base[path], **extra},
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
 
 
@@ -348,9 +435,10 @@ def _documents(tok, count: int) -> list[list[int]]:
 
     ids = tok.encode(heldout_text()[:60000])
     n = WINDOW - 1
-    docs = [ids[i:i + n] for i in range(0, len(ids) - n, n)]
-    docs = [d for d in docs if tok.encode(tok.decode(d)) == d and tok.encode("[BOS]" + tok.decode(d)) == [
-        tok.bos_id] + d]
+    docs = [ids[i : i + n] for i in range(0, len(ids) - n, n)]
+    docs = [
+        d for d in docs if tok.encode(tok.decode(d)) == d and tok.encode("[BOS]" + tok.decode(d)) == [tok.bos_id] + d
+    ]
     assert len(docs) >= count
     return docs[:count]
 
@@ -387,29 +475,45 @@ def test_lm_eval_local_completions(server, tok, backend, bundle, tmp_path, monke
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in mc))
     for name, body in {
         "shakespeare_ppl": f"task: shakespeare_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-                           f"    test: {tmp_path / 'ppl.jsonl'}\ntest_split: test\noutput_type: loglikelihood_rolling\n"
-                           "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: byte_perplexity\n",
+        f"    test: {tmp_path / 'ppl.jsonl'}\ntest_split: test\noutput_type: loglikelihood_rolling\n"
+        "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: byte_perplexity\n",
         "shakespeare_mc": f"task: shakespeare_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-                          f"    test: {tmp_path / 'mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
-                          "doc_to_text: \"{{context}}\\n\"\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
-                          "target_delimiter: ''\nmetric_list:\n  - metric: acc\n",
+        f"    test: {tmp_path / 'mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: \"{{context}}\\n\"\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+        "target_delimiter: ''\nmetric_list:\n  - metric: acc\n",
     }.items():
         (tmp_path / f"{name}.yaml").write_text(body)
     out = lm_eval.simple_evaluate(
         model="local-completions",
         model_args=f"model={MODEL},base_url={server.url}/v1/completions,tokenizer_backend=remote,"
-                   f"max_length={WINDOW + 1},batch_size=8,max_retries=1",
-        tasks=["shakespeare_ppl", "shakespeare_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
-        log_samples=True)
+        f"max_length={WINDOW + 1},batch_size=8,max_retries=1",
+        tasks=["shakespeare_ppl", "shakespeare_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+    )
     results = out["results"]
 
     # perplexity: lm-eval vs eval-ppl on the same tokens
     n_tokens = sum(len(d) for d in docs)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     ppl_lm_eval = math.exp(math.log(results["shakespeare_ppl"]["byte_perplexity,none"]) * n_bytes / n_tokens)
-    ref = subprocess.run([sys.executable, "-m", "exaone_deploy", "eval-ppl", str(bundle), "--data",
-                          str(tmp_path / "ppl_ref.jsonl"), "--seq-len", str(WINDOW), "--json"],
-                         capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exaone_deploy",
+            "eval-ppl",
+            str(bundle),
+            "--data",
+            str(tmp_path / "ppl_ref.jsonl"),
+            "--seq-len",
+            str(WINDOW),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stderr
     ref = json.loads(ref.stdout)
     assert ref["tokens"] == n_tokens and ref["windows"] == len(docs)

@@ -38,8 +38,15 @@ def _hf_plan(cfg: dict):
     """
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    small = dict(cfg, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=16, vocab_size=64)
+    small = dict(
+        cfg,
+        hidden_size=64,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=64,
+    )
     hc = transformers.Exaone4Config(**small)
     with torch.device("meta"):
         model = transformers.Exaone4ForCausalLM(hc)
@@ -150,11 +157,14 @@ def test_32b_spellings_agree(real_config):
         assert spec.head_dim == 128, name
 
 
-@pytest.mark.parametrize("variant", [
-    "5.x (rope_parameters with rope_theta inside)",
-    "pattern 4, no layer_types",
-    "layer_types, no pattern",
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "5.x (rope_parameters with rope_theta inside)",
+        "pattern 4, no layer_types",
+        "layer_types, no pattern",
+    ],
+)
 def test_32b_spellings_match_transformers(real_config, variant):
     # transformers 5 cannot parse a string pattern without layer_types ((i + 1) % "LLLG": TypeError).
     cfg = _variants_32b(real_config("32b"))[variant]
@@ -218,8 +228,14 @@ def test_pattern_lg_mixed(real_config):
 def test_explicit_layer_types_are_honoured_like_transformers(real_config):
     cfg = real_config("32b")
     cfg.update(num_hidden_layers=6, sliding_window=8)
-    cfg["layer_types"] = ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention",
-                          "sliding_attention", "sliding_attention"]
+    cfg["layer_types"] = [
+        "sliding_attention",
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+        "sliding_attention",
+    ]
     assert _plan(spec_from_config(cfg)) == _hf_plan(cfg)
 
 
@@ -288,16 +304,21 @@ def _cos_sin_diff(spec, rot, torch, positions):
     half = spec.head_dim // 2
     # transformers duplicates the halves (cat(freqs, freqs)); ours keeps one half.
     assert torch.equal(cos[0, :, :half], cos[0, :, half:])
-    return (np.abs(cos[0, :, :half].numpy() - c[positions]).max(),
-            np.abs(sin[0, :, :half].numpy() - s[positions]).max())
+    return (
+        np.abs(cos[0, :, :half].numpy() - c[positions]).max(),
+        np.abs(sin[0, :, :half].numpy() - s[positions]).max(),
+    )
 
 
-@pytest.mark.parametrize("name,head_dim,rope_type", [
-    ("32b", 128, "llama3"),  # the real 32B
-    ("1.2b", 64, "llama3"),  # the real 1.2B
-    ("32b", 16, "llama3"),  # the tiny presets' head_dim
-    ("32b", 16, "default"),
-])
+@pytest.mark.parametrize(
+    "name,head_dim,rope_type",
+    [
+        ("32b", 128, "llama3"),  # the real 32B
+        ("1.2b", 64, "llama3"),  # the real 1.2B
+        ("32b", 16, "llama3"),  # the tiny presets' head_dim
+        ("32b", 16, "default"),
+    ],
+)
 def test_cos_sin_match_transformers(real_config, name, head_dim, rope_type):
     cfg = _rope_cfg(real_config, name, rope_type)
     cfg["head_dim"] = head_dim
@@ -328,8 +349,9 @@ def test_unknown_model_type(tmp_path, real_config, model_type):
     assert err.field == "model_type" and "'model_type'" in str(err) and "exaone4" in str(err)
 
 
-@pytest.mark.parametrize("field", ["hidden_size", "intermediate_size", "num_hidden_layers",
-                                   "num_attention_heads", "vocab_size"])
+@pytest.mark.parametrize(
+    "field", ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
+)
 def test_missing_required_field(tmp_path, real_config, field):
     cfg = real_config("32b")
     del cfg[field]
@@ -337,9 +359,16 @@ def test_missing_required_field(tmp_path, real_config, field):
     assert err.field == field and f"'{field}'" in str(err) and "missing" in str(err)
 
 
-@pytest.mark.parametrize("field,value", [("hidden_size", "5120"), ("num_hidden_layers", 0),
-                                         ("num_attention_heads", True), ("head_dim", -128),
-                                         ("vocab_size", 1.5)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("hidden_size", "5120"),
+        ("num_hidden_layers", 0),
+        ("num_attention_heads", True),
+        ("head_dim", -128),
+        ("vocab_size", 1.5),
+    ],
+)
 def test_wrongly_typed_field(tmp_path, real_config, field, value):
     cfg = real_config("32b")
     cfg[field] = value
@@ -390,10 +419,13 @@ def test_window_without_pattern_or_layer_types(tmp_path, real_config):
     assert err.field == "sliding_window_pattern"
 
 
-@pytest.mark.parametrize("layer_types,field", [
-    (["sliding_attention"] * 63, "layer_types"),
-    (["sliding_attention"] * 62 + ["chunked_attention", "full_attention"], "layer_types[62]"),
-])
+@pytest.mark.parametrize(
+    "layer_types,field",
+    [
+        (["sliding_attention"] * 63, "layer_types"),
+        (["sliding_attention"] * 62 + ["chunked_attention", "full_attention"], "layer_types[62]"),
+    ],
+)
 def test_bad_layer_types(tmp_path, real_config, layer_types, field):
     cfg = real_config("32b")
     cfg["layer_types"] = layer_types
@@ -451,14 +483,22 @@ def test_causal_lm_head_by_default(real_config):
     assert spec_from_config(cfg).head.task == "causal-lm"
 
 
-@pytest.mark.parametrize("arch,task,prefix,bias", [
-    ("Exaone4ForSequenceClassification", "sequence-classification", "model", False),
-    ("Exaone4ForTokenClassification", "token-classification", "model", True),
-    ("Exaone4ForQuestionAnswering", "question-answering", "transformer", True),
-])
+@pytest.mark.parametrize(
+    "arch,task,prefix,bias",
+    [
+        ("Exaone4ForSequenceClassification", "sequence-classification", "model", False),
+        ("Exaone4ForTokenClassification", "token-classification", "model", True),
+        ("Exaone4ForQuestionAnswering", "question-answering", "transformer", True),
+    ],
+)
 def test_head_architectures(real_config, arch, task, prefix, bias):
-    cfg = dict(real_config("1.2b"), architectures=[arch], id2label={"0": "NEG", "1": "POS", "2": "MIXED"},
-               label2id={"NEG": 0, "POS": 1, "MIXED": 2}, problem_type="single_label_classification")
+    cfg = dict(
+        real_config("1.2b"),
+        architectures=[arch],
+        id2label={"0": "NEG", "1": "POS", "2": "MIXED"},
+        label2id={"NEG": 0, "POS": 1, "MIXED": 2},
+        problem_type="single_label_classification",
+    )
     head = spec_from_config(cfg).head
     assert (head.task, head.prefix, head.bias, head.pad_token_id) == (task, prefix, bias, 0)
     assert head.labels == (() if task == "question-answering" else ("NEG", "POS", "MIXED"))
@@ -478,17 +518,20 @@ def test_labels_default_and_num_labels(real_config):
     assert tok.bias is False and tok.problem_type is None
 
 
-@pytest.mark.parametrize("extra,field,problem", [
-    ({"architectures": ["LlamaForCausalLM"]}, "architectures", "unsupported architecture 'LlamaForCausalLM'"),
-    ({"architectures": "Exaone4ForCausalLM"}, "architectures", "list of one class name"),
-    ({"id2label": {"0": "a", "2": "b"}}, "id2label", "ids must be 0..1"),
-    ({"id2label": {"x": "a"}}, "id2label", "integer ids"),
-    ({"id2label": {"0": "a", "1": "b"}, "num_labels": 3}, "num_labels", "is 3 but id2label has 2"),
-    ({"id2label": {"0": "a", "1": "b"}, "label2id": {"a": 1, "b": 0}}, "label2id", "does not agree"),
-    ({"id2label": {"0": "a", "1": "a"}, "label2id": {"a": 0}}, "label2id", "does not agree"),
-    ({"num_labels": 0}, "num_labels", "positive integer"),
-    ({"problem_type": "ranking"}, "problem_type", "unknown problem type 'ranking'"),
-])
+@pytest.mark.parametrize(
+    "extra,field,problem",
+    [
+        ({"architectures": ["LlamaForCausalLM"]}, "architectures", "unsupported architecture 'LlamaForCausalLM'"),
+        ({"architectures": "Exaone4ForCausalLM"}, "architectures", "list of one class name"),
+        ({"id2label": {"0": "a", "2": "b"}}, "id2label", "ids must be 0..1"),
+        ({"id2label": {"x": "a"}}, "id2label", "integer ids"),
+        ({"id2label": {"0": "a", "1": "b"}, "num_labels": 3}, "num_labels", "is 3 but id2label has 2"),
+        ({"id2label": {"0": "a", "1": "b"}, "label2id": {"a": 1, "b": 0}}, "label2id", "does not agree"),
+        ({"id2label": {"0": "a", "1": "a"}, "label2id": {"a": 0}}, "label2id", "does not agree"),
+        ({"num_labels": 0}, "num_labels", "positive integer"),
+        ({"problem_type": "ranking"}, "problem_type", "unknown problem type 'ranking'"),
+    ],
+)
 def test_bad_head_fields(tmp_path, real_config, extra, field, problem):
     cfg = {**real_config("1.2b"), "architectures": ["Exaone4ForSequenceClassification"], **extra}
     path = _write(tmp_path, cfg)
@@ -498,8 +541,11 @@ def test_bad_head_fields(tmp_path, real_config, extra, field, problem):
 
 
 def test_head_json_roundtrip_and_old_manifests(real_config):
-    cfg = dict(real_config("32b"), architectures=["Exaone4ForTokenClassification"],
-               id2label={"0": "O", "1": "B-PER", "2": "I-PER"})
+    cfg = dict(
+        real_config("32b"),
+        architectures=["Exaone4ForTokenClassification"],
+        id2label={"0": "O", "1": "B-PER", "2": "I-PER"},
+    )
     spec = spec_from_config(cfg)
     d = json.loads(json.dumps(spec.to_json()))
     assert d["head"]["labels"] == ["O", "B-PER", "I-PER"]

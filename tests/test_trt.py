@@ -19,15 +19,26 @@ from onnx import helper as oh
 from onnx import numpy_helper
 
 from exaone_deploy.bundle import BundleError, load_manifest
-from exaone_deploy.tensorrt import checks
-from exaone_deploy.tensorrt.builder import (BuildError, BuildOptions, BuildProgress, build_engine, profile_shapes,
-                                         write_engine_bundle)
-from exaone_deploy.tensorrt.checks import check_bundle, check_model
 from exaone_deploy.commands import main
-from exaone_deploy.validate.compare import compare_bundles, error_stats
 from exaone_deploy.runtime.ort_backend import OrtBackend
-from exaone_deploy.tensorrt.backend import (PROFILE_DECODE, PROFILE_PREFILL, TensorRTUnavailable, TrtBackend,
-                                               engine_compat_error)
+from exaone_deploy.tensorrt import checks
+from exaone_deploy.tensorrt.backend import (
+    PROFILE_DECODE,
+    PROFILE_PREFILL,
+    TensorRTUnavailable,
+    TrtBackend,
+    engine_compat_error,
+)
+from exaone_deploy.tensorrt.builder import (
+    BuildError,
+    BuildOptions,
+    BuildProgress,
+    build_engine,
+    profile_shapes,
+    write_engine_bundle,
+)
+from exaone_deploy.tensorrt.checks import check_bundle, check_model
+from exaone_deploy.validate.compare import compare_bundles, error_stats
 
 MAX_SEQ = 64
 
@@ -48,12 +59,16 @@ def bundles(tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("trt-bundles")
     out = {}
     for preset in ("1.2b", "32b"):
-        out[f"trt-{preset}"] = export_bundle(tiny_dirs[preset], root / f"trt-{preset}",
-                                             ExportOptions(target="trt", max_seq_len=MAX_SEQ), progress=False)
+        out[f"trt-{preset}"] = export_bundle(
+            tiny_dirs[preset], root / f"trt-{preset}", ExportOptions(target="trt", max_seq_len=MAX_SEQ), progress=False
+        )
     for dtype in ("float32", "float16"):
-        out[f"ort-{dtype}"] = export_bundle(tiny_dirs["1.2b"], root / f"ort-{dtype}",
-                                            ExportOptions(target="ort", dtype=dtype, max_seq_len=MAX_SEQ),
-                                            progress=False)
+        out[f"ort-{dtype}"] = export_bundle(
+            tiny_dirs["1.2b"],
+            root / f"ort-{dtype}",
+            ExportOptions(target="ort", dtype=dtype, max_seq_len=MAX_SEQ),
+            progress=False,
+        )
     return out
 
 
@@ -70,6 +85,7 @@ def _errors(report) -> str:
 
 # ---- the supported-op list and the plugin contract ----------------------------------------------------------
 
+
 def test_op_list_is_data_with_its_tensorrt_version():
     data = checks.supported_ops()
     assert data["tensorrt_version"] == "10.15" and "operators.md" in data["source"]
@@ -85,8 +101,11 @@ def test_plugin_contract_matches_the_op_schema_and_the_lowering():
     from exaone_deploy.exporter import lower, ops
 
     c = checks.plugin_contract()
-    assert (c.op_type, c.namespace, c.version) == (lower.TRT_OP_TYPE, lower.TRT_PLUGIN_NAMESPACE,
-                                                   lower.TRT_PLUGIN_VERSION)
+    assert (c.op_type, c.namespace, c.version) == (
+        lower.TRT_OP_TYPE,
+        lower.TRT_PLUGIN_NAMESPACE,
+        lower.TRT_PLUGIN_VERSION,
+    )
     schema = ops.onnx_schema()
     assert c.fields == {name: a.type for name, a in schema.attributes.items()}
     assert c.inputs == tuple(p.name for p in schema.inputs)
@@ -94,6 +113,7 @@ def test_plugin_contract_matches_the_op_schema_and_the_lowering():
 
 
 # ---- static checks on the real trt graphs --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("preset", ["1.2b", "32b"])
 def test_static_checks_on_tiny_trt_graphs(bundles, tiny_dirs, preset):
@@ -112,11 +132,13 @@ def test_check_rejects_an_ort_bundle(bundles):
     with pytest.raises(BundleError, match="'trt' bundles"):
         check_bundle(bundles["ort-float32"])
     report = check_model(load_manifest(bundles["ort-float32"]).model_path)
-    assert report.errors and all("GroupQueryAttention" in str(e) and "ONNX Runtime contrib" in str(e)
-                                 for e in report.errors)
+    assert report.errors and all(
+        "GroupQueryAttention" in str(e) and "ONNX Runtime contrib" in str(e) for e in report.errors
+    )
 
 
 # ---- deliberately broken graphs ------------------------------------------------------------------------------
+
 
 def _plugin_node(model):
     return next(n for n in model.graph.node if n.op_type == "EXAONEAttention_TRT")
@@ -181,8 +203,21 @@ def test_plugin_cache_must_be_the_in_place_graph_io(trt_model):
     assert "input 3 ('seqlens_k') is INT32 but query is FLOAT" in text
 
 
-def _qdq_model(*, x_type=TP.FLOAT, q_scale_type=TP.FLOAT, dq_scale=None, zp_type=TP.INT8, zp_value=0,
-               w=None, w_scale=None, w_axis=1, w_block=None, q_then=None, scale_input=False, extra=()):
+def _qdq_model(
+    *,
+    x_type=TP.FLOAT,
+    q_scale_type=TP.FLOAT,
+    dq_scale=None,
+    zp_type=TP.INT8,
+    zp_value=0,
+    w=None,
+    w_scale=None,
+    w_axis=1,
+    w_block=None,
+    q_then=None,
+    scale_input=False,
+    extra=(),
+):
     """x (2, 4) -> Q -> DQ -> MatMul(., DQ(W int8 (4, 3), per-channel scales)) -> y (2, 3)."""
     inits = [
         numpy_helper.from_array(np.array(0.05, dtype=onnx.helper.tensor_dtype_to_np_dtype(q_scale_type)), "s_x"),
@@ -201,8 +236,11 @@ def _qdq_model(*, x_type=TP.FLOAT, q_scale_type=TP.FLOAT, dq_scale=None, zp_type
     nodes = [oh.make_node("QuantizeLinear", ["x", scale, "zp_x"], ["xq"], name="q_x")]
     after_q = q_then or "DequantizeLinear"
     if after_q == "DequantizeLinear":
-        nodes.append(oh.make_node("DequantizeLinear", ["xq", "s_x_dq" if dq_scale is not None else scale, "zp_x"],
-                                  ["xd"], name="dq_x"))
+        nodes.append(
+            oh.make_node(
+                "DequantizeLinear", ["xq", "s_x_dq" if dq_scale is not None else scale, "zp_x"], ["xd"], name="dq_x"
+            )
+        )
     else:
         nodes.append(oh.make_node(after_q, ["xq"], ["xd"], name="after_q", to=TP.FLOAT))
     w_attrs = {"axis": w_axis} if w_block is None else {"axis": 0, "block_size": w_block}
@@ -238,18 +276,21 @@ def test_int4_blocked_weights_pass_and_fp8_pairs_pass():
     assert check_model(m).ok and check_model(m).quantization["FP8"] == 1
 
 
-@pytest.mark.parametrize("case, expected", [
-    (dict(zp_type=TP.UINT8), "UINT8 quantization is DLA-only"),
-    (dict(zp_type=TP.FLOAT8E5M2), "TensorRT's FP8 is FLOAT8E4M3FN"),
-    (dict(q_scale_type=TP.FLOAT16), "'x' is FLOAT but its scale is FLOAT16"),
-    (dict(dq_scale=np.array(0.05, dtype=np.float16)), "Q/DQ pair scales differ"),
-    (dict(zp_value=3), "zero point 'zp_x' is not all zeros"),
-    (dict(w_scale=np.array([0.1, -0.2, 0.3], dtype=np.float32)), "non-positive values"),
-    (dict(w_scale=np.array([0.1, 0.2], dtype=np.float32)), "2 per-channel scales but input 'W' has 3 channels"),
-    (dict(w_axis=2), "axis 2 is out of range for input 'W' of rank 2"),
-    (dict(scale_input=True), "scale 's_in' must be a build-time constant"),
-    (dict(q_then="Cast"), "every Q must feed DequantizeLinear nodes"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        (dict(zp_type=TP.UINT8), "UINT8 quantization is DLA-only"),
+        (dict(zp_type=TP.FLOAT8E5M2), "TensorRT's FP8 is FLOAT8E4M3FN"),
+        (dict(q_scale_type=TP.FLOAT16), "'x' is FLOAT but its scale is FLOAT16"),
+        (dict(dq_scale=np.array(0.05, dtype=np.float16)), "Q/DQ pair scales differ"),
+        (dict(zp_value=3), "zero point 'zp_x' is not all zeros"),
+        (dict(w_scale=np.array([0.1, -0.2, 0.3], dtype=np.float32)), "non-positive values"),
+        (dict(w_scale=np.array([0.1, 0.2], dtype=np.float32)), "2 per-channel scales but input 'W' has 3 channels"),
+        (dict(w_axis=2), "axis 2 is out of range for input 'W' of rank 2"),
+        (dict(scale_input=True), "scale 's_in' must be a build-time constant"),
+        (dict(q_then="Cast"), "every Q must feed DequantizeLinear nodes"),
+    ],
+)
 def test_broken_qdq_is_named(case, expected):
     report = check_model(_qdq_model(**case))
     assert not report.ok
@@ -265,18 +306,27 @@ def test_qdq_on_activations_only_per_tensor_and_int4_weights_only():
     text = _errors(check_model(m))
     assert "per-channel scales on 'x', which is an activation" in text
     # DQ of an activation int8 tensor that comes from a Cast (not a Q): no pair
-    m = _qdq_model(extra=[oh.make_node("Cast", ["y"], ["y8"], to=TP.INT8, name="c8"),
-                          oh.make_node("DequantizeLinear", ["y8", "s_x"], ["yd"], name="dq_bad")])
+    m = _qdq_model(
+        extra=[
+            oh.make_node("Cast", ["y"], ["y8"], to=TP.INT8, name="c8"),
+            oh.make_node("DequantizeLinear", ["y8", "s_x"], ["yd"], name="dq_bad"),
+        ]
+    )
     text = _errors(check_model(m))
     assert "DQ input 'y8' comes from Cast: it must be a QuantizeLinear output (Q->DQ pair)" in text
     # blocked (INT4) DQ of a non-constant: weights only
     w4 = oh.make_tensor("W4", TP.INT4, [4, 2], [1] * 8)
     g = oh.make_graph(
-        [oh.make_node("DequantizeLinear", ["a", "s4"], ["ad"], axis=0, block_size=2, name="dq_act"),
-         oh.make_node("DequantizeLinear", ["W4", "s4"], ["wd"], axis=0, block_size=2, name="dq_w4"),
-         oh.make_node("Add", ["ad", "wd"], ["y"], name="add")],
-        "int4", [oh.make_tensor_value_info("a", TP.INT4, [4, 2])], [oh.make_tensor_value_info("y", TP.FLOAT, [4, 2])],
-        [w4, numpy_helper.from_array(np.full((2, 2), 0.5, np.float32), "s4")])
+        [
+            oh.make_node("DequantizeLinear", ["a", "s4"], ["ad"], axis=0, block_size=2, name="dq_act"),
+            oh.make_node("DequantizeLinear", ["W4", "s4"], ["wd"], axis=0, block_size=2, name="dq_w4"),
+            oh.make_node("Add", ["ad", "wd"], ["y"], name="add"),
+        ],
+        "int4",
+        [oh.make_tensor_value_info("a", TP.INT4, [4, 2])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, [4, 2])],
+        [w4, numpy_helper.from_array(np.full((2, 2), 0.5, np.float32), "s4")],
+    )
     m = onnx.shape_inference.infer_shapes(oh.make_model(g, opset_imports=[oh.make_opsetid("", 21)]))
     text = _errors(check_model(m))
     assert "blocked scales on 'a', which is not a constant" in text
@@ -285,6 +335,7 @@ def test_qdq_on_activations_only_per_tensor_and_int4_weights_only():
 
 
 # ---- build: pure parts and the failure without TensorRT ------------------------------------------------------
+
 
 def test_profile_shapes_cover_every_dynamic_input(bundles):
     m = load_manifest(bundles["trt-1.2b"])
@@ -309,13 +360,17 @@ def test_build_options_are_validated(bundles, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-@pytest.mark.skipif(_tensorrt_installed(), reason="TensorRT is installed here: the missing-TensorRT path does not apply")
+@pytest.mark.skipif(
+    _tensorrt_installed(), reason="TensorRT is installed here: the missing-TensorRT path does not apply"
+)
 def test_build_without_tensorrt_fails_cleanly(bundles, tmp_path):
     with pytest.raises(TensorRTUnavailable, match="Python package 'tensorrt' is not installed"):
         build_engine(bundles["trt-1.2b"], tmp_path / "engine")
     assert not (tmp_path / "engine").exists()
-    result = CliRunner().invoke(main, ["build", str(bundles["trt-1.2b"]), "-o", str(tmp_path / "engine"),
-                                                "--max-batch", "2", "--opt-level", "2"])
+    result = CliRunner().invoke(
+        main,
+        ["build", str(bundles["trt-1.2b"]), "-o", str(tmp_path / "engine"), "--max-batch", "2", "--opt-level", "2"],
+    )
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: `exaone-deploy build` needs TensorRT"), result.output
@@ -360,9 +415,19 @@ def test_build_progress_nests_phases():
 
 # ---- engine bundles: format and compatibility ------------------------------------------------------------------
 
+
 def _tensorrt_info(version="10.15.1.29", cc="9.0"):
-    return {"version": version, "device": "NVIDIA H200", "compute_capability": cc, "hardware_compatibility": "none",
-            "max_batch": 2, "max_seq_len": 48, "profiles": [], "plugins": [], "layers": []}
+    return {
+        "version": version,
+        "device": "NVIDIA H200",
+        "compute_capability": cc,
+        "hardware_compatibility": "none",
+        "max_batch": 2,
+        "max_seq_len": 48,
+        "profiles": [],
+        "plugins": [],
+        "layers": [],
+    }
 
 
 def test_engine_bundle_manifest_and_compatibility(bundles, tmp_path):
@@ -392,8 +457,9 @@ def test_engine_bundle_manifest_and_compatibility(bundles, tmp_path):
 def test_engine_bundle_without_tensorrt_fails_cleanly(bundles, tmp_path):
     from exaone_deploy.runtime.generate import Generator, open_backend
 
-    path = write_engine_bundle(load_manifest(bundles["trt-1.2b"]), tmp_path / "engine", b"x", _tensorrt_info(),
-                               max_seq_len=48)
+    path = write_engine_bundle(
+        load_manifest(bundles["trt-1.2b"]), tmp_path / "engine", b"x", _tensorrt_info(), max_seq_len=48
+    )
     with pytest.raises(TensorRTUnavailable, match="Python package 'tensorrt' is not installed"):
         open_backend(load_manifest(path))
     with pytest.raises(TensorRTUnavailable, match="'tensorrt'"):
@@ -403,6 +469,7 @@ def test_engine_bundle_without_tensorrt_fails_cleanly(bundles, tmp_path):
 
 
 # ---- the TensorRT backend's bookkeeping, over ONNX Runtime and host memory -------------------------------------
+
 
 class HostMemory:
     """The memory interface of TrtBackend (alloc/upload/download...) on host buffers, bounds-checked."""
@@ -448,8 +515,12 @@ class OrtEngine:
     """TrtEngine's interface (per-profile shapes and addresses, execute) over an 'ort' bundle's ONNX Runtime
     session bound to those addresses: the same graph I/O as an engine built from the 'trt' bundle."""
 
-    _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-           "tensor(int32)": np.int32}
+    _NP = {
+        "tensor(float)": np.float32,
+        "tensor(float16)": np.float16,
+        "tensor(int64)": np.int64,
+        "tensor(int32)": np.int32,
+    }
 
     def __init__(self, model_path, memory: HostMemory):
         import onnxruntime as ort
@@ -481,8 +552,8 @@ class OrtEngine:
             if v.name == "logits":
                 shape = (B, K, v.shape[-1])
             else:
-                shape = shapes["past_key_values." + v.name[len("present."):]]
-                assert ptrs[v.name] == ptrs["past_key_values." + v.name[len("present."):]], "not in place"
+                shape = shapes["past_key_values." + v.name[len("present.") :]]
+                assert ptrs[v.name] == ptrs["past_key_values." + v.name[len("present.") :]], "not in place"
             io.bind_output(v.name, "cpu", 0, self.types[v.name], list(shape), ptrs[v.name])
         self.session.run_with_iobinding(io)
         self.calls.append((profile, shapes["input_ids"], ptrs["past_key_values.0.key"]))
@@ -584,6 +655,7 @@ def test_cuda_errors_and_missing_cuda_python_are_named(monkeypatch):
 
     try:
         import cuda.bindings.runtime  # noqa: F401
+
         have_bindings = True
     except ImportError:
         have_bindings = False
@@ -597,6 +669,7 @@ def test_cuda_errors_and_missing_cuda_python_are_named(monkeypatch):
 
 
 # ---- compare ----------------------------------------------------------------------------------------------------
+
 
 def test_error_stats_on_known_arrays():
     a = np.array([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]])
@@ -632,18 +705,21 @@ def test_compare_fp32_vs_fp16_ort_bundles(bundles):
 
 
 def test_compare_cli_and_mismatched_bundles(bundles):
-    result = CliRunner().invoke(main, ["compare", str(bundles["ort-float32"]), str(bundles["ort-float16"]),
-                                                  "--steps", "2", "--json"])
+    result = CliRunner().invoke(
+        main, ["compare", str(bundles["ort-float32"]), str(bundles["ort-float16"]), "--steps", "2", "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["summary"]["min_cosine"] > 0.999
-    table = CliRunner().invoke(main, ["compare", str(bundles["ort-float32"]), str(bundles["ort-float16"]),
-                                                 "--steps", "2"])
+    table = CliRunner().invoke(
+        main, ["compare", str(bundles["ort-float32"]), str(bundles["ort-float16"]), "--steps", "2"]
+    )
     assert table.exit_code == 0 and "step 2" in table.output and "greedy agreement" in table.output
     bad = CliRunner().invoke(main, ["compare", str(bundles["ort-float32"]), str(bundles["trt-32b"])])
     assert bad.exit_code == 1 and "different config.json" in bad.output
 
 
 # ---- with TensorRT (skip where it is missing) ---------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def engine(bundles, tmp_path_factory):
@@ -655,8 +731,12 @@ def engine(bundles, tmp_path_factory):
         pytest.importorskip("cuda.cudart", reason="cuda-python is not installed (the TensorRT backend needs it)")
     root = tmp_path_factory.mktemp("engines")
     cache = root / "timing.cache"
-    path = build_engine(bundles["trt-1.2b"], root / "engine", BuildOptions(max_batch=2, max_seq_len=MAX_SEQ,
-                                                                           timing_cache=cache), progress=False)
+    path = build_engine(
+        bundles["trt-1.2b"],
+        root / "engine",
+        BuildOptions(max_batch=2, max_seq_len=MAX_SEQ, timing_cache=cache),
+        progress=False,
+    )
     return {"path": path, "timing_cache": cache, "root": root}
 
 

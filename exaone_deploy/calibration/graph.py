@@ -65,8 +65,12 @@ class InputGroup:
         return self.members[0].layer
 
 
-_GROUP_NAMES = {("q_proj", "k_proj", "v_proj"): "qkv", ("o_proj",): "o", ("gate_proj", "up_proj"): "gate_up",
-                ("down_proj",): "down"}
+_GROUP_NAMES = {
+    ("q_proj", "k_proj", "v_proj"): "qkv",
+    ("o_proj",): "o",
+    ("gate_proj", "up_proj"): "gate_up",
+    ("down_proj",): "down",
+}
 
 
 def find_linears(graph: ir.Graph) -> list[Linear]:
@@ -126,8 +130,10 @@ def resolve_keep_float(spec: str | list[str] | tuple[str, ...] | None, linears: 
         else:
             hit = {lin.name for lin in linears if lin.name == item or lin.name.endswith("." + item)}
             if not hit:
-                raise InputError(f"--keep-float {item!r} matches no linear layer (names look like "
-                                 f"'layers.0.mlp.down_proj', 'mlp.down_proj', 'lm_head' or layer indices 0-{layers[-1]})")
+                raise InputError(
+                    f"--keep-float {item!r} matches no linear layer (names look like "
+                    f"'layers.0.mlp.down_proj', 'mlp.down_proj', 'lm_head' or layer indices 0-{layers[-1]})"
+                )
             keep |= hit
             continue
         bad = sorted(i for i in idx if i not in layers)

@@ -48,8 +48,11 @@ def rope_pair_absmax(x: np.ndarray, num_kv_heads: int, head_dim: int) -> np.ndar
     ``x`` [tokens, kv_heads * head_dim] (pre-RoPE keys); returns [kv_heads * head_dim]."""
     h = head_dim // 2
     k = x.reshape(-1, num_kv_heads, 2, h)
-    r = np.sqrt(np.square(k[:, :, 0]) + np.square(k[:, :, 1])).max(axis=0) if k.shape[0] else np.zeros(
-        (num_kv_heads, h), np.float32)
+    r = (
+        np.sqrt(np.square(k[:, :, 0]) + np.square(k[:, :, 1])).max(axis=0)
+        if k.shape[0]
+        else np.zeros((num_kv_heads, h), np.float32)
+    )
     return np.concatenate([r, r], axis=-1).reshape(-1).astype(np.float32)
 
 
@@ -70,7 +73,8 @@ def static_amax(spec: ModelSpec, read: Callable[[str], np.ndarray]) -> dict[tupl
         out[(layer.index, "key")] = np.tile(np.sqrt(D) * w, spec.num_kv_heads)
         wv = read(p + "self_attn.v_proj.weight")  # [kv_heads * head_dim, d]
         out[(layer.index, "value")] = (STATIC_V_SIGMAS * np.linalg.norm(wv, axis=1) * np.sqrt(r2 / d)).astype(
-            np.float32)
+            np.float32
+        )
         for norm in ("post_attention_layernorm", "post_feedforward_layernorm"):
             r2 += d * float(np.mean(np.square(read(p + norm + ".weight"), dtype=np.float64)))
     return out
@@ -89,5 +93,11 @@ def add_scale_initializers(model: ir.Model, io: GraphIO, amax: dict[tuple[int, s
         if name in graph.initializers:
             graph.initializers[name].const_value = ir.tensor(arr, name=name)
             continue
-        graph.register_initializer(ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                                            const_value=ir.tensor(arr, name=name)))
+        graph.register_initializer(
+            ir.Value(
+                name=name,
+                shape=ir.Shape(arr.shape),
+                type=ir.TensorType(ir.DataType.FLOAT),
+                const_value=ir.tensor(arr, name=name),
+            )
+        )

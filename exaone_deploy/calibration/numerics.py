@@ -20,10 +20,27 @@ import math
 import ml_dtypes
 import numpy as np
 
-__all__ = ["INT8_MAX", "FP8_MAX", "INT4_MAX", "quantize_int8", "quantize_fp8", "quantize_int4",
-           "quantize_int8_blocks", "dequantize_int4", "fake_quant_int4", "pack_matmulnbits", "quantize_activation_int8",
-           "fp8_round", "amax_from_histogram", "entropy_threshold", "smoothquant_scales", "tie_heads",
-           "awq_search_scale", "awq_search_clip", "HIST_BINS"]
+__all__ = [
+    "INT8_MAX",
+    "FP8_MAX",
+    "INT4_MAX",
+    "quantize_int8",
+    "quantize_fp8",
+    "quantize_int4",
+    "quantize_int8_blocks",
+    "dequantize_int4",
+    "fake_quant_int4",
+    "pack_matmulnbits",
+    "quantize_activation_int8",
+    "fp8_round",
+    "amax_from_histogram",
+    "entropy_threshold",
+    "smoothquant_scales",
+    "tie_heads",
+    "awq_search_scale",
+    "awq_search_clip",
+    "HIST_BINS",
+]
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # largest finite float8 E4M3FN
@@ -131,8 +148,9 @@ def quantize_activation_int8(x: np.ndarray, scale: float) -> np.ndarray:
 # ---- activation ranges ---------------------------------------------------------------------------------------
 
 
-def amax_from_histogram(hist: np.ndarray, hist_max: float, method: str, percentile: float = 99.99,
-                        levels: int = 128) -> float:
+def amax_from_histogram(
+    hist: np.ndarray, hist_max: float, method: str, percentile: float = 99.99, levels: int = 128
+) -> float:
     """Clipping threshold for |x| from a histogram of |x| over [0, hist_max] (HIST_BINS equal bins)."""
     if hist_max <= 0 or hist.sum() == 0:
         return max(hist_max, TINY)
@@ -169,9 +187,9 @@ def entropy_threshold(hist: np.ndarray, levels: int = 128) -> float:
         per = i // levels
         src = hist[:i]
         chunks = np.add.reduceat(src, np.arange(0, per * levels, per))
-        chunks[-1] += src[per * levels:].sum()
+        chunks[-1] += src[per * levels :].sum()
         counts = np.add.reduceat((src != 0).astype(np.float64), np.arange(0, per * levels, per))
-        counts[-1] += (src[per * levels:] != 0).sum()
+        counts[-1] += (src[per * levels :] != 0).sum()
         owner = np.minimum(np.arange(i) // per, levels - 1)
         q = np.where(src != 0, chunks[owner] / np.maximum(counts[owner], 1), 0.0)
         kl = _kl(p, q)
@@ -230,8 +248,9 @@ def smoothquant_scales(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float)
 # ---- AWQ -----------------------------------------------------------------------------------------------------
 
 
-def awq_search_scale(x: np.ndarray, x_meanabs: np.ndarray, weights: list[np.ndarray], block: int, grid: int = 20,
-                     tie=None) -> tuple[np.ndarray, float, float, float]:
+def awq_search_scale(
+    x: np.ndarray, x_meanabs: np.ndarray, weights: list[np.ndarray], block: int, grid: int = 20, tie=None
+) -> tuple[np.ndarray, float, float, float]:
     """AWQ's activation-aware scale search for linears sharing the input ``x`` [tokens, in].
 
     For ratio r in {0, 1/grid, ...}: s = mean|x|^r (normalised by sqrt(max*min)); error = ||x @ W - (x/s) @
@@ -247,15 +266,15 @@ def awq_search_scale(x: np.ndarray, x_meanabs: np.ndarray, weights: list[np.ndar
     err0 = math.inf
     for i in range(grid):
         r = i / grid
-        s = np.maximum(base ** r, 1e-4)
+        s = np.maximum(base**r, 1e-4)
         s = (s / math.sqrt(s.max() * s.min())).astype(np.float32)
         err = 0.0
         xs = x / s
         for w, ref in zip(weights, refs):
             chunk = max(64, (1 << 22) // w.shape[0])  # output columns per step: temporaries stay cache-sized
             for c in range(0, w.shape[1], chunk):
-                d = xs @ fake_quant_int4(w[:, c:c + chunk] * s[:, None], block)
-                d -= ref[:, c:c + chunk]
+                d = xs @ fake_quant_int4(w[:, c : c + chunk] * s[:, None], block)
+                d -= ref[:, c : c + chunk]
                 err += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
         if i == 0:
             err0 = err
@@ -264,8 +283,7 @@ def awq_search_scale(x: np.ndarray, x_meanabs: np.ndarray, weights: list[np.ndar
     return best[0], best[1], best[2], err0
 
 
-def awq_search_clip(w: np.ndarray, gram: np.ndarray, block: int, grid: int = 20, max_shrink: float = 0.5
-                    ) -> np.ndarray:
+def awq_search_clip(w: np.ndarray, gram: np.ndarray, block: int, grid: int = 20, max_shrink: float = 0.5) -> np.ndarray:
     """AWQ's weight clipping search: per (block, output column), the ratio c in {1, 1-1/grid, ..., 1-max_shrink}
     of the block's max |W| that minimises the block's output error ``d^T G_b d`` (d = Q_c(W) - W, G_b the
     Gram matrix x_b^T x_b of the block's inputs over all calibration tokens). Returns clip [in/block, out]."""

@@ -39,8 +39,17 @@ from .rewrite import SCHEMES, GroupPlan, Plan, apply_plan, fold_target
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QuantizeError", "QuantOptions", "quantize", "METHODS", "SCHEMES", "open_source", "calibrate", "make_plan",
-           "write_quantized_bundle"]
+__all__ = [
+    "QuantizeError",
+    "QuantOptions",
+    "quantize",
+    "METHODS",
+    "SCHEMES",
+    "open_source",
+    "calibrate",
+    "make_plan",
+    "write_quantized_bundle",
+]
 
 METHODS = ("max", "percentile", "entropy")
 LM_HEADS = ("same", "int8")
@@ -79,8 +88,9 @@ class QuantOptions:
         if self.method not in METHODS:
             raise QuantizeError(f"unknown calibration method {self.method!r} (choose from {', '.join(METHODS)})")
         if self.scheme == "fp8" and self.method == "entropy":
-            raise QuantizeError("--method entropy fits INT8's 128 uniform levels, not FP8's; use max or percentile "
-                                "with fp8")
+            raise QuantizeError(
+                "--method entropy fits INT8's 128 uniform levels, not FP8's; use max or percentile with fp8"
+            )
         if self.lm_head not in LM_HEADS:
             raise QuantizeError(f"unknown LM head quantization {self.lm_head!r} (choose from {', '.join(LM_HEADS)})")
         if self.block_size not in BLOCK_SIZES:
@@ -91,8 +101,11 @@ class QuantOptions:
             raise QuantizeError(f"--percentile must be in (0, 100], got {self.percentile}")
         check_kv_cache(self.kv_cache, self.target, QuantizeError)
         if self.calib_data is None and self.needs_calibration:
-            raise QuantizeError(f"scheme {self.scheme} needs --calib-data" if self.scheme != "int4-rtn" else
-                                "--kv-cache int8 needs --calib-data (the cache scales are calibrated)")
+            raise QuantizeError(
+                f"scheme {self.scheme} needs --calib-data"
+                if self.scheme != "int4-rtn"
+                else "--kv-cache int8 needs --calib-data (the cache scales are calibrated)"
+            )
 
     @property
     def needs_calibration(self) -> bool:
@@ -102,6 +115,7 @@ class QuantOptions:
 @dataclass
 class Source:
     """An fp32 bundle to start from (exported into a temporary directory when given a checkpoint)."""
+
     bundle: Path
     model_dir: Path  # where the tokenizer and config come from
     spec: object
@@ -112,15 +126,18 @@ class Source:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def open_source(model_dir: str | Path, work_dir: Path, max_seq_len: int | None = None, progress: bool = False
-                ) -> Source:
+def open_source(
+    model_dir: str | Path, work_dir: Path, max_seq_len: int | None = None, progress: bool = False
+) -> Source:
     """An fp32 bundle for ``model_dir``: the directory itself if it is one, else a fresh export."""
     src = resolve_model_dir(model_dir)
     if (src / bundle_mod.MANIFEST).exists():
         manifest = bundle_mod.load_manifest(src, verify=False)
         if manifest.dtype != "float32" or manifest.get("quantization"):
-            raise QuantizeError(f"{src}: quantize starts from a float32 bundle or a checkpoint, not a "
-                                f"{manifest.dtype} {'quantized ' if manifest.get('quantization') else ''}bundle")
+            raise QuantizeError(
+                f"{src}: quantize starts from a float32 bundle or a checkpoint, not a "
+                f"{manifest.dtype} {'quantized ' if manifest.get('quantization') else ''}bundle"
+            )
         if not manifest.data["files"].get("canonical"):
             raise QuantizeError(f"{src}: the bundle has no canonical graph to quantize")
         return Source(src, src, manifest.spec)
@@ -136,8 +153,9 @@ def open_source(model_dir: str | Path, work_dir: Path, max_seq_len: int | None =
     return Source(out, src, load_spec(src), tmp)
 
 
-def calibrate(source: Source, options: QuantOptions, progress: bool = False
-              ) -> tuple[Plan, CalibrationSet | None, dict]:
+def calibrate(
+    source: Source, options: QuantOptions, progress: bool = False
+) -> tuple[Plan, CalibrationSet | None, dict]:
     """Calibration data -> statistics -> plan. Returns (plan, calibration set, timings)."""
     spec = source.spec
     timings = {}
@@ -145,8 +163,15 @@ def calibrate(source: Source, options: QuantOptions, progress: bool = False
     if options.needs_calibration:
         t = time.perf_counter()
         tok = Tokenizer.from_dir(source.model_dir if (source.model_dir / "tokenizer.json").exists() else source.bundle)
-        calib = calibration_samples(options.calib_data, tok, options.calib_samples, options.calib_seq_len,
-                                    seed=options.seed, text_field=options.text_field, fmt=options.data_format)
+        calib = calibration_samples(
+            options.calib_data,
+            tok,
+            options.calib_samples,
+            options.calib_seq_len,
+            seed=options.seed,
+            text_field=options.text_field,
+            fmt=options.data_format,
+        )
         timings["tokenize_s"] = time.perf_counter() - t
     t = time.perf_counter()
     model = stats_mod.CalibrationModel(source.bundle, spec) if calib is not None else None
@@ -164,10 +189,22 @@ def calibrate(source: Source, options: QuantOptions, progress: bool = False
     return plan, calib, timings
 
 
-def make_plan(options: QuantOptions, spec, groups: list[InputGroup], stats: dict | None, model=None,
-              calib: CalibrationSet | None = None, progress: bool = False) -> Plan:
-    plan = Plan(options.scheme, options.block_size, {}, (spec.num_heads, spec.num_kv_heads, spec.head_dim),
-                lm_head=options.lm_head)
+def make_plan(
+    options: QuantOptions,
+    spec,
+    groups: list[InputGroup],
+    stats: dict | None,
+    model=None,
+    calib: CalibrationSet | None = None,
+    progress: bool = False,
+) -> Plan:
+    plan = Plan(
+        options.scheme,
+        options.block_size,
+        {},
+        (spec.num_heads, spec.num_kv_heads, spec.head_dim),
+        lm_head=options.lm_head,
+    )
     by_name = {m.name: m for g in groups for m in g.members}
 
     def tie_for(g: InputGroup):
@@ -209,19 +246,30 @@ def make_plan(options: QuantOptions, spec, groups: list[InputGroup], stats: dict
                     continue
                 gp.clip[m.name] = nq.awq_search_clip(w * s_vec[:, None], gram, options.block_size)
     if options.scheme in ("int8-sq", "fp8") and options.method != "max":
-        inv = {g.name: (1.0 / plan.groups[g.name].smooth if plan.groups[g.name].smooth is not None else None)
-               for g in groups}
+        inv = {
+            g.name: (1.0 / plan.groups[g.name].smooth if plan.groups[g.name].smooth is not None else None)
+            for g in groups
+        }
         stats_mod.collect_histograms(model, calib.tokens, stats, inv, progress=progress)
         for g in groups:
             st = stats[g.name]
-            plan.groups[g.name].act_amax = nq.amax_from_histogram(st.hist, st.hist_max, options.method,
-                                                                  options.percentile)
+            plan.groups[g.name].act_amax = nq.amax_from_histogram(
+                st.hist, st.hist_max, options.method, options.percentile
+            )
     return plan
 
 
-def write_quantized_bundle(source: Source, plan: Plan, options: QuantOptions, out_tmp: Path,
-                           include: set[str] | None = None, calib: CalibrationSet | None = None,
-                           check: bool = True, extra_info: dict | None = None, smooth_only: bool = False) -> dict:
+def write_quantized_bundle(
+    source: Source,
+    plan: Plan,
+    options: QuantOptions,
+    out_tmp: Path,
+    include: set[str] | None = None,
+    calib: CalibrationSet | None = None,
+    check: bool = True,
+    extra_info: dict | None = None,
+    smooth_only: bool = False,
+) -> dict:
     """Apply the plan to the source's canonical graph and write a complete bundle into ``out_tmp``.
 
     ``smooth_only`` applies the smoothing but keeps every weight in float (a check that the folds are exact).
@@ -233,8 +281,11 @@ def write_quantized_bundle(source: Source, plan: Plan, options: QuantOptions, ou
     include = (names - keep) if include is None else (include & names) - keep
     summary = apply_plan(model, plan, options.target, include, quantize=not smooth_only)
     src_manifest = bundle_mod.load_manifest(source.bundle, verify=False)
-    io = graph_io(source.spec, ExportOptions(options.target, "float32", kv_cache=options.kv_cache),
-                  max_seq_len=src_manifest.max_seq_len)
+    io = graph_io(
+        source.spec,
+        ExportOptions(options.target, "float32", kv_cache=options.kv_cache),
+        max_seq_len=src_manifest.max_seq_len,
+    )
     if options.kv_cache == "int8":
         io = _calibrate_kv_cache(source, model, io, calib)
     model.doc_string = f"EXAONE 4 canonical graph, {options.scheme} quantized for {options.target} by exaone-deploy"
@@ -254,8 +305,16 @@ def write_quantized_bundle(source: Source, plan: Plan, options: QuantOptions, ou
         **(extra_info or {}),
     }
     # The same contract and lowering as an export of the source for this target (fusions included).
-    writer.write_into(out_tmp, model, io, options.target, source_dir=source.model_dir,
-                      tokenizer_dirs=(source.bundle, source.model_dir), extra={"quantization": info}, check=check)
+    writer.write_into(
+        out_tmp,
+        model,
+        io,
+        options.target,
+        source_dir=source.model_dir,
+        tokenizer_dirs=(source.bundle, source.model_dir),
+        extra={"quantization": info},
+        check=check,
+    )
     return info
 
 
@@ -269,12 +328,16 @@ def _calibrate_kv_cache(source: Source, model: ir.Model, io: GraphIO, calib: Cal
     del cm
     kvcache.add_scale_initializers(model, io, amax)
     d = calib.describe()
-    return dataclasses.replace(io, kv_scales=f"calibrated: per-channel max |k| (after RoPE) and |v| of the quantized "
-                                             f"graph over {d['samples']} x {d['seq_len']} tokens of {d['file']}")
+    return dataclasses.replace(
+        io,
+        kv_scales=f"calibrated: per-channel max |k| (after RoPE) and |v| of the quantized "
+        f"graph over {d['samples']} x {d['seq_len']} tokens of {d['file']}",
+    )
 
 
-def quantize(model_dir: str | Path, out_dir: str | Path, options: QuantOptions, *, force: bool = False,
-             progress: bool = False) -> dict:
+def quantize(
+    model_dir: str | Path, out_dir: str | Path, options: QuantOptions, *, force: bool = False, progress: bool = False
+) -> dict:
     """Quantize a checkpoint or fp32 bundle into a new bundle (written atomically). Returns the manifest's
     ``quantization`` record plus timings."""
     options.validate()
@@ -284,14 +347,25 @@ def quantize(model_dir: str | Path, out_dir: str | Path, options: QuantOptions, 
         source = open_source(model_dir, out.parent, options.max_seq_len, progress=progress)
         try:
             plan, calib, timings = calibrate(source, options, progress=progress)
-            log.info("%s: calibrated on %s (%.1f s statistics, %.1f s plan)", options.scheme,
-                     calib.describe() if calib else "no data", timings["statistics_s"], timings["plan_s"])
+            log.info(
+                "%s: calibrated on %s (%.1f s statistics, %.1f s plan)",
+                options.scheme,
+                calib.describe() if calib else "no data",
+                timings["statistics_s"],
+                timings["plan_s"],
+            )
             t = time.perf_counter()
             info = write_quantized_bundle(source, plan, options, tmp, calib=calib)
             timings["write_s"] = time.perf_counter() - t
         finally:
             source.close()
-    log.info("%s: %d linears quantized for %s, %d kept float -> %s", options.scheme, info["quantized"],
-             options.target, len(info["keep_float"]), out)
+    log.info(
+        "%s: %d linears quantized for %s, %d kept float -> %s",
+        options.scheme,
+        info["quantized"],
+        options.target,
+        len(info["keep_float"]),
+        out,
+    )
     timings["total_s"] = time.perf_counter() - t0
     return {**info, "timings": timings, "bundle": str(out)}

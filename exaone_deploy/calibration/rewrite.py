@@ -111,8 +111,9 @@ class _Writer:
             del self.graph.initializers[value.name]
 
 
-def apply_plan(model: ir.Model, plan: Plan, target: str, include: set[str], *, quantize: bool = True
-               ) -> dict[str, dict]:
+def apply_plan(
+    model: ir.Model, plan: Plan, target: str, include: set[str], *, quantize: bool = True
+) -> dict[str, dict]:
     """Quantize the linears named in ``include`` in place. Returns a per-linear summary for the manifest.
 
     ``quantize=False`` applies only the smoothing (folds and Muls) and leaves every weight in float: the graph
@@ -183,8 +184,9 @@ def apply_plan(model: ir.Model, plan: Plan, target: str, include: set[str], *, q
     return summary
 
 
-def _quantize_activation(w: _Writer, plan: Plan, target: str, grp: InputGroup, gp: GroupPlan, x: ir.Value,
-                         before: ir.Node) -> dict:
+def _quantize_activation(
+    w: _Writer, plan: Plan, target: str, grp: InputGroup, gp: GroupPlan, x: ir.Value, before: ir.Node
+) -> dict:
     """Activation quantizer shared by a group's quantized members. Returns what the members need."""
     if plan.scheme.startswith("int4"):
         extra = -grp.in_features % plan.block_size
@@ -212,8 +214,9 @@ def _quantize_activation(w: _Writer, plan: Plan, target: str, grp: InputGroup, g
     return {"x": dq, "amax": gp.act_amax}
 
 
-def _quantize_linear(w: _Writer, plan: Plan, target: str, lin: Linear, weight: np.ndarray, x: dict,
-                     gp: GroupPlan) -> dict:
+def _quantize_linear(
+    w: _Writer, plan: Plan, target: str, lin: Linear, weight: np.ndarray, x: dict, gp: GroupPlan
+) -> dict:
     node, base = lin.node, lin.weight.name
     k, n = weight.shape
     info: dict = {"shape": [k, n]}
@@ -227,13 +230,23 @@ def _quantize_linear(w: _Writer, plan: Plan, target: str, lin: Linear, weight: n
         if target == "ort":
             q, scale = nq.quantize_int8_blocks(weight, HEAD_BLOCK)
             packed, flat = nq.pack_matmulnbits(q, scale, HEAD_BLOCK, bits=8)
-            w.replace(node, "MatMulNBits", [x["x"], w.init(f"{base}.nbits8", packed), w.init(f"{base}.scale", flat)],
-                      {"K": k, "N": n, "bits": 8, "block_size": HEAD_BLOCK, "accuracy_level": 4}, "com.microsoft")
+            w.replace(
+                node,
+                "MatMulNBits",
+                [x["x"], w.init(f"{base}.nbits8", packed), w.init(f"{base}.scale", flat)],
+                {"K": k, "N": n, "bits": 8, "block_size": HEAD_BLOCK, "accuracy_level": 4},
+                "com.microsoft",
+            )
         else:
             q, scale = nq.quantize_int8(weight)
             wz = w.init(f"{base}.zero_point", np.zeros(n, np.int8))
-            wd = w.node(node, "DequantizeLinear", [w.init(f"{base}.int8", q), w.init(f"{base}.scale", scale), wz],
-                        {"axis": 1}, name=f"{lin.name}/weight_dequantize")
+            wd = w.node(
+                node,
+                "DequantizeLinear",
+                [w.init(f"{base}.int8", q), w.init(f"{base}.scale", scale), wz],
+                {"axis": 1},
+                name=f"{lin.name}/weight_dequantize",
+            )
             node.replace_input_with(1, wd)
         info.update(weight_scale=[float(scale.min()), float(scale.max())], head="int8")
     elif plan.scheme == "int8-sq":
@@ -242,8 +255,7 @@ def _quantize_linear(w: _Writer, plan: Plan, target: str, lin: Linear, weight: n
         wq = w.init(f"{base}.int8", q)
         ws = w.init(f"{base}.scale", scale)
         if target == "ort":
-            w.replace(node, "MatMulIntegerToFloat", [x["xq"], wq, x["scale"], ws, x["zero_point"]], {},
-                      "com.microsoft")
+            w.replace(node, "MatMulIntegerToFloat", [x["xq"], wq, x["scale"], ws, x["zero_point"]], {}, "com.microsoft")
         else:
             wz = w.init(f"{base}.zero_point", np.zeros(n, np.int8))
             wd = w.node(node, "DequantizeLinear", [wq, ws, wz], {"axis": 1}, name=f"{lin.name}/weight_dequantize")
@@ -267,13 +279,23 @@ def _quantize_linear(w: _Writer, plan: Plan, target: str, lin: Linear, weight: n
             packed, flat = nq.pack_matmulnbits(q, scale, block)
             wq = w.init(f"{base}.nbits", packed)
             ws = w.init(f"{base}.scale", flat)
-            w.replace(node, "MatMulNBits", [x["x"], wq, ws],
-                      {"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": 4}, "com.microsoft")
+            w.replace(
+                node,
+                "MatMulNBits",
+                [x["x"], wq, ws],
+                {"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": 4},
+                "com.microsoft",
+            )
         else:
             wq = w.init(f"{base}.int4", nq.pad_rows(q, block).astype(ml_dtypes.int4))
             ws = w.init(f"{base}.scale", scale)
-            wd = w.node(node, "DequantizeLinear", [wq, ws], {"axis": 0, "block_size": block},
-                        name=f"{lin.name}/weight_dequantize")
+            wd = w.node(
+                node,
+                "DequantizeLinear",
+                [wq, ws],
+                {"axis": 0, "block_size": block},
+                name=f"{lin.name}/weight_dequantize",
+            )
             node.replace_input_with(0, x["x"])
             node.replace_input_with(1, wd)
     w.drop_if_unused(old_weight)

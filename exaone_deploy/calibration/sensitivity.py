@@ -12,10 +12,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..text.tokenizer import Tokenizer
 from ..text.corpus import token_stream
-from .graph import find_linears
+from ..text.tokenizer import Tokenizer
 from ..validate.ppl import perplexity
+from .graph import find_linears
 from .quantize import QuantOptions, calibrate, open_source, write_quantized_bundle
 
 __all__ = ["LayerSensitivity", "sensitivity", "format_table"]
@@ -29,8 +29,16 @@ class LayerSensitivity:
     increase_pct: float  # over the float model
 
 
-def sensitivity(model_dir: str | Path, eval_data: str | Path, options: QuantOptions, *, seq_len: int = 256,
-                max_tokens: int | None = 16384, work_dir: str | Path | None = None, progress: bool = False) -> dict:
+def sensitivity(
+    model_dir: str | Path,
+    eval_data: str | Path,
+    options: QuantOptions,
+    *,
+    seq_len: int = 256,
+    max_tokens: int | None = 16384,
+    work_dir: str | Path | None = None,
+    progress: bool = False,
+) -> dict:
     options.validate()
     work = Path(tempfile.mkdtemp(prefix="exaone-sensitivity-", dir=work_dir))
     try:
@@ -57,14 +65,22 @@ def sensitivity(model_dir: str | Path, eval_data: str | Path, options: QuantOpti
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows.sort(key=lambda r: -r.increase_pct)
-    worst = [r.unit for r in rows if r.increase_pct > 0][:max(1, len(rows) // 8)]
-    return {"scheme": options.scheme, "float_ppl": base.ppl, "seq_len": seq_len, "tokens": base.tokens,
-            "layers": [asdict(r) for r in rows], "suggested_keep_float": ",".join(worst)}
+    worst = [r.unit for r in rows if r.increase_pct > 0][: max(1, len(rows) // 8)]
+    return {
+        "scheme": options.scheme,
+        "float_ppl": base.ppl,
+        "seq_len": seq_len,
+        "tokens": base.tokens,
+        "layers": [asdict(r) for r in rows],
+        "suggested_keep_float": ",".join(worst),
+    }
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{report['scheme']}: float ppl {report['float_ppl']:.4f} ({report['tokens']} tokens)",
-             f"{'unit':>8}  {'linears':>7}  {'ppl':>10}  {'increase':>9}"]
+    lines = [
+        f"{report['scheme']}: float ppl {report['float_ppl']:.4f} ({report['tokens']} tokens)",
+        f"{'unit':>8}  {'linears':>7}  {'ppl':>10}  {'increase':>9}",
+    ]
     for r in report["layers"]:
         lines.append(f"{r['unit']:>8}  {r['linears']:>7}  {r['ppl']:>10.4f}  {r['increase_pct']:>8.3f}%")
     lines.append(f"most sensitive: --keep-float {report['suggested_keep_float']}")

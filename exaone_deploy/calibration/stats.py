@@ -68,9 +68,17 @@ class GroupStats:
 class CalibrationModel:
     """The fp32 bundle's graph, lowered for ONNX Runtime, with the linear inputs as extra outputs."""
 
-    def __init__(self, bundle_dir: Path, spec: ModelSpec, canonical_file: str = "canonical.onnx",
-                 threads: int | None = None, *, canonical: ir.Model | None = None, linears: bool = True,
-                 kv_cache: bool = False):
+    def __init__(
+        self,
+        bundle_dir: Path,
+        spec: ModelSpec,
+        canonical_file: str = "canonical.onnx",
+        threads: int | None = None,
+        *,
+        canonical: ir.Model | None = None,
+        linears: bool = True,
+        kv_cache: bool = False,
+    ):
         """``canonical``: run this graph (left unchanged) instead of the bundle's; ``linears``: tap the linear
         inputs (``collect``); ``kv_cache``: tap the attention ops' key and value inputs (``collect_kv``)."""
         self.spec = spec
@@ -110,8 +118,14 @@ class CalibrationModel:
         log.info("calibration graph: %d linear input groups as extra outputs of %s", len(self.groups), bundle_dir)
         self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
-    def run(self, tokens: np.ndarray, fn: Callable[[str, np.ndarray], None], batch_tokens: int = 2048,
-            progress: bool = False, desc: str = "calibrate") -> None:
+    def run(
+        self,
+        tokens: np.ndarray,
+        fn: Callable[[str, np.ndarray], None],
+        batch_tokens: int = 2048,
+        progress: bool = False,
+        desc: str = "calibrate",
+    ) -> None:
         """Run the samples (int64 [n, L]) as prompt steps; call ``fn(group_name, x [tokens, in])`` per group."""
         from tqdm.auto import tqdm
 
@@ -120,7 +134,7 @@ class CalibrationModel:
         s = self.spec
         with tqdm(total=n, desc=desc, unit="sample", disable=not progress, leave=False) as bar:
             for start in range(0, n, b):
-                batch = tokens[start:start + b]
+                batch = tokens[start : start + b]
                 B = batch.shape[0]
                 names = list(dict.fromkeys(self.outputs.values()))
                 if not s.head.is_lm:  # a task head's prompt-only graph (graph_io.HeadIO): no caches to bind
@@ -130,20 +144,27 @@ class CalibrationModel:
                     inputs, _ = self.io.prefill_inputs(batch)
                     caches = [np.zeros(shape, np.float32) for shape in self.io.cache_shapes(B, L)]
                     logits = np.empty((B, 1, s.vocab_size), np.float32)
-                    io = bind_step(self.session, self.io, inputs, logits, [c.ctypes.data for c in caches], L,
-                                   np.float32)
+                    io = bind_step(
+                        self.session, self.io, inputs, logits, [c.ctypes.data for c in caches], L, np.float32
+                    )
                     for name in names:
                         io.bind_output(name, "cpu")
                     self.session.run_with_iobinding(io)
-                    values = {k: v.numpy() for k, v in zip(names, io.get_outputs()[-len(names):])}
+                    values = {k: v.numpy() for k, v in zip(names, io.get_outputs()[-len(names) :])}
                 for group, value_name in self.outputs.items():
                     x = values[value_name]
                     fn(group, x.reshape(-1, x.shape[-1]))
                 bar.update(B)
 
 
-def collect(model: CalibrationModel, tokens: np.ndarray, *, awq_block: int | None = None, awq_tokens: int = 512,
-            progress: bool = False) -> dict[str, GroupStats]:
+def collect(
+    model: CalibrationModel,
+    tokens: np.ndarray,
+    *,
+    awq_block: int | None = None,
+    awq_tokens: int = 512,
+    progress: bool = False,
+) -> dict[str, GroupStats]:
     """Pass 1: per-channel ranges and means (and AWQ's token subsample and block Gram matrices)."""
     stats = {g.name: GroupStats(g.name, g.in_features) for g in model.groups}
     total = tokens.size
@@ -171,8 +192,13 @@ def collect(model: CalibrationModel, tokens: np.ndarray, *, awq_block: int | Non
     return stats
 
 
-def collect_histograms(model: CalibrationModel, tokens: np.ndarray, stats: dict[str, GroupStats],
-                       inv_smooth: dict[str, np.ndarray | None], progress: bool = False) -> None:
+def collect_histograms(
+    model: CalibrationModel,
+    tokens: np.ndarray,
+    stats: dict[str, GroupStats],
+    inv_smooth: dict[str, np.ndarray | None],
+    progress: bool = False,
+) -> None:
     """Pass 2: histogram of |x * inv_smooth| per group over [0, its max] (HIST_BINS bins)."""
     for name, st in stats.items():
         inv = inv_smooth.get(name)
@@ -192,8 +218,9 @@ def collect_histograms(model: CalibrationModel, tokens: np.ndarray, stats: dict[
     model.run(tokens, fn, progress=progress, desc="calibrate (histograms)")
 
 
-def collect_kv(model: CalibrationModel, tokens: np.ndarray, progress: bool = False
-               ) -> dict[tuple[int, str], np.ndarray]:
+def collect_kv(
+    model: CalibrationModel, tokens: np.ndarray, progress: bool = False
+) -> dict[tuple[int, str], np.ndarray]:
     """Per (layer, "key"|"value"): the per-channel range the INT8 cache must hold over the samples. Keys of RoPE
     layers are bounded after rotation at any position (``kvcache.rope_pair_absmax``). Needs ``kv_cache=True``."""
     from .kvcache import rope_pair_absmax

@@ -33,9 +33,20 @@ _PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirector
 
 # Third-party packages that only an extra installs (pyproject.toml), by import name.
 EXTRAS = {
-    "torch": "export", "onnx": "export", "onnxscript": "export", "onnx_ir": "export", "safetensors": "export",
-    "huggingface_hub": "export", "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
-    "pydantic": "serve", "starlette": "serve", "llguidance": "grammar", "tensorrt": "tensorrt", "cuda": "tensorrt",
+    "torch": "export",
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnx_ir": "export",
+    "safetensors": "export",
+    "huggingface_hub": "export",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
+    "pydantic": "serve",
+    "starlette": "serve",
+    "llguidance": "grammar",
+    "tensorrt": "tensorrt",
+    "cuda": "tensorrt",
     "onnxruntime_genai": "genai",
 }
 
@@ -90,8 +101,12 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="exaone-deploy")
-@click.option("-v", "--verbose", count=True,
-              help="More logging: -v this tool's stages, -vv its debug output, -vvv other libraries' too.")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="More logging: -v this tool's stages, -vv its debug output, -vvv other libraries' too.",
+)
 def main(verbose: int) -> None:
     """Export EXAONE 4.0 checkpoints to ONNX Runtime and TensorRT, and run them."""
     configure_logging(verbose)

@@ -116,8 +116,10 @@ def require_bundle(path) -> None:
         return
     if (str(path) == "tiny" and not path.exists()) or (path / "config.json").is_file():
         out = f"{path.name or 'model'}-bundle"
-        raise InputError(f"{path} is a checkpoint, not a bundle: export it first with `exaone-deploy export {path} "
-                         f"-o {out}`, then pass {out}")
+        raise InputError(
+            f"{path} is a checkpoint, not a bundle: export it first with `exaone-deploy export {path} "
+            f"-o {out}`, then pass {out}"
+        )
 
 
 def configure_logging(verbose: int) -> None:
@@ -126,8 +128,11 @@ def configure_logging(verbose: int) -> None:
     WARNING until ``-vvv``. Rejected: one root level for everything (``-vv export`` printed thousands of torch and
     onnxscript lines and none of ours)."""
     ours = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=logging.DEBUG if verbose >= 3 else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose >= 3 else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
     log.setLevel(ours)
 
 

@@ -40,8 +40,10 @@ def open_head_model(model: str, device: str = "cpu"):
         raise InputError(f"{model}: neither a bundle (manifest.json) nor a checkpoint (config.json)")
     spec = load_spec(src)
     if spec.head.is_lm:
-        raise InputError(f"{src}: a causal LM checkpoint (no task head); classify and qa run sequence/token "
-                         "classification and question-answering models")
+        raise InputError(
+            f"{src}: a causal LM checkpoint (no task head); classify and qa run sequence/token "
+            "classification and question-answering models"
+        )
     from .run import _cache_dir
 
     key = hashlib.sha256(f"{src.resolve()}\0{spec.config_sha256}".encode()).hexdigest()[:12]
@@ -92,16 +94,32 @@ def _emit(results: list, as_json: bool, human) -> None:
 @click.command("classify")
 @click.argument("model")
 @click.option("--text", "texts", multiple=True, help="A text to classify (repeatable).")
-@click.option("--input", "input_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="JSON lines: {\"text\": ...} (or a JSON string) per line.")
-@click.option("--top-k", type=click.IntRange(min=1), default=None,
-              help="Sequence classification: keep the K most probable labels in 'probs' (default: all; the "
-                   "plain output shows the best, or K).")
+@click.option(
+    "--input",
+    "input_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help='JSON lines: {"text": ...} (or a JSON string) per line.',
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Sequence classification: keep the K most probable labels in 'probs' (default: all; the "
+    "plain output shows the best, or K).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @device_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object {\"results\": [...]}.")
-def classify_command(model: str, texts: tuple[str, ...], input_file: Path | None, top_k: int | None,
-                     batch_size: int, device: str, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help='Print one JSON object {"results": [...]}.')
+def classify_command(
+    model: str,
+    texts: tuple[str, ...],
+    input_file: Path | None,
+    top_k: int | None,
+    batch_size: int,
+    device: str,
+    as_json: bool,
+) -> None:
     """Classify texts with a sequence- or token-classification MODEL (a bundle or a head checkpoint).
 
     Sequence classification prints each text's label and score (JSON: label, score, probs = label ->
@@ -121,10 +139,15 @@ def classify_command(model: str, texts: tuple[str, ...], input_file: Path | None
 
     def human(r: dict) -> None:
         if "entities" in r:
-            click.echo("  ".join(f"{e['entity_group']}:{e['word'].strip()!r}[{e['start']}:{e['end']}] "
-                                 f"{e['score']:.3f}" for e in r["entities"]) or "(no entities)")
+            click.echo(
+                "  ".join(
+                    f"{e['entity_group']}:{e['word'].strip()!r}[{e['start']}:{e['end']}] {e['score']:.3f}"
+                    for e in r["entities"]
+                )
+                or "(no entities)"
+            )
         else:
-            click.echo("  ".join(f"{label} {p:.3f}" for label, p in list(r["probs"].items())[:top_k or 1]))
+            click.echo("  ".join(f"{label} {p:.3f}" for label, p in list(r["probs"].items())[: top_k or 1]))
 
     _emit(results, as_json, human)
 
@@ -134,16 +157,34 @@ def classify_command(model: str, texts: tuple[str, ...], input_file: Path | None
 @click.option("--question", required=True, help="The question.")
 @click.option("--context", required=True, help="The text to find the answer in.")
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Answers to return.")
-@click.option("--max-seq-len", type=click.IntRange(min=2), default=None,
-              help="Tokens per window, question included (default: min(384, the bundle's max_seq_len)).")
-@click.option("--doc-stride", type=click.IntRange(min=0), default=None,
-              help="Context tokens consecutive windows share (default: min(max_seq_len // 2, 128)).")
-@click.option("--max-answer-len", type=click.IntRange(min=1), default=15, show_default=True,
-              help="Longest answer, in tokens.")
+@click.option(
+    "--max-seq-len",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Tokens per window, question included (default: min(384, the bundle's max_seq_len)).",
+)
+@click.option(
+    "--doc-stride",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Context tokens consecutive windows share (default: min(max_seq_len // 2, 128)).",
+)
+@click.option(
+    "--max-answer-len", type=click.IntRange(min=1), default=15, show_default=True, help="Longest answer, in tokens."
+)
 @device_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object {\"results\": [...]}.")
-def qa_command(model: str, question: str, context: str, top_k: int, max_seq_len: int | None,
-               doc_stride: int | None, max_answer_len: int, device: str, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help='Print one JSON object {"results": [...]}.')
+def qa_command(
+    model: str,
+    question: str,
+    context: str,
+    top_k: int,
+    max_seq_len: int | None,
+    doc_stride: int | None,
+    max_answer_len: int,
+    device: str,
+    as_json: bool,
+) -> None:
     """Answer QUESTION with a span of CONTEXT, using an extractive question-answering MODEL.
 
     Prints the answer, its score and its character offsets in the context (JSON: answer, score, start, end,
@@ -151,8 +192,9 @@ def qa_command(model: str, question: str, context: str, top_k: int, max_seq_len:
     question-answering pipeline does.
     """
     head = open_head_model(model, device)
-    results = head.answer(question, context, top_k=top_k, max_seq_len=max_seq_len, doc_stride=doc_stride,
-                          max_answer_len=max_answer_len)
+    results = head.answer(
+        question, context, top_k=top_k, max_seq_len=max_seq_len, doc_stride=doc_stride, max_answer_len=max_answer_len
+    )
     if as_json:  # one entry per input; as the pipeline: the answer, or the list of top_k answers
         _emit([results[0] if top_k == 1 else results], True, None)
         return

@@ -23,13 +23,21 @@ import click
 
 from .common import quiet_export_tooling
 
-__all__ = ["make_tiny_command", "inspect_command", "export_command", "verify_command", "revision_option",
-           "resolve_model"]
+__all__ = [
+    "make_tiny_command",
+    "inspect_command",
+    "export_command",
+    "verify_command",
+    "revision_option",
+    "resolve_model",
+]
 
 _DTYPES = click.Choice(["float32", "float16", "bfloat16"])
 
 revision_option = click.option(
-    "--revision", default=None, metavar="REV",
+    "--revision",
+    default=None,
+    metavar="REV",
     help="Branch, tag or commit of a Hugging Face Hub id (default: main).",
 )
 
@@ -42,8 +50,10 @@ def resolve_model(name: str, revision: str | None) -> Path:
     from ..errors import InputError
 
     if revision is not None and not hub.is_repo_id(name):
-        raise InputError(f"--revision {revision}: {name!r} is not a Hugging Face Hub id (ORG/NAME); a local "
-                         "directory has no revisions")
+        raise InputError(
+            f"--revision {revision}: {name!r} is not a Hugging Face Hub id (ORG/NAME); a local "
+            "directory has no revisions"
+        )
     return resolve_model_dir(name, revision)
 
 
@@ -60,13 +70,29 @@ def resolve_model(name: str, revision: str | None) -> Path:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--num-layers", type=click.IntRange(min=1), default=None, help="Override the preset's layer count.")
 @click.option("--dtype", type=_DTYPES, default=None, help="Storage dtype (default: the preset's).")
-@click.option("--quantized", type=click.Choice(["gptq", "awq", "fp8", "compressed-tensors"]), default=None,
-              help="Write the linears pre-quantized in this publisher format (4-bit GPTQ/AWQ/compressed-tensors "
-              "codes, FP8 with [128, 128] blocks), as those tools lay them out.")
-@click.option("--group-size", type=int, default=32, show_default=True,
-              help="Quantization group along the input dim for --quantized int formats (-1: whole row).")
-def make_tiny_command(out_dir: Path, preset: str, seed: int, num_layers: int | None, dtype: str | None,
-                      quantized: str | None, group_size: int) -> None:
+@click.option(
+    "--quantized",
+    type=click.Choice(["gptq", "awq", "fp8", "compressed-tensors"]),
+    default=None,
+    help="Write the linears pre-quantized in this publisher format (4-bit GPTQ/AWQ/compressed-tensors "
+    "codes, FP8 with [128, 128] blocks), as those tools lay them out.",
+)
+@click.option(
+    "--group-size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Quantization group along the input dim for --quantized int formats (-1: whole row).",
+)
+def make_tiny_command(
+    out_dir: Path,
+    preset: str,
+    seed: int,
+    num_layers: int | None,
+    dtype: str | None,
+    quantized: str | None,
+    group_size: int,
+) -> None:
     """Write a small random-weight EXAONE 4 checkpoint laid out like the real ones."""
     from ..tiny.make import make_tiny
 
@@ -87,10 +113,20 @@ def make_tiny_command(out_dir: Path, preset: str, seed: int, num_layers: int | N
 @click.argument("model_dir")
 @revision_option
 @click.option("--json", "as_json", is_flag=True, help="Print the spec as JSON.")
-@click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
-              help="Target the bundle size estimate of a pre-quantized checkpoint is for.")
-@click.option("--dtype", type=_DTYPES, default="float32", show_default=True,
-              help="Bundle dtype the size estimate of a pre-quantized checkpoint is for.")
+@click.option(
+    "--target",
+    type=click.Choice(["ort", "trt"]),
+    default="ort",
+    show_default=True,
+    help="Target the bundle size estimate of a pre-quantized checkpoint is for.",
+)
+@click.option(
+    "--dtype",
+    type=_DTYPES,
+    default="float32",
+    show_default=True,
+    help="Bundle dtype the size estimate of a pre-quantized checkpoint is for.",
+)
 def inspect_command(model_dir: str, revision: str | None, as_json: bool, target: str, dtype: str) -> None:
     """Show the model spec (per-layer attention plan) parsed from MODEL_DIR/config.json ('tiny' or ORG/NAME
     allowed), and a pre-quantized checkpoint's scheme with the size of the bundle it exports to."""
@@ -111,13 +147,17 @@ def inspect_command(model_dir: str, revision: str | None, as_json: bool, target:
     if quant:
         group = "whole row" if quant["group_size"] == -1 else quant["group_size"]
         blocks = quant["weight_block_size"] or group
-        click.echo(f"quantization: {quant['method']} ({quant['format']}), {quant['weight_type']}{quant['bits']}, "
-                   f"group/block {blocks}, sym {quant['sym']}, act-order {quant['desc_act']}; "
-                   f"{quant['quantized_linears']} linears quantized")
+        click.echo(
+            f"quantization: {quant['method']} ({quant['format']}), {quant['weight_type']}{quant['bits']}, "
+            f"group/block {blocks}, sym {quant['sym']}, act-order {quant['desc_act']}; "
+            f"{quant['quantized_linears']} linears quantized"
+        )
         click.echo(f"  left unquantized: {', '.join(quant['unquantized'] + quant['kept_in_float'])}")
         lowering = ", ".join(f"{x['form']} block {x['block_size']}" for x in quant["lowering"])
-        click.echo(f"  {target} {dtype} bundle: {lowering}; weights ~{quant['bundle_weight_bytes'] / 2**20:.1f} MiB "
-                   f"(checkpoint {quant['checkpoint_bytes'] / 2**20:.1f} MiB)")
+        click.echo(
+            f"  {target} {dtype} bundle: {lowering}; weights ~{quant['bundle_weight_bytes'] / 2**20:.1f} MiB "
+            f"(checkpoint {quant['checkpoint_bytes'] / 2**20:.1f} MiB)"
+        )
 
 
 def _quantization(model_dir: Path, spec, target: str, dtype: str) -> dict | None:
@@ -144,17 +184,35 @@ def _quantization(model_dir: Path, spec, target: str, dtype: str) -> dict | None
     default=None,
     help="Longest context the bundle supports (default: the config's max_position_embeddings).",
 )
-@click.option("--kv-cache", type=click.Choice(["float", "int8"]), default="float", show_default=True,
-              help="float: the bundle dtype; int8 (ort): quantized cache, a quarter of float32's bytes, with static "
-              "scales from the weights (quantize --kv-cache int8 calibrates them).")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
-              help="Pre-quantized int4/int8 checkpoints on ort: MatMulNBits accuracy level (0: float activations, "
-                   "exactly the checkpoint's model; 4: int8 activations, faster on CPU, as our own int4 bundles).")
+@click.option(
+    "--kv-cache",
+    type=click.Choice(["float", "int8"]),
+    default="float",
+    show_default=True,
+    help="float: the bundle dtype; int8 (ort): quantized cache, a quarter of float32's bytes, with static "
+    "scales from the weights (quantize --kv-cache int8 calibrates them).",
+)
+@click.option(
+    "--accuracy-level",
+    type=click.IntRange(0, 4),
+    default=0,
+    show_default=True,
+    help="Pre-quantized int4/int8 checkpoints on ort: MatMulNBits accuracy level (0: float activations, "
+    "exactly the checkpoint's model; 4: int8 activations, faster on CPU, as our own int4 bundles).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing bundle (only a bundle or an empty directory).")
 @click.option("--no-progress", is_flag=True)
 def export_command(
-    model_dir: str, out_dir: Path, revision: str | None, target: str, dtype: str, max_seq_len: int | None,
-    kv_cache: str, accuracy_level: int, force: bool, no_progress: bool
+    model_dir: str,
+    out_dir: Path,
+    revision: str | None,
+    target: str,
+    dtype: str,
+    max_seq_len: int | None,
+    kv_cache: str,
+    accuracy_level: int,
+    force: bool,
+    no_progress: bool,
 ) -> None:
     """Export MODEL_DIR ('tiny' for the bundled model, ORG/NAME for a Hugging Face Hub id) into a self-contained
     bundle (an ort bundle also runs in onnxruntime-genai: docs/runtimes.md)."""
@@ -165,8 +223,9 @@ def export_command(
     path = export_bundle(
         resolve_model(model_dir, revision),
         out_dir,
-        ExportOptions(target=target, dtype=dtype, max_seq_len=max_seq_len, kv_cache=kv_cache,
-                      accuracy_level=accuracy_level),
+        ExportOptions(
+            target=target, dtype=dtype, max_seq_len=max_seq_len, kv_cache=kv_cache, accuracy_level=accuracy_level
+        ),
         force=force,
         progress=not no_progress,
     )
@@ -175,14 +234,19 @@ def export_command(
 
 @click.command("verify")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--reference", "model_dir", required=True,
-              help="The checkpoint the bundle was exported from (a directory or ORG/NAME).")
+@click.option(
+    "--reference",
+    "model_dir",
+    required=True,
+    help="The checkpoint the bundle was exported from (a directory or ORG/NAME).",
+)
 @revision_option
 @click.option("--steps", type=click.IntRange(min=0), default=32, show_default=True)
 @click.option("--prompt-len", type=click.IntRange(min=1), default=None)
 @click.option("--json", "as_json", is_flag=True)
-def verify_command(bundle_dir: Path, model_dir: str, revision: str | None, steps: int, prompt_len: int | None,
-                   as_json: bool) -> None:
+def verify_command(
+    bundle_dir: Path, model_dir: str, revision: str | None, steps: int, prompt_len: int | None, as_json: bool
+) -> None:
     """Run BUNDLE_DIR in ONNX Runtime beside the PyTorch reference; non-zero exit past tolerance."""
     quiet_export_tooling()
     from ..validate.verify import verify_bundle

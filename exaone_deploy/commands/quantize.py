@@ -113,20 +113,27 @@ def _options(kw: dict):
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
 @revision_option
 @_calibration_options
-@click.option("--kv-cache", type=click.Choice(["float", "int8"]), default="float", show_default=True,
-              help="int8 (ort): INT8 KV cache with per-channel scales calibrated on the quantized graph.")
+@click.option(
+    "--kv-cache",
+    type=click.Choice(["float", "int8"]),
+    default="float",
+    show_default=True,
+    help="int8 (ort): INT8 KV cache with per-channel scales calibrated on the quantized graph.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the quantization record as JSON.")
-def quantize_command(model_dir: str, out_dir: Path, revision: str | None, force: bool, no_progress: bool,
-                     as_json: bool, **kw) -> None:
+def quantize_command(
+    model_dir: str, out_dir: Path, revision: str | None, force: bool, no_progress: bool, as_json: bool, **kw
+) -> None:
     """Quantize MODEL_DIR (a checkpoint, 'tiny', ORG/NAME, or a float32 bundle) into a bundle."""
     quiet_export_tooling()
     from ..calibration.quantize import quantize
 
     t = time.perf_counter()
-    info = quantize(resolve_model(model_dir, revision), out_dir, _options(kw), force=force,
-                    progress=not no_progress and not as_json)
+    info = quantize(
+        resolve_model(model_dir, revision), out_dir, _options(kw), force=force, progress=not no_progress and not as_json
+    )
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -160,16 +167,27 @@ def quantize_command(model_dir: str, out_dir: Path, revision: str | None, force:
 @revision_option
 @click.option("--json", "as_json", is_flag=True, help='Print {"ppl": ..., ...}.')
 def eval_ppl_command(
-    path: str, data: Path, seq_len: int, max_tokens: int | None, text_field: str, data_format: str,
-    revision: str | None, as_json: bool
+    path: str,
+    data: Path,
+    seq_len: int,
+    max_tokens: int | None,
+    text_field: str,
+    data_format: str,
+    revision: str | None,
+    as_json: bool,
 ) -> None:
     """Perplexity of a bundle (ONNX Runtime) or a checkpoint (PyTorch reference; a directory or ORG/NAME) on a
     text file."""
     from ..validate.ppl import perplexity
 
     r = perplexity(
-        resolve_model(path, revision), data, seq_len=seq_len, max_tokens=max_tokens, text_field=text_field,
-        fmt=data_format, progress=not as_json
+        resolve_model(path, revision),
+        data,
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        text_field=text_field,
+        fmt=data_format,
+        progress=not as_json,
     )
     if as_json:
         click.echo(json.dumps(r.to_json()))

@@ -52,8 +52,10 @@ def _read_messages(ctx, param, path: Path | None) -> tuple[list, list | None] | 
         if m["role"] not in _ROLES:
             raise bad(f"message {i} has unknown role {m['role']!r}")
         if not _is_text(m.get("content")):
-            raise bad(f"message {i}: content must be text (a string or a list of {{'type': 'text', 'text': ...}} "
-                      f"parts), got {json.dumps(m.get('content'))[:80]}")
+            raise bad(
+                f"message {i}: content must be text (a string or a list of {{'type': 'text', 'text': ...}} "
+                f"parts), got {json.dumps(m.get('content'))[:80]}"
+            )
     if tools is not None and not isinstance(tools, list):
         raise bad("'tools' must be a list")
     return body, tools
@@ -72,13 +74,16 @@ def _read_schema(ctx, param, path: Path | None) -> dict | None:
     if not isinstance(schema, dict):
         raise click.BadParameter(f"{path}: a JSON schema must be an object", ctx=ctx, param=param)
     return schema
+
+
 def _is_text(content) -> bool:
     """A message content the chat template renders: a string, null, or a list of text parts (what the server's
     protocol accepts; the template silently drops anything else)."""
     if content is None or isinstance(content, str):
         return True
     return isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content)
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    )
 
 
 def _parse_ids(ctx, param, value: str | None) -> list[int] | None:
@@ -104,8 +109,14 @@ def _parse_ids(ctx, param, value: str | None) -> list[int] | None:
 )
 @click.option("--chat", is_flag=True, help="Wrap --prompt in the chat template as a user turn.")
 @click.option("--thinking", is_flag=True, help="Reasoning mode (enable_thinking).")
-@click.option("--json-schema", "schema", type=click.Path(path_type=Path), default=None, callback=_read_schema,
-              help="Constrain the output to JSON valid under this schema (file); after </think> with --thinking.")
+@click.option(
+    "--json-schema",
+    "schema",
+    type=click.Path(path_type=Path),
+    default=None,
+    callback=_read_schema,
+    help="Constrain the output to JSON valid under this schema (file); after </think> with --thinking.",
+)
 @sampling_options
 @device_option
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
@@ -140,8 +151,9 @@ def generate_command(
     elif ids is None:
         ids = gen.encode(prompt)
     if schema is not None:
-        grammar = GrammarConstraint.json_schema(gen.tokenizer, schema, gen.backend.spec.vocab_size,
-                                                reasoning=chat_mode and thinking).grammar
+        grammar = GrammarConstraint.json_schema(
+            gen.tokenizer, schema, gen.backend.spec.vocab_size, reasoning=chat_mode and thinking
+        ).grammar
         params = dataclasses.replace(params, grammar=grammar)
     if stream and not as_json:
         for delta in gen.stream(ids, params):

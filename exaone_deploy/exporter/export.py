@@ -27,9 +27,21 @@ from .writer import ALIGNMENT, CANONICAL_FILE, MODEL_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "ExportOptions", "export_bundle", "check_kv_cache", "ort_int8_kv_cache_support",
-           "trace_canonical", "graph_io", "transposed_name",
-           "untransposed_name", "WEIGHTS_FILE", "CANONICAL_FILE", "MODEL_FILE", "ALIGNMENT"]
+__all__ = [
+    "ExportError",
+    "ExportOptions",
+    "export_bundle",
+    "check_kv_cache",
+    "ort_int8_kv_cache_support",
+    "trace_canonical",
+    "graph_io",
+    "transposed_name",
+    "untransposed_name",
+    "WEIGHTS_FILE",
+    "CANONICAL_FILE",
+    "MODEL_FILE",
+    "ALIGNMENT",
+]
 
 TARGETS = ("ort", "trt")
 TRANSPOSED = ".T"  # suffix of a pre-transposed weight: W^T of checkpoint tensor W, shape [in, out]
@@ -101,8 +113,9 @@ def check_kv_cache(kv_cache: str, target: str, error: type[ExaoneDeployError]) -
     if kv_cache == "float":
         return
     if target != "ort":
-        raise error(f"--kv-cache {kv_cache} is for the ort target only (the TensorRT attention plugin keeps a "
-                    "float cache)")
+        raise error(
+            f"--kv-cache {kv_cache} is for the ort target only (the TensorRT attention plugin keeps a float cache)"
+        )
     why = ort_int8_kv_cache_support()
     if why is not None:
         raise error(f"--kv-cache {kv_cache} needs ONNX Runtime's INT8 GroupQueryAttention cache: {why}")
@@ -114,8 +127,9 @@ def graph_io(spec: ModelSpec, options: ExportOptions, max_seq_len: int | None = 
     window_cache = options.window_cache and options.target == "ort" and spec.is_hybrid
     max_positions = max_seq_len or options.max_seq_len or spec.max_position_embeddings
     scales = STATIC_KV_SCALES if options.kv_cache == "int8" else ""
-    return graph_io_of(spec, options.dtype, max_positions, window_cache, kv_cache=options.kv_cache,
-                       kv_scales=scales)  # a HeadIO (no KV cache) for a task head
+    return graph_io_of(
+        spec, options.dtype, max_positions, window_cache, kv_cache=options.kv_cache, kv_scales=scales
+    )  # a HeadIO (no KV cache) for a task head
 
 
 def trace_canonical(spec: ModelSpec, dtype: str, max_positions: int, opset: int = 21) -> ir.Model:
@@ -128,8 +142,10 @@ def trace_canonical(spec: ModelSpec, dtype: str, max_positions: int, opset: int 
     # Distinct example sizes keep torch.export from specialising one dim to another's value.
     B, S, K, C = 2, 7, 3, 17
     meta = dict(device="meta")
-    pasts = [torch.empty(B, spec.num_kv_heads, C, spec.head_dim, dtype=torch_dtype, **meta)
-             for _ in range(2 * spec.num_layers)]
+    pasts = [
+        torch.empty(B, spec.num_kv_heads, C, spec.head_dim, dtype=torch_dtype, **meta)
+        for _ in range(2 * spec.num_layers)
+    ]
     args = (
         torch.empty(B, S, dtype=torch.long, **meta),
         torch.empty(B, dtype=torch.int32, **meta),
@@ -138,13 +154,20 @@ def trace_canonical(spec: ModelSpec, dtype: str, max_positions: int, opset: int 
         *pasts,
     )
     batch, seq, keep, cache = (torch.export.Dim(n) for n in ("batch", "sequence", "logits_len", "cache_len"))
-    dynamic = ({0: batch, 1: seq}, {0: batch}, None, {0: batch, 1: keep},
-               tuple({0: batch, 2: cache} for _ in pasts))
+    dynamic = ({0: batch, 1: seq}, {0: batch}, None, {0: batch, 1: keep}, tuple({0: batch, 2: cache} for _ in pasts))
     io = GraphIO(spec, dtype, max_positions)
     program = torch.onnx.export(
-        model, args, dynamo=True, input_names=io.input_names, output_names=io.output_names, dynamic_shapes=dynamic,
-        custom_translation_table=ops.custom_translation_table(), optimize=False, opset_version=opset,
-        verbose=False, report=False,
+        model,
+        args,
+        dynamo=True,
+        input_names=io.input_names,
+        output_names=io.output_names,
+        dynamic_shapes=dynamic,
+        custom_translation_table=ops.custom_translation_table(),
+        optimize=False,
+        opset_version=opset,
+        verbose=False,
+        report=False,
     )
     m = program.model
     _name_dims(m, io)
@@ -157,8 +180,7 @@ def _name_dims(m: ir.Model, io: GraphIO) -> None:
         dims = io.dim_names(v.name)
         if dims is None or v.shape is None:
             continue
-        v.shape = ir.Shape([d if n is None or not isinstance(d, ir.SymbolicDim) else n
-                            for d, n in zip(v.shape, dims)])
+        v.shape = ir.Shape([d if n is None or not isinstance(d, ir.SymbolicDim) else n for d, n in zip(v.shape, dims)])
 
 
 def bind_weights(m: ir.Model, spec: ModelSpec, ckpt: Checkpoint, dtype: str, max_positions: int) -> None:
@@ -178,8 +200,9 @@ def bind_weights(m: ir.Model, spec: ModelSpec, ckpt: Checkpoint, dtype: str, max
             t = ckpt.read_torch(name, torch_dtype)
             return TorchTensor(t.t().contiguous() if transpose else t, name=name)
 
-        return ir.LazyTensor(load, dtype=ir.tensor_adapters.from_torch_dtype(torch_dtype), shape=ir.Shape(shape),
-                             name=name)
+        return ir.LazyTensor(
+            load, dtype=ir.tensor_adapters.from_torch_dtype(torch_dtype), shape=ir.Shape(shape), name=name
+        )
 
     # Transposes of weights -> pre-transposed initializers.
     for node in list(g):
@@ -188,9 +211,12 @@ def bind_weights(m: ir.Model, spec: ModelSpec, ckpt: Checkpoint, dtype: str, max
         src = node.inputs[0]
         if src is None or not src.is_initializer() or src.name not in ckpt.tensors:
             continue
-        new = ir.Value(name=transposed_name(src.name), shape=ir.Shape(tuple(reversed(ckpt.tensors[src.name].shape))),
-                       type=ir.TensorType(ir.tensor_adapters.from_torch_dtype(torch_dtype)),
-                       const_value=lazy(src.name, transpose=True))
+        new = ir.Value(
+            name=transposed_name(src.name),
+            shape=ir.Shape(tuple(reversed(ckpt.tensors[src.name].shape))),
+            type=ir.TensorType(ir.tensor_adapters.from_torch_dtype(torch_dtype)),
+            const_value=lazy(src.name, transpose=True),
+        )
         g.register_initializer(new)
         node.outputs[0].replace_all_uses_with(new)
         g.remove(node, safe=True)
@@ -216,8 +242,14 @@ def _progress(enabled: bool, desc: str, total=None):
     return tqdm(total=total, desc=desc, disable=not enabled, unit="tensor", leave=False)
 
 
-def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions(),
-                  *, force: bool = False, progress: bool = True) -> Path:
+def export_bundle(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    options: ExportOptions = ExportOptions(),
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
     """Export a checkpoint directory into a bundle directory (atomically). Returns the bundle path."""
     options.validate()
     src = resolve_model_dir(model_dir)
@@ -229,8 +261,10 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
 def _export_into(src: Path, tmp: Path, options: ExportOptions, progress: bool) -> None:
     spec = load_spec(src)
     if options.target == "ort" and spec.head_dim % 16:
-        raise ExportError(f"{src / 'config.json'}: head_dim {spec.head_dim} is not a multiple of 16, which ONNX "
-                          "Runtime's GroupQueryAttention requires (EXAONE 4.0 uses 64 and 128)")
+        raise ExportError(
+            f"{src / 'config.json'}: head_dim {spec.head_dim} is not a multiple of 16, which ONNX "
+            "Runtime's GroupQueryAttention requires (EXAONE 4.0 uses 64 and 128)"
+        )
     ckpt = Checkpoint(src)
     ckpt.validate(spec)
     io = graph_io(spec, options)
@@ -263,9 +297,16 @@ def _export_into(src: Path, tmp: Path, options: ExportOptions, progress: bool) -
         m.producer_name, m.producer_version = "exaone-deploy", _version()
         m.doc_string = f"EXAONE 4 canonical graph ({options.dtype}) exported by exaone-deploy"
         with _progress(progress, "weights", len(m.graph.initializers)) as wbar:
-            writer.write_into(tmp, m, io, options.target, source_dir=src, on_stage=stage,
-                              on_tensor=lambda *_: wbar.update(),
-                              extra={"prequantized": prequantized} if prequantized else None)
+            writer.write_into(
+                tmp,
+                m,
+                io,
+                options.target,
+                source_dir=src,
+                on_stage=stage,
+                on_tensor=lambda *_: wbar.update(),
+                extra={"prequantized": prequantized} if prequantized else None,
+            )
         bar.update()
 
 
@@ -273,8 +314,6 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
-
-
 
 
 __all__ += ["CheckpointError"]

@@ -99,8 +99,9 @@ class Exaone4HeadReference(nn.Module):
         return start, end
 
 
-def load_head_reference(model_dir: str | Path, dtype: str = "float32", max_positions: int | None = None,
-                        device: str = "cpu") -> Exaone4HeadReference:
+def load_head_reference(
+    model_dir: str | Path, dtype: str = "float32", max_positions: int | None = None, device: str = "cpu"
+) -> Exaone4HeadReference:
     """Build a head reference model and load (validated) its checkpoint, one tensor at a time."""
     ckpt = Checkpoint(model_dir)
     spec = load_spec(ckpt.dir)
@@ -132,9 +133,17 @@ def trace_head_canonical(spec: ModelSpec, dtype: str, max_positions: int, opset:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     io = HeadIO(spec, dtype, max_positions)
     program = torch.onnx.export(
-        model, args, dynamo=True, input_names=io.input_names, output_names=io.output_names,
-        dynamic_shapes=({0: batch, 1: seq}, {0: batch}), custom_translation_table=ops.custom_translation_table(),
-        optimize=False, opset_version=opset, verbose=False, report=False,
+        model,
+        args,
+        dynamo=True,
+        input_names=io.input_names,
+        output_names=io.output_names,
+        dynamic_shapes=({0: batch, 1: seq}, {0: batch}),
+        custom_translation_table=ops.custom_translation_table(),
+        optimize=False,
+        opset_version=opset,
+        verbose=False,
+        report=False,
     )
     m = program.model
     attention = [n for n in m.graph if n.domain == ops.DOMAIN and n.op_type == ops.OP_TYPE]

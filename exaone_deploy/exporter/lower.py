@@ -21,12 +21,26 @@ from ..spec import ModelSpec
 from . import ops
 from .passes import TRT_DOMAIN, TRT_OP_TYPE, TRT_PLUGIN_NAMESPACE, TRT_PLUGIN_VERSION, run_passes
 
-__all__ = ["lower", "check_model", "register_trt_schema", "TRT_OP_TYPE", "TRT_PLUGIN_NAMESPACE",
-           "TRT_PLUGIN_VERSION", "TRT_DOMAIN"]
+__all__ = [
+    "lower",
+    "check_model",
+    "register_trt_schema",
+    "TRT_OP_TYPE",
+    "TRT_PLUGIN_NAMESPACE",
+    "TRT_PLUGIN_VERSION",
+    "TRT_DOMAIN",
+]
 
 
-def lower(model: ir.Model, spec: ModelSpec, target: str, window_cache: bool = False, *,
-          io: GraphIO | None = None, fuse_linears: bool = False) -> ir.Model:
+def lower(
+    model: ir.Model,
+    spec: ModelSpec,
+    target: str,
+    window_cache: bool = False,
+    *,
+    io: GraphIO | None = None,
+    fuse_linears: bool = False,
+) -> ir.Model:
     """Lower a canonical model in place for ``target`` (its pass list, :func:`.passes.target_passes`).
 
     ``io`` is the bundle's graph I/O contract; without one it is derived from ``spec`` and ``window_cache``.
@@ -48,16 +62,21 @@ def register_trt_schema() -> None:
         pass
     base = ops.onnx_schema()
     A = defs.OpSchema.AttrType
-    attrs = [defs.OpSchema.Attribute(a.name, a.type, a.description, required=a.required)
-             for a in base.attributes.values()]
-    attrs += [defs.OpSchema.Attribute("plugin_version", A.STRING, "TensorRT plugin version", required=True),
-              defs.OpSchema.Attribute("plugin_namespace", A.STRING, "TensorRT plugin namespace", required=True)]
+    attrs = [
+        defs.OpSchema.Attribute(a.name, a.type, a.description, required=a.required) for a in base.attributes.values()
+    ]
+    attrs += [
+        defs.OpSchema.Attribute("plugin_version", A.STRING, "TensorRT plugin version", required=True),
+        defs.OpSchema.Attribute("plugin_namespace", A.STRING, "TensorRT plugin namespace", required=True),
+    ]
     schema = defs.OpSchema(
-        TRT_OP_TYPE, TRT_DOMAIN, 1, doc="TensorRT plugin node for EXAONEAttention (see docs/onnx-ops.md).",
+        TRT_OP_TYPE,
+        TRT_DOMAIN,
+        1,
+        doc="TensorRT plugin node for EXAONEAttention (see docs/onnx-ops.md).",
         inputs=[defs.OpSchema.FormalParameter(p.name, p.type_str, param_option=p.option) for p in base.inputs],
         outputs=[defs.OpSchema.FormalParameter(p.name, p.type_str) for p in base.outputs],
-        type_constraints=[(c.type_param_str, list(c.allowed_type_strs), c.description)
-                          for c in base.type_constraints],
+        type_constraints=[(c.type_param_str, list(c.allowed_type_strs), c.description) for c in base.type_constraints],
         attributes=attrs,
     )
     defs.register_schema(schema)

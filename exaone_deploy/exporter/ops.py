@@ -93,12 +93,28 @@ def attention(
 
 
 @attention.register_fake
-def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
-      num_heads, kv_num_heads, scale, window, rotary, ring):
+def _(
+    query,
+    key,
+    value,
+    past_key,
+    past_value,
+    seqlens_k,
+    total_sequence_length,
+    cos_cache,
+    sin_cache,
+    num_heads,
+    kv_num_heads,
+    scale,
+    window,
+    rotary,
+    ring,
+):
     return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
 
 
 # ---- ONNX ------------------------------------------------------------------------------------------
+
 
 def onnx_schema() -> defs.OpSchema:
     T = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
@@ -159,16 +175,43 @@ def custom_translation_table() -> dict:
     register_onnx_schema()
     op = onnxscript.values.Opset(DOMAIN, OP_VERSION)
 
-    def translate(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
-                  sin_cache, num_heads: int, kv_num_heads: int, scale: float, window: int, rotary: int,
-                  ring: int):
-        attrs = dict(num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, window=window,
-                     rotary=rotary, ring=ring)
+    def translate(
+        query,
+        key,
+        value,
+        past_key,
+        past_value,
+        seqlens_k,
+        total_sequence_length,
+        cos_cache,
+        sin_cache,
+        num_heads: int,
+        kv_num_heads: int,
+        scale: float,
+        window: int,
+        rotary: int,
+        ring: int,
+    ):
+        attrs = dict(
+            num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, window=window, rotary=rotary, ring=ring
+        )
         if rotary:
-            return op.EXAONEAttention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
-                                      cos_cache, sin_cache, _outputs=3, **attrs)
-        return op.EXAONEAttention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
-                                  _outputs=3, **attrs)
+            return op.EXAONEAttention(
+                query,
+                key,
+                value,
+                past_key,
+                past_value,
+                seqlens_k,
+                total_sequence_length,
+                cos_cache,
+                sin_cache,
+                _outputs=3,
+                **attrs,
+            )
+        return op.EXAONEAttention(
+            query, key, value, past_key, past_value, seqlens_k, total_sequence_length, _outputs=3, **attrs
+        )
 
     return {torch.ops.exaone_deploy.attention.default: translate}
 

@@ -27,9 +27,19 @@ from onnx_ir.passes import InPlacePass, PassBase, PassManager, PassResult
 from ..graph_io import KV, KV_QUANT_TYPE, GraphIO
 from . import ops
 
-__all__ = ["RsqrtAsDiv", "FuseParallelMatMuls", "AttentionToGroupQueryAttention", "AttentionToTrtPlugin",
-           "target_passes", "run_passes", "TRT_OP_TYPE", "TRT_PLUGIN_NAMESPACE", "TRT_PLUGIN_VERSION", "TRT_DOMAIN",
-           "ORT_DOMAIN"]
+__all__ = [
+    "RsqrtAsDiv",
+    "FuseParallelMatMuls",
+    "AttentionToGroupQueryAttention",
+    "AttentionToTrtPlugin",
+    "target_passes",
+    "run_passes",
+    "TRT_OP_TYPE",
+    "TRT_PLUGIN_NAMESPACE",
+    "TRT_PLUGIN_VERSION",
+    "TRT_DOMAIN",
+    "ORT_DOMAIN",
+]
 
 TRT_OP_TYPE = "EXAONEAttention_TRT"
 TRT_PLUGIN_NAMESPACE = "exaone_deploy"
@@ -108,8 +118,14 @@ class FuseParallelMatMuls(InPlacePass):
 
     def _weight(self, node: ir.Node) -> bool:
         w = node.inputs[1]
-        return (w is not None and w.is_initializer() and w.const_value is not None and w.shape is not None
-                and len(w.shape) == 2 and w.type.dtype in self.FLOATS)
+        return (
+            w is not None
+            and w.is_initializer()
+            and w.const_value is not None
+            and w.shape is not None
+            and len(w.shape) == 2
+            and w.type.dtype in self.FLOATS
+        )
 
     @staticmethod
     def _fuse(graph: ir.Graph, nodes: list[ir.Node], weights: list[ir.Value]) -> None:
@@ -120,16 +136,25 @@ class FuseParallelMatMuls(InPlacePass):
         def concat(ws=tuple(w.const_value for w in weights)):
             return ir.tensor(np.concatenate([t.numpy() for t in ws], axis=1))
 
-        fused = ir.Value(name=name, shape=shape, type=ir.TensorType(dtype),
-                         const_value=ir.LazyTensor(concat, dtype=dtype, shape=shape, name=name))
+        fused = ir.Value(
+            name=name,
+            shape=shape,
+            type=ir.TensorType(dtype),
+            const_value=ir.LazyTensor(concat, dtype=dtype, shape=shape, name=name),
+        )
         graph.register_initializer(fused)
-        split = ir.Value(name=f"{name}.split", shape=ir.Shape([len(sizes)]), type=ir.TensorType(ir.DataType.INT64),
-                         const_value=ir.tensor(np.array(sizes, dtype=np.int64), name=f"{name}.split"))
+        split = ir.Value(
+            name=f"{name}.split",
+            shape=ir.Shape([len(sizes)]),
+            type=ir.TensorType(ir.DataType.INT64),
+            const_value=ir.tensor(np.array(sizes, dtype=np.int64), name=f"{name}.split"),
+        )
         graph.register_initializer(split)
         first = nodes[0]
         mm = ir.node("MatMul", [first.inputs[0], fused], name=f"{first.name}_fused")
-        sp = ir.node("Split", [mm.outputs[0], split], attributes={"axis": -1}, num_outputs=len(nodes),
-                     name=f"{first.name}_split")
+        sp = ir.node(
+            "Split", [mm.outputs[0], split], attributes={"axis": -1}, num_outputs=len(nodes), name=f"{first.name}_split"
+        )
         graph.insert_before(first, [mm, sp])
         for node, out in zip(nodes, sp.outputs):
             out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
@@ -193,8 +218,12 @@ class AttentionToGroupQueryAttention(_AttentionPass):
         if a.get("ring", 0):
             raise ValueError("ring-buffer caches are TensorRT-only; the ort target uses sliding_window_cache")
         inputs = list(node.inputs[:7]) + (list(node.inputs[7:9]) if a.get("rotary", 0) else [])
-        attributes = {"num_heads": a["num_heads"], "kv_num_heads": a["kv_num_heads"],
-                      "local_window_size": a.get("window", 0) or -1, "do_rotary": int(a.get("rotary", 0))}
+        attributes = {
+            "num_heads": a["num_heads"],
+            "kv_num_heads": a["kv_num_heads"],
+            "local_window_size": a.get("window", 0) or -1,
+            "do_rotary": int(a.get("rotary", 0)),
+        }
         if a.get("scale", 0.0):
             attributes["scale"] = float(a["scale"])
         window = self.io.cache_lengths[layer]
@@ -205,8 +234,9 @@ class AttentionToGroupQueryAttention(_AttentionPass):
         if int8:
             inputs += [None] * (self.K_SCALE_SLOT - len(inputs)) + self._scales(graph, layer)
             attributes.update(k_quant_type=KV_QUANT_TYPE, v_quant_type=KV_QUANT_TYPE, kv_cache_bit_width=8)
-        new = ir.node("GroupQueryAttention", inputs, attributes=attributes, domain=ORT_DOMAIN, num_outputs=3,
-                      name=node.name)
+        new = ir.node(
+            "GroupQueryAttention", inputs, attributes=attributes, domain=ORT_DOMAIN, num_outputs=3, name=node.name
+        )
         _replace(graph, node, new)
         names = {n for i, _, p, q in self.io.cache_pairs() if i == layer for n in (p, q)}
         for v in [*(v for v in [*graph.inputs, *graph.outputs] if v.name in names), *new.outputs[1:]]:
@@ -219,9 +249,11 @@ class AttentionToGroupQueryAttention(_AttentionPass):
         scales = [graph.initializers.get(self.io.kv_scale_name(layer, kv)) for kv in KV]
         for v, kv in zip(scales, KV):
             if v is None or v.shape is None or tuple(v.shape) != self.io.kv_scale_shape:
-                raise ValueError(f"int8 KV cache: initializer {self.io.kv_scale_name(layer, kv)!r} "
-                                 f"{'is missing' if v is None else f'has shape {v.shape}'}; expected "
-                                 f"{self.io.kv_scale_shape} float32 scales (export or quantize adds them)")
+                raise ValueError(
+                    f"int8 KV cache: initializer {self.io.kv_scale_name(layer, kv)!r} "
+                    f"{'is missing' if v is None else f'has shape {v.shape}'}; expected "
+                    f"{self.io.kv_scale_shape} float32 scales (export or quantize adds them)"
+                )
         return scales
 
 
@@ -240,12 +272,23 @@ class AttentionToTrtPlugin(_AttentionPass):
         if self.tables is None:
             self.tables = _rope_tables(graph, node)
         attributes = {
-            "num_heads": a["num_heads"], "kv_num_heads": a["kv_num_heads"], "scale": float(a.get("scale", 0.0)),
-            "window": int(a.get("window", 0)), "rotary": int(a.get("rotary", 0)), "ring": int(a.get("ring", 0)),
-            "plugin_version": TRT_PLUGIN_VERSION, "plugin_namespace": TRT_PLUGIN_NAMESPACE,
+            "num_heads": a["num_heads"],
+            "kv_num_heads": a["kv_num_heads"],
+            "scale": float(a.get("scale", 0.0)),
+            "window": int(a.get("window", 0)),
+            "rotary": int(a.get("rotary", 0)),
+            "ring": int(a.get("ring", 0)),
+            "plugin_version": TRT_PLUGIN_VERSION,
+            "plugin_namespace": TRT_PLUGIN_NAMESPACE,
         }
-        new = ir.node(TRT_OP_TYPE, list(node.inputs[:7]) + list(self.tables), attributes=attributes,
-                      domain=TRT_DOMAIN, num_outputs=3, name=node.name)
+        new = ir.node(
+            TRT_OP_TYPE,
+            list(node.inputs[:7]) + list(self.tables),
+            attributes=attributes,
+            domain=TRT_DOMAIN,
+            num_outputs=3,
+            name=node.name,
+        )
         _replace(graph, node, new)
 
 
@@ -257,8 +300,12 @@ def _rope_tables(graph: ir.Graph, like: ir.Node) -> tuple[ir.Value, ir.Value]:
     half, dtype = int(past.shape[3]) // 2, past.type.dtype
     tables = []
     for name in ("cos_cache", "sin_cache"):
-        v = ir.Value(name=name, shape=ir.Shape([1, half]), type=ir.TensorType(dtype),
-                     const_value=ir.tensor(np.zeros((1, half), dtype=dtype.numpy())))
+        v = ir.Value(
+            name=name,
+            shape=ir.Shape([1, half]),
+            type=ir.TensorType(dtype),
+            const_value=ir.tensor(np.zeros((1, half), dtype=dtype.numpy())),
+        )
         graph.register_initializer(v)
         tables.append(v)
     return tables[0], tables[1]

@@ -62,8 +62,7 @@ from ..prequant import Fp8Weight, IntWeight, PrequantScheme, read_linear
 from ..prequant.formats import LINEAR_SUFFIXES
 from ..prequant.st import SafetensorsDir
 
-__all__ = ["LinearPlan", "PrequantLowerError", "estimate", "lower_prequantized", "plan_linears",
-           "scheme_summary"]
+__all__ = ["LinearPlan", "PrequantLowerError", "estimate", "lower_prequantized", "plan_linears", "scheme_summary"]
 
 EXACT_ACCURACY_LEVEL = 0  # float activations: the checkpoint's dequantized model, exactly
 ORT_DOMAIN = "com.microsoft"
@@ -119,19 +118,25 @@ def _plan(scheme: PrequantScheme, module: str, out: int, inp: int, target: str) 
     if target == "ort":
         block = min(128, max(16, 1 << (inp - 1).bit_length())) if whole else min(128, group & -group)
         if block < 16:
-            raise PrequantLowerError(f"{where}: unsupported quantization_config.group_size = {group} for ort "
-                                     "(MatMulNBits blocks are powers of two >= 16 that must divide the group)")
+            raise PrequantLowerError(
+                f"{where}: unsupported quantization_config.group_size = {group} for ort "
+                "(MatMulNBits blocks are powers of two >= 16 that must divide the group)"
+            )
         return LinearPlan(module, out, inp, scheme.bits, group, block, "matmulnbits")
     if not scheme.sym:
         field = "zero_point" if scheme.method == "awq" else "sym"
         value = True if scheme.method == "awq" else scheme.sym
-        raise PrequantLowerError(f"{where}: unsupported quantization_config.{field} = {value!r} for trt "
-                                 "(TensorRT's DequantizeLinear takes zero zero-points; asymmetric codes do not "
-                                 "fit INT4)")
+        raise PrequantLowerError(
+            f"{where}: unsupported quantization_config.{field} = {value!r} for trt "
+            "(TensorRT's DequantizeLinear takes zero zero-points; asymmetric codes do not "
+            "fit INT4)"
+        )
     if scheme.bits == 8:
         if not whole:
-            raise PrequantLowerError(f"{where}: unsupported quantization_config.group_size = {group} with "
-                                     "bits = 8 for trt (TensorRT blocks INT4 only; INT8 must be per channel)")
+            raise PrequantLowerError(
+                f"{where}: unsupported quantization_config.group_size = {group} with "
+                "bits = 8 for trt (TensorRT blocks INT4 only; INT8 must be per channel)"
+            )
         return LinearPlan(module, out, inp, 8, inp, inp, "int8-dq")
     return LinearPlan(module, out, inp, 4, group, inp if whole else math.gcd(group, inp), "int4-dq")
 
@@ -139,22 +144,35 @@ def _plan(scheme: PrequantScheme, module: str, out: int, inp: int, target: str) 
 def plan_linears(ckpt: Checkpoint, shapes: dict[str, tuple[int, int]], target: str) -> dict[str, LinearPlan]:
     """The plan of every quantized linear of ``ckpt``: ``shapes`` maps "<module>.weight" -> (out, in) (the
     float checkpoint's expected shapes); linears the scheme leaves unquantized are not in it."""
-    return {name.rpartition(".")[0]: _plan(ckpt.scheme, name.rpartition(".")[0], out, inp, target)
-            for name, (out, inp) in shapes.items() if ckpt.is_quantized(name)}
+    return {
+        name.rpartition(".")[0]: _plan(ckpt.scheme, name.rpartition(".")[0], out, inp, target)
+        for name, (out, inp) in shapes.items()
+        if ckpt.is_quantized(name)
+    }
 
 
-def scheme_summary(scheme: PrequantScheme, plans: dict[str, LinearPlan], unquantized: list[str],
-                   accuracy_level: int = EXACT_ACCURACY_LEVEL) -> dict:
+def scheme_summary(
+    scheme: PrequantScheme,
+    plans: dict[str, LinearPlan],
+    unquantized: list[str],
+    accuracy_level: int = EXACT_ACCURACY_LEVEL,
+) -> dict:
     """The manifest's / inspect's record of the source scheme and how it was lowered; ``unquantized``: the
     decoder linears the checkpoint leaves in float (embeddings, norms and the LM head always are)."""
     forms = sorted({(p.form, p.block) for p in plans.values()})
     return {
-        "method": scheme.method, "bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym,
+        "method": scheme.method,
+        "bits": scheme.bits,
+        "group_size": scheme.group_size,
+        "sym": scheme.sym,
         "format": scheme.checkpoint_format or scheme.strategy or ("gemm" if scheme.method == "awq" else None),
-        "weight_type": scheme.weight_type, "desc_act": scheme.desc_act,
+        "weight_type": scheme.weight_type,
+        "desc_act": scheme.desc_act,
         "weight_block_size": list(scheme.weight_block_size) if scheme.weight_block_size else None,
-        "activation_scheme": scheme.activation_scheme, "quantized_linears": len(plans),
-        "unquantized": unquantized, "kept_in_float": ["embed_tokens", "norms", "lm_head"],
+        "activation_scheme": scheme.activation_scheme,
+        "quantized_linears": len(plans),
+        "unquantized": unquantized,
+        "kept_in_float": ["embed_tokens", "norms", "lm_head"],
         "lowering": [{"form": f, "block_size": b} for f, b in forms],
         "accuracy_level": accuracy_level if any(p.form == "matmulnbits" for p in plans.values()) else None,
     }
@@ -170,10 +188,18 @@ def estimate(ckpt: Checkpoint, spec, target: str = "ort", dtype: str = "float32"
     item = np.dtype(_FLOAT[dtype]).itemsize
     total = sum(p.nbytes(dtype, not ckpt.scheme.sym) for p in plans.values())
     total += sum(int(np.prod(s)) * item for n, s in shapes.items() if n.rpartition(".")[0] not in plans)
-    unquantized = sorted(n.rpartition(".")[0] for n in shapes
-                         if n.rpartition(".")[0].endswith(LINEAR_SUFFIXES) and not ckpt.is_quantized(n))
-    return {**scheme_summary(ckpt.scheme, plans, unquantized), "target": target, "dtype": dtype,
-            "bundle_weight_bytes": int(total), "checkpoint_bytes": ckpt.nbytes}
+    unquantized = sorted(
+        n.rpartition(".")[0]
+        for n in shapes
+        if n.rpartition(".")[0].endswith(LINEAR_SUFFIXES) and not ckpt.is_quantized(n)
+    )
+    return {
+        **scheme_summary(ckpt.scheme, plans, unquantized),
+        "target": target,
+        "dtype": dtype,
+        "bundle_weight_bytes": int(total),
+        "checkpoint_bytes": ckpt.nbytes,
+    }
 
 
 # ---- the rewrite -------------------------------------------------------------------------------------------
@@ -191,8 +217,10 @@ class _Linear:
             if not np.array_equal(g_idx, natural):
                 perm = np.argsort(g_idx, kind="stable")
                 if not np.array_equal(g_idx[perm], natural):
-                    raise PrequantLowerError(f"{st.dir}: {plan.module}.g_idx groups are not of size group_size "
-                                             f"{plan.group}; cannot reorder them into blocks")
+                    raise PrequantLowerError(
+                        f"{st.dir}: {plan.module}.g_idx groups are not of size group_size "
+                        f"{plan.group}; cannot reorder them into blocks"
+                    )
                 self.perm = perm
 
     @functools.cached_property
@@ -210,8 +238,10 @@ class _Linear:
     def check_symmetric(self) -> None:
         w, p = self.weight, self.plan
         if not np.all(w.zeros == 1 << (p.bits - 1)):
-            raise PrequantLowerError(f"{self.st.dir}: {p.module} has zero points other than {1 << (p.bits - 1)} "
-                                     f"though quantization_config says sym = {self.scheme.sym}")
+            raise PrequantLowerError(
+                f"{self.st.dir}: {p.module} has zero points other than {1 << (p.bits - 1)} "
+                f"though quantization_config says sym = {self.scheme.sym}"
+            )
 
 
 def _cast_exact(a: np.ndarray, dtype: str, what: str) -> np.ndarray:
@@ -227,8 +257,9 @@ class _Rewriter:
 
     def init(self, name: str, make, dtype: ir.DataType, shape: tuple[int, ...]) -> ir.Value:
         """A lazy initializer: ``make()`` (a NumPy array) runs when the bundle writer saves it."""
-        tensor = ir.LazyTensor(lambda: ir.Tensor(np.ascontiguousarray(make()), name=name), dtype=dtype,
-                               shape=ir.Shape(shape), name=name)
+        tensor = ir.LazyTensor(
+            lambda: ir.Tensor(np.ascontiguousarray(make()), name=name), dtype=dtype, shape=ir.Shape(shape), name=name
+        )
         v = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor)
         self.graph.register_initializer(v)
         return v
@@ -240,8 +271,9 @@ class _Rewriter:
         return n.outputs[0]
 
 
-def lower_prequantized(m: ir.Model, ckpt: Checkpoint, target: str, dtype: str,
-                       accuracy_level: int = EXACT_ACCURACY_LEVEL) -> dict:
+def lower_prequantized(
+    m: ir.Model, ckpt: Checkpoint, target: str, dtype: str, accuracy_level: int = EXACT_ACCURACY_LEVEL
+) -> dict:
     """Rewrite the quantized linears of the traced graph ``m`` in place (see the module docstring).
 
     Returns the manifest record (:func:`scheme_summary`). The new initializers are lazy: each linear's packed
@@ -249,8 +281,10 @@ def lower_prequantized(m: ir.Model, ckpt: Checkpoint, target: str, dtype: str,
     """
     scheme, graph = ckpt.scheme, m.graph
     if target == "ort" and dtype == "bfloat16" and scheme.weight_type == "int":
-        raise PrequantLowerError(f"{scheme.source}: {scheme.method} int{scheme.bits} needs --dtype float32 or "
-                                 "float16 on ort (MatMulNBits on CPU takes no bfloat16 activations)")
+        raise PrequantLowerError(
+            f"{scheme.source}: {scheme.method} int{scheme.bits} needs --dtype float32 or "
+            "float16 on ort (MatMulNBits on CPU takes no bfloat16 activations)"
+        )
     shapes = {}
     for node in graph:
         w = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
@@ -273,8 +307,9 @@ def lower_prequantized(m: ir.Model, ckpt: Checkpoint, target: str, dtype: str,
         graph.remove(node, safe=True)
         if not w.uses():
             del graph.initializers[w.name]
-    unquantized = sorted(m for m in (n.rpartition(".")[0] for n in shapes)
-                         if m.endswith(LINEAR_SUFFIXES) and m not in plans)
+    unquantized = sorted(
+        m for m in (n.rpartition(".")[0] for n in shapes) if m.endswith(LINEAR_SUFFIXES) and m not in plans
+    )
     return scheme_summary(scheme, plans, unquantized, accuracy_level)
 
 
@@ -285,11 +320,17 @@ def _lower_one(rw: _Rewriter, matmul: ir.Node, lin: _Linear, target: str) -> Non
         perm = lin.perm
         idx = rw.init(f"{base}.act_order", lambda: perm.astype(np.int64), ir.DataType.INT64, (p.inp,))
         x = rw.node(matmul, "Gather", [x, idx], {"axis": -1}, name=f"{base}/act_order")
-    fdtype = ir.DataType.FLOAT if rw.dtype == "float32" else ir.DataType.FLOAT16 \
-        if rw.dtype == "float16" else ir.DataType.BFLOAT16
+    fdtype = (
+        ir.DataType.FLOAT
+        if rw.dtype == "float32"
+        else ir.DataType.FLOAT16
+        if rw.dtype == "float16"
+        else ir.DataType.BFLOAT16
+    )
     if p.form == "float":
-        weight = rw.init(f"{base}.weight.T", lambda: lin.weight.dequantize().T.astype(_FLOAT[rw.dtype]), fdtype,
-                         (p.inp, p.out))
+        weight = rw.init(
+            f"{base}.weight.T", lambda: lin.weight.dequantize().T.astype(_FLOAT[rw.dtype]), fdtype, (p.inp, p.out)
+        )
         matmul.replace_input_with(1, weight)
         matmul.replace_input_with(0, x)
         return
@@ -298,6 +339,7 @@ def _lower_one(rw: _Rewriter, matmul: ir.Node, lin: _Linear, target: str) -> Non
         return
     # trt: a DequantizeLinear of constant weights [K(padded), N] feeding the MatMul.
     if p.form == "fp8-dq":
+
         def values():
             return lin.weight.weight.T
 
@@ -330,8 +372,9 @@ def _lower_one(rw: _Rewriter, matmul: ir.Node, lin: _Linear, target: str) -> Non
     if fdtype != ir.DataType.FLOAT:
         w = rw.node(matmul, "Cast", [w], {"to": fdtype}, name=f"{base}/weight_cast")
     if rows != p.inp:  # TensorRT blocks must divide K: zero activation columns match the zero weight rows
-        pads = rw.init(f"{base}.input_pads", lambda: np.array([0, 0, 0, 0, 0, rows - p.inp], np.int64),
-                       ir.DataType.INT64, (6,))
+        pads = rw.init(
+            f"{base}.input_pads", lambda: np.array([0, 0, 0, 0, 0, rows - p.inp], np.int64), ir.DataType.INT64, (6,)
+        )
         x = rw.node(matmul, "Pad", [x, pads], name=f"{base}/input_pad")
     matmul.replace_input_with(0, x)
     matmul.replace_input_with(1, w)
@@ -345,8 +388,7 @@ def _matmulnbits(rw: _Rewriter, matmul: ir.Node, lin: _Linear, x: ir.Value, fdty
     def packed():
         codes = lin.weight.codes
         if p.bits == 4:  # numerics.pack_matmulnbits takes signed values and stores them + 8: the codes again
-            return pack_matmulnbits((codes.astype(np.int16) - 8).T, np.zeros((p.blocks, p.out), np.float32),
-                                    p.block)[0]
+            return pack_matmulnbits((codes.astype(np.int16) - 8).T, np.zeros((p.blocks, p.out), np.float32), p.block)[0]
         return pad_rows(codes.T, p.block).T.reshape(p.out, p.blocks, p.block)
 
     def scales():
@@ -367,10 +409,7 @@ def _matmulnbits(rw: _Rewriter, matmul: ir.Node, lin: _Linear, x: ir.Value, fdty
                 z = z[:, 0::2] | (z[:, 1::2] << 4)  # two blocks a byte, the even block in the low nibble
             return z.astype(np.uint8).reshape(-1)
 
-        inputs.append(rw.init(f"{base}.zero_points", zeros, ir.DataType.UINT8,
-                              (p.out * -(-p.blocks // per_byte),)))
+        inputs.append(rw.init(f"{base}.zero_points", zeros, ir.DataType.UINT8, (p.out * -(-p.blocks // per_byte),)))
     attrs = {"K": p.inp, "N": p.out, "bits": p.bits, "block_size": p.block, "accuracy_level": rw.accuracy_level}
     new = ir.node("MatMulNBits", inputs, attributes=attrs, domain=ORT_DOMAIN, name=matmul.name)
-    ir.convenience.replace_nodes_and_values(rw.graph, matmul, [matmul], [new], list(matmul.outputs),
-                                            list(new.outputs))
-
+    ir.convenience.replace_nodes_and_values(rw.graph, matmul, [matmul], [new], list(matmul.outputs), list(new.outputs))

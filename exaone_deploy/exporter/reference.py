@@ -77,9 +77,21 @@ class Attention(nn.Module):
         v = self.v_proj(x)
         rope = self.layer.rope
         out, pk, pv = torch.ops.exaone_deploy.attention(
-            q, k, v, past_k, past_v, seqlens_k, total_len,
-            cos if rope else None, sin if rope else None,
-            spec.num_heads, spec.num_kv_heads, 0.0, self.layer.window, int(rope), 0,
+            q,
+            k,
+            v,
+            past_k,
+            past_v,
+            seqlens_k,
+            total_len,
+            cos if rope else None,
+            sin if rope else None,
+            spec.num_heads,
+            spec.num_kv_heads,
+            0.0,
+            self.layer.window,
+            int(rope),
+            0,
         )
         return self.o_proj(out), pk, pv
 
@@ -198,8 +210,9 @@ class Exaone4Reference(nn.Module):
         return out, caches, lengths
 
 
-def load_reference(model_dir: str | Path, dtype: str = "float32", max_positions: int | None = None,
-                   device: str = "cpu") -> Exaone4Reference:
+def load_reference(
+    model_dir: str | Path, dtype: str = "float32", max_positions: int | None = None, device: str = "cpu"
+) -> Exaone4Reference:
     """Build the reference model and load a checkpoint into it (validated; one tensor at a time).
 
     The module is built on the meta device and each parameter is replaced by the tensor read from the

@@ -41,8 +41,7 @@ from . import lower
 
 log = logging.getLogger(__name__)
 
-__all__ = ["write_into", "save_lowered", "WEIGHTS_FILE", "CANONICAL_FILE", "MODEL_FILE",
-           "FUSED_FILE", "ALIGNMENT"]
+__all__ = ["write_into", "save_lowered", "WEIGHTS_FILE", "CANONICAL_FILE", "MODEL_FILE", "FUSED_FILE", "ALIGNMENT"]
 
 WEIGHTS_FILE = "weights.data"
 CANONICAL_FILE = "canonical.onnx"
@@ -58,15 +57,26 @@ def save_lowered(model: ir.Model, path: Path) -> None:
     made = [v for v in model.graph.initializers.values() if isinstance(v.const_value, ir.LazyTensor)]
     if made:
         external = ir.external_data.convert_tensors_to_external(
-            [v.const_value for v in made], base_dir=path.parent, relative_path=FUSED_FILE, alignment=ALIGNMENT)
+            [v.const_value for v in made], base_dir=path.parent, relative_path=FUSED_FILE, alignment=ALIGNMENT
+        )
         for v, t in zip(made, external):
             v.const_value = t
     ir.save(model, path)
 
 
-def write_into(root: Path, canonical: ir.Model, io: GraphIO, target: str, *, source_dir: Path,
-               tokenizer_dirs: tuple[Path, ...] = (), extra: dict[str, Any] | None = None, check: bool = True,
-               on_stage: Callable[[str], None] | None = None, on_tensor: Callable | None = None) -> dict[str, Any]:
+def write_into(
+    root: Path,
+    canonical: ir.Model,
+    io: GraphIO,
+    target: str,
+    *,
+    source_dir: Path,
+    tokenizer_dirs: tuple[Path, ...] = (),
+    extra: dict[str, Any] | None = None,
+    check: bool = True,
+    on_stage: Callable[[str], None] | None = None,
+    on_tensor: Callable | None = None,
+) -> dict[str, Any]:
     """Write a complete bundle into the (staging) directory ``root``. Returns the manifest's data.
 
     ``on_stage(name)`` is called as each step starts (``write weights``, ``lower``, ``check``, ``manifest``);
@@ -74,8 +84,7 @@ def write_into(root: Path, canonical: ir.Model, io: GraphIO, target: str, *, sou
     """
     stage = on_stage or (lambda name: None)
     stage("write weights")
-    ir.save(canonical, root / CANONICAL_FILE, external_data=WEIGHTS_FILE, alignment=ALIGNMENT,
-            callback=on_tensor)
+    ir.save(canonical, root / CANONICAL_FILE, external_data=WEIGHTS_FILE, alignment=ALIGNMENT, callback=on_tensor)
     stage(f"lower ({target})")
     lowered = lower.lower(ir.load(root / CANONICAL_FILE), io.spec, target, io=io, fuse_linears=True)
     save_lowered(lowered, root / MODEL_FILE)
@@ -88,8 +97,9 @@ def write_into(root: Path, canonical: ir.Model, io: GraphIO, target: str, *, sou
 
     def genai_variant(root: Path) -> dict[str, str]:
         try:
-            genai.write_genai_variant(root, io.spec, max_seq_len=io.max_seq_len, window_cache=io.window_cache,
-                                      model_file=MODEL_FILE)
+            genai.write_genai_variant(
+                root, io.spec, max_seq_len=io.max_seq_len, window_cache=io.window_cache, model_file=MODEL_FILE
+            )
         except genai.GenaiError as e:
             log.warning("%s: written without the onnxruntime-genai variant (%s)", root, e)
             return {}
@@ -97,9 +107,15 @@ def write_into(root: Path, canonical: ir.Model, io: GraphIO, target: str, *, sou
             lower.check_model(root / genai.GENAI_FILE)
         return {"genai": genai.GENAI_FILE}
 
-    return bundle_mod.finish_bundle(root, io, target=target, model_file=MODEL_FILE, canonical_file=CANONICAL_FILE,
-                                    weights_file=WEIGHTS_FILE, source_dir=source_dir, tokenizer_dirs=tokenizer_dirs,
-                                    extra=extra,
-                                    before_manifest=genai_variant if target == "ort" and io.spec.head.is_lm else None)
-
-
+    return bundle_mod.finish_bundle(
+        root,
+        io,
+        target=target,
+        model_file=MODEL_FILE,
+        canonical_file=CANONICAL_FILE,
+        weights_file=WEIGHTS_FILE,
+        source_dir=source_dir,
+        tokenizer_dirs=tokenizer_dirs,
+        extra=extra,
+        before_manifest=genai_variant if target == "ort" and io.spec.head.is_lm else None,
+    )

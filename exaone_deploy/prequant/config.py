@@ -102,8 +102,14 @@ def _gptq(q: dict, source: str) -> PrequantScheme:
     if q.get("is_marlin_format"):
         raise _refuse(source, "is_marlin_format", True, "marlin-packed GPTQ; re-save in gptq format")
     fmt_field = "checkpoint_format" if "checkpoint_format" in q else "format"
-    fmt = _need(q, source, fmt_field, ("gptq", "gptq_v2"),
-                "only the gptq and gptq_v2 packings are read; marlin/bitblas/qqq/gptq_p are not", "gptq")
+    fmt = _need(
+        q,
+        source,
+        fmt_field,
+        ("gptq", "gptq_v2"),
+        "only the gptq and gptq_v2 packings are read; marlin/bitblas/qqq/gptq_p are not",
+        "gptq",
+    )
     bits = _need(q, source, "bits", (4, 8), "only 4- and 8-bit GPTQ codes are supported")
     if q.get("dynamic"):
         raise _refuse(source, "dynamic", q["dynamic"], "per-module overrides (mixed per-layer bits)")
@@ -112,31 +118,48 @@ def _gptq(q: dict, source: str) -> PrequantScheme:
     if not isinstance(group, int) or (group != -1 and group <= 0):
         raise _refuse(source, "group_size", group, "must be -1 or a positive integer")
     if q.get("lm_head"):
-        raise _refuse(source, "lm_head", q["lm_head"], "a quantized lm_head is not supported; the LM head is "
-                      "kept in the checkpoint's float precision")
+        raise _refuse(
+            source,
+            "lm_head",
+            q["lm_head"],
+            "a quantized lm_head is not supported; the LM head is kept in the checkpoint's float precision",
+        )
     sym = bool(q.get("sym", True))
     return PrequantScheme(
-        "gptq", bits, group, sym=sym, desc_act=bool(q.get("desc_act", False)), checkpoint_format=fmt,
-        zero_point=True, quantize_lm_head=bool(q.get("lm_head", False)),
-        ignore=_ignore_list(q, "modules_to_not_convert"), source=source,
+        "gptq",
+        bits,
+        group,
+        sym=sym,
+        desc_act=bool(q.get("desc_act", False)),
+        checkpoint_format=fmt,
+        zero_point=True,
+        quantize_lm_head=bool(q.get("lm_head", False)),
+        ignore=_ignore_list(q, "modules_to_not_convert"),
+        source=source,
     )
 
 
 def _awq(q: dict, source: str) -> PrequantScheme:
-    _need(q, source, "version", ("gemm", "GEMM"),
-          "only AutoAWQ's GEMM packing is read; gemv/gemv_fast/exllama/marlin/ipex are not", "gemm")
+    _need(
+        q,
+        source,
+        "version",
+        ("gemm", "GEMM"),
+        "only AutoAWQ's GEMM packing is read; gemv/gemv_fast/exllama/marlin/ipex are not",
+        "gemm",
+    )
     bits = _need(q, source, "bits", (4,), "AWQ GEMM is 4-bit only", q.get("w_bit"))
     _need(q, source, "zero_point", (True,), "AWQ GEMM checkpoints always carry zero points", True)
     group = q.get("group_size", q.get("q_group_size"))
     if not isinstance(group, int) or (group != -1 and group <= 0):
         raise _refuse(source, "group_size", group, "must be -1 or a positive integer")
-    return PrequantScheme("awq", bits, group, sym=False, zero_point=True,
-                          ignore=_ignore_list(q, "modules_to_not_convert"), source=source)
+    return PrequantScheme(
+        "awq", bits, group, sym=False, zero_point=True, ignore=_ignore_list(q, "modules_to_not_convert"), source=source
+    )
 
 
 def _block(value, source: str, field: str) -> tuple[int, int]:
-    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v > 0
-                                                                       for v in value)):
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)):
         raise _refuse(source, field, value, "must be two positive integers [out, in]")
     return int(value[0]), int(value[1])
 
@@ -149,19 +172,36 @@ def _fp8(q: dict, source: str) -> PrequantScheme:
     if q.get("weight_block_size") is None:
         raise _refuse(source, "weight_block_size", None, "per-tensor fp8 without blocks is not supported")
     block = _block(q["weight_block_size"], source, "weight_block_size")
-    return PrequantScheme("fp8", 8, None, weight_type="float", strategy="block", weight_block_size=block,
-                          activation_scheme="dynamic",
-                          ignore=_ignore_list(q, "modules_to_not_convert", "ignored_layers"), source=source)
+    return PrequantScheme(
+        "fp8",
+        8,
+        None,
+        weight_type="float",
+        strategy="block",
+        weight_block_size=block,
+        activation_scheme="dynamic",
+        ignore=_ignore_list(q, "modules_to_not_convert", "ignored_layers"),
+        source=source,
+    )
 
 
 def _compressed_tensors(q: dict, source: str) -> PrequantScheme:
-    fmt = _need(q, source, "format", ("pack-quantized", "float-quantized"),
-                "only pack-quantized int4/int8 and float-quantized fp8 are read")
+    fmt = _need(
+        q,
+        source,
+        "format",
+        ("pack-quantized", "float-quantized"),
+        "only pack-quantized int4/int8 and float-quantized fp8 are read",
+    )
     groups = q.get("config_groups") or {}
     if len(groups) != 1:
-        raise _refuse(source, "config_groups", sorted(groups), "exactly one config group is supported "
-                      "(several are mixed per-layer schemes)")
-    (name, group), = groups.items()
+        raise _refuse(
+            source,
+            "config_groups",
+            sorted(groups),
+            "exactly one config group is supported (several are mixed per-layer schemes)",
+        )
+    ((name, group),) = groups.items()
     where = f"config_groups.{name}"
     if group.get("format", fmt) != fmt:
         raise _refuse(source, f"{where}.format", group.get("format"), f"differs from format {fmt!r}")
@@ -169,8 +209,12 @@ def _compressed_tensors(q: dict, source: str) -> PrequantScheme:
         raise _refuse(source, f"{where}.output_activations", group["output_activations"], "not supported")
     act = group.get("input_activations")
     if act and not act.get("dynamic"):
-        raise _refuse(source, f"{where}.input_activations.dynamic", act.get("dynamic"),
-                      "static activation scales are not supported")
+        raise _refuse(
+            source,
+            f"{where}.input_activations.dynamic",
+            act.get("dynamic"),
+            "static activation scales are not supported",
+        )
     w = group.get("weights") or {}
     wtype = "float" if fmt == "float-quantized" else "int"
     _need(w, source, "type", (wtype,), f"{fmt} stores {wtype} weights", label=f"{where}.weights.")
@@ -184,20 +228,31 @@ def _compressed_tensors(q: dict, source: str) -> PrequantScheme:
     if strategy not in strategies:
         raise _refuse(source, f"{where}.weights.strategy", strategy, f"supported: {', '.join(strategies)}")
     if w.get("actorder") not in (None, "weight"):  # "weight" reorders during calibration only
-        raise _refuse(source, f"{where}.weights.actorder", w["actorder"],
-                      "group activation order (a g_idx) is dropped by compressed-tensors itself; supported: "
-                      "null, weight")
-    block = _block(w.get("block_structure"), source, f"{where}.weights.block_structure") \
-        if strategy == "block" else None
+        raise _refuse(
+            source,
+            f"{where}.weights.actorder",
+            w["actorder"],
+            "group activation order (a g_idx) is dropped by compressed-tensors itself; supported: null, weight",
+        )
+    block = (
+        _block(w.get("block_structure"), source, f"{where}.weights.block_structure") if strategy == "block" else None
+    )
     group_size = w.get("group_size") if strategy == "group" else -1
     if strategy == "group" and (not isinstance(group_size, int) or group_size <= 0):
         raise _refuse(source, f"{where}.weights.group_size", group_size, "must be a positive integer")
     sym = bool(w.get("symmetric", True))
     return PrequantScheme(
-        "compressed-tensors", bits, group_size if wtype == "int" else None, sym=sym,
-        zero_point=wtype == "int" and not sym, weight_type=wtype,
-        strategy=strategy, weight_block_size=block, activation_scheme="dynamic" if act else None,
-        ignore=_ignore_list(q, "ignore"), source=source,
+        "compressed-tensors",
+        bits,
+        group_size if wtype == "int" else None,
+        sym=sym,
+        zero_point=wtype == "int" and not sym,
+        weight_type=wtype,
+        strategy=strategy,
+        weight_block_size=block,
+        activation_scheme="dynamic" if act else None,
+        ignore=_ignore_list(q, "ignore"),
+        source=source,
     )
 
 
@@ -211,8 +266,9 @@ def scheme_from_dict(q: dict, source: str = "quantization_config") -> PrequantSc
     method = q.get("quant_method", q.get("method"))
     method = method.lower() if isinstance(method, str) else method
     if method not in _READERS:
-        raise _refuse(source, "quant_method", q.get("quant_method", q.get("method")),
-                      f"supported: {', '.join(_READERS)}")
+        raise _refuse(
+            source, "quant_method", q.get("quant_method", q.get("method")), f"supported: {', '.join(_READERS)}"
+        )
     return _READERS[method](q, source)
 
 

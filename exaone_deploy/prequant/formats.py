@@ -71,8 +71,15 @@ __all__ = [
 Getter = Callable[[str], np.ndarray]
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of an AWQ word holds output column AWQ_ORDER[j] of its 8
 AWQ_REVERSE_ORDER = tuple(int(i) for i in np.argsort(AWQ_ORDER))  # (0, 4, 1, 5, 2, 6, 3, 7)
-LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEAR_SUFFIXES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 @dataclass
@@ -144,12 +151,14 @@ def read_gptq(get: Getter, prefix: str, scheme: PrequantScheme) -> IntWeight:
         g_idx = np.arange(inp, dtype=np.int32) // group
     _check(prefix, "scales", scales.shape, (out, -(-inp // group)))
     _check(prefix, "g_idx", g_idx.shape, (inp,))
-    return IntWeight(np.ascontiguousarray(codes), np.ascontiguousarray(scales), np.ascontiguousarray(zeros),
-                     g_idx, bits, group)
+    return IntWeight(
+        np.ascontiguousarray(codes), np.ascontiguousarray(scales), np.ascontiguousarray(zeros), g_idx, bits, group
+    )
 
 
 def read_awq(get: Getter, prefix: str, scheme: PrequantScheme) -> IntWeight:
     """AutoAWQ GEMM (``qweight`` [in, out/8] in AWQ order, ``qzeros``, ``scales``)."""
+
     def unawq(packed: np.ndarray) -> np.ndarray:
         cols = unpack_cols(packed, 4)
         return cols.reshape(cols.shape[0], -1, 8)[:, :, list(AWQ_REVERSE_ORDER)].reshape(cols.shape[0], -1)
@@ -161,8 +170,14 @@ def read_awq(get: Getter, prefix: str, scheme: PrequantScheme) -> IntWeight:
     zeros = unawq(get(prefix + ".qzeros")).T
     _check(prefix, "scales", scales.shape, (out, inp // group))
     _check(prefix, "qzeros", zeros.shape, (out, inp // group))
-    return IntWeight(np.ascontiguousarray(codes), np.ascontiguousarray(scales), np.ascontiguousarray(zeros),
-                     np.arange(inp, dtype=np.int32) // group, 4, group)
+    return IntWeight(
+        np.ascontiguousarray(codes),
+        np.ascontiguousarray(scales),
+        np.ascontiguousarray(zeros),
+        np.arange(inp, dtype=np.int32) // group,
+        4,
+        group,
+    )
 
 
 def _fp8_weight(w: np.ndarray, scale: np.ndarray, block: tuple[int, int], prefix: str) -> Fp8Weight:
@@ -175,8 +190,9 @@ def _fp8_weight(w: np.ndarray, scale: np.ndarray, block: tuple[int, int], prefix
 
 def read_fp8(get: Getter, prefix: str, scheme: PrequantScheme) -> Fp8Weight:
     """FP8 block-scaled (transformers finegrained fp8 / DeepSeek-V3: ``weight`` + ``weight_scale_inv``)."""
-    return _fp8_weight(get(prefix + ".weight"), _f32(get(prefix + ".weight_scale_inv")),
-                       scheme.weight_block_size, prefix)
+    return _fp8_weight(
+        get(prefix + ".weight"), _f32(get(prefix + ".weight_scale_inv")), scheme.weight_block_size, prefix
+    )
 
 
 def read_compressed_tensors(get: Getter, prefix: str, scheme: PrequantScheme) -> IntWeight | Fp8Weight:
@@ -210,8 +226,9 @@ def read_linear(get: Getter, prefix: str, scheme: PrequantScheme) -> IntWeight |
     return _READERS[scheme.method](get, prefix, scheme)
 
 
-def tensor_shapes(scheme: PrequantScheme, prefix: str, out: int, inp: int
-                  ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+def tensor_shapes(
+    scheme: PrequantScheme, prefix: str, out: int, inp: int
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """(required, optional) checkpoint tensor names and shapes of the quantized linear ``prefix`` [out, in].
 
     What checkpoint validation expects in place of ``<prefix>.weight``: the same layouts the readers above take

@@ -17,8 +17,9 @@ __all__ = ["dequantized_linears", "iter_quantized_linears"]
 _MARKER = {"gptq": "qweight", "awq": "qweight", "fp8": "weight_scale_inv", "compressed-tensors": "weight_scale"}
 
 
-def iter_quantized_linears(model_dir: str | Path, scheme: PrequantScheme | None = None
-                           ) -> Iterator[tuple[str, IntWeight | Fp8Weight]]:
+def iter_quantized_linears(
+    model_dir: str | Path, scheme: PrequantScheme | None = None
+) -> Iterator[tuple[str, IntWeight | Fp8Weight]]:
     """Yield (module name, weight) for every quantized linear of the checkpoint, in name order.
 
     A linear listed as ignored must be stored in float (``<module>.weight``); one that is neither
@@ -34,8 +35,9 @@ def iter_quantized_linears(model_dir: str | Path, scheme: PrequantScheme | None 
         if f"{module}.{_MARKER[scheme.method]}" in st:
             yield module, read_linear(st.__getitem__, module, scheme)
         elif f"{module}.weight" not in st or not scheme.is_ignored(module):
-            raise PrequantConfigError(f"{model_dir}: {module} is neither quantized as {scheme.method} "
-                                      "nor listed as left unquantized")
+            raise PrequantConfigError(
+                f"{model_dir}: {module} is neither quantized as {scheme.method} nor listed as left unquantized"
+            )
 
 
 def dequantized_linears(model_dir: str | Path) -> dict[str, np.ndarray]:

@@ -27,10 +27,18 @@ __all__ = ["FORMATS", "make_prequantized", "quantization_config"]
 FORMATS = ("gptq", "awq", "fp8", "compressed-tensors")
 
 
-def quantization_config(fmt: str, *, bits: int = 4, group_size: int = 32, sym: bool = True,
-                        desc_act: bool = False, checkpoint_format: str = "gptq",
-                        block_size: tuple[int, int] = (128, 128), weight_type: str = "int",
-                        skip: tuple[str, ...] = ()) -> dict:
+def quantization_config(
+    fmt: str,
+    *,
+    bits: int = 4,
+    group_size: int = 32,
+    sym: bool = True,
+    desc_act: bool = False,
+    checkpoint_format: str = "gptq",
+    block_size: tuple[int, int] = (128, 128),
+    weight_type: str = "int",
+    skip: tuple[str, ...] = (),
+) -> dict:
     """``quantization_config`` as each writer serializes it.
 
     * gptq: GPTQModel ``QuantizeConfig.to_dict`` keys (bits, group_size, desc_act, sym, lm_head,
@@ -43,38 +51,104 @@ def quantization_config(fmt: str, *, bits: int = 4, group_size: int = 32, sym: b
       group scheme, or FP8_BLOCK with dynamic per-token-group fp8 activations), ``ignore`` ["lm_head"].
     """
     if fmt == "gptq":
-        return {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym, "lm_head": False,
-                "quant_method": "gptq", "checkpoint_format": checkpoint_format, "pack_dtype": "int32",
-                "meta": {"quantizer": ["gptqmodel:5.0.0"], "uri": "https://github.com/modelcloud/gptqmodel",
-                         "damp_percent": 0.05, "damp_auto_increment": 0.01, "static_groups": False,
-                         "true_sequential": True, "mse": 0.0},
-                **({"modules_to_not_convert": list(skip)} if skip else {})}
+        return {
+            "bits": bits,
+            "group_size": group_size,
+            "desc_act": desc_act,
+            "sym": sym,
+            "lm_head": False,
+            "quant_method": "gptq",
+            "checkpoint_format": checkpoint_format,
+            "pack_dtype": "int32",
+            "meta": {
+                "quantizer": ["gptqmodel:5.0.0"],
+                "uri": "https://github.com/modelcloud/gptqmodel",
+                "damp_percent": 0.05,
+                "damp_auto_increment": 0.01,
+                "static_groups": False,
+                "true_sequential": True,
+                "mse": 0.0,
+            },
+            **({"modules_to_not_convert": list(skip)} if skip else {}),
+        }
     if fmt == "awq":
-        return {"quant_method": "awq", "zero_point": True, "group_size": group_size, "bits": 4,
-                "version": "gemm", "modules_to_not_convert": list(skip) or None}
+        return {
+            "quant_method": "awq",
+            "zero_point": True,
+            "group_size": group_size,
+            "bits": 4,
+            "version": "gemm",
+            "modules_to_not_convert": list(skip) or None,
+        }
     if fmt == "fp8":
-        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                "weight_block_size": list(block_size), **({"modules_to_not_convert": list(skip)} if skip else {})}
+        return {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": list(block_size),
+            **({"modules_to_not_convert": list(skip)} if skip else {}),
+        }
     if fmt != "compressed-tensors":
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if desc_act:
         raise ValueError("compressed-tensors has no act-order g_idx layout we import (see prequant.config)")
     if weight_type == "float":
-        weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block", "group_size": None,
-                   "block_structure": list(block_size), "dynamic": False, "actorder": None, "observer": "minmax"}
-        acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group", "group_size": 128,
-                "block_structure": None, "dynamic": True, "actorder": None, "observer": None}
+        weights = {
+            "num_bits": 8,
+            "type": "float",
+            "symmetric": True,
+            "strategy": "block",
+            "group_size": None,
+            "block_structure": list(block_size),
+            "dynamic": False,
+            "actorder": None,
+            "observer": "minmax",
+        }
+        acts = {
+            "num_bits": 8,
+            "type": "float",
+            "symmetric": True,
+            "strategy": "group",
+            "group_size": 128,
+            "block_structure": None,
+            "dynamic": True,
+            "actorder": None,
+            "observer": None,
+        }
         ct_format = "float-quantized"
     else:
-        weights = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group",
-                   "group_size": group_size, "block_structure": None, "dynamic": False,
-                   "actorder": None, "observer": "minmax"}
+        weights = {
+            "num_bits": bits,
+            "type": "int",
+            "symmetric": sym,
+            "strategy": "group",
+            "group_size": group_size,
+            "block_structure": None,
+            "dynamic": False,
+            "actorder": None,
+            "observer": "minmax",
+        }
         acts, ct_format = None, "pack-quantized"
-    return {"quant_method": "compressed-tensors", "format": ct_format, "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
-                                          "output_activations": None, "format": ct_format}},
-            "ignore": ["lm_head", *skip], "kv_cache_scheme": None, "global_compression_ratio": None,
-            "sparsity_config": {}, "transform_config": {}, "version": "0.12.2"}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": ct_format,
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": acts,
+                "output_activations": None,
+                "format": ct_format,
+            }
+        },
+        "ignore": ["lm_head", *skip],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": "0.12.2",
+    }
 
 
 def _quantize(w: np.ndarray, fmt: str, opts: dict) -> dict[str, np.ndarray]:
@@ -87,8 +161,9 @@ def _quantize(w: np.ndarray, fmt: str, opts: dict) -> dict[str, np.ndarray]:
     g_idx = pack.act_order_g_idx(w, group) if opts.get("desc_act") else None
     sym = fmt != "awq" and opts.get("sym", True)
     scale_dtype = pack.ml_dtypes.bfloat16 if ct else np.float16
-    iw = pack.quantize_int(w, opts.get("bits", 4) if fmt != "awq" else 4, group, sym=sym,
-                           scale_dtype=scale_dtype, g_idx=g_idx)
+    iw = pack.quantize_int(
+        w, opts.get("bits", 4) if fmt != "awq" else 4, group, sym=sym, scale_dtype=scale_dtype, g_idx=g_idx
+    )
     if fmt == "gptq":
         return pack.pack_gptq(iw, opts.get("checkpoint_format", "gptq"))
     return pack.pack_awq(iw) if fmt == "awq" else pack.pack_compressed_tensors(iw, sym)
@@ -120,8 +195,11 @@ def make_prequantized(src_dir: str | Path, out_dir: str | Path, fmt: str, **opts
     config["quantization_config"] = q
     with atomic_dir(out_dir, replaceable=is_checkpoint_dir, error=FileExistsError) as tmp:
         for path in Path(src_dir).iterdir():
-            if path.is_file() and path.suffix != ".safetensors" and path.name not in (
-                    "config.json", "model.safetensors.index.json"):
+            if (
+                path.is_file()
+                and path.suffix != ".safetensors"
+                and path.name not in ("config.json", "model.safetensors.index.json")
+            ):
                 shutil.copy2(path, tmp / path.name)
         weight_map, total = {}, 0
         for file, tensors in sorted(shards.items()):
@@ -129,6 +207,7 @@ def make_prequantized(src_dir: str | Path, out_dir: str | Path, fmt: str, **opts
             weight_map.update(dict.fromkeys(tensors, file))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         for path, obj in ((tmp / "model.safetensors.index.json", index), (tmp / "config.json", config)) + (
-                ((tmp / "quantize_config.json", q),) if fmt == "gptq" else ()):
+            ((tmp / "quantize_config.json", q),) if fmt == "gptq" else ()
+        ):
             path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out_dir

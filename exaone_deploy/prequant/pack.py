@@ -47,8 +47,9 @@ def act_order_g_idx(w: np.ndarray, group_size: int) -> np.ndarray:
     return g_idx
 
 
-def quantize_int(w: np.ndarray, bits: int, group_size: int, *, sym: bool, scale_dtype=np.float16,
-                 g_idx: np.ndarray | None = None) -> IntWeight:
+def quantize_int(
+    w: np.ndarray, bits: int, group_size: int, *, sym: bool, scale_dtype=np.float16, g_idx: np.ndarray | None = None
+) -> IntWeight:
     """Round-to-nearest integer quantization of ``w`` [out, in] per (row, group) -> :class:`IntWeight`."""
     _out, inp = w.shape
     group = inp if group_size == -1 else group_size
@@ -100,12 +101,17 @@ def pack_gptq(q: IntWeight, checkpoint_format: str = "gptq") -> dict[str, np.nda
     zeros = q.zeros.T  # [groups, out]
     if checkpoint_format == "gptq":
         zeros = (zeros.astype(np.int32) - 1) & ((1 << q.bits) - 1)
-    return {"qweight": pack_rows(np.ascontiguousarray(q.codes.T), q.bits), "qzeros": pack_cols(zeros, q.bits),
-            "scales": q.scales.T.astype(np.float16), "g_idx": q.g_idx.astype(np.int32)}
+    return {
+        "qweight": pack_rows(np.ascontiguousarray(q.codes.T), q.bits),
+        "qzeros": pack_cols(zeros, q.bits),
+        "scales": q.scales.T.astype(np.float16),
+        "g_idx": q.g_idx.astype(np.int32),
+    }
 
 
 def pack_awq(q: IntWeight) -> dict[str, np.ndarray]:
     """AutoAWQ GEMM tensors: qweight [in, out/8] and qzeros in AWQ nibble order, scales fp16 [groups, out]."""
+
     def awq(a: np.ndarray) -> np.ndarray:  # a: [rows, out]; nibble j of each word <- column AWQ_ORDER[j]
         return pack_cols(a.reshape(a.shape[0], -1, 8)[:, :, list(AWQ_ORDER)].reshape(a.shape[0], -1), 4)
 
@@ -118,8 +124,11 @@ def pack_compressed_tensors(q: IntWeight, sym: bool, scale_dtype=ml_dtypes.bfloa
     pf = 32 // q.bits
     codes = np.zeros((out, -(-inp // pf) * pf), np.uint8)
     codes[:, :inp] = q.codes  # padding codes stay 0, as pack_to_int32 pads before adding nothing
-    t = {"weight_packed": pack_cols(codes, q.bits), "weight_scale": q.scales.astype(scale_dtype),
-         "weight_shape": np.array([out, inp], np.int64)}
+    t = {
+        "weight_packed": pack_cols(codes, q.bits),
+        "weight_scale": q.scales.astype(scale_dtype),
+        "weight_shape": np.array([out, inp], np.int64),
+    }
     if not sym:
         zeros = np.zeros((-(-out // pf) * pf, q.zeros.shape[1]), np.uint8)
         zeros[:out] = q.zeros

@@ -19,9 +19,16 @@ import numpy as np
 __all__ = ["ST_DTYPES", "SafetensorsDir", "write_safetensors"]
 
 ST_DTYPES = {
-    "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
 }
 _CODES = {dt: code for code, dt in ST_DTYPES.items()}
 
@@ -32,8 +39,11 @@ class SafetensorsDir:
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
         index = self.dir / "model.safetensors.index.json"
-        files = sorted({self.dir / f for f in json.loads(index.read_text())["weight_map"].values()}) \
-            if index.is_file() else sorted(self.dir.glob("*.safetensors"))
+        files = (
+            sorted({self.dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+            if index.is_file()
+            else sorted(self.dir.glob("*.safetensors"))
+        )
         if not files:
             raise FileNotFoundError(f"{self.dir}: no *.safetensors weights found")
         self.where: dict[str, tuple[Path, str, tuple[int, ...], int]] = {}

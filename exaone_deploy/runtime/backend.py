@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..bundle import BundleError
-from ..graph_io import GraphIO
 from ..errors import ExaoneDeployError
+from ..graph_io import GraphIO
 from ..spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -53,13 +54,15 @@ class ContextLengthError(ExaoneDeployError, ValueError):
     """A prompt (plus requested tokens) that does not fit the model's context."""
 
 
-def backend_class(target: str, where: object = "bundle") -> type["Backend"]:
+def backend_class(target: str, where: object = "bundle") -> type[Backend]:
     """The backend class for a manifest target (imported now), or a BundleError naming ``where``."""
     ref = BACKENDS.get(target)
     if ref is None:
-        raise BundleError(f"{where}: a {target!r} bundle cannot run directly (runnable targets: "
-                          f"{', '.join(BACKENDS)}; build a TensorRT engine from a 'trt' bundle with "
-                          f"`exaone-deploy build`)")
+        raise BundleError(
+            f"{where}: a {target!r} bundle cannot run directly (runnable targets: "
+            f"{', '.join(BACKENDS)}; build a TensorRT engine from a 'trt' bundle with "
+            f"`exaone-deploy build`)"
+        )
     module, _, name = ref.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -68,7 +71,7 @@ class Backend(ABC):
     name: str = "backend"
     spec: ModelSpec
     io: GraphIO
-    manifest: "Manifest | None" = None
+    manifest: Manifest | None = None
     max_batch: int = 0
     max_seq_len: int = 0
     lengths: np.ndarray  # tokens held by each slot
@@ -79,8 +82,9 @@ class Backend(ABC):
 
     # ---- construction and buffers -------------------------------------------------------------------
     @classmethod
-    def open(cls, manifest: "Manifest", *, device: str = "cpu", max_batch: int = 1,
-             max_seq_len: int | None = None) -> "Backend":
+    def open(
+        cls, manifest: Manifest, *, device: str = "cpu", max_batch: int = 1, max_seq_len: int | None = None
+    ) -> Backend:
         """The backend over a loaded bundle (what :func:`~exaone_deploy.runtime.generate.open_backend` calls)."""
         return cls(manifest, max_batch=max_batch, max_seq_len=max_seq_len, device=device)
 
@@ -94,11 +98,14 @@ class Backend(ABC):
         if int(max_batch) < 1 or int(max_seq_len) < 1:
             raise ValueError(f"a cache of {max_batch} slots of {max_seq_len} tokens: both must be >= 1")
         if max_seq_len > self.io.max_seq_len:
-            raise ContextLengthError(f"a context of {max_seq_len} tokens exceeds the bundle's max_seq_len "
-                                     f"{self.io.max_seq_len}")
+            raise ContextLengthError(
+                f"a context of {max_seq_len} tokens exceeds the bundle's max_seq_len {self.io.max_seq_len}"
+            )
         if self.batch_limit is not None and max_batch > self.batch_limit:
-            raise ContextLengthError(f"{max_batch} slots exceed the engine's max_batch {self.batch_limit} "
-                                     f"(rebuild with --max-batch {max_batch})")
+            raise ContextLengthError(
+                f"{max_batch} slots exceed the engine's max_batch {self.batch_limit} "
+                f"(rebuild with --max-batch {max_batch})"
+            )
         if max_batch == self.max_batch and max_seq_len == self.max_seq_len:
             return
         self._allocate(int(max_batch), int(max_seq_len))
@@ -115,13 +122,11 @@ class Backend(ABC):
         if max_batch > self.max_batch or max_seq_len > self.max_seq_len:
             self.allocate(max(max_batch, self.max_batch), max(max_seq_len, self.max_seq_len))
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional for subclasses: most hold nothing to free explicitly
         """Free the buffers and the session; the backend is unusable afterwards."""
 
-
     # ---- steps ----------------------------------------------------------------------------------------
-    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], all_logits: bool = False
-                ) -> np.ndarray:
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], all_logits: bool = False) -> np.ndarray:
         """Run prompts into slots (their old contents are dropped). Returns float32 (len(slots), vocab)
         logits of each prompt's last token, or with ``all_logits`` (len(slots), longest prompt, vocab) logits
         of every position (a shorter prompt's rows past its end are padding). Contiguous slots share one
@@ -140,7 +145,7 @@ class Backend(ABC):
                 return np.concatenate(rows)
             out = np.zeros((len(rows), max(r.shape[1] for r in rows), rows[0].shape[-1]), dtype=np.float32)
             for b, r in enumerate(rows):
-                out[b, :r.shape[1]] = r[0]
+                out[b, : r.shape[1]] = r[0]
             return out
         return self._prefill_rows(slots[0], prompts, all_logits)
 
@@ -149,7 +154,7 @@ class Backend(ABC):
         (B, longest, vocab) with ``all_logits``."""
         inputs, lens = GraphIO.prefill_inputs(prompts, all_logits)
         logits = self._step(r0, inputs, decode=False)
-        self.lengths[r0:r0 + len(prompts)] = lens
+        self.lengths[r0 : r0 + len(prompts)] = lens
         return logits if all_logits else logits[:, 0]
 
     def extend(self, slot: int, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
@@ -192,8 +197,10 @@ class Backend(ABC):
         if self.lengths[slot]:
             raise ValueError(f"slot {slot} holds {int(self.lengths[slot])} tokens; score needs a free slot")
         try:
-            out = [self.extend(slot, tokens[start:start + chunk], all_logits=True)
-                   for start in range(0, len(tokens), chunk)]
+            out = [
+                self.extend(slot, tokens[start : start + chunk], all_logits=True)
+                for start in range(0, len(tokens), chunk)
+            ]
         finally:
             self.release(slot)
         return np.concatenate(out, axis=0)

@@ -70,8 +70,11 @@ class RowState:
         self.hold = max((len(s) for s in params.stop), default=1) - 1
         self.done = False
         # per-request grammar state (compiled here, in the submitting thread: a bad grammar fails the submit)
-        self.constraint = (GrammarConstraint(gen.tokenizer, params.grammar, int(gen.backend.spec.vocab_size))
-                           if params.grammar else None)
+        self.constraint = (
+            GrammarConstraint(gen.tokenizer, params.grammar, int(gen.backend.spec.vocab_size))
+            if params.grammar
+            else None
+        )
         if params.logprobs is not None:
             self.result.logprobs = []
         if params.prompt_logprobs is not None:
@@ -87,13 +90,14 @@ class RowState:
         """Record the logprobs of prompt tokens ``start + 1 ...`` from (S, V) logits of prompt positions
         ``start ...`` (a prefill chunk's all-position logits; rows past the prompt are ignored)."""
         prompt, k = self.result.prompt_ids, self.params.prompt_logprobs
-        targets = prompt[start + 1:start + 1 + len(logits)]
+        targets = prompt[start + 1 : start + 1 + len(logits)]
         if not targets:
             return
-        rows = log_softmax(logits[:len(targets)])
+        rows = log_softmax(logits[: len(targets)])
         picked = rows[np.arange(len(targets)), targets]
-        self.result.prompt_logprobs += [TokenLogprob(t, float(v), top_logprobs(row, k) if k else None)
-                                        for t, v, row in zip(targets, picked, rows)]
+        self.result.prompt_logprobs += [
+            TokenLogprob(t, float(v), top_logprobs(row, k) if k else None) for t, v, row in zip(targets, picked, rows)
+        ]
 
     def accept(self, token: int, logprobs: np.ndarray | None = None) -> str:
         """Record a sampled token (``logprobs``: the log-softmax of the raw logits it was drawn from, when the
@@ -127,7 +131,7 @@ class RowState:
 
     def _release(self, final: bool) -> str:
         end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
-        delta = self.text[self.emitted:end]
+        delta = self.text[self.emitted : end]
         self.emitted = end
         if final:
             self.result.text = self.text
@@ -172,9 +176,16 @@ class Generator:
         self.eos_ids = list(eos_ids if eos_ids is not None else tokenizer.eos_ids)
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, *, device: str = "cpu", max_batch: int = 1,
-                    max_seq_len: int | None = None, verify: bool = True, capacity: int | None = None
-                    ) -> Generator:
+    def from_bundle(
+        cls,
+        bundle_dir: str | Path,
+        *,
+        device: str = "cpu",
+        max_batch: int = 1,
+        max_seq_len: int | None = None,
+        verify: bool = True,
+        capacity: int | None = None,
+    ) -> Generator:
         """``capacity``: deprecated alias of ``max_seq_len`` (the cache's initial context; it grows on demand)."""
         manifest = load_manifest(bundle_dir, verify=verify)
         backend = open_backend(manifest, device=device, max_batch=max_batch, max_seq_len=max_seq_len or capacity)
@@ -192,29 +203,34 @@ class Generator:
         return ids
 
     def chat_prompt(self, messages, tools=None, enable_thinking: bool = False, **kwargs) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                                  enable_thinking=enable_thinking, tokenize=True, **kwargs)
+        return self.tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=True, enable_thinking=enable_thinking, tokenize=True, **kwargs
+        )
 
     def _limits(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[int]:
         ctx = self.backend.io.max_seq_len  # the backend grows its cache up to the bundle's context
         limits = []
         for p, sp in zip(prompts, params):
             if len(p) >= ctx:
-                raise ContextLengthError(f"the prompt has {len(p)} tokens but the context holds {ctx} "
-                                         "(prompt plus at least one new token)")
+                raise ContextLengthError(
+                    f"the prompt has {len(p)} tokens but the context holds {ctx} (prompt plus at least one new token)"
+                )
             limits.append(min(sp.max_new_tokens, ctx - len(p)))
         return limits
 
     # ---- generation ---------------------------------------------------------------------------
-    def stream_rows(self, prompts: str | Sequence[str | Sequence[int]],
-                    params: SamplingParams | Sequence[SamplingParams]) -> Iterator[tuple[int, str, RowState]]:
+    def stream_rows(
+        self, prompts: str | Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> Iterator[tuple[int, str, RowState]]:
         """Generate for a batch; yields (row, text delta, state) as tokens arrive. Rows share decode steps."""
         prompts = [self.encode(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         for p in params:
             if p.validate().prompt_logprobs is not None:
-                raise InputError("prompt_logprobs: the offline generator does not score prompts (Backend.score "
-                                 "does; the server's completions endpoint with echo and logprobs does too)")
+                raise InputError(
+                    "prompt_logprobs: the offline generator does not score prompts (Backend.score "
+                    "does; the server's completions endpoint with echo and logprobs does too)"
+                )
         limits = self._limits(prompts, params)
         B = len(prompts)
         need = max(len(p) + n for p, n in zip(prompts, limits))
@@ -248,22 +264,26 @@ class Generator:
             self.backend.release(b)
             n_new = len(rows[b].result.token_ids)
             rows[b].result.timings = {
-                "prefill_s": t1 - t0, "ttft_s": t_first - t0, "decode_s": t2 - t_first,
+                "prefill_s": t1 - t0,
+                "ttft_s": t_first - t0,
+                "decode_s": t2 - t_first,
                 "prefill_tokens_per_s": sum(len(p) for p in prompts) / max(t1 - t0, 1e-9),
                 "decode_tokens_per_s": (n_new - 1) / (t2 - t_first) if n_new > 1 and t2 > t_first else 0.0,
                 "decode_steps": n_decode,
             }
 
-    def generate(self, prompts: str | Sequence[str | Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[GenerationResult]:
+    def generate(
+        self,
+        prompts: str | Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    ) -> list[GenerationResult]:
         """Results in prompt order (a bare string is one prompt: a list of one result)."""
         results: dict[int, GenerationResult] = {}
         for b, _, row in self.stream_rows(prompts, params):
             results[b] = row.result
         return [results[b] for b in sorted(results)]
 
-    def stream(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()
-               ) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()) -> Iterator[str]:
         """Text deltas for one prompt; the final GenerationResult is left in ``self.last_result``."""
         for _, delta, row in self.stream_rows([prompt], params):
             self.last_result = row.result
@@ -271,12 +291,15 @@ class Generator:
                 yield delta
 
 
-def open_backend(manifest, *, device: str = "cpu", max_batch: int = 1, max_seq_len: int | None = None,
-                 capacity: int | None = None) -> Backend:
+def open_backend(
+    manifest, *, device: str = "cpu", max_batch: int = 1, max_seq_len: int | None = None, capacity: int | None = None
+) -> Backend:
     """The backend of a bundle's target (``backend.BACKENDS``: ONNX Runtime for 'ort', TensorRT for engine
     bundles). ``capacity``: deprecated alias of ``max_seq_len``."""
     if not manifest.spec.head.is_lm:
-        raise BundleError(f"{manifest.root}: a {manifest.spec.head.task} bundle generates no text; run it with "
-                          f"`exaone-deploy {'qa' if manifest.spec.head.task == 'question-answering' else 'classify'}`")
+        raise BundleError(
+            f"{manifest.root}: a {manifest.spec.head.task} bundle generates no text; run it with "
+            f"`exaone-deploy {'qa' if manifest.spec.head.task == 'question-answering' else 'classify'}`"
+        )
     cls = backend_class(manifest.target, manifest.root)
     return cls.open(manifest, device=device, max_batch=max_batch, max_seq_len=max_seq_len or capacity)

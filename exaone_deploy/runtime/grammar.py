@@ -128,7 +128,7 @@ def _with_reasoning(tokenizer: Tokenizer, body: str) -> str:
     """`start: <free text without </think>> </think> whitespace body`, or `start: body`."""
     close_id = tokenizer.token_to_id(THINK_CLOSE)
     if close_id is None:  # the tag is plain text: a lazy terminal ends at its first occurrence
-        thought = 'thought[lazy]: /(?s:.*)<\\/think>/'
+        thought = "thought[lazy]: /(?s:.*)<\\/think>/"
     else:
         thought = f"thought: THOUGHT <[{close_id}]>\nTHOUGHT: /(?s:.*)/ & ~/(?s:.*)<\\/think>(?s:.*)/"
     return f"start: thought WS body\n{thought}\nWS: /[ \\t\\r\\n]*/\n{body}"
@@ -220,7 +220,7 @@ class GrammarConstraint:
         schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
         open_tag, close_tag = _tag(tokenizer, TOOL_CALL_OPEN), _tag(tokenizer, TOOL_CALL_CLOSE)
         calls = 'call ("\\n" call)*' if parallel else "call"
-        body = f'body: {calls}\ncall: {open_tag} {_json_item(schema)} {close_tag}'
+        body = f"body: {calls}\ncall: {open_tag} {_json_item(schema)} {close_tag}"
         return cls(tokenizer, _with_reasoning(tokenizer, body) if reasoning else f"start: body\n{body}", vocab_size)
 
     @classmethod

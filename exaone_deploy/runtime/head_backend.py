@@ -47,19 +47,30 @@ def is_head_bundle(manifest: Manifest) -> bool:
 class HeadModel:
     """A task-head bundle ready to run (see the module docstring)."""
 
-    def __init__(self, bundle: str | Path | Manifest, *, device: str = "cpu", threads: int | None = None,
-                 verify: bool = True, batch_size: int = 16):
+    def __init__(
+        self,
+        bundle: str | Path | Manifest,
+        *,
+        device: str = "cpu",
+        threads: int | None = None,
+        verify: bool = True,
+        batch_size: int = 16,
+    ):
         import onnxruntime as ort
 
         from .ort_backend import PROVIDERS, session_options
 
         m = bundle if isinstance(bundle, Manifest) else load_manifest(bundle, verify=verify)
         if not is_head_bundle(m):
-            raise BundleError(f"{m.root}: a causal LM bundle (no task head); classify and qa run sequence/token "
-                              "classification and question-answering bundles (use `exaone-deploy generate`)")
+            raise BundleError(
+                f"{m.root}: a causal LM bundle (no task head); classify and qa run sequence/token "
+                "classification and question-answering bundles (use `exaone-deploy generate`)"
+            )
         if m.target != "ort":
-            raise BundleError(f"{m.root}: a {m.target!r} task-head bundle; task heads run on ONNX Runtime only "
-                              "(export with --target ort)")
+            raise BundleError(
+                f"{m.root}: a {m.target!r} task-head bundle; task heads run on ONNX Runtime only "
+                "(export with --target ort)"
+            )
         if device not in PROVIDERS:
             raise InputError(f"unknown device {device!r} (choose from {', '.join(PROVIDERS)})")
         if batch_size < 1:
@@ -71,8 +82,9 @@ class HeadModel:
         self.batch_size = batch_size
         self.tokenizer = Tokenizer.from_dir(m.root)
         threads = threads or int(os.environ.get("EXAONE_DEPLOY_THREADS", "0")) or None
-        self.session = ort.InferenceSession(str(m.model_path), sess_options=session_options(threads),
-                                            providers=[PROVIDERS[device]])
+        self.session = ort.InferenceSession(
+            str(m.model_path), sess_options=session_options(threads), providers=[PROVIDERS[device]]
+        )
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, **kwargs) -> HeadModel:
@@ -88,12 +100,14 @@ class HeadModel:
         sequence classification, (length, num_labels) for token classification, two (length,) for QA."""
         for r in rows:
             if len(r) > self.max_seq_len:
-                raise ContextLengthError(f"an input of {len(r)} tokens exceeds the bundle's max_seq_len "
-                                         f"{self.max_seq_len} (re-export with a larger --max-seq-len)")
+                raise ContextLengthError(
+                    f"an input of {len(r)} tokens exceeds the bundle's max_seq_len "
+                    f"{self.max_seq_len} (re-export with a larger --max-seq-len)"
+                )
         out: list[tuple[np.ndarray, ...] | None] = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             inputs = self.io.head_inputs([rows[i] for i in idx], self.head.pad_token_id)
             results = self.session.run(self.io.output_names, inputs)
             for b, i in enumerate(idx):
@@ -105,8 +119,10 @@ class HeadModel:
     def classify(self, texts: Sequence[str], top_k: int | None = None) -> list[dict]:
         """One result per text: ``{"label", "score", "probs"}`` (sequence) or ``{"entities": [...]}`` (token)."""
         if self.task not in ("sequence-classification", "token-classification"):
-            raise InputError(f"{self.manifest.root}: a {self.task} bundle; classify needs a sequence or token "
-                             "classification bundle (use `exaone-deploy qa`)")
+            raise InputError(
+                f"{self.manifest.root}: a {self.task} bundle; classify needs a sequence or token "
+                "classification bundle (use `exaone-deploy qa`)"
+            )
         if not texts:
             raise InputError("no input text")
         if top_k is not None and top_k < 1:
@@ -118,8 +134,10 @@ class HeadModel:
         logits = self.logits([e.ids for e in encodings])
         if self.task == "sequence-classification":
             return rh.classify(np.stack([x[0] for x in logits]), self.head, top_k=top_k)
-        return [{"entities": rh.token_entities(t, e, x[0], self.labels, self.tokenizer)}
-                for t, e, x in zip(texts, encodings, logits)]
+        return [
+            {"entities": rh.token_entities(t, e, x[0], self.labels, self.tokenizer)}
+            for t, e, x in zip(texts, encodings, logits)
+        ]
 
     def score(self, first: Sequence[str], second: Sequence[str]) -> list[float]:
         """Per pair, the sigmoid of a one-label classifier's logit on ``first[i]`` then ``second[i]`` (a
@@ -127,24 +145,36 @@ class HeadModel:
         transformers' tokenizer encodes ``(text, text_pair)``: each text's tokens (with the tokenizer's pair
         template, if it has one)."""
         if self.task != "sequence-classification" or self.head.num_labels != 1:
-            raise InputError(f"{self.manifest.root}: scoring pairs needs a one-label sequence classifier; this is a "
-                             f"{self.task} model with {self.head.num_labels} labels")
+            raise InputError(
+                f"{self.manifest.root}: scoring pairs needs a one-label sequence classifier; this is a "
+                f"{self.task} model with {self.head.num_labels} labels"
+            )
         rows = [self.tokenizer.backend.encode(a, b, add_special_tokens=True).ids for a, b in zip(first, second)]
         if not rows or any(not r for r in rows):
             raise InputError("every pair needs at least one token")
         logits = np.stack([x[0] for x in self.logits(rows)])
         return [float(x) for x in 1.0 / (1.0 + np.exp(-logits[:, 0].astype(np.float64)))]
 
-    def answer(self, question: str, context: str, *, top_k: int = 1, max_seq_len: int | None = None,
-               doc_stride: int | None = None, max_answer_len: int = 15,
-               handle_impossible_answer: bool = False) -> list[dict]:
+    def answer(
+        self,
+        question: str,
+        context: str,
+        *,
+        top_k: int = 1,
+        max_seq_len: int | None = None,
+        doc_stride: int | None = None,
+        max_answer_len: int = 15,
+        handle_impossible_answer: bool = False,
+    ) -> list[dict]:
         """The ``top_k`` best answers ``{"answer", "score", "start", "end"}`` to ``question`` in ``context``.
 
         ``max_seq_len``: tokens per window (default min(384, the bundle's max_seq_len)); ``doc_stride``: context
         tokens consecutive windows share (default min(max_seq_len // 2, 128))."""
         if self.task != "question-answering":
-            raise InputError(f"{self.manifest.root}: a {self.task} bundle; qa needs a question-answering bundle "
-                             "(use `exaone-deploy classify`)")
+            raise InputError(
+                f"{self.manifest.root}: a {self.task} bundle; qa needs a question-answering bundle "
+                "(use `exaone-deploy classify`)"
+            )
         if not question.strip() or not context.strip():
             raise InputError("question and context must be non-empty")
         if top_k < 1 or max_answer_len < 1:
@@ -157,6 +187,13 @@ class HeadModel:
         except ValueError as e:
             raise InputError(str(e)) from None
         logits = self.logits([w.ids for w in windows])
-        return rh.qa_answers(context, windows, [x[0] for x in logits], [x[1] for x in logits], self.tokenizer,
-                             top_k=top_k, max_answer_len=max_answer_len,
-                             handle_impossible_answer=handle_impossible_answer)
+        return rh.qa_answers(
+            context,
+            windows,
+            [x[0] for x in logits],
+            [x[1] for x in logits],
+            self.tokenizer,
+            top_k=top_k,
+            max_answer_len=max_answer_len,
+            handle_impossible_answer=handle_impossible_answer,
+        )

@@ -89,8 +89,13 @@ def classify(logits: np.ndarray, head: HeadSpec, top_k: int | None = None, funct
     for row in scores:
         order = np.argsort(-row, kind="stable")[:top_k]
         best = int(row.argmax())
-        out.append({"label": head.labels[best], "score": float(row[best]),
-                    "probs": {head.labels[i]: float(row[i]) for i in order}})
+        out.append(
+            {
+                "label": head.labels[best],
+                "score": float(row[best]),
+                "probs": {head.labels[i]: float(row[i]) for i in order},
+            }
+        )
     return out
 
 
@@ -116,8 +121,14 @@ def _tag(label: str) -> tuple[str, str]:
     return "I", label
 
 
-def token_entities(text: str, encoding: tokenizers.Encoding, logits: np.ndarray, labels: Sequence[str],
-                   tokenizer: Tokenizer, ignore_labels: Sequence[str] = ("O",)) -> list[dict]:
+def token_entities(
+    text: str,
+    encoding: tokenizers.Encoding,
+    logits: np.ndarray,
+    labels: Sequence[str],
+    tokenizer: Tokenizer,
+    ignore_labels: Sequence[str] = ("O",),
+) -> list[dict]:
     """Entities ``{"entity_group", "score", "word", "start", "end"}`` of one text (``aggregation_strategy="simple"``).
 
     ``logits`` (S, num_labels) for the S tokens of ``encoding`` (padding sliced off).
@@ -146,13 +157,15 @@ def token_entities(text: str, encoding: tokenizers.Encoding, logits: np.ndarray,
         name = group[0][0].split("-", 1)[-1]
         if name in ignore_labels:
             continue
-        entities.append({
-            "entity_group": name,
-            "score": float(np.mean(np.nanmean([t[1] for t in group]))),
-            "word": _tokens_to_string(tokenizer, [t[2] for t in group]),
-            "start": group[0][3],
-            "end": group[-1][4],
-        })
+        entities.append(
+            {
+                "entity_group": name,
+                "score": float(np.mean(np.nanmean([t[1] for t in group]))),
+                "word": _tokens_to_string(tokenizer, [t[2] for t in group]),
+                "start": group[0][3],
+                "end": group[-1][4],
+            }
+        )
     return entities
 
 
@@ -175,8 +188,9 @@ def _truncating(tokenizer: Tokenizer, max_len: int, stride: int) -> tokenizers.T
     return copy
 
 
-def qa_encode(tokenizer: Tokenizer, question: str, context: str, max_seq_len: int = 384,
-              doc_stride: int | None = None) -> list[tokenizers.Encoding]:
+def qa_encode(
+    tokenizer: Tokenizer, question: str, context: str, max_seq_len: int = 384, doc_stride: int | None = None
+) -> list[tokenizers.Encoding]:
     """The pipeline's features: ``question`` + ``context`` windows of at most ``max_seq_len`` tokens.
 
     Consecutive windows share ``doc_stride`` context tokens (default ``min(max_seq_len // 2, 128)``).
@@ -192,8 +206,15 @@ def qa_encode(tokenizer: Tokenizer, question: str, context: str, max_seq_len: in
     return [enc, *enc.overflowing]
 
 
-def _spans(start: np.ndarray, end: np.ndarray, allowed: np.ndarray, top_k: int, max_answer_len: int,
-           min_null: float, handle_impossible: bool):
+def _spans(
+    start: np.ndarray,
+    end: np.ndarray,
+    allowed: np.ndarray,
+    top_k: int,
+    max_answer_len: int,
+    min_null: float,
+    handle_impossible: bool,
+):
     """transformers' ``select_starts_ends`` + ``decode_spans`` for one window (arrays of shape (1, S))."""
     start = np.where(allowed, start, np.float32(-10000.0))
     end = np.where(allowed, end, np.float32(-10000.0))
@@ -230,9 +251,17 @@ def _char_span(enc: tokenizers.Encoding, s: int, e: int, align_to_words: bool) -
     return enc.offsets[s][0], enc.offsets[e][1]
 
 
-def qa_answers(context: str, encodings: Sequence[tokenizers.Encoding], start_logits: Sequence[np.ndarray],
-               end_logits: Sequence[np.ndarray], tokenizer: Tokenizer, top_k: int = 1, max_answer_len: int = 15,
-               handle_impossible_answer: bool = False, align_to_words: bool = True) -> list[dict]:
+def qa_answers(
+    context: str,
+    encodings: Sequence[tokenizers.Encoding],
+    start_logits: Sequence[np.ndarray],
+    end_logits: Sequence[np.ndarray],
+    tokenizer: Tokenizer,
+    top_k: int = 1,
+    max_answer_len: int = 15,
+    handle_impossible_answer: bool = False,
+    align_to_words: bool = True,
+) -> list[dict]:
     """The ``top_k`` best answers ``{"answer", "score", "start", "end"}`` (character offsets into ``context``).
 
     ``start_logits``/``end_logits``: one array per window of :func:`qa_encode`, its length (padding sliced off).
@@ -247,8 +276,13 @@ def qa_answers(context: str, encodings: Sequence[tokenizers.Encoding], start_log
             raise ValueError(f"expected start/end logits of length {n}, got {len(st)} and {len(en)}")
         allowed = np.array([[sid == 1 or tid == cls_id for sid, tid in zip(enc.sequence_ids, enc.ids)]])
         starts, ends, scores, min_null = _spans(
-            np.asarray(st, np.float32)[None], np.asarray(en, np.float32)[None], allowed, pre_top_k,
-            max_answer_len, min_null, handle_impossible_answer,
+            np.asarray(st, np.float32)[None],
+            np.asarray(en, np.float32)[None],
+            allowed,
+            pre_top_k,
+            max_answer_len,
+            min_null,
+            handle_impossible_answer,
         )
         for s, e, score in zip(starts, ends, scores):
             a, b = _char_span(enc, int(s), int(e), align_to_words)

@@ -8,9 +8,10 @@ glibc's allocator asks only when started with ``GLIBC_TUNABLES=glibc.malloc.huge
 sit in 2 MiB pages, a decode step is a few percent faster and loading is faster too (fewer page faults).
 
 glibc reads its tunables once, at process start, so the ``exaone-deploy`` verbs that load weights re-execute
-the command with the tunable set (:func:`reexec`, via ``commands.common.loads_weights``) before they do anything. Programs that use the runtime as a library
-can start their Python with the environment :func:`hugepage_env` returns. ``EXAONE_DEPLOY_HUGEPAGES=0``
-turns it off. Nothing here changes any result: only the page size of the same memory.
+the command with the tunable set (:func:`reexec`, via ``commands.common.loads_weights``) before they do anything.
+Programs that use the runtime as a library can start their Python with the environment :func:`hugepage_env`
+returns. ``EXAONE_DEPLOY_HUGEPAGES=0`` turns it off. Nothing here changes any result: only the page size of the
+same memory.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,13 @@ def glibc_version() -> tuple[int, int] | None:
         return None
 
 
-def hugepage_env(environ: Mapping[str, str] | None = None, *, mode: str | None = None,
-                 glibc: tuple[int, int] | None = None, platform: str | None = None) -> dict[str, str] | None:
+def hugepage_env(
+    environ: Mapping[str, str] | None = None,
+    *,
+    mode: str | None = None,
+    glibc: tuple[int, int] | None = None,
+    platform: str | None = None,
+) -> dict[str, str] | None:
     """The environment under which a new process's ``malloc`` asks for huge pages, or None when it would not
     help: not Linux/glibc >= 2.35, THP off (``never``) or already on for everything (``always``), the tunable
     already set, or turned off with ``EXAONE_DEPLOY_HUGEPAGES=0``."""

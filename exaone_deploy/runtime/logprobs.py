@@ -81,8 +81,7 @@ def token_logprobs(logits: np.ndarray, token_ids: Sequence[int], k: int = 0) -> 
         raise ValueError(f"need (N, V) logits for {len(token_ids)} tokens, got shape {logits.shape}")
     logprobs = log_softmax(logits)
     return [
-        TokenLogprob(int(t), float(row[t]), top_logprobs(row, k) if k else None)
-        for row, t in zip(logprobs, token_ids)
+        TokenLogprob(int(t), float(row[t]), top_logprobs(row, k) if k else None) for row, t in zip(logprobs, token_ids)
     ]
 
 

@@ -63,8 +63,11 @@ def check_ort_version(manifest: Manifest, version: str | None = None) -> None:
     need = required_ort(manifest)
     if need is not None and _version(version) < need:
         want = ".".join(map(str, need))
-        raise BundleError(f"{manifest.root}: this bundle has window-sized KV caches, which need onnxruntime >= {want}"
-                          f" (installed: {version}): pip install -U 'onnxruntime>={want}'")
+        raise BundleError(
+            f"{manifest.root}: this bundle has window-sized KV caches, which need onnxruntime >= {want}"
+            f" (installed: {version}): pip install -U 'onnxruntime>={want}'"
+        )
+
 
 _NP = {"float32": np.float32, "float16": np.float16}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -79,8 +82,16 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return so
 
 
-def bind_step(session: ort.InferenceSession, io: GraphIO, inputs: dict[str, np.ndarray], logits: np.ndarray,
-              cache_ptrs: Sequence[int], max_seq_len: int, dtype, device: str = "cpu") -> ort.IOBinding:
+def bind_step(
+    session: ort.InferenceSession,
+    io: GraphIO,
+    inputs: dict[str, np.ndarray],
+    logits: np.ndarray,
+    cache_ptrs: Sequence[int],
+    max_seq_len: int,
+    dtype,
+    device: str = "cpu",
+) -> ort.IOBinding:
     """An IO binding of one step: host inputs and logits, and each cache's past *and* present at
     ``cache_ptrs[k]`` (the step's first row of cache tensor k, ``GraphIO.cache_views`` order), in place."""
     binding = session.io_binding()
@@ -96,43 +107,76 @@ def bind_step(session: ort.InferenceSession, io: GraphIO, inputs: dict[str, np.n
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, bundle: str | Path | Manifest, *, max_batch: int = 1, max_seq_len: int | None = None,
-                 device: str = "cpu", threads: int | None = None, verify: bool = True, capacity: int | None = None):
+    def __init__(
+        self,
+        bundle: str | Path | Manifest,
+        *,
+        max_batch: int = 1,
+        max_seq_len: int | None = None,
+        device: str = "cpu",
+        threads: int | None = None,
+        verify: bool = True,
+        capacity: int | None = None,
+    ):
         """``capacity``: deprecated alias of ``max_seq_len`` (default: ``GraphIO.default_context()``)."""
         self.manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle, verify=verify)
         m = self.manifest
         if m.target != "ort":
-            raise BundleError(f"{m.root}: bundle target is {m.target!r}; ONNX Runtime runs 'ort' bundles "
-                              f"(use `exaone-deploy build` for TensorRT)")
+            raise BundleError(
+                f"{m.root}: bundle target is {m.target!r}; ONNX Runtime runs 'ort' bundles "
+                f"(use `exaone-deploy build` for TensorRT)"
+            )
         if m.dtype not in _NP:
             if m.dtype == "bfloat16" and device == "cpu":
-                raise BundleError(f"{m.root}: bfloat16 bundles need the CUDA execution provider "
-                                  "(ONNX Runtime's CPU kernels are float32/float16)")
+                raise BundleError(
+                    f"{m.root}: bfloat16 bundles need the CUDA execution provider "
+                    "(ONNX Runtime's CPU kernels are float32/float16)"
+                )
         self.spec, self.io = m.spec, m.io
         self.device = device
         provider = PROVIDERS.get(device)
         if provider is None:
             raise ValueError(f"unknown device {device!r} (choose from {', '.join(PROVIDERS)})")
         if provider not in ort.get_available_providers():
-            fix = (": pip uninstall onnxruntime && pip install onnxruntime-gpu (with a CUDA driver)"
-                   if device == "cuda" else "")
-            raise DeviceError(f"--device {device} needs {provider}, which this onnxruntime {ort.__version__} build "
-                              f"lacks (it has {', '.join(ort.get_available_providers())}){fix}")
+            fix = (
+                ": pip uninstall onnxruntime && pip install onnxruntime-gpu (with a CUDA driver)"
+                if device == "cuda"
+                else ""
+            )
+            raise DeviceError(
+                f"--device {device} needs {provider}, which this onnxruntime {ort.__version__} build "
+                f"lacks (it has {', '.join(ort.get_available_providers())}){fix}"
+            )
         threads = threads or int(os.environ.get("EXAONE_DEPLOY_THREADS", "0")) or None
         if device == "cpu" and hugepage_env() is not None:
-            log.info("weights will sit in 4 KiB pages: start Python with GLIBC_TUNABLES=%s for 2 MiB pages "
-                     "(faster decode; the exaone-deploy command does it itself)", TUNABLE)
+            log.info(
+                "weights will sit in 4 KiB pages: start Python with GLIBC_TUNABLES=%s for 2 MiB pages "
+                "(faster decode; the exaone-deploy command does it itself)",
+                TUNABLE,
+            )
         check_ort_version(m)
-        log.info("bundle %s: target %s, %s, %d layers; creating the onnxruntime %s session on %s", m.root, m.target,
-                 m.dtype, m.spec.num_layers, ort.__version__, provider)
+        log.info(
+            "bundle %s: target %s, %s, %d layers; creating the onnxruntime %s session on %s",
+            m.root,
+            m.target,
+            m.dtype,
+            m.spec.num_layers,
+            ort.__version__,
+            provider,
+        )
         try:
-            self.session = ort.InferenceSession(str(m.model_path), sess_options=session_options(threads),
-                                                providers=[provider])
-        except (ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-                ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as e:
-            raise BundleError(f"{m.model_path}: onnxruntime {ort.__version__} cannot load this graph "
-                              f"({' '.join(str(e).split())[:300]}); a bundle exported by this version of "
-                              f"exaone-deploy may need a newer onnxruntime: pip install -U onnxruntime") from e
+            self.session = ort.InferenceSession(
+                str(m.model_path), sess_options=session_options(threads), providers=[provider]
+            )
+        except (
+            ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
+        ) as e:
+            raise BundleError(
+                f"{m.model_path}: onnxruntime {ort.__version__} cannot load this graph "
+                f"({' '.join(str(e).split())[:300]}); a bundle exported by this version of "
+                f"exaone-deploy may need a newer onnxruntime: pip install -U onnxruntime"
+            ) from e
         log.info("session ready")
         self.np_dtype = _NP.get(m.dtype, np.float16)
         self.cache_np_dtype = np.int8 if self.io.cache_dtype == "int8" else self.np_dtype  # --kv-cache int8
@@ -145,13 +189,19 @@ class OrtBackend(Backend):
     def _allocate(self, max_batch: int, max_seq_len: int) -> None:
         dev = "cuda" if self.device == "cuda" else "cpu"
         shapes = self.io.cache_shapes(max_batch, max_seq_len)
-        self._caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.cache_np_dtype), dev, 0)
-                        for shape in shapes]
+        self._caches = [
+            ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.cache_np_dtype), dev, 0) for shape in shapes
+        ]
         item = np.dtype(self.cache_np_dtype).itemsize
         self._row_bytes = [int(np.prod(shape[1:])) * item for shape in shapes]
         self._decode_cache.clear()
-        log.info("KV cache: %d slots x %d tokens, %.1f MiB on %s", max_batch, max_seq_len,
-                 sum(int(np.prod(s)) for s in shapes) * item / 2**20, dev)
+        log.info(
+            "KV cache: %d slots x %d tokens, %.1f MiB on %s",
+            max_batch,
+            max_seq_len,
+            sum(int(np.prod(s)) for s in shapes) * item / 2**20,
+            dev,
+        )
 
     def cache_bytes(self) -> int:
         return sum(self.max_batch * r for r in self._row_bytes)
@@ -162,8 +212,16 @@ class OrtBackend(Backend):
     # ---- binding ------------------------------------------------------------------------------
     def _bind(self, r0: int, rows: int, inputs: dict[str, np.ndarray], logits: np.ndarray) -> ort.IOBinding:
         ptrs = [c.data_ptr() + r0 * n for c, n in zip(self._caches, self._row_bytes)]
-        return bind_step(self.session, self.io, inputs, logits, ptrs, self.max_seq_len, self.cache_np_dtype,
-                         "cuda" if self.device == "cuda" else "cpu")
+        return bind_step(
+            self.session,
+            self.io,
+            inputs,
+            logits,
+            ptrs,
+            self.max_seq_len,
+            self.cache_np_dtype,
+            "cuda" if self.device == "cuda" else "cpu",
+        )
 
     def _run(self, io: ort.IOBinding) -> None:
         self.session.run_with_iobinding(io)
@@ -214,7 +272,7 @@ class OrtBackend(Backend):
         idx = np.asarray(slots) - r0
         ids = np.zeros(rows, dtype=np.int64)
         ids[idx] = [want[s] for s in slots]
-        seqlens = np.minimum(self.lengths[r0:r0 + rows], self.max_seq_len - 1)  # idle rows: write past their end
+        seqlens = np.minimum(self.lengths[r0 : r0 + rows], self.max_seq_len - 1)  # idle rows: write past their end
         seqlens[idx] = self.lengths[slots]
         self.io.fill_decode(inputs, ids, seqlens)
         self._run(io)

@@ -46,17 +46,23 @@ class SamplingParams:
 
     def validate(self) -> SamplingParams:
         checks = [
-            (self.max_new_tokens >= (0 if self.prompt_logprobs is not None else 1),
-             f"max_new_tokens must be >= 1 (0 only to score the prompt), got {self.max_new_tokens}"),
+            (
+                self.max_new_tokens >= (0 if self.prompt_logprobs is not None else 1),
+                f"max_new_tokens must be >= 1 (0 only to score the prompt), got {self.max_new_tokens}",
+            ),
             (0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100], got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
-             f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}"),
-            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
-             f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}"),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+                f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}",
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+                f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:

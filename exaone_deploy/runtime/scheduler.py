@@ -119,8 +119,15 @@ class Request:
     """One generation: prompt ids, sampling parameters (``max_new_tokens`` already bounded by the context), and
     a thread-safe ``emit(event)`` callable. ``index`` tells apart the choices of one HTTP request."""
 
-    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, emit: Callable[[Event], None], *,
-                 index: int = 0, request_id: str | None = None):
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        emit: Callable[[Event], None],
+        *,
+        index: int = 0,
+        request_id: str | None = None,
+    ):
         self.prompt_ids = [int(t) for t in prompt_ids]
         self.params = params
         self.emit = emit
@@ -164,9 +171,17 @@ class SchedulerObserver:
 class Scheduler:
     """Runs requests on a backend's cache slots with continuous batching, in a dedicated thread."""
 
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, *, eos_ids: Sequence[int] | None = None,
-                 max_queue: int = 256, prefill_chunk: int = 512, observer: SchedulerObserver | None = None,
-                 prefix_cache: bool = True):
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        *,
+        eos_ids: Sequence[int] | None = None,
+        max_queue: int = 256,
+        prefill_chunk: int = 512,
+        observer: SchedulerObserver | None = None,
+        prefix_cache: bool = True,
+    ):
         if max_queue < 0 or prefill_chunk < 1:
             raise ValueError(f"max_queue must be >= 0 and prefill_chunk >= 1, got {max_queue}, {prefill_chunk}")
         self.backend = backend
@@ -222,15 +237,19 @@ class Scheduler:
             if n == 0:
                 raise ValueError("the prompt is empty")
             if n + req.params.max_new_tokens > self.context:
-                raise ContextLengthError(f"{n} prompt tokens + {req.params.max_new_tokens} new tokens exceed the "
-                                         f"context of {self.context} tokens")
+                raise ContextLengthError(
+                    f"{n} prompt tokens + {req.params.max_new_tokens} new tokens exceed the "
+                    f"context of {self.context} tokens"
+                )
             req.row = RowState(self, req.prompt_ids, req.params, req.params.max_new_tokens)  # validates the params
         with self._cond:
             if self._stopping or self.error is not None or self._thread is None:
                 raise SchedulerClosed("the scheduler is not running")
             if len(requests) > self._room_locked():
-                raise QueueFull(f"no room for {len(requests)} more sequences ({self.max_batch} slots, "
-                                f"{len(self._waiting)} of {self.max_queue} queue places taken)")
+                raise QueueFull(
+                    f"no room for {len(requests)} more sequences ({self.max_batch} slots, "
+                    f"{len(self._waiting)} of {self.max_queue} queue places taken)"
+                )
             now = time.perf_counter()
             for req in requests:
                 req.state, req.t_submit = "waiting", now
@@ -356,7 +375,7 @@ class Scheduler:
         for req in [r for r in self._running if r.state == "prefill"]:
             if budget <= 0:
                 break
-            work.append((req, req.prompt_ids[req.prefilled:req.prefilled + self.prefill_chunk]))
+            work.append((req, req.prompt_ids[req.prefilled : req.prefilled + self.prefill_chunk]))
             budget -= len(work[-1][1])
         ready = []  # prompts now wholly in the cache, with their last position's logits
         for group, scores in self._prefill_groups(work):
@@ -375,7 +394,7 @@ class Scheduler:
             self.observer.on_prefill(sum(len(c) for _, c in group), time.perf_counter() - t)
             for (req, chunk), logits in zip(group, out):
                 if scores:
-                    req.row.score_prompt(req.prefilled, logits[:len(chunk)])
+                    req.row.score_prompt(req.prefilled, logits[: len(chunk)])
                     logits = logits[len(chunk) - 1]
                 req.prefilled += len(chunk)
                 if req.prefilled == len(req.prompt_ids):
@@ -436,8 +455,12 @@ class Scheduler:
             if delta or len(ids) > n:  # (an end-of-sequence token is not part of the completion)
                 lps = tuple(row.result.logprobs[n:]) if row.result.logprobs is not None else ()
                 scored = row.result.prompt_logprobs
-                self._emit(req, Delta(req.index, delta, tuple(ids[n:]), lps,
-                                      tuple(scored) if n == 0 and scored is not None else None))
+                self._emit(
+                    req,
+                    Delta(
+                        req.index, delta, tuple(ids[n:]), lps, tuple(scored) if n == 0 and scored is not None else None
+                    ),
+                )
             if row.done:
                 self._finish(req, row.result.finish_reason)
             else:
@@ -483,7 +506,8 @@ class Scheduler:
             "ttft_s": t_first - req.t_submit,
             "total_s": req.t_done - req.t_submit,
             "decode_tokens_per_s": (len(result.token_ids) - 1) / (req.t_done - t_first)
-            if len(result.token_ids) > 1 and req.t_done > t_first else 0.0,
+            if len(result.token_ids) > 1 and req.t_done > t_first
+            else 0.0,
         }
         self.observer.on_finish(req)
         if not req.cancelled:

@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 
 from .engine import AsyncEngine
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .pooling import add_pooling_routes
 from .protocol import (
     APIError,
     ChatCompletionRequest,
@@ -43,7 +44,6 @@ from .protocol import (
     TokenizeRequest,
     parse_request,
 )
-from .pooling import add_pooling_routes
 from .serving import ServingChat, ServingCompletion, ServingTokenization
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,15 @@ class Gate:
     that sends its body slower than ``body_timeout`` seconds in all gets a 408 and is dropped), counts requests by
     status."""
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics: Metrics,
-                 body_timeout: float = DEFAULT_BODY_TIMEOUT):
+    def __init__(
+        self,
+        app,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        metrics: Metrics,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    ):
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
@@ -80,8 +87,7 @@ class Gate:
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
                 scheme, _, token = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                                          self.api_key.encode())
+                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
         return False
 
     async def __call__(self, scope, receive, send):
@@ -96,8 +102,12 @@ class Gate:
 
         try:
             if self.api_key and scope["path"].startswith("/v1/") and not self._authorized(scope):
-                err = APIError(401, "Missing or invalid API key: send `Authorization: Bearer <key>`.",
-                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                err = APIError(
+                    401,
+                    "Missing or invalid API key: send `Authorization: Bearer <key>`.",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
                 return await error_response(err)(scope, receive, send_counted)
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 receive = await self._buffer_body(scope, receive, send_counted)
@@ -112,9 +122,11 @@ class Gate:
 
     async def _buffer_body(self, scope, receive, send):
         """Read the body (at most max_body_bytes) and return a receive that replays it, or None after a 413."""
+
         def too_large(*args):
-            return error_response(APIError(413, f"The request body exceeds {self.max_body_bytes} bytes.",
-                                           code="request_too_large"))(*args)
+            return error_response(
+                APIError(413, f"The request body exceeds {self.max_body_bytes} bytes.", code="request_too_large")
+            )(*args)
 
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
@@ -131,8 +143,12 @@ class Gate:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                err = APIError(408, f"The request body did not arrive within {self.body_timeout:g} s.",
-                               code="request_timeout", headers={"Connection": "close"})
+                err = APIError(
+                    408,
+                    f"The request body did not arrive within {self.body_timeout:g} s.",
+                    code="request_timeout",
+                    headers={"Connection": "close"},
+                )
                 await error_response(err)(scope, receive, send)
                 return None
             if message["type"] == "http.disconnect":
@@ -157,8 +173,13 @@ class Gate:
         return replay
 
 
-def create_app(engine: AsyncEngine, *, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
+def create_app(
+    engine: AsyncEngine,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+) -> FastAPI:
     """The FastAPI app serving ``engine``, behind the :class:`Gate`."""
 
     @contextlib.asynccontextmanager
@@ -171,8 +192,9 @@ def create_app(engine: AsyncEngine, *, api_key: str | None = None,
 
     app = FastAPI(title="exaone-deploy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
-    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=engine.metrics,
-                       body_timeout=body_timeout)
+    app.add_middleware(
+        Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=engine.metrics, body_timeout=body_timeout
+    )
     add_pooling_routes(app, engine, api_key=api_key)  # task-head bundles (before the LM routes: they take precedence)
     chat, completion = ServingChat(engine), ServingCompletion(engine)
 
@@ -182,8 +204,14 @@ def create_app(engine: AsyncEngine, *, api_key: str | None = None,
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, e: StarletteHTTPException):
-        return error_response(APIError(e.status_code, str(e.detail), type="invalid_request_error",
-                                       code="not_found" if e.status_code == 404 else None))
+        return error_response(
+            APIError(
+                e.status_code,
+                str(e.detail),
+                type="invalid_request_error",
+                code="not_found" if e.status_code == 404 else None,
+            )
+        )
 
     @app.exception_handler(Exception)
     async def _internal_error(_request, e: Exception):

@@ -58,8 +58,19 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AsyncEngine", "Delta", "Done", "Event", "Failed", "Generation", "PromptTooLarge", "QueueFull",
-           "SchedulerClosed", "TooManySequences", "max_token_bytes"]
+__all__ = [
+    "AsyncEngine",
+    "Delta",
+    "Done",
+    "Event",
+    "Failed",
+    "Generation",
+    "PromptTooLarge",
+    "QueueFull",
+    "SchedulerClosed",
+    "TooManySequences",
+    "max_token_bytes",
+]
 
 
 class PromptTooLarge(ContextLengthError):
@@ -87,8 +98,11 @@ def max_token_bytes(tokenizer: Tokenizer) -> int | None:
     if not vocab:
         return None
     decoded = backend.decode_batch([[i] for i in vocab.values()], skip_special_tokens=False)
-    return max(max(len(t.encode("utf-8", "surrogatepass")) for t in vocab),
-               max(len(t.encode("utf-8", "surrogatepass")) for t in decoded), 1)
+    return max(
+        max(len(t.encode("utf-8", "surrogatepass")) for t in vocab),
+        max(len(t.encode("utf-8", "surrogatepass")) for t in decoded),
+        1,
+    )
 
 
 def available_memory() -> int | None:
@@ -104,6 +118,7 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return None
+
 
 SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -146,13 +161,28 @@ class Generation:
 class AsyncEngine:
     """Tokenizer + scheduler thread + metrics, and the served model's name and sampling defaults."""
 
-    def __init__(self, backend, tokenizer: Tokenizer, *, model_name: str, max_queue: int = 256,
-                 prefill_chunk: int = 512, defaults: dict[str, Any] | None = None, prefix_cache: bool = True):
+    def __init__(
+        self,
+        backend,
+        tokenizer: Tokenizer,
+        *,
+        model_name: str,
+        max_queue: int = 256,
+        prefill_chunk: int = 512,
+        defaults: dict[str, Any] | None = None,
+        prefix_cache: bool = True,
+    ):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.metrics = Metrics()
-        self.scheduler = Scheduler(backend, tokenizer, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                                   observer=self.metrics, prefix_cache=prefix_cache)
+        self.scheduler = Scheduler(
+            backend,
+            tokenizer,
+            max_queue=max_queue,
+            prefill_chunk=prefill_chunk,
+            observer=self.metrics,
+            prefix_cache=prefix_cache,
+        )
         self.metrics.bind(self.scheduler.stats, self.scheduler.max_batch)
         self.max_seq_len = self.scheduler.context  # tokens per sequence: prompt + completion
         self.max_batch = self.scheduler.max_batch
@@ -167,13 +197,24 @@ class AsyncEngine:
         self.created = int(time.time())
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, *, max_batch: int = 8, context: int | None = None,
-                    max_queue: int = 256, prefill_chunk: int = 512, model_name: str | None = None,
-                    device: str = "cpu", verify: bool = True, prefix_cache: bool = True) -> AsyncEngine:
+    def from_bundle(
+        cls,
+        bundle_dir: str | Path,
+        *,
+        max_batch: int = 8,
+        context: int | None = None,
+        max_queue: int = 256,
+        prefill_chunk: int = 512,
+        model_name: str | None = None,
+        device: str = "cpu",
+        verify: bool = True,
+        prefix_cache: bool = True,
+    ) -> AsyncEngine:
         manifest = load_manifest(bundle_dir, verify=verify)
         check_memory(manifest, max_batch, manifest.io.default_context(context), device)
-        backend = open_backend(manifest, device=device, max_batch=max_batch,
-                               max_seq_len=manifest.io.default_context(context))
+        backend = open_backend(
+            manifest, device=device, max_batch=max_batch, max_seq_len=manifest.io.default_context(context)
+        )
         defaults = {}
         gen_config = Path(manifest.root) / "generation_config.json"
         if gen_config.is_file():
@@ -182,8 +223,15 @@ class AsyncEngine:
             except (OSError, json.JSONDecodeError) as e:
                 raise ValueError(f"{gen_config}: cannot read ({e})") from None
             defaults = {k: cfg[k] for k in SAMPLING_DEFAULTS if isinstance(cfg.get(k), (int, float))}
-        return cls(backend, Tokenizer.from_dir(manifest.root), model_name=model_name or Path(manifest.root).name,
-                   max_queue=max_queue, prefill_chunk=prefill_chunk, defaults=defaults, prefix_cache=prefix_cache)
+        return cls(
+            backend,
+            Tokenizer.from_dir(manifest.root),
+            model_name=model_name or Path(manifest.root).name,
+            max_queue=max_queue,
+            prefill_chunk=prefill_chunk,
+            defaults=defaults,
+            prefix_cache=prefix_cache,
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -220,7 +268,8 @@ class AsyncEngine:
         if len(prompts) > self.max_batch + self.max_queue:
             raise TooManySequences(
                 f"this request asks for {len(prompts)} sequences (prompts x n) but this server holds at most "
-                f"{self.max_batch + self.max_queue} at once ({self.max_batch} running + {self.max_queue} queued)")
+                f"{self.max_batch + self.max_queue} at once ({self.max_batch} running + {self.max_queue} queued)"
+            )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         put = queue.put_nowait
@@ -241,7 +290,8 @@ class AsyncEngine:
             if size > limit:
                 raise PromptTooLarge(
                     f"This model's maximum context length is {self.max_seq_len} tokens. However, your prompt has "
-                    f"{size} bytes of text, more than {self.max_seq_len} tokens can hold (at most {limit} bytes).")
+                    f"{size} bytes of text, more than {self.max_seq_len} tokens can hold (at most {limit} bytes)."
+                )
 
     def _encode_now(self, text: str) -> list[int]:
         return self.tokenizer.backend.encode_batch([text], add_special_tokens=False)[0].ids
@@ -252,14 +302,16 @@ class AsyncEngine:
         self.check_prompt_bytes(text)  # a flood of huge prompts is refused here, without a thread hop
         return await asyncio.to_thread(self._encode_now, text)
 
-    def _encode_chat_now(self, messages: list[dict], tools: list[dict] | None, kwargs: dict[str, Any]
-                         ) -> tuple[list[int], str]:
+    def _encode_chat_now(
+        self, messages: list[dict], tools: list[dict] | None, kwargs: dict[str, Any]
+    ) -> tuple[list[int], str]:
         text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)
         self.check_prompt_bytes(text)
         return self.tokenizer.apply_chat_template(messages, tools=tools, **kwargs), text
 
-    async def encode_chat(self, messages: list[dict], tools: list[dict] | None = None, **kwargs: Any
-                          ) -> tuple[list[int], str]:
+    async def encode_chat(
+        self, messages: list[dict], tools: list[dict] | None = None, **kwargs: Any
+    ) -> tuple[list[int], str]:
         """(prompt ids, prompt text) of a chat through the template (control tokens spelled in client text stay
         text: ``Tokenizer.apply_chat_template``), in a worker thread. The rendered text is size-checked before
         it is tokenized (PromptTooLarge); template errors propagate as raised."""
@@ -275,11 +327,17 @@ def check_memory(manifest, max_batch: int, context: int, device: str) -> None:
     item = 2 if io.dtype in ("float16", "bfloat16") else 4
     need = manifest.spec.kv_cache_bytes(context, batch=max_batch, bytes_per_elem=item, windowed=io.window_cache)
     have = available_memory()
-    log.info("KV cache: %d slots x %d tokens = %.1f MiB (available: %s)", max_batch, context, need / 2**20,
-             "unknown" if have is None else f"{have / 2**20:.0f} MiB")
+    log.info(
+        "KV cache: %d slots x %d tokens = %.1f MiB (available: %s)",
+        max_batch,
+        context,
+        need / 2**20,
+        "unknown" if have is None else f"{have / 2**20:.0f} MiB",
+    )
     if have is not None and need > have:
         per_slot = max(1, need // max_batch)
         raise ServerMemoryError(
             f"--max-batch {max_batch} with --context {context} needs {need / 2**30:.1f} GiB of KV cache but only "
             f"{have / 2**30:.1f} GiB of memory is available: use --max-batch {max(1, have // per_slot - 1)} or a "
-            f"smaller --context")
+            f"smaller --context"
+        )

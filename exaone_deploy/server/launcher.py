@@ -24,8 +24,7 @@ class ServerProcess:
     listen within ``timeout`` seconds."""
 
     def __init__(self, bundle: str | Path, *args: str, timeout: float = 600.0):
-        cmd = [sys.executable, "-m", "exaone_deploy.server", str(bundle), "--host", "127.0.0.1", "--port", "0",
-               *args]
+        cmd = [sys.executable, "-m", "exaone_deploy.server", str(bundle), "--host", "127.0.0.1", "--port", "0", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output: list[str] = []
         lines: queue.Queue = queue.Queue()

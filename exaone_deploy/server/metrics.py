@@ -27,42 +27,59 @@ class Metrics(SchedulerObserver):
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.http_requests = Counter("exaone_http_requests", "HTTP requests by endpoint and status code",
-                                     ["endpoint", "code"], registry=r)
-        self.finished = Counter("exaone_requests_finished", "Generations finished, by reason", ["reason"],
-                                registry=r)
+        self.http_requests = Counter(
+            "exaone_http_requests", "HTTP requests by endpoint and status code", ["endpoint", "code"], registry=r
+        )
+        self.finished = Counter("exaone_requests_finished", "Generations finished, by reason", ["reason"], registry=r)
         self.prompt_tokens = Counter("exaone_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("exaone_generation_tokens", "Tokens generated", registry=r)
-        self.queue_time = Histogram("exaone_queue_time_seconds", "Time from submission to a cache slot",
-                                    buckets=_LATENCY, registry=r)
-        self.ttft = Histogram("exaone_time_to_first_token_seconds", "Time from submission to the first token",
-                              buckets=_LATENCY, registry=r)
-        self.latency = Histogram("exaone_request_latency_seconds", "Time from submission to the last token",
-                                 buckets=_LATENCY, registry=r)
-        self.tpot = Histogram("exaone_time_per_output_token_seconds", "Decode time per token after the first",
-                              buckets=_STEP, registry=r)
-        self.decode_step = Histogram("exaone_decode_step_seconds", "Duration of one batched decode step",
-                                     buckets=(*_STEP, 5), registry=r)
-        self.batch_size = Histogram("exaone_decode_batch_size", "Requests in one decode step",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
-        self.prefill_time = Histogram("exaone_prefill_chunk_seconds", "Duration of one prefill chunk",
-                                      buckets=_LATENCY, registry=r)
+        self.queue_time = Histogram(
+            "exaone_queue_time_seconds", "Time from submission to a cache slot", buckets=_LATENCY, registry=r
+        )
+        self.ttft = Histogram(
+            "exaone_time_to_first_token_seconds",
+            "Time from submission to the first token",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "exaone_request_latency_seconds", "Time from submission to the last token", buckets=_LATENCY, registry=r
+        )
+        self.tpot = Histogram(
+            "exaone_time_per_output_token_seconds", "Decode time per token after the first", buckets=_STEP, registry=r
+        )
+        self.decode_step = Histogram(
+            "exaone_decode_step_seconds", "Duration of one batched decode step", buckets=(*_STEP, 5), registry=r
+        )
+        self.batch_size = Histogram(
+            "exaone_decode_batch_size", "Requests in one decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
+        )
+        self.prefill_time = Histogram(
+            "exaone_prefill_chunk_seconds", "Duration of one prefill chunk", buckets=_LATENCY, registry=r
+        )
         self.queue_depth = Gauge("exaone_queue_depth", "Requests waiting for a cache slot", registry=r)
         self.running = Gauge("exaone_running_requests", "Requests holding a cache slot", registry=r)
         self.slots_used = Gauge("exaone_cache_slots_used", "KV-cache slots in use", registry=r)
         self.slots_total = Gauge("exaone_cache_slots_total", "KV-cache slots", registry=r)
         # prefix cache (scheduler docstring): lookups, hits, prompt tokens taken from the cache, token hit rate
-        self.prefix_lookups = Counter("exaone_prefix_cache_queries", "Admissions that looked up the prefix cache",
-                                      registry=r)
+        self.prefix_lookups = Counter(
+            "exaone_prefix_cache_queries", "Admissions that looked up the prefix cache", registry=r
+        )
         self.prefix_hits = Counter("exaone_prefix_cache_hits", "Admissions that reused a cached prefix", registry=r)
-        self.prefix_reused = Counter("exaone_prefix_cache_reused_tokens", "Prompt tokens taken from the prefix "
-                                     "cache instead of prefilled", registry=r)
-        self.prefix_prompt = Counter("exaone_prefix_cache_prompt_tokens", "Prompt tokens of those admissions",
-                                     registry=r)
-        self.prefix_hit_rate = Gauge("exaone_prefix_cache_hit_rate", "Reused / prompt tokens of admissions so far",
-                                     registry=r)
+        self.prefix_reused = Counter(
+            "exaone_prefix_cache_reused_tokens",
+            "Prompt tokens taken from the prefix cache instead of prefilled",
+            registry=r,
+        )
+        self.prefix_prompt = Counter(
+            "exaone_prefix_cache_prompt_tokens", "Prompt tokens of those admissions", registry=r
+        )
+        self.prefix_hit_rate = Gauge(
+            "exaone_prefix_cache_hit_rate", "Reused / prompt tokens of admissions so far", registry=r
+        )
         self.prefix_hit_rate.set_function(
-            lambda: self.prefix_reused._value.get() / max(1.0, self.prefix_prompt._value.get()))
+            lambda: self.prefix_reused._value.get() / max(1.0, self.prefix_prompt._value.get())
+        )
 
     def bind(self, stats: Callable[[], dict], slots_total: int) -> None:
         """Read the gauges from ``stats()`` (the scheduler's, with ``queue_depth``, ``running``, ``slots_used``)

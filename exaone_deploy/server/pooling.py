@@ -69,8 +69,15 @@ class HeadEngine:
         self.metrics.bind(self.stats, max_batch)
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, *, max_batch: int = 8, model_name: str | None = None,
-                    device: str = "cpu", verify: bool = True) -> HeadEngine:
+    def from_bundle(
+        cls,
+        bundle_dir: str | Path,
+        *,
+        max_batch: int = 8,
+        model_name: str | None = None,
+        device: str = "cpu",
+        verify: bool = True,
+    ) -> HeadEngine:
         model = HeadModel(bundle_dir, device=device, verify=verify, batch_size=max_batch)
         return cls(model, model_name=model_name or Path(model.manifest.root).name, max_batch=max_batch)
 
@@ -85,8 +92,15 @@ class HeadEngine:
         self.draining = True
 
     def stats(self) -> dict:
-        return {"alive": True, "task": self.task, "queue_depth": 0, "running": self.running,
-                "slots_used": self.running, "max_batch": self.max_batch, **self.counters}
+        return {
+            "alive": True,
+            "task": self.task,
+            "queue_depth": 0,
+            "running": self.running,
+            "slots_used": self.running,
+            "max_batch": self.max_batch,
+            **self.counters,
+        }
 
     async def run(self, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` on a worker thread, at most ``max_batch`` at once; project errors -> 400."""
@@ -157,15 +171,23 @@ class ServingPooling(OpenAIServing):
 
     def need(self, tasks: tuple[str, ...], endpoint: str) -> None:
         if self.engine.task not in tasks:
-            raise APIError(422, f"{endpoint} needs a {' or '.join(tasks)} model; `{self.engine.model_name}` is "
-                           f"a {self.engine.task} model", code="unsupported_task")
+            raise APIError(
+                422,
+                f"{endpoint} needs a {' or '.join(tasks)} model; `{self.engine.model_name}` is "
+                f"a {self.engine.task} model",
+                code="unsupported_task",
+            )
 
     def respond(self, prefix: str, data: list[dict], prompt_tokens: int) -> JSONResponse:
         self.engine.counters["requests"] += 1
         self.engine.counters["inputs"] += len(data)
-        body = PoolingResponse(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()),
-                               model=self.engine.model_name, data=data,
-                               usage=PoolingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens))
+        body = PoolingResponse(
+            id=f"{prefix}-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.engine.model_name,
+            data=data,
+            usage=PoolingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
+        )
         return JSONResponse(body.model_dump())
 
     def _tokens(self, texts: list[str]) -> int:
@@ -182,24 +204,38 @@ class ServingPooling(OpenAIServing):
             if "entities" in r:
                 data.append({"index": i, "object": "classify", "entities": r["entities"]})
             else:
-                data.append({"index": i, "object": "classify", "label": r["label"],
-                             "probs": [r["probs"][label] for label in labels], "num_classes": len(labels)})
+                data.append(
+                    {
+                        "index": i,
+                        "object": "classify",
+                        "label": r["label"],
+                        "probs": [r["probs"][label] for label in labels],
+                        "num_classes": len(labels),
+                    }
+                )
         return self.respond("classify", data, self._tokens(texts))
 
     async def score(self, body: ScoreRequest) -> JSONResponse:
         self.check_model(body.model)
         self.need(("sequence-classification",), "/score")
         if self.engine.model.head.num_labels != 1:
-            raise APIError(422, f"/score needs a one-label classifier (cross-encoder or reward model); "
-                           f"`{self.engine.model_name}` has {self.engine.model.head.num_labels} labels: use /classify",
-                           code="unsupported_task")
+            raise APIError(
+                422,
+                f"/score needs a one-label classifier (cross-encoder or reward model); "
+                f"`{self.engine.model_name}` has {self.engine.model.head.num_labels} labels: use /classify",
+                code="unsupported_task",
+            )
         first = [body.text_1] if isinstance(body.text_1, str) else body.text_1
         second = [body.text_2] if isinstance(body.text_2, str) else body.text_2
         if len(first) == 1:
             first = first * len(second)
         if len(first) != len(second):
-            raise APIError(400, f"text_1 has {len(first)} items and text_2 {len(second)}: give one text_1, or "
-                           "as many as text_2", param="text_1", code="invalid_value")
+            raise APIError(
+                400,
+                f"text_1 has {len(first)} items and text_2 {len(second)}: give one text_1, or as many as text_2",
+                param="text_1",
+                code="invalid_value",
+            )
         scores = await self.engine.run(self.engine.model.score, first, second)
         data = [{"index": i, "object": "score", "score": x} for i, x in enumerate(scores)]
         return self.respond("score", data, self._tokens([*first, *second]))
@@ -207,9 +243,15 @@ class ServingPooling(OpenAIServing):
     async def qa(self, body: QARequest) -> JSONResponse:
         self.check_model(body.model)
         self.need(("question-answering",), "/v1/qa")
-        answers = await self.engine.run(self.engine.model.answer, body.question, body.context, top_k=body.top_k,
-                                        max_seq_len=body.max_seq_len, doc_stride=body.doc_stride,
-                                        max_answer_len=body.max_answer_len)
+        answers = await self.engine.run(
+            self.engine.model.answer,
+            body.question,
+            body.context,
+            top_k=body.top_k,
+            max_seq_len=body.max_seq_len,
+            doc_stride=body.doc_stride,
+            max_answer_len=body.max_answer_len,
+        )
         data = [{"index": i, "object": "qa.answer", **a} for i, a in enumerate(answers)]
         return self.respond("qa", data, self._tokens([body.question, body.context]))
 
@@ -227,12 +269,21 @@ def add_pooling_routes(app: FastAPI, engine, *, api_key: str | None = None) -> N
 
     def authorize(request: HTTPRequest) -> None:  # /v1/* is checked by the Gate already
         if api_key and not request.url.path.startswith("/v1/") and not gate._authorized(request.scope):
-            raise APIError(401, "Missing or invalid API key: send `Authorization: Bearer <key>`.",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            raise APIError(
+                401,
+                "Missing or invalid API key: send `Authorization: Bearer <key>`.",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def card() -> HeadModelCard:
-        return HeadModelCard(id=engine.model_name, created=engine.created, max_model_len=engine.max_seq_len,
-                             task=engine.task, labels=list(engine.model.labels))
+        return HeadModelCard(
+            id=engine.model_name,
+            created=engine.created,
+            max_model_len=engine.max_seq_len,
+            task=engine.task,
+            labels=list(engine.model.labels),
+        )
 
     @app.get("/v1/models")
     async def models():
@@ -244,6 +295,7 @@ def add_pooling_routes(app: FastAPI, engine, *, api_key: str | None = None) -> N
         return JSONResponse(card().model_dump())
 
     for path in ("/classify", "/v1/classify"):
+
         @app.post(path)
         async def classify(request: HTTPRequest):
             authorize(request)
@@ -251,6 +303,7 @@ def add_pooling_routes(app: FastAPI, engine, *, api_key: str | None = None) -> N
             return await serving.classify(body)
 
     for path in ("/score", "/v1/score"):
+
         @app.post(path)
         async def score(request: HTTPRequest):
             authorize(request)
@@ -263,8 +316,12 @@ def add_pooling_routes(app: FastAPI, engine, *, api_key: str | None = None) -> N
         return await serving.qa(body)
 
     for path in ("/v1/chat/completions", "/v1/completions"):
+
         @app.post(path)
         async def generation(request: HTTPRequest):
-            raise APIError(422, f"`{engine.model_name}` is a {engine.task} model and generates no text; use "
-                           + ("/v1/qa" if engine.task == "question-answering" else "/classify"),
-                           code="unsupported_task")
+            raise APIError(
+                422,
+                f"`{engine.model_name}` is a {engine.task} model and generates no text; use "
+                + ("/v1/qa" if engine.task == "question-answering" else "/classify"),
+                code="unsupported_task",
+            )

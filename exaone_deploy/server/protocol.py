@@ -79,11 +79,26 @@ class ErrorResponse(BaseModel):
 class APIError(ExaoneDeployError):
     """An error answered with an HTTP status and an :class:`ErrorResponse` body."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "invalid_request_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        500: "server_error",
+        503: "server_error",
+    }
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or self.TYPES.get(status, "invalid_request_error")
@@ -94,8 +109,9 @@ class APIError(ExaoneDeployError):
 
 
 def _is_type_tag(part) -> bool:
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none", "dict", "list") or "[" in part
-                                      or part[:1].isupper())
+    return isinstance(part, str) and (
+        part in ("str", "int", "float", "bool", "none", "dict", "list") or "[" in part or part[:1].isupper()
+    )
 
 
 def _validation_error(e: ValidationError) -> APIError:
@@ -103,8 +119,13 @@ def _validation_error(e: ValidationError) -> APIError:
     # drop the union-member tags pydantic puts in locations ("str", "list[TextPart]", "NamedToolChoice")
     loc = [str(x) for x in err.get("loc", ()) if not _is_type_tag(x)]
     param = ".".join(loc) or None
-    return APIError(400, f"{param or 'body'}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err
-                    and not isinstance(err["input"], (dict, list)) else ""), param=param, code="invalid_value")
+    return APIError(
+        400,
+        f"{param or 'body'}: {err['msg']}"
+        + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], (dict, list)) else ""),
+        param=param,
+        code="invalid_value",
+    )
 
 
 def parse_request(body: bytes, model: type[BaseModel]) -> tuple[BaseModel, dict]:
@@ -140,15 +161,19 @@ def _check_text(raw: Any) -> None:
                 try:
                     value.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise APIError(400, f"{where}: a string contains a lone surrogate (\\ud800-\\udfff escape), "
-                                   "which is not text", param=None if where == "body" else where,
-                                   code="invalid_value") from None
+                    raise APIError(
+                        400,
+                        f"{where}: a string contains a lone surrogate (\\ud800-\\udfff escape), which is not text",
+                        param=None if where == "body" else where,
+                        code="invalid_value",
+                    ) from None
             continue
         if not isinstance(value, (dict, list)):
             continue
         if depth > MAX_JSON_DEPTH:
-            raise APIError(400, f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels.",
-                           code="invalid_json")
+            raise APIError(
+                400, f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json"
+            )
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for key, item in items:
             if isinstance(key, str):
@@ -311,8 +336,11 @@ class UsageInfo(BaseModel):
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 class ModelCard(BaseModel):

@@ -64,8 +64,17 @@ from .protocol import APIError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineReplica", "Ingress", "PrefixAffinityRouter", "RayServeError", "AffinityIndex", "build_app",
-           "call_asgi", "serve_cli", "serve_forever"]
+__all__ = [
+    "EngineReplica",
+    "Ingress",
+    "PrefixAffinityRouter",
+    "RayServeError",
+    "AffinityIndex",
+    "build_app",
+    "call_asgi",
+    "serve_cli",
+    "serve_forever",
+]
 
 NAMESPACE = "exaone-deploy"
 REPORT_EVERY_S = 0.5  # replicas report their stats to the board this often
@@ -78,6 +87,7 @@ class RayServeError(ExaoneDeployError, RuntimeError):
 
 
 # ---- affinity ---------------------------------------------------------------------------------------
+
 
 class AffinityIndex:
     """Names each request's conversation (its *affinity key*) so that its turns meet their cached prefix.
@@ -104,9 +114,9 @@ class AffinityIndex:
             return [json.dumps(m, sort_keys=True) for m in data["messages"]]
         p = data.get("prompt")
         if isinstance(p, str):
-            return [p[i:i + 64] for i in range(0, len(p) - 63, 64)]
+            return [p[i : i + 64] for i in range(0, len(p) - 63, 64)]
         if isinstance(p, list) and all(isinstance(t, int) for t in p):
-            return [json.dumps(p[i:i + 16]) for i in range(0, len(p) - 15, 16)]
+            return [json.dumps(p[i : i + 16]) for i in range(0, len(p) - 15, 16)]
         return None
 
     def key(self, path: str, body: bytes) -> str | None:
@@ -138,8 +148,9 @@ class PrefixAffinityRouter(RequestRouter):
     """Serve request router: the replica that rendezvous-hashes highest with the request's ``affinity`` keyword
     first, then (when it is full) the least loaded of the others; without a key, the least loaded of all."""
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
         key = pending_request.kwargs.get("affinity") if pending_request is not None else None
         if not key or len(candidate_replicas) < 2:
             return [list(candidate_replicas)]
@@ -152,6 +163,7 @@ class PrefixAffinityRouter(RequestRouter):
 
 
 # ---- the replicas' reports ------------------------------------------------------------------------
+
 
 @ray.remote(num_cpus=0)
 class Board:
@@ -171,14 +183,17 @@ class Board:
 
 def _board(app_name: str):
     """The application's board (detached: it outlives whichever replica created it; gone with the cluster)."""
-    return Board.options(name=f"board:{app_name}", namespace=NAMESPACE, get_if_exists=True,
-                         lifetime="detached").remote()
+    return Board.options(
+        name=f"board:{app_name}", namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
+    ).remote()
 
 
 # ---- one request through an in-process ASGI app ----------------------------------------------------
 
-async def call_asgi(app, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]],
-                    body: bytes) -> AsyncIterator[Any]:
+
+async def call_asgi(
+    app, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+) -> AsyncIterator[Any]:
     """Run one HTTP request through ``app`` in this process. Yields ``(status, headers)`` once, then the body
     chunks (bytes) as the app sends them. Closing the iterator early tells the app the client disconnected."""
     out: asyncio.Queue = asyncio.Queue()
@@ -193,16 +208,29 @@ async def call_asgi(app, method: str, path: str, query: bytes, headers: list[tup
         await gone.wait()
         return {"type": "http.disconnect"}
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "",
-             "headers": headers, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 0),
+        "server": ("127.0.0.1", 80),
+    }
     task = asyncio.ensure_future(app(scope, receive, out.put))
     task.add_done_callback(lambda _: out.put_nowait(None))
     try:
         while (message := await out.get()) is not None:
             if message["type"] == "http.response.start":
-                yield message["status"], [(k.decode("latin-1"), v.decode("latin-1"))
-                                          for k, v in message.get("headers", ())]
+                yield (
+                    message["status"],
+                    [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", ())],
+                )
             elif message["type"] == "http.response.body":
                 if message.get("body"):
                     yield bytes(message["body"])
@@ -218,11 +246,13 @@ async def call_asgi(app, method: str, path: str, query: bytes, headers: list[tup
 
 # ---- deployments --------------------------------------------------------------------------------------
 
+
 class EngineReplica:
     """One engine: bundle, scheduler, slots, and the single-server app over them."""
 
-    def __init__(self, bundle: str, engine_options: dict, api_key: str | None, max_body_bytes: int,
-                 threads: int | None):
+    def __init__(
+        self, bundle: str, engine_options: dict, api_key: str | None, max_body_bytes: int, threads: int | None
+    ):
         from .engine import AsyncEngine
 
         if threads:
@@ -235,8 +265,9 @@ class EngineReplica:
         self._stop = threading.Event()
         threading.Thread(target=self._report_loop, name="exaone-report", daemon=True).start()
 
-    async def handle(self, method: str, path: str, query: bytes, headers: list, body: bytes,
-                     affinity: str | None = None) -> AsyncIterator[Any]:
+    async def handle(
+        self, method: str, path: str, query: bytes, headers: list, body: bytes, affinity: str | None = None
+    ) -> AsyncIterator[Any]:
         """One forwarded HTTP request (``affinity`` is read by the router only)."""
         async for item in call_asgi(self.app, method, path, query, headers, body):
             yield item
@@ -251,8 +282,7 @@ class EngineReplica:
             try:
                 board = board or _board(self.app_name)
                 stats = dict(self.engine.stats(), model=self.engine.model_name, pid=os.getpid())
-                ray.get(board.report.remote(self.replica, stats, self.engine.metrics.exposition().decode()),
-                        timeout=5)
+                ray.get(board.report.remote(self.replica, stats, self.engine.metrics.exposition().decode()), timeout=5)
             except Exception:  # noqa: BLE001 - the board is recreated by whoever comes next
                 log.debug("could not report to the board", exc_info=True)
                 board = None
@@ -278,9 +308,24 @@ def _merge_expositions(per_replica: dict[str, str]) -> bytes:
     return "".join(heads[name] + "".join(lines) for name, lines in families.items()).encode()
 
 
-_SUMMED = ("slots_total", "slots_used", "queue_depth", "queue_max", "running", "decoding", "cache_tokens",
-           "prefix_cached_slots", "prefix_cached_tokens", "prefix_lookups", "prefix_hits", "prefix_tokens_reused",
-           "steps", "finished", "cancelled", "failed")
+_SUMMED = (
+    "slots_total",
+    "slots_used",
+    "queue_depth",
+    "queue_max",
+    "running",
+    "decoding",
+    "cache_tokens",
+    "prefix_cached_slots",
+    "prefix_cached_tokens",
+    "prefix_lookups",
+    "prefix_hits",
+    "prefix_tokens_reused",
+    "steps",
+    "finished",
+    "cancelled",
+    "failed",
+)
 
 
 class Ingress:
@@ -318,9 +363,15 @@ class Ingress:
         snap = await self.board.snapshot.remote()
         stats = {r: s for r, (s, _) in snap.items()}
         alive = [s for s in stats.values() if s.get("alive")]
-        body = {"status": "ok" if alive else "unavailable", "replicas": len(stats), "replicas_alive": len(alive),
-                "model": next((s["model"] for s in stats.values()), None), "alive": bool(alive),
-                **{k: sum(int(s.get(k, 0)) for s in stats.values()) for k in _SUMMED}, "per_replica": stats}
+        body = {
+            "status": "ok" if alive else "unavailable",
+            "replicas": len(stats),
+            "replicas_alive": len(alive),
+            "model": next((s["model"] for s in stats.values()), None),
+            "alive": bool(alive),
+            **{k: sum(int(s.get(k, 0)) for s in stats.values()) for k in _SUMMED},
+            "per_replica": stats,
+        }
         return JSONResponse(body, status_code=200 if alive else 503)
 
     async def forward(self, request: HTTPRequest) -> Response:
@@ -343,9 +394,14 @@ class Ingress:
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue
             return StreamingResponse(_rest(first, gen), status_code=status, headers=_plain(headers))
-        return error_response(APIError(503, "No model replica could take the request (a replica restarted); "
-                                            "retry shortly.", code="replica_unavailable",
-                                       headers={"Retry-After": "1"}))
+        return error_response(
+            APIError(
+                503,
+                "No model replica could take the request (a replica restarted); retry shortly.",
+                code="replica_unavailable",
+                headers={"Retry-After": "1"},
+            )
+        )
 
 
 def _plain(headers: list[tuple[str, str]]) -> dict[str, str]:
@@ -359,18 +415,34 @@ async def _rest(first: bytes, gen) -> AsyncIterator[bytes]:
             yield chunk
     except ray.exceptions.RayError as e:
         log.warning("a replica died mid-stream: %s", e)
-        err = APIError(503, "The model replica serving this stream stopped; retry the request.",
-                       code="replica_unavailable")
+        err = APIError(
+            503, "The model replica serving this stream stopped; retry the request.", code="replica_unavailable"
+        )
         yield f"data: {json.dumps(err.body().model_dump())}\n\n".encode()
 
 
 # ---- the application ---------------------------------------------------------------------------------
 
+
 def _options(args: dict[str, Any]) -> dict[str, Any]:
     """Typed options from ``build_app``'s string arguments (``serve run ... key=value``)."""
-    known = {"bundle": str, "replicas": int, "min_replicas": int, "max_replicas": int, "threads": int,
-             "max_batch": int, "context": int, "max_queue": int, "prefill_chunk": int, "served_model_name": str,
-             "device": str, "api_key": str, "max_body_bytes": int, "prefix_cache": str, "verify": str}
+    known = {
+        "bundle": str,
+        "replicas": int,
+        "min_replicas": int,
+        "max_replicas": int,
+        "threads": int,
+        "max_batch": int,
+        "context": int,
+        "max_queue": int,
+        "prefill_chunk": int,
+        "served_model_name": str,
+        "device": str,
+        "api_key": str,
+        "max_body_bytes": int,
+        "prefix_cache": str,
+        "verify": str,
+    }
     unknown = sorted(set(args) - set(known))
     if unknown:
         raise RayServeError(f"build_app: unknown argument(s) {', '.join(unknown)} (known: {', '.join(known)})")
@@ -403,18 +475,25 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     manifest = load_manifest(bundle, verify=o.get("verify", True))
     max_batch = o.get("max_batch", 8)
     threads = o.get("threads", 1)
-    engine_options = {"max_batch": max_batch, "context": o.get("context"), "max_queue": o.get("max_queue", 256),
-                      "prefill_chunk": o.get("prefill_chunk", 512), "device": o.get("device", "cpu"),
-                      "model_name": o.get("served_model_name") or Path(bundle).name,
-                      "verify": False, "prefix_cache": o.get("prefix_cache", True)}  # verified once, here
+    engine_options = {
+        "max_batch": max_batch,
+        "context": o.get("context"),
+        "max_queue": o.get("max_queue", 256),
+        "prefill_chunk": o.get("prefill_chunk", 512),
+        "device": o.get("device", "cpu"),
+        "model_name": o.get("served_model_name") or Path(bundle).name,
+        "verify": False,
+        "prefix_cache": o.get("prefix_cache", True),
+    }  # verified once, here
     gpu = manifest.target == "tensorrt" or engine_options["device"] == "cuda"
     actor = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": threads}
     if "min_replicas" in o or "max_replicas" in o:
         lo, hi = o.get("min_replicas", 1), o.get("max_replicas", max(1, o.get("min_replicas", 1)))
         if not 0 <= lo <= hi or hi < 1:
             raise RayServeError(f"build_app: need 0 <= min_replicas <= max_replicas, max_replicas >= 1; got {lo}, {hi}")
-        scaling: dict[str, Any] = {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi,
-                                                          "target_ongoing_requests": max_batch}}
+        scaling: dict[str, Any] = {
+            "autoscaling_config": {"min_replicas": lo, "max_replicas": hi, "target_ongoing_requests": max_batch}
+        }
     else:
         replicas = o.get("replicas", 1)
         if replicas < 1:
@@ -422,17 +501,23 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         scaling = {"num_replicas": replicas}
     from ray.serve.config import RequestRouterConfig
 
-    engine = serve.deployment(EngineReplica, name="ExaoneEngine", ray_actor_options=actor,
-                              max_ongoing_requests=2 * max_batch, health_check_period_s=2,
-                              request_router_config=RequestRouterConfig(
-                                  request_router_class=f"{__name__}:PrefixAffinityRouter"),
-                              **scaling)
-    ingress = serve.deployment(serve.ingress()(Ingress), name="ExaoneIngress", ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=10_000)
+    engine = serve.deployment(
+        EngineReplica,
+        name="ExaoneEngine",
+        ray_actor_options=actor,
+        max_ongoing_requests=2 * max_batch,
+        health_check_period_s=2,
+        request_router_config=RequestRouterConfig(request_router_class=f"{__name__}:PrefixAffinityRouter"),
+        **scaling,
+    )
+    ingress = serve.deployment(
+        serve.ingress()(Ingress), name="ExaoneIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000
+    )
     api_key = o.get("api_key") or None
     max_body = o.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
-    return ingress.bind(engine.bind(bundle, engine_options, api_key, max_body, None if gpu else threads),
-                        api_key, max_body)
+    return ingress.bind(
+        engine.bind(bundle, engine_options, api_key, max_body, None if gpu else threads), api_key, max_body
+    )
 
 
 def start_local_ray(address: str | None, num_cpus: int) -> None:
@@ -444,14 +529,28 @@ def start_local_ray(address: str | None, num_cpus: int) -> None:
         if address:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         else:
-            ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False,
-                     namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+            ray.init(
+                address="local",
+                _node_ip_address="127.0.0.1",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                namespace=NAMESPACE,
+                log_to_driver=False,
+                configure_logging=False,
+            )
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise RayServeError(f"cannot start or reach the Ray cluster {address or '(local)'}: {e}") from e
 
 
-def serve_forever(args: dict[str, Any], *, host: str, port: int, ray_address: str | None,
-                  on_ready=None, stop: threading.Event | None = None) -> None:
+def serve_forever(
+    args: dict[str, Any],
+    *,
+    host: str,
+    port: int,
+    ray_address: str | None,
+    on_ready=None,
+    stop: threading.Event | None = None,
+) -> None:
     """``exaone-deploy serve B --replicas N``: start (or join) Ray, run :func:`build_app` behind Serve's proxy
     on host:port, call ``on_ready(url)`` once it answers, block until ``stop`` is set (or SIGINT/SIGTERM),
     then shut Serve down (and the cluster, if it was started here)."""
@@ -496,8 +595,10 @@ def serve_cli(bundle_dir, replicas: int, ray_address: str | None, *, host: str, 
     name = options.get("served_model_name") or Path(bundle_dir).name
 
     def ready(url: str) -> None:
-        click.echo(f"serving {name} on {url}/v1 (ray serve: {replicas} replicas of max batch "
-                   f"{options.get('max_batch')}, {threads} threads each)")
+        click.echo(
+            f"serving {name} on {url}/v1 (ray serve: {replicas} replicas of max batch "
+            f"{options.get('max_batch')}, {threads} threads each)"
+        )
         sys.stdout.flush()
 
     try:

@@ -74,8 +74,15 @@ from .protocol import (
     UsageInfo,
 )
 
-__all__ = ["CLIENT_GONE", "ChatChoice", "Format", "OpenAIServing", "ServingChat", "ServingCompletion",
-           "ServingTokenization"]
+__all__ = [
+    "CLIENT_GONE",
+    "ChatChoice",
+    "Format",
+    "OpenAIServing",
+    "ServingChat",
+    "ServingCompletion",
+    "ServingTokenization",
+]
 
 # nginx's code for "client closed the request": nobody reads it, it shows in logs and metrics
 CLIENT_GONE = 499
@@ -147,8 +154,9 @@ class ChatChoice:
                     out.append(DeltaMessage(content=TOOL_CALL_OPEN + text + TOOL_CALL_CLOSE))
                     continue
                 function = FunctionOut(name=call.name, arguments=call.arguments)
-                out.append(DeltaMessage(tool_calls=[DeltaToolCall(index=self.n_tool_calls, id=call.id,
-                                                                  function=function)]))
+                out.append(
+                    DeltaMessage(tool_calls=[DeltaToolCall(index=self.n_tool_calls, id=call.id, function=function)])
+                )
                 self.n_tool_calls += 1
         return out
 
@@ -166,15 +174,25 @@ class ChatChoice:
         content = "".join(d.content or "" for d in deltas)
         reasoning = "".join(d.reasoning_content or "" for d in deltas)
         calls = [ToolCallOut(id=c.id, function=c.function) for d in deltas for c in d.tool_calls or ()]
-        return AssistantMessage(content=content or (None if calls else ""), reasoning_content=reasoning or None,
-                                tool_calls=calls or None)
+        return AssistantMessage(
+            content=content or (None if calls else ""), reasoning_content=reasoning or None, tool_calls=calls or None
+        )
 
 
 class ChatFormat(Format):
     chunk_type = ChatCompletionStreamResponse
 
-    def __init__(self, engine: AsyncEngine, prompt: list[int], n: int, *, reasoning_opened: bool,
-                 parse_tools: bool, return_token_ids: bool, logprobs: bool = False):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        prompt: list[int],
+        n: int,
+        *,
+        reasoning_opened: bool,
+        parse_tools: bool,
+        return_token_ids: bool,
+        logprobs: bool = False,
+    ):
         super().__init__(engine, "chatcmpl", len(prompt), return_token_ids)
         self.tokenizer = engine.tokenizer
         self.logprobs = logprobs
@@ -184,8 +202,10 @@ class ChatFormat(Format):
         self.finished: list[ChatCompletionChoice | None] = [None] * n
 
     def opening(self):
-        return [ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                for i in range(len(self.choices))]
+        return [
+            ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+            for i in range(len(self.choices))
+        ]
 
     def _logprobs(self, entries) -> ChatLogprobs | None:
         return ChatLogprobs(content=chat_logprobs(self.tokenizer, entries)) if self.logprobs else None
@@ -207,15 +227,24 @@ class ChatFormat(Format):
         deltas = choice.finish()
         self.deltas[i] += deltas
         reason = choice.finish_reason(event.result.finish_reason)
-        self.finished[i] = ChatCompletionChoice(index=i, message=ChatChoice.message(self.deltas[i]),
-                                                finish_reason=reason, logprobs=self._logprobs(event.result.logprobs),
-                                                token_ids=event.result.token_ids if self.return_token_ids else None)
+        self.finished[i] = ChatCompletionChoice(
+            index=i,
+            message=ChatChoice.message(self.deltas[i]),
+            finish_reason=reason,
+            logprobs=self._logprobs(event.result.logprobs),
+            token_ids=event.result.token_ids if self.return_token_ids else None,
+        )
         return [ChatCompletionStreamChoice(index=i, delta=d) for d in deltas] + [
-            ChatCompletionStreamChoice(index=i, delta=DeltaMessage(), finish_reason=reason)]
+            ChatCompletionStreamChoice(index=i, delta=DeltaMessage(), finish_reason=reason)
+        ]
 
     def response(self):
-        return ChatCompletionResponse(**self.head, choices=self.finished, usage=self.usage(),
-                                      prompt_token_ids=self.prompt if self.return_token_ids else None)
+        return ChatCompletionResponse(
+            **self.head,
+            choices=self.finished,
+            usage=self.usage(),
+            prompt_token_ids=self.prompt if self.return_token_ids else None,
+        )
 
 
 class CompletionFormat(Format):
@@ -225,8 +254,17 @@ class CompletionFormat(Format):
 
     chunk_type = CompletionStreamResponse
 
-    def __init__(self, engine: AsyncEngine, prompts: list[list[int]], echo: list[str], *, prompt_tokens: int,
-                 return_token_ids: bool, logprobs: bool = False, prompt_chars: list[int] | None = None):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        prompts: list[list[int]],
+        echo: list[str],
+        *,
+        prompt_tokens: int,
+        return_token_ids: bool,
+        logprobs: bool = False,
+        prompt_chars: list[int] | None = None,
+    ):
         super().__init__(engine, "cmpl", prompt_tokens, return_token_ids)
         self.tokenizer = engine.tokenizer
         self.prompts, self.echo = prompts, echo  # one per choice
@@ -257,8 +295,9 @@ class CompletionFormat(Format):
         lps = None
         if self.logprobs and event.logprobs:
             lps = self._scored(event.logprobs, self.offset[i])
-            self.offset[i] += sum(len(self.utf8[i].decode(token_bytes(self.tokenizer, e.token_id)))
-                                  for e in event.logprobs)
+            self.offset[i] += sum(
+                len(self.utf8[i].decode(token_bytes(self.tokenizer, e.token_id))) for e in event.logprobs
+            )
         if not (event.text or ids or lps):
             return head
         return head + [CompletionChoice(index=i, text=event.text, token_ids=ids, logprobs=lps)]
@@ -272,10 +311,14 @@ class CompletionFormat(Format):
             echoed = bool(self.echo[i])
             entries = ((result.prompt_logprobs or []) if echoed else []) + (result.logprobs or [])
             lps = self._scored(entries, 0 if echoed else self.prompt_chars[i])
-        self.finished[i] = CompletionChoice(index=i, text=self.echo[i] + result.text, logprobs=lps,
-                                            finish_reason=result.finish_reason,
-                                            prompt_token_ids=self.prompts[i] if ids else None,
-                                            token_ids=result.token_ids if ids else None)
+        self.finished[i] = CompletionChoice(
+            index=i,
+            text=self.echo[i] + result.text,
+            logprobs=lps,
+            finish_reason=result.finish_reason,
+            prompt_token_ids=self.prompts[i] if ids else None,
+            token_ids=result.token_ids if ids else None,
+        )
         return head + [CompletionChoice(index=i, text="", finish_reason=result.finish_reason)]
 
     def response(self):
@@ -347,8 +390,9 @@ class EventStream(StreamingResponse):
     """Server-sent events of a generation; however the response ends, the generation is closed."""
 
     def __init__(self, content: AsyncIterator[str], gen: Generation):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self.gen = gen
 
     async def __call__(self, scope, receive, send) -> None:
@@ -372,40 +416,64 @@ class OpenAIServing:
     def check_model(self, model: str | None) -> None:
         name = self.engine.model_name
         if model is not None and model != name:
-            raise APIError(404, f"The model `{model}` does not exist (this server serves `{name}`).",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist (this server serves `{name}`).",
+                param="model",
+                code="model_not_found",
+            )
 
-    def sampling_params(self, body: SamplingRequest, max_tokens: int | None, prompt_len: int, param: str,
-                        n: int, **extra) -> list[SamplingParams]:
+    def sampling_params(
+        self, body: SamplingRequest, max_tokens: int | None, prompt_len: int, param: str, n: int, **extra
+    ) -> list[SamplingParams]:
         """``n`` parameter sets for one prompt (seeds ``seed + i``), ``max_tokens`` bounded by the context;
         ``extra``: further ``SamplingParams`` fields (logprobs, prompt_logprobs, grammar)."""
         context = self.engine.max_seq_len
         room = context - prompt_len
         if room < (0 if max_tokens == 0 else 1):
-            raise APIError(400, f"This model's maximum context length is {context} tokens. However, your "
-                           f"prompt has {prompt_len} tokens, which leaves no room for a completion.",
-                           param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, your "
+                f"prompt has {prompt_len} tokens, which leaves no room for a completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
         if max_tokens is None:
             max_tokens = room
         elif max_tokens > room:
-            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you "
-                           f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
-                           f"for the completion). Reduce the prompt or max_tokens (at most {room} here).",
-                           param="max_tokens", code="context_length_exceeded")
-        unsupported = [(body.presence_penalty != 0, "presence_penalty"), (body.frequency_penalty != 0,
-                       "frequency_penalty"), (bool(body.logit_bias), "logit_bias")]
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, you "
+                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
+                f"for the completion). Reduce the prompt or max_tokens (at most {room} here).",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        unsupported = [
+            (body.presence_penalty != 0, "presence_penalty"),
+            (body.frequency_penalty != 0, "frequency_penalty"),
+            (bool(body.logit_bias), "logit_bias"),
+        ]
         for bad, name in unsupported:
             if bad:
-                raise APIError(400, f"{name} is not supported by this server (use repetition_penalty)",
-                               param=name, code="unsupported_parameter")
+                raise APIError(
+                    400,
+                    f"{name} is not supported by this server (use repetition_penalty)",
+                    param=name,
+                    code="unsupported_parameter",
+                )
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         if len(stop) > 16 or any(not s for s in stop):
             raise APIError(400, "stop: at most 16 non-empty strings", param="stop", code="invalid_value")
         vocab = self.engine.vocab_size
         bad_ids = [t for t in body.stop_token_ids or () if not 0 <= t < vocab]
         if bad_ids:
-            raise APIError(400, f"stop_token_ids out of range [0, {vocab}): {bad_ids[:5]}",
-                           param="stop_token_ids", code="invalid_value")
+            raise APIError(
+                400,
+                f"stop_token_ids out of range [0, {vocab}): {bad_ids[:5]}",
+                param="stop_token_ids",
+                code="invalid_value",
+            )
         d = self.engine.defaults
 
         def pick(name, fallback):
@@ -416,16 +484,23 @@ class OpenAIServing:
         if temperature < 1e-5:  # as vLLM: below this, sampling is greedy (and 1/T would overflow)
             temperature = 0.0
         params = SamplingParams(
-            max_new_tokens=max_tokens, temperature=temperature, top_p=float(pick("top_p", 1.0)),
-            top_k=max(0, int(pick("top_k", 0))), min_p=float(pick("min_p", 0.0)),
-            repetition_penalty=float(pick("repetition_penalty", 1.0)), seed=body.seed, stop=stop,
-            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, **extra)
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_p=float(pick("top_p", 1.0)),
+            top_k=max(0, int(pick("top_k", 0))),
+            min_p=float(pick("min_p", 0.0)),
+            repetition_penalty=float(pick("repetition_penalty", 1.0)),
+            seed=body.seed,
+            stop=stop,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            **extra,
+        )
         try:
             params.validate()
         except SamplingError as e:
             raise APIError(400, str(e), code="invalid_value") from None
-        return [dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
-                for i in range(n)]
+        return [dataclasses.replace(params, seed=None if params.seed is None else params.seed + i) for i in range(n)]
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> Generation:
         try:
@@ -462,8 +537,12 @@ class ServingChat(OpenAIServing):
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         if body.parallel_tool_calls is not None and not body.tools:
-            raise APIError(400, "parallel_tool_calls is only allowed when tools are given",
-                           param="parallel_tool_calls", code="invalid_value")
+            raise APIError(
+                400,
+                "parallel_tool_calls is only allowed when tools are given",
+                param="parallel_tool_calls",
+                code="invalid_value",
+            )
         kwargs = self._template_kwargs(body)
         # tools: the raw dicts go to the template (key order as sent); tool_choice selects which
         tools = raw.get("tools") or None
@@ -475,37 +554,63 @@ class ServingChat(OpenAIServing):
         elif isinstance(choice, NamedToolChoice):
             tools = [t for t in tools if t["function"]["name"] == choice.function.name]
             if not tools:
-                raise APIError(400, f"tool_choice names a function that is not in tools: {choice.function.name!r}",
-                               param="tool_choice", code="invalid_value")
+                raise APIError(
+                    400,
+                    f"tool_choice names a function that is not in tools: {choice.function.name!r}",
+                    param="tool_choice",
+                    code="invalid_value",
+                )
         if choice is not None:
             kwargs["tool_choice"] = raw["tool_choice"]
         prompt, text = await self._render(self._messages(raw), tools, kwargs)
         reasoning = opens_reasoning(text)
-        grammar = await asyncio.to_thread(self._grammar, raw.get("response_format"), tools, raw.get("tool_choice"),
-                                          reasoning, body.parallel_tool_calls is not False)
+        grammar = await asyncio.to_thread(
+            self._grammar,
+            raw.get("response_format"),
+            tools,
+            raw.get("tool_choice"),
+            reasoning,
+            body.parallel_tool_calls is not False,
+        )
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = self.sampling_params(body, max_tokens, len(prompt), "messages", body.n, logprobs=logprobs,
-                                      grammar=grammar)
+        params = self.sampling_params(
+            body, max_tokens, len(prompt), "messages", body.n, logprobs=logprobs, grammar=grammar
+        )
         gen = self.submit([prompt] * body.n, params)
-        fmt = ChatFormat(self.engine, prompt, body.n, reasoning_opened=reasoning, parse_tools=bool(tools),
-                         return_token_ids=body.return_token_ids, logprobs=bool(body.logprobs))
+        fmt = ChatFormat(
+            self.engine,
+            prompt,
+            body.n,
+            reasoning_opened=reasoning,
+            parse_tools=bool(tools),
+            return_token_ids=body.return_token_ids,
+            logprobs=bool(body.logprobs),
+        )
         return await self.respond(request, body, fmt, gen)
 
-    def _grammar(self, response_format: dict | None, tools: list[dict] | None, tool_choice, reasoning: bool,
-                 parallel: bool) -> str | None:
+    def _grammar(
+        self, response_format: dict | None, tools: list[dict] | None, tool_choice, reasoning: bool, parallel: bool
+    ) -> str | None:
         """The llguidance grammar a request asks for (None: free text); a bad schema is a 400 here."""
         if tool_choice in ("auto", "none"):
             tool_choice = None
         if response_format is None and tool_choice is None:
             return None
         try:
-            constraint = GrammarConstraint.from_request(self.engine.tokenizer, response_format, tools, tool_choice,
-                                                        vocab_size=self.engine.vocab_size, reasoning=reasoning,
-                                                        parallel_tool_calls=parallel)
+            constraint = GrammarConstraint.from_request(
+                self.engine.tokenizer,
+                response_format,
+                tools,
+                tool_choice,
+                vocab_size=self.engine.vocab_size,
+                reasoning=reasoning,
+                parallel_tool_calls=parallel,
+            )
         except GrammarError as e:
-            raise APIError(400, str(e), param="tool_choice" if tool_choice is not None else "response_format",
-                           code="invalid_value") from None
+            raise APIError(
+                400, str(e), param="tool_choice" if tool_choice is not None else "response_format", code="invalid_value"
+            ) from None
         except ImportError as e:
             raise APIError(400, str(e), param="response_format", code="unsupported_parameter") from None
         return constraint.grammar if constraint is not None else None
@@ -526,38 +631,50 @@ class ServingChat(OpenAIServing):
         kwargs = dict(body.chat_template_kwargs or {})
         reserved = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
         if reserved:
-            raise APIError(400, f"chat_template_kwargs cannot set {reserved}", param="chat_template_kwargs",
-                           code="invalid_value")
+            raise APIError(
+                400, f"chat_template_kwargs cannot set {reserved}", param="chat_template_kwargs", code="invalid_value"
+            )
         if not isinstance(kwargs.get("enable_thinking", False), bool):
-            raise APIError(400, "chat_template_kwargs.enable_thinking must be a boolean",
-                           param="chat_template_kwargs.enable_thinking", code="invalid_value")
+            raise APIError(
+                400,
+                "chat_template_kwargs.enable_thinking must be a boolean",
+                param="chat_template_kwargs.enable_thinking",
+                code="invalid_value",
+            )
         effort = getattr(body, "reasoning_effort", None)
         if effort is not None:
             thinking = _REASONING_EFFORT[effort]
             if kwargs.get("enable_thinking", thinking) != thinking:
-                raise APIError(400, f"reasoning_effort {effort!r} contradicts "
-                               f"chat_template_kwargs.enable_thinking={kwargs['enable_thinking']}",
-                               param="reasoning_effort", code="invalid_value")
+                raise APIError(
+                    400,
+                    f"reasoning_effort {effort!r} contradicts "
+                    f"chat_template_kwargs.enable_thinking={kwargs['enable_thinking']}",
+                    param="reasoning_effort",
+                    code="invalid_value",
+                )
             kwargs["enable_thinking"] = thinking
         kwargs.setdefault("enable_thinking", False)
         return kwargs
 
-    async def _render(self, messages: list[dict], tools: list[dict] | None, kwargs: dict[str, Any]
-                      ) -> tuple[list[int], str]:
+    async def _render(
+        self, messages: list[dict], tools: list[dict] | None, kwargs: dict[str, Any]
+    ) -> tuple[list[int], str]:
         try:  # ids from the template itself: control tokens spelled in client text stay text (tokenizer.py)
             return await self.engine.encode_chat(messages, tools, **kwargs)
         except PromptTooLarge as e:
             raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
         except Exception as e:  # noqa: BLE001 - jinja TemplateError / TypeError from the template
-            raise APIError(400, f"cannot render the chat template: {e}", param="messages",
-                           code="invalid_value") from None
+            raise APIError(
+                400, f"cannot render the chat template: {e}", param="messages", code="invalid_value"
+            ) from None
 
 
 def _reject_combinations(body: SamplingRequest) -> None:
     """Fields that OpenAI refuses in combination: refused here too (400), not silently ignored."""
     if body.stream_options is not None and not body.stream:
-        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
-                       code="invalid_value")
+        raise APIError(
+            400, "stream_options is only allowed when stream is true", param="stream_options", code="invalid_value"
+        )
 
 
 class ServingCompletion(OpenAIServing):
@@ -568,18 +685,22 @@ class ServingCompletion(OpenAIServing):
         _reject_combinations(body)
         for name, ok in (("suffix", body.suffix is None), ("best_of", body.best_of in (None, 1, body.n))):
             if not ok:
-                raise APIError(400, f"{name} is not supported by this server", param=name,
-                               code="unsupported_parameter")
+                raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
         if body.max_tokens == 0 and not body.echo:
-            raise APIError(400, "max_tokens 0 needs echo: true (it scores the prompt only)", param="max_tokens",
-                           code="invalid_value")
+            raise APIError(
+                400,
+                "max_tokens 0 needs echo: true (it scores the prompt only)",
+                param="max_tokens",
+                code="invalid_value",
+            )
         p = body.prompt
         batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not batch:
             raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
         if len(batch) * body.n > MAX_CHOICES:
-            raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n",
-                           code="invalid_value")
+            raise APIError(
+                400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n", code="invalid_value"
+            )
         prompts = [await self._encode(x) for x in batch]
         flat, params, echo, chars = [], [], [], []
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
@@ -593,9 +714,15 @@ class ServingCompletion(OpenAIServing):
             echo += [text if body.echo else ""] * body.n
             chars += [len(text)] * body.n
         gen = self.submit(flat, params)
-        fmt = CompletionFormat(self.engine, flat, echo, prompt_tokens=sum(len(x) for x in prompts),
-                               return_token_ids=body.return_token_ids, logprobs=body.logprobs is not None,
-                               prompt_chars=chars)
+        fmt = CompletionFormat(
+            self.engine,
+            flat,
+            echo,
+            prompt_tokens=sum(len(x) for x in prompts),
+            return_token_ids=body.return_token_ids,
+            logprobs=body.logprobs is not None,
+            prompt_chars=chars,
+        )
         return await self.respond(request, body, fmt, gen)
 
     async def _encode(self, prompt: str | list[int]) -> list[int]:
@@ -609,8 +736,9 @@ class ServingCompletion(OpenAIServing):
             vocab = self.engine.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise APIError(400, f"prompt token ids out of range [0, {vocab}): {bad[:5]}",
-                               param="prompt", code="invalid_value")
+                raise APIError(
+                    400, f"prompt token ids out of range [0, {vocab}): {bad[:5]}", param="prompt", code="invalid_value"
+                )
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
         return ids
@@ -651,7 +779,12 @@ class ServingTokenization(ServingChat):
     def info(self) -> TokenizerInfoResponse:
         tokenizer = self.engine.tokenizer
         template = tokenizer.chat_template
-        return TokenizerInfoResponse(tokenizer_class="PreTrainedTokenizerFast", **tokenizer.special_tokens,
-                                     chat_template=template if isinstance(template, str) else
-                                     (template or {}).get("default"), model_max_length=self.engine.max_seq_len,
-                                     vocab_size=tokenizer.vocab_size, add_bos_token=False, add_eos_token=False)
+        return TokenizerInfoResponse(
+            tokenizer_class="PreTrainedTokenizerFast",
+            **tokenizer.special_tokens,
+            chat_template=template if isinstance(template, str) else (template or {}).get("default"),
+            model_max_length=self.engine.max_seq_len,
+            vocab_size=tokenizer.vocab_size,
+            add_bos_token=False,
+            add_eos_token=False,
+        )

@@ -24,21 +24,33 @@ exercised in tests with an ONNX Runtime executor and host memory in their place.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..errors import ExaoneDeployError
 from ..bundle import BundleError, Manifest, load_manifest
+from ..errors import ExaoneDeployError
 from ..graph_io import GraphIO
 from ..runtime.backend import Backend, ContextLengthError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrtBackend", "TrtEngine", "CudaMemory", "TensorRTUnavailable", "EngineMismatchError",
-           "require_tensorrt", "require_cudart", "gpu_info", "engine_compat_error", "ENGINE_TARGET",
-           "PROFILE_PREFILL", "PROFILE_DECODE"]
+__all__ = [
+    "TrtBackend",
+    "TrtEngine",
+    "CudaMemory",
+    "TensorRTUnavailable",
+    "EngineMismatchError",
+    "require_tensorrt",
+    "require_cudart",
+    "gpu_info",
+    "engine_compat_error",
+    "ENGINE_TARGET",
+    "PROFILE_PREFILL",
+    "PROFILE_DECODE",
+]
 
 ENGINE_TARGET = "tensorrt"
 PROFILE_PREFILL, PROFILE_DECODE = 0, 1
@@ -55,19 +67,26 @@ class EngineMismatchError(BundleError):
 
 # ---- optional dependencies -------------------------------------------------------------------------------
 
+
 def require_tensorrt(purpose: str = "running a TensorRT engine"):
     """``import tensorrt``, or a one-line TensorRTUnavailable naming the package."""
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise TensorRTUnavailable(f"{purpose} needs TensorRT, but the Python package 'tensorrt' is not installed "
-                                  f"({e}); install it on a machine with an NVIDIA GPU: pip install tensorrt") from None
+        raise TensorRTUnavailable(
+            f"{purpose} needs TensorRT, but the Python package 'tensorrt' is not installed "
+            f"({e}); install it on a machine with an NVIDIA GPU: pip install tensorrt"
+        ) from None
     except OSError as e:  # the bindings are there but libnvinfer is not
-        raise TensorRTUnavailable(f"{purpose} needs TensorRT, but the 'tensorrt' package cannot load its libraries "
-                                  f"({e}); reinstall tensorrt (its tensorrt-libs wheels) for this CUDA version") from None
+        raise TensorRTUnavailable(
+            f"{purpose} needs TensorRT, but the 'tensorrt' package cannot load its libraries "
+            f"({e}); reinstall tensorrt (its tensorrt-libs wheels) for this CUDA version"
+        ) from None
     if not hasattr(trt, "Builder") or not hasattr(trt, "Runtime"):
-        raise TensorRTUnavailable(f"{purpose} needs TensorRT, but the installed 'tensorrt' package has no Builder/"
-                                  f"Runtime (a stub or a broken install: {getattr(trt, '__file__', '?')})")
+        raise TensorRTUnavailable(
+            f"{purpose} needs TensorRT, but the installed 'tensorrt' package has no Builder/"
+            f"Runtime (a stub or a broken install: {getattr(trt, '__file__', '?')})"
+        )
     return trt
 
 
@@ -79,8 +98,10 @@ def require_cudart():
         try:
             from cuda import cudart  # cuda-python < 12.6
         except ImportError as e:
-            raise TensorRTUnavailable(f"the TensorRT backend needs the Python package 'cuda-python' for device "
-                                      f"memory and CUDA graphs ({e}); pip install cuda-python") from None
+            raise TensorRTUnavailable(
+                f"the TensorRT backend needs the Python package 'cuda-python' for device "
+                f"memory and CUDA graphs ({e}); pip install cuda-python"
+            ) from None
     return cudart
 
 
@@ -107,17 +128,22 @@ def engine_compat_error(info: dict[str, Any], trt_version: str, compute_capabili
     None. TensorRT engines are tied to the exact TensorRT version and to the GPU architecture they were built for."""
     built_v, built_cc = str(info.get("version", "?")), str(info.get("compute_capability", "?"))
     if built_v != trt_version:
-        return (f"the engine was built with TensorRT {built_v} but this machine has TensorRT {trt_version}; "
-                f"engines only load in the TensorRT version that built them: rebuild it here with "
-                f"`exaone-deploy build` from its source bundle")
+        return (
+            f"the engine was built with TensorRT {built_v} but this machine has TensorRT {trt_version}; "
+            f"engines only load in the TensorRT version that built them: rebuild it here with "
+            f"`exaone-deploy build` from its source bundle"
+        )
     if built_cc != compute_capability and info.get("hardware_compatibility", "none") == "none":
-        return (f"the engine was built for a GPU of compute capability {built_cc} "
-                f"({info.get('device', 'unknown GPU')}) but this GPU is {compute_capability}; rebuild it on this "
-                f"GPU with `exaone-deploy build`")
+        return (
+            f"the engine was built for a GPU of compute capability {built_cc} "
+            f"({info.get('device', 'unknown GPU')}) but this GPU is {compute_capability}; rebuild it on this "
+            f"GPU with `exaone-deploy build`"
+        )
     return None
 
 
 # ---- device memory (cuda-python) -------------------------------------------------------------------------
+
 
 class CudaMemory:
     """Device buffers, one stream, copies and CUDA graphs through cuda-python."""
@@ -149,12 +175,20 @@ class CudaMemory:
 
     def upload(self, ptr: int, arr: np.ndarray) -> None:
         arr = np.ascontiguousarray(arr)
-        _check(self.rt.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes,
-                                       self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream), "cudaMemcpy H2D")
+        _check(
+            self.rt.cudaMemcpyAsync(
+                ptr, arr.ctypes.data, arr.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream
+            ),
+            "cudaMemcpy H2D",
+        )
 
     def download(self, arr: np.ndarray, ptr: int) -> None:
-        _check(self.rt.cudaMemcpyAsync(arr.ctypes.data, ptr, arr.nbytes,
-                                       self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream), "cudaMemcpy D2H")
+        _check(
+            self.rt.cudaMemcpyAsync(
+                arr.ctypes.data, ptr, arr.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream
+            ),
+            "cudaMemcpy D2H",
+        )
 
     def sync(self) -> None:
         _check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
@@ -162,8 +196,10 @@ class CudaMemory:
     def capture(self, fn) -> Any:
         """Record what ``fn()`` enqueues on the stream into an instantiated CUDA graph."""
         rt = self.rt
-        _check(rt.cudaStreamBeginCapture(self.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
-               "cudaStreamBeginCapture")
+        _check(
+            rt.cudaStreamBeginCapture(self.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+            "cudaStreamBeginCapture",
+        )
         try:
             fn()
         finally:
@@ -188,6 +224,7 @@ class CudaMemory:
 
 # ---- the engine (TensorRT) -------------------------------------------------------------------------------
 
+
 class TrtEngine:
     """A deserialized engine with one execution context per optimisation profile."""
 
@@ -197,15 +234,19 @@ class TrtEngine:
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self.engine is None:
-            raise BundleError(f"{engine_path}: TensorRT could not deserialize the engine (see the TensorRT log "
-                              f"above; a plugin the engine uses may not be registered)")
+            raise BundleError(
+                f"{engine_path}: TensorRT could not deserialize the engine (see the TensorRT log "
+                f"above; a plugin the engine uses may not be registered)"
+            )
         e = self.engine
         self.names = [e.get_tensor_name(i) for i in range(e.num_io_tensors)]
         self.input_names = [n for n in self.names if e.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in self.names if n not in self.input_names]
         if e.num_optimization_profiles < 2:
-            raise BundleError(f"{engine_path}: the engine has {e.num_optimization_profiles} optimisation profile(s); "
-                              f"exaone-deploy engines have two (prefill, decode)")
+            raise BundleError(
+                f"{engine_path}: the engine has {e.num_optimization_profiles} optimisation profile(s); "
+                f"exaone-deploy engines have two (prefill, decode)"
+            )
         self.contexts = []
         for profile in (PROFILE_PREFILL, PROFILE_DECODE):
             ctx = e.create_execution_context()
@@ -218,9 +259,11 @@ class TrtEngine:
     def set_input_shape(self, profile: int, name: str, shape: tuple[int, ...]) -> None:
         if not self.contexts[profile].set_input_shape(name, tuple(int(d) for d in shape)):
             lo, _, hi = self.engine.get_tensor_profile_shape(name, profile)
-            raise ContextLengthError(f"input {name} shape {tuple(shape)} is outside the engine's profile "
-                                     f"{profile} range {tuple(lo)}..{tuple(hi)} (rebuild with larger --max-batch/"
-                                     f"--max-seq-len)")
+            raise ContextLengthError(
+                f"input {name} shape {tuple(shape)} is outside the engine's profile "
+                f"{profile} range {tuple(lo)}..{tuple(hi)} (rebuild with larger --max-batch/"
+                f"--max-seq-len)"
+            )
 
     def set_tensor_address(self, profile: int, name: str, ptr: int) -> None:
         if not self.contexts[profile].set_tensor_address(name, int(ptr)):
@@ -232,6 +275,7 @@ class TrtEngine:
 
 
 # ---- the backend ------------------------------------------------------------------------------------------
+
 
 class _Buffers:
     """Named device buffers that grow on demand (growing drops the captured graphs that point at them)."""
@@ -258,14 +302,25 @@ class _Buffers:
 class TrtBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, bundle: str | Path | Manifest, *, max_batch: int = 1, max_seq_len: int | None = None,
-                 verify: bool = True, cuda_graphs: bool = True, device: int = 0, verbose: bool = False,
-                 capacity: int | None = None):
+    def __init__(
+        self,
+        bundle: str | Path | Manifest,
+        *,
+        max_batch: int = 1,
+        max_seq_len: int | None = None,
+        verify: bool = True,
+        cuda_graphs: bool = True,
+        device: int = 0,
+        verbose: bool = False,
+        capacity: int | None = None,
+    ):
         """``capacity``: deprecated alias of ``max_seq_len``; ``device``: the CUDA device index."""
         manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle, verify=verify)
         if manifest.target != ENGINE_TARGET:
-            raise BundleError(f"{manifest.root}: bundle target is {manifest.target!r}; the TensorRT backend runs engine "
-                              f"bundles (build one with `exaone-deploy build {manifest.root} -o ENGINE_DIR`)")
+            raise BundleError(
+                f"{manifest.root}: bundle target is {manifest.target!r}; the TensorRT backend runs engine "
+                f"bundles (build one with `exaone-deploy build {manifest.root} -o ENGINE_DIR`)"
+            )
         info = manifest.get("tensorrt") or {}
         trt = require_tensorrt("running a TensorRT engine bundle")
         here = gpu_info(device)
@@ -278,14 +333,24 @@ class TrtBackend(Backend):
         self._setup(manifest, engine, mem, max_batch, max_seq_len or capacity, cuda_graphs)
 
     @classmethod
-    def open(cls, manifest: Manifest, *, device: str = "cpu", max_batch: int = 1,
-             max_seq_len: int | None = None) -> "TrtBackend":
+    def open(
+        cls, manifest: Manifest, *, device: str = "cpu", max_batch: int = 1, max_seq_len: int | None = None
+    ) -> TrtBackend:
         """An engine runs on GPU 0 whatever ``device`` names (the CLI's default is 'cpu', meant for ONNX Runtime)."""
         return cls(manifest, max_batch=max_batch, max_seq_len=max_seq_len)
 
     @classmethod
-    def from_parts(cls, manifest: Manifest, engine, mem, *, max_batch: int = 1, max_seq_len: int | None = None,
-                   cuda_graphs: bool = True, capacity: int | None = None) -> "TrtBackend":
+    def from_parts(
+        cls,
+        manifest: Manifest,
+        engine,
+        mem,
+        *,
+        max_batch: int = 1,
+        max_seq_len: int | None = None,
+        cuda_graphs: bool = True,
+        capacity: int | None = None,
+    ) -> TrtBackend:
         """A backend over a given engine and memory (the constructor's checks are the caller's business)."""
         self = cls.__new__(cls)
         self._setup(manifest, engine, mem, max_batch, max_seq_len or capacity, cuda_graphs)
@@ -297,8 +362,9 @@ class TrtBackend(Backend):
         info = manifest.get("tensorrt") or {}
         self.batch_limit = int(info.get("max_batch", max_batch))
         if any(layer.get("ring") for layer in info.get("layers", [])):
-            raise BundleError(f"{manifest.root}: the engine uses ring-buffer caches, which this backend does not "
-                              f"allocate yet")
+            raise BundleError(
+                f"{manifest.root}: the engine uses ring-buffer caches, which this backend does not allocate yet"
+            )
         self.itemsize = _ITEMSIZE[manifest.dtype]
         self.use_graphs = bool(cuda_graphs and getattr(mem, "supports_graphs", False))
         self._graphs: dict[int, Any] = {}
@@ -432,4 +498,3 @@ def _register_plugins() -> None:
     except (ImportError, RuntimeError) as e:
         # AOT plugin kernels are inside the engine: nothing to register for them.
         log.info("exaone_deploy TensorRT plugins not registered (%s); relying on the engine's AOT kernels", e)
-

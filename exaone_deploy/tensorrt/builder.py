@@ -30,22 +30,32 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ..errors import ExaoneDeployError
 from .. import bundle as bundle_mod
 from ..bundle import BundleError, Manifest, load_manifest
-from .backend import (ENGINE_TARGET, TensorRTUnavailable, gpu_info, require_tensorrt)
+from ..errors import ExaoneDeployError
 from ..graph_io import GraphIO
 from ..spec import ModelSpec
+from .backend import ENGINE_TARGET, TensorRTUnavailable, gpu_info, require_tensorrt
 from .checks import CheckReport, check_model, plugin_contract
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BuildError", "BuildOptions", "BuildProgress", "TensorRTUnavailable", "build_engine", "profile_shapes",
-           "write_engine_bundle", "build_gpu_info", "ENGINE_FILE"]
+__all__ = [
+    "BuildError",
+    "BuildOptions",
+    "BuildProgress",
+    "TensorRTUnavailable",
+    "build_engine",
+    "profile_shapes",
+    "write_engine_bundle",
+    "build_gpu_info",
+    "ENGINE_FILE",
+]
 
 ENGINE_FILE = "model.engine"
 PROFILE_NAMES = ("prefill", "decode")
@@ -71,15 +81,19 @@ class BuildOptions:
             raise BuildError(f"--opt-level must be in 0..5, got {self.opt_level}")
         max_seq = self.max_seq_len or bundle_max_seq_len
         if not 1 <= max_seq <= bundle_max_seq_len:
-            raise BuildError(f"--max-seq-len {max_seq} must be in 1..{bundle_max_seq_len} (the bundle's RoPE tables "
-                             f"cover {bundle_max_seq_len} positions; re-export with a larger --max-seq-len)")
+            raise BuildError(
+                f"--max-seq-len {max_seq} must be in 1..{bundle_max_seq_len} (the bundle's RoPE tables "
+                f"cover {bundle_max_seq_len} positions; re-export with a larger --max-seq-len)"
+            )
         return max_seq
 
 
 # ---- pure parts (tested without TensorRT) -----------------------------------------------------------------
 
-def profile_shapes(spec: ModelSpec, max_batch: int, max_seq_len: int, prefill_opt_len: int | None = None
-                   ) -> list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
+
+def profile_shapes(
+    spec: ModelSpec, max_batch: int, max_seq_len: int, prefill_opt_len: int | None = None
+) -> list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
     """(min, opt, max) shapes of every dynamic input, for the prefill and decode profiles.
 
     ``total_sequence_length`` is a scalar (no dynamic dimension) and needs no profile entry.
@@ -107,8 +121,14 @@ class BuildProgress:
         with self._lock:
             depth = self._depth.get(parent_phase, -1) + 1 if parent_phase else 0
             self._depth[phase_name] = depth
-            self._bars[phase_name] = self._factory(total=num_steps, desc="  " * depth + phase_name, position=depth,
-                                                   leave=depth == 0, disable=not self.enabled, unit="step")
+            self._bars[phase_name] = self._factory(
+                total=num_steps,
+                desc="  " * depth + phase_name,
+                position=depth,
+                leave=depth == 0,
+                disable=not self.enabled,
+                unit="step",
+            )
 
     def step_complete(self, phase_name: str, step: int) -> bool:
         with self._lock:
@@ -159,18 +179,31 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def write_engine_bundle(source: Manifest, out_dir: str | Path, engine: bytes, tensorrt_info: dict[str, Any],
-                        *, max_seq_len: int, force: bool = False) -> Path:
+def write_engine_bundle(
+    source: Manifest,
+    out_dir: str | Path,
+    engine: bytes,
+    tensorrt_info: dict[str, Any],
+    *,
+    max_seq_len: int,
+    force: bool = False,
+) -> Path:
     """Write an engine bundle atomically: model.engine, the source's tokenizer files, manifest.json."""
     io = GraphIO(source.spec, source.dtype, max_seq_len)
     with bundle_mod.atomic_dir(out_dir, force=force, error=BuildError) as tmp:
         (tmp / ENGINE_FILE).write_bytes(engine)
         bundle_mod.finish_bundle(
-            tmp, io, target=ENGINE_TARGET, model_file=ENGINE_FILE, source_dir=source.root,
+            tmp,
+            io,
+            target=ENGINE_TARGET,
+            model_file=ENGINE_FILE,
+            source_dir=source.root,
             extra={
                 "tensorrt": tensorrt_info,
                 "source_bundle": {
-                    "path": str(source.root.resolve()), "target": source.target, "dtype": source.dtype,
+                    "path": str(source.root.resolve()),
+                    "target": source.target,
+                    "dtype": source.dtype,
                     "max_seq_len": source.max_seq_len,
                     "manifest_sha256": _sha256(source.root / bundle_mod.MANIFEST),
                     "model_sha256": source.get("sha256", {}).get(source.data["files"]["model"]),
@@ -181,6 +214,7 @@ def write_engine_bundle(source: Manifest, out_dir: str | Path, engine: bytes, te
 
 
 # ---- TensorRT --------------------------------------------------------------------------------------------
+
 
 def _progress_monitor(trt, progress: BuildProgress):
     """A ``trt.IProgressMonitor`` forwarding to ``progress`` (pybind11 needs the base __init__ called)."""
@@ -241,8 +275,9 @@ def _load_timing_cache(trt, config, path: Path | None):
     return cache
 
 
-def _build_serialized(trt, model_path: Path, spec: ModelSpec, opts: BuildOptions, max_seq_len: int,
-                      progress: BuildProgress) -> tuple[bytes, list[dict]]:
+def _build_serialized(
+    trt, model_path: Path, spec: ModelSpec, opts: BuildOptions, max_seq_len: int, progress: BuildProgress
+) -> tuple[bytes, list[dict]]:
     logger = trt.Logger(trt.Logger.INFO if log.isEnabledFor(logging.DEBUG) else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
@@ -262,11 +297,15 @@ def _build_serialized(trt, model_path: Path, spec: ModelSpec, opts: BuildOptions
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     for inp in inputs:
         if inp.is_shape_tensor:
-            raise BuildError(f"{model_path}: input {inp.name!r} is used as a shape tensor; exaone-deploy graphs feed "
-                             f"it to the attention plugin only (re-export the bundle)")
+            raise BuildError(
+                f"{model_path}: input {inp.name!r} is used as a shape tensor; exaone-deploy graphs feed "
+                f"it to the attention plugin only (re-export the bundle)"
+            )
         if -1 in tuple(inp.shape) and inp.name not in shapes[0]:
-            raise BuildError(f"{model_path}: dynamic input {inp.name!r} {tuple(inp.shape)} has no optimisation profile "
-                             f"(not an exaone-deploy graph?)")
+            raise BuildError(
+                f"{model_path}: dynamic input {inp.name!r} {tuple(inp.shape)} has no optimisation profile "
+                f"(not an exaone-deploy graph?)"
+            )
     recorded = []
     for name, prof in zip(PROFILE_NAMES, shapes):
         profile = builder.create_optimization_profile()
@@ -277,8 +316,9 @@ def _build_serialized(trt, model_path: Path, spec: ModelSpec, opts: BuildOptions
         if index < 0:
             raise BuildError(f"TensorRT rejected the {name} optimisation profile")
         summary = GraphIO(spec).profile_summary(prof)
-        recorded.append({"name": name, "index": index,
-                         "shapes": {k: [list(dims) for dims in v] for k, v in summary.items()}})
+        recorded.append(
+            {"name": name, "index": index, "shapes": {k: [list(dims) for dims in v] for k, v in summary.items()}}
+        )
 
     serialized = builder.build_serialized_network(network, config)
     del parser  # only now may it go
@@ -290,16 +330,26 @@ def _build_serialized(trt, model_path: Path, spec: ModelSpec, opts: BuildOptions
     return bytes(serialized), recorded
 
 
-def build_engine(bundle_dir: str | Path, out_dir: str | Path, options: BuildOptions = BuildOptions(), *,
-                 force: bool = False, progress: bool = True) -> Path:
+def build_engine(
+    bundle_dir: str | Path,
+    out_dir: str | Path,
+    options: BuildOptions = BuildOptions(),
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
     """Build a TensorRT engine bundle from a ``trt`` bundle. Returns the engine bundle's path."""
     source = load_manifest(bundle_dir, verify=True)
     if source.target != "trt":
-        raise BundleError(f"{source.root}: bundle target is {source.target!r}; TensorRT engines are built from 'trt' "
-                          f"bundles (exaone-deploy export MODEL --target trt)")
+        raise BundleError(
+            f"{source.root}: bundle target is {source.target!r}; TensorRT engines are built from 'trt' "
+            f"bundles (exaone-deploy export MODEL --target trt)"
+        )
     if not source.spec.head.is_lm:  # the profiles and the engine runner are the decoder's (runtime/head_backend.py)
-        raise BuildError(f"{source.root}: a {source.spec.head.task} bundle; TensorRT engines of task heads are not "
-                         "supported yet (export with --target ort and run it with classify/qa)")
+        raise BuildError(
+            f"{source.root}: a {source.spec.head.task} bundle; TensorRT engines of task heads are not "
+            "supported yet (export with --target ort and run it with classify/qa)"
+        )
     max_seq_len = options.validate(source.max_seq_len)
     out = Path(out_dir)
     if out.exists() and not force:
@@ -313,8 +363,9 @@ def build_engine(bundle_dir: str | Path, out_dir: str | Path, options: BuildOpti
 
     register_plugins()
     t0 = time.perf_counter()
-    engine, profiles = _build_serialized(trt, source.model_path, source.spec, options, max_seq_len,
-                                         BuildProgress(enabled=progress))
+    engine, profiles = _build_serialized(
+        trt, source.model_path, source.spec, options, max_seq_len, BuildProgress(enabled=progress)
+    )
     contract = plugin_contract()
     info = {
         "version": trt.__version__,
@@ -327,10 +378,20 @@ def build_engine(bundle_dir: str | Path, out_dir: str | Path, options: BuildOpti
         "strongly_typed": True,
         "profiles": profiles,
         "precision": {"dtype": source.dtype, "quantized_dq_nodes": report.quantization},
-        "plugins": [{"op_type": contract.op_type, "namespace": contract.namespace, "version": contract.version,
-                     "fields": sorted(contract.fields), "nodes": report.plugin_nodes, "implementation": "aot"}],
-        "layers": [{"index": i, "window": p["window"], "rotary": p["rotary"], "ring": p["ring"]}
-                   for i, p in enumerate(report.plugins)],
+        "plugins": [
+            {
+                "op_type": contract.op_type,
+                "namespace": contract.namespace,
+                "version": contract.version,
+                "fields": sorted(contract.fields),
+                "nodes": report.plugin_nodes,
+                "implementation": "aot",
+            }
+        ],
+        "layers": [
+            {"index": i, "window": p["window"], "rotary": p["rotary"], "ring": p["ring"]}
+            for i, p in enumerate(report.plugins)
+        ],
         "checks": {"op_list_tensorrt_version": report.tensorrt_version, "warnings": len(report.warnings)},
         "build_seconds": round(time.perf_counter() - t0, 1),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},

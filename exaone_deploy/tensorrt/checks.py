@@ -33,11 +33,19 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..graph_io import GraphIO
 from ..errors import ExaoneDeployError
+from ..graph_io import GraphIO
 
-__all__ = ["Issue", "CheckReport", "TrtGraphError", "PluginContract", "supported_ops", "plugin_contract",
-           "check_model", "check_bundle"]
+__all__ = [
+    "Issue",
+    "CheckReport",
+    "TrtGraphError",
+    "PluginContract",
+    "supported_ops",
+    "plugin_contract",
+    "check_model",
+    "check_bundle",
+]
 
 OPS_FILE = Path(__file__).with_name("trt_onnx_ops.json")
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -67,9 +75,19 @@ if hasattr(T, "FLOAT4E2M1"):
     QUANT_TYPES[T.FLOAT4E2M1] = "FP4"
 FOUR_BIT = {"INT4", "FP4"}
 # onnx-tensorrt's type names in operators.md.
-TYPE_NAMES = {T.FLOAT: "FP32", T.FLOAT16: "FP16", T.BFLOAT16: "BF16", T.INT32: "INT32", T.INT64: "INT64",
-              T.INT8: "INT8", T.UINT8: "UINT8", T.BOOL: "BOOL", T.FLOAT8E4M3FN: "FP8", T.INT4: "INT4",
-              T.DOUBLE: "DOUBLE"}
+TYPE_NAMES = {
+    T.FLOAT: "FP32",
+    T.FLOAT16: "FP16",
+    T.BFLOAT16: "BF16",
+    T.INT32: "INT32",
+    T.INT64: "INT64",
+    T.INT8: "INT8",
+    T.UINT8: "UINT8",
+    T.BOOL: "BOOL",
+    T.FLOAT8E4M3FN: "FP8",
+    T.INT4: "INT4",
+    T.DOUBLE: "DOUBLE",
+}
 QUANTIZED_CONSUMERS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 SHAPE_PASSTHROUGH = {"Transpose", "Reshape", "Identity", "Unsqueeze", "Squeeze", "Flatten"}
 
@@ -118,18 +136,26 @@ class CheckReport:
     def ok(self) -> bool:
         return not self.errors
 
-    def raise_for_errors(self) -> "CheckReport":
+    def raise_for_errors(self) -> CheckReport:
         if self.errors:
             raise TrtGraphError(self.path, self.issues)
         return self
 
     def to_json(self) -> dict:
-        return {"path": self.path, "tensorrt_version": self.tensorrt_version, "ok": self.ok, "nodes": self.nodes,
-                "plugin_nodes": self.plugin_nodes, "op_counts": self.op_counts, "quantization": self.quantization,
-                "errors": [str(i) for i in self.errors], "warnings": [str(i) for i in self.warnings]}
+        return {
+            "path": self.path,
+            "tensorrt_version": self.tensorrt_version,
+            "ok": self.ok,
+            "nodes": self.nodes,
+            "plugin_nodes": self.plugin_nodes,
+            "op_counts": self.op_counts,
+            "quantization": self.quantization,
+            "errors": [str(i) for i in self.errors],
+            "warnings": [str(i) for i in self.warnings],
+        }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def supported_ops() -> dict:
     """The parser's op list (``trt_onnx_ops.json``)."""
     try:
@@ -143,12 +169,18 @@ def plugin_contract() -> PluginContract:
     from . import plugin as p
 
     onnx_type = {int: A.INT, float: A.FLOAT, str: A.STRING}
-    return PluginContract(p.PLUGIN_OP_TYPE, p.PLUGIN_NAMESPACE, str(p.PLUGIN_VERSION),
-                          {k: onnx_type[v] for k, v in p.ATTRIBUTE_TYPES.items()}, tuple(p.INPUT_NAMES),
-                          tuple(p.OUTPUT_NAMES))
+    return PluginContract(
+        p.PLUGIN_OP_TYPE,
+        p.PLUGIN_NAMESPACE,
+        str(p.PLUGIN_VERSION),
+        {k: onnx_type[v] for k, v in p.ATTRIBUTE_TYPES.items()},
+        tuple(p.INPUT_NAMES),
+        tuple(p.OUTPUT_NAMES),
+    )
 
 
 # ---- graph index ---------------------------------------------------------------------------------------
+
 
 class _Graph:
     """Types, shapes, constants, producers and consumers of one (top-level) graph."""
@@ -236,6 +268,7 @@ def _tname(elem_type: int | None) -> str:
 
 # ---- checks --------------------------------------------------------------------------------------------
 
+
 class _Checker:
     def __init__(self, model: onnx.ModelProto, path: str, contract: PluginContract):
         self.model, self.path = model, path
@@ -245,8 +278,9 @@ class _Checker:
         self.report = CheckReport(path=path, tensorrt_version=self.ops["tensorrt_version"])
 
     def issue(self, severity: str, node: onnx.NodeProto | None, message: str) -> None:
-        self.report.issues.append(Issue(severity, node.name if node is not None else "",
-                                        node.op_type if node is not None else "", message))
+        self.report.issues.append(
+            Issue(severity, node.name if node is not None else "", node.op_type if node is not None else "", message)
+        )
 
     def error(self, node, message):
         self.issue("error", node, message)
@@ -266,14 +300,17 @@ class _Checker:
         lo, hi = self.ops["opset_range"]
         for imp in self.model.opset_import:
             if imp.domain in STANDARD_DOMAINS and not lo <= imp.version <= hi:
-                self.error(None, f"default-domain opset {imp.version} is outside the range TensorRT "
-                                 f"{self.ops['tensorrt_version']} imports ({lo}..{hi})")
+                self.error(
+                    None,
+                    f"default-domain opset {imp.version} is outside the range TensorRT "
+                    f"{self.ops['tensorrt_version']} imports ({lo}..{hi})",
+                )
 
     def check_nodes(self, graph: onnx.GraphProto, counts: Counter, top: bool) -> None:
         for node in graph.node:
             counts[node.op_type] += 1
             for a in node.attribute:  # If/Loop/Scan bodies
-                for sub in ([a.g] if a.type == A.GRAPH else list(a.graphs) if a.type == A.GRAPHS else []):
+                for sub in [a.g] if a.type == A.GRAPH else list(a.graphs) if a.type == A.GRAPHS else []:
                     self.check_nodes(sub, counts, top=False)
             self.check_node(node, top)
 
@@ -288,8 +325,10 @@ class _Checker:
         if builtin is not None:
             # Dispatch is by op_type: a builtin name in a custom domain is imported as the builtin op.
             if node.domain not in STANDARD_DOMAINS:
-                self.warn(node, f"domain {node.domain!r} is ignored by TensorRT: this node is imported as the "
-                                f"standard ONNX {op}")
+                self.warn(
+                    node,
+                    f"domain {node.domain!r} is ignored by TensorRT: this node is imported as the standard ONNX {op}",
+                )
             if top:
                 self.check_types(node, builtin)
             if op in ("QuantizeLinear", "DequantizeLinear") and top:
@@ -300,17 +339,26 @@ class _Checker:
                 self.check_qdq(node, dq=custom["kind"] == "dequantize", custom=custom)
             return
         if op in self.ops["unsupported"]:
-            self.error(node, f"TensorRT {self.ops['tensorrt_version']}'s ONNX parser does not support {op} "
-                             f"({self.ops['unsupported'][op]})")
+            self.error(
+                node,
+                f"TensorRT {self.ops['tensorrt_version']}'s ONNX parser does not support {op} "
+                f"({self.ops['unsupported'][op]})",
+            )
         elif node.domain == "com.microsoft":
-            self.error(node, f"com.microsoft::{op} is an ONNX Runtime contrib op, not a TensorRT one "
-                             f"(an 'ort' lowering? export with --target trt)")
+            self.error(
+                node,
+                f"com.microsoft::{op} is an ONNX Runtime contrib op, not a TensorRT one "
+                f"(an 'ort' lowering? export with --target trt)",
+            )
         elif node.domain in STANDARD_DOMAINS:
             self.error(node, f"{op} is not in TensorRT {self.ops['tensorrt_version']}'s supported ONNX operators")
         else:
-            self.error(node, f"{node.domain}::{op} is neither an op TensorRT's ONNX parser imports nor one of "
-                             f"our plugins: the parser would look for a registered plugin named {op!r} and fail "
-                             f"(our plugin is {self.contract.op_type!r})")
+            self.error(
+                node,
+                f"{node.domain}::{op} is neither an op TensorRT's ONNX parser imports nor one of "
+                f"our plugins: the parser would look for a registered plugin named {op!r} and fail "
+                f"(our plugin is {self.contract.op_type!r})",
+            )
 
     # -- types --------------------------------------------------------------------------------------------
     def check_types(self, node: onnx.NodeProto, entry: dict) -> None:
@@ -323,8 +371,10 @@ class _Checker:
         if name == "DOUBLE":
             self.warn(node, "DOUBLE input: TensorRT casts it down to FLOAT")
         elif name is None or name not in entry["types"]:
-            self.error(node, f"input {node.input[0]!r} is {_tname(t)}; TensorRT's {node.op_type} takes "
-                             f"{', '.join(entry['types'])}")
+            self.error(
+                node,
+                f"input {node.input[0]!r} is {_tname(t)}; TensorRT's {node.op_type} takes {', '.join(entry['types'])}",
+            )
 
     # -- plugin -------------------------------------------------------------------------------------------
     def check_plugin(self, node: onnx.NodeProto, top: bool) -> None:
@@ -334,8 +384,11 @@ class _Checker:
         for name, want in (("plugin_version", version), ("plugin_namespace", namespace)):
             a = attrs.get(name)
             if a is None:
-                self.error(node, f"plugin attribute {name!r} is missing (the parser would look up "
-                                 f"{op_type!r} with the default and not find our plugin; expected {want!r})")
+                self.error(
+                    node,
+                    f"plugin attribute {name!r} is missing (the parser would look up "
+                    f"{op_type!r} with the default and not find our plugin; expected {want!r})",
+                )
             elif a.type != A.STRING:
                 self.error(node, f"plugin attribute {name!r} must be a STRING, got {A.AttributeType.Name(a.type)}")
             elif a.s.decode() != want:
@@ -345,14 +398,19 @@ class _Checker:
             if a is None:
                 self.error(node, f"plugin field {name!r} ({A.AttributeType.Name(want)}) is missing")
             elif a.type != want:
-                self.error(node, f"plugin field {name!r} must be {A.AttributeType.Name(want)}, "
-                                 f"got {A.AttributeType.Name(a.type)}")
+                self.error(
+                    node,
+                    f"plugin field {name!r} must be {A.AttributeType.Name(want)}, got {A.AttributeType.Name(a.type)}",
+                )
         for name, a in attrs.items():
             if name in c.fields or name in ("plugin_version", "plugin_namespace"):
                 continue
             if name not in PLUGIN_OPTIONAL:
-                self.error(node, f"unknown attribute {name!r}: the parser passes it to the plugin creator as a "
-                                 f"field it does not declare")
+                self.error(
+                    node,
+                    f"unknown attribute {name!r}: the parser passes it to the plugin creator as a "
+                    f"field it does not declare",
+                )
             elif a.type != PLUGIN_OPTIONAL[name]:
                 self.error(node, f"attribute {name!r} must be {A.AttributeType.Name(PLUGIN_OPTIONAL[name])}")
         if any(e.node == node.name and e.severity == "error" for e in self.report.issues):
@@ -360,8 +418,9 @@ class _Checker:
         v = {name: onnx.helper.get_attribute_value(attrs[name]) for name in c.fields}
         self.report.plugins.append({"node": node.name, **v, "inputs": list(node.input[3:5])})
         if v["num_heads"] <= 0 or v["kv_num_heads"] <= 0 or v["num_heads"] % v["kv_num_heads"]:
-            self.error(node, f"num_heads={v['num_heads']} must be a positive multiple of "
-                             f"kv_num_heads={v['kv_num_heads']}")
+            self.error(
+                node, f"num_heads={v['num_heads']} must be a positive multiple of kv_num_heads={v['kv_num_heads']}"
+            )
         if v["window"] < 0 or v["scale"] < 0:
             self.error(node, f"window ({v['window']}) and scale ({v['scale']}) must be >= 0")
         for flag in ("rotary", "ring"):
@@ -378,10 +437,17 @@ class _Checker:
         given = [bool(x) for x in ins]
         if len(ins) != len(c.inputs) or not all(given):
             missing = [n for i, n in enumerate(c.inputs) if i >= len(ins) or not ins[i]]
-            self.error(node, f"the plugin takes all {len(c.inputs)} inputs ({', '.join(c.inputs)}); this node has "
-                             f"{sum(given)}, missing {', '.join(missing) or '-'}"
-                             + (" (a tensorrt.plugin plugin has a fixed input list: NoPE layers must be given the "
-                                "RoPE tables too, which the trt lowering has to connect)" if not rotary else ""))
+            self.error(
+                node,
+                f"the plugin takes all {len(c.inputs)} inputs ({', '.join(c.inputs)}); this node has "
+                f"{sum(given)}, missing {', '.join(missing) or '-'}"
+                + (
+                    " (a tensorrt.plugin plugin has a fixed input list: NoPE layers must be given the "
+                    "RoPE tables too, which the trt lowering has to connect)"
+                    if not rotary
+                    else ""
+                ),
+            )
             return
         if len(node.output) != 3 or not all(node.output):
             self.error(node, f"expects 3 outputs (output, present_key, present_value), got {list(node.output)}")
@@ -394,8 +460,11 @@ class _Checker:
             ti = types.get(ins[i])
             if t is None or ti is None or ti == t or (i >= 7 and ti == T.FLOAT):
                 continue
-            self.error(node, f"input {i} ({ins[i]!r}) is {_tname(ti)} but query is {_tname(t)}: the plugin's float "
-                             f"inputs share one type (the RoPE tables may also be FLOAT)")
+            self.error(
+                node,
+                f"input {i} ({ins[i]!r}) is {_tname(ti)} but query is {_tname(t)}: the plugin's float "
+                f"inputs share one type (the RoPE tables may also be FLOAT)",
+            )
         for i in (5, 6):
             ti = types.get(ins[i])
             if ti is not None and ti != T.INT32:
@@ -408,8 +477,11 @@ class _Checker:
             if prompt_only and past in self.g.producer and pres not in self.g.outputs:
                 continue
             if past not in self.g.inputs or pres not in self.g.outputs:
-                self.error(node, f"cache {kind}: {past!r} must be a graph input and {pres!r} a graph output "
-                                 f"(the runtime binds them to the same memory)")
+                self.error(
+                    node,
+                    f"cache {kind}: {past!r} must be a graph input and {pres!r} a graph output "
+                    f"(the runtime binds them to the same memory)",
+                )
             elif GraphIO.present_of(past) not in (None, pres):
                 self.error(node, f"cache {kind}: {past!r} pairs with {pres!r}, expected {GraphIO.present_of(past)!r}")
             ps, qs = self.g.shapes.get(past), self.g.shapes.get(pres)
@@ -439,8 +511,11 @@ class _Checker:
         # Quantized type.
         if qtype is None:
             if not dq:
-                self.warn(node, "Q without zero point or output_dtype: ONNX means UINT8 but TensorRT imports INT8; "
-                                "give an INT8 zero point to say what is meant")
+                self.warn(
+                    node,
+                    "Q without zero point or output_dtype: ONNX means UINT8 but TensorRT imports INT8; "
+                    "give an INT8 zero point to say what is meant",
+                )
                 qname = "INT8"
         elif qtype == T.UINT8:
             self.error(node, "UINT8 quantization is DLA-only in TensorRT: use INT8 (zero point of type INT8)")
@@ -462,8 +537,11 @@ class _Checker:
         # Types around the node (strongly typed: no implicit casts).
         xt = g.types.get(x)
         if not dq and custom is None and xt is not None and st is not None and xt != st:
-            self.error(node, f"input {x!r} is {_tname(xt)} but its scale is {_tname(st)}: a strongly typed Q needs "
-                             f"them equal (cast the scale)")
+            self.error(
+                node,
+                f"input {x!r} is {_tname(xt)} but its scale is {_tname(st)}: a strongly typed Q needs "
+                f"them equal (cast the scale)",
+            )
         if dq and custom is None:
             out_dtype = _attr_value(node, "output_dtype") or st
             yt = g.types.get(node.output[0])
@@ -509,23 +587,35 @@ class _Checker:
             if xs is not None and xs[axis] is not None and xs[axis] != size:
                 self.error(node, f"{size} per-channel scales but input {x!r} has {xs[axis]} channels on axis {axis}")
             if not self._weights(x):
-                self.error(node, f"per-channel scales on {x!r}, which is an activation: TensorRT quantizes "
-                                 f"activations per tensor (per-channel is for weights)")
+                self.error(
+                    node,
+                    f"per-channel scales on {x!r}, which is an activation: TensorRT quantizes "
+                    f"activations per tensor (per-channel is for weights)",
+                )
             return
         if rank is not None and len(ss) != rank:
-            self.error(node, f"scale {scale!r} of rank {len(ss)} is neither per-tensor, per-channel (1-D) nor "
-                             f"blocked (rank {rank} like the input)")
+            self.error(
+                node,
+                f"scale {scale!r} of rank {len(ss)} is neither per-tensor, per-channel (1-D) nor "
+                f"blocked (rank {rank} like the input)",
+            )
             return
         # Blocked quantization: one dimension blocked, the others equal; weights only.
         if not self._weights(x):
-            self.error(node, f"blocked scales on {x!r}, which is not a constant: TensorRT takes blocked "
-                             f"quantization on weights only")
+            self.error(
+                node,
+                f"blocked scales on {x!r}, which is not a constant: TensorRT takes blocked "
+                f"quantization on weights only",
+            )
         if xs is not None and all(d is not None for d in xs):
             ratios = [a // b if b else 0 for a, b in zip(xs, ss)]
             blocked = [d for d, (a, b) in enumerate(zip(xs, ss)) if a != b]
             if len(blocked) != 1 or any(a % b for a, b in zip(xs, ss) if b):
-                self.error(node, f"blocked scale shape {list(ss)} for input shape {list(xs)}: exactly one "
-                                 f"dimension may be blocked, evenly")
+                self.error(
+                    node,
+                    f"blocked scale shape {list(ss)} for input shape {list(xs)}: exactly one "
+                    f"dimension may be blocked, evenly",
+                )
             else:
                 bs = _attr_value(node, "block_size")
                 if bs and bs != ratios[blocked[0]]:
@@ -534,35 +624,59 @@ class _Checker:
     def check_q_placement(self, node: onnx.NodeProto, x: str, qname: str | None) -> None:
         consumers = self.g.consumers.get(node.output[0], [])
         if node.output[0] in self.g.outputs:
-            self.error(node, f"Q output {node.output[0]!r} is a graph output: a strongly typed network needs each Q "
-                             f"followed by a DQ")
-        bad = [c for c in consumers if not (c.op_type == "DequantizeLinear" or
-                                            self.ops["trt_custom_ops"]["ops"].get(c.op_type, {}).get("kind")
-                                            == "dequantize")]
+            self.error(
+                node,
+                f"Q output {node.output[0]!r} is a graph output: a strongly typed network needs each Q "
+                f"followed by a DQ",
+            )
+        bad = [
+            c
+            for c in consumers
+            if not (
+                c.op_type == "DequantizeLinear"
+                or self.ops["trt_custom_ops"]["ops"].get(c.op_type, {}).get("kind") == "dequantize"
+            )
+        ]
         if bad:
-            self.error(node, f"Q output feeds {', '.join(sorted({c.op_type for c in bad}))}: every Q must feed "
-                             f"DequantizeLinear nodes (Q->DQ pairs)")
+            self.error(
+                node,
+                f"Q output feeds {', '.join(sorted({c.op_type for c in bad}))}: every Q must feed "
+                f"DequantizeLinear nodes (Q->DQ pairs)",
+            )
         if qname in FOUR_BIT and not self._weights(x):
-            self.error(node, f"{qname} quantization of an activation ({x!r}): TensorRT's 4-bit types are for "
-                             f"weights only")
+            self.error(
+                node, f"{qname} quantization of an activation ({x!r}): TensorRT's 4-bit types are for weights only"
+            )
 
-    def check_dq_placement(self, node: onnx.NodeProto, x: str, scale: str, qname: str | None,
-                           custom: dict | None) -> None:
+    def check_dq_placement(
+        self, node: onnx.NodeProto, x: str, scale: str, qname: str | None, custom: dict | None
+    ) -> None:
         g = self.g
         src = g.producer.get(x)
         weights = self._weights(x)
-        is_q = src is not None and (src.op_type == "QuantizeLinear" or
-                                    self.ops["trt_custom_ops"]["ops"].get(src.op_type, {}).get("kind") == "quantize")
+        is_q = src is not None and (
+            src.op_type == "QuantizeLinear"
+            or self.ops["trt_custom_ops"]["ops"].get(src.op_type, {}).get("kind") == "quantize"
+        )
         if not weights and not is_q:
-            self.error(node, f"DQ input {x!r} comes from {src.op_type if src is not None else 'a graph input'}: "
-                             f"it must be a QuantizeLinear output (Q->DQ pair) or quantized constant weights")
+            self.error(
+                node,
+                f"DQ input {x!r} comes from {src.op_type if src is not None else 'a graph input'}: "
+                f"it must be a QuantizeLinear output (Q->DQ pair) or quantized constant weights",
+            )
         if is_q:
             q_scale = src.input[1] if len(src.input) > 1 else None
             if q_scale and q_scale != scale:
                 a, b = g.values(q_scale), g.values(scale)
                 if a is None or b is None or a.shape != b.shape or not np.array_equal(a, b):
-                    self.error(node, f"Q/DQ pair scales differ ({q_scale!r} vs {scale!r}): the pair must share one scale")
-            if _attr_value(src, "axis", 1) != _attr_value(node, "axis", 1) and g.shapes.get(scale) not in (None, (), (1,)):
+                    self.error(
+                        node, f"Q/DQ pair scales differ ({q_scale!r} vs {scale!r}): the pair must share one scale"
+                    )
+            if _attr_value(src, "axis", 1) != _attr_value(node, "axis", 1) and g.shapes.get(scale) not in (
+                None,
+                (),
+                (1,),
+            ):
                 self.error(node, "Q/DQ pair uses different axes")
         if qname in FOUR_BIT and not weights:
             self.error(node, f"{qname} DQ of {x!r}, which is not constant: TensorRT's 4-bit types are weight-only")
@@ -572,21 +686,32 @@ class _Checker:
             return
         off = sorted(t for t in targets if t not in QUANTIZED_CONSUMERS)
         if weights and qname in FOUR_BIT and off:
-            self.error(node, f"{qname} weight DQ feeds {', '.join(off)}: TensorRT fuses 4-bit weight dequantization "
-                             f"only into MatMul/Gemm")
+            self.error(
+                node,
+                f"{qname} weight DQ feeds {', '.join(off)}: TensorRT fuses 4-bit weight dequantization "
+                f"only into MatMul/Gemm",
+            )
         elif off:
-            self.warn(node, f"DQ feeds {', '.join(off)}, not MatMul/Gemm: it runs as a separate dequantization "
-                            f"(no quantized kernel)")
+            self.warn(
+                node,
+                f"DQ feeds {', '.join(off)}, not MatMul/Gemm: it runs as a separate dequantization "
+                f"(no quantized kernel)",
+            )
 
     def _weights(self, x: str) -> bool:
         """Is ``x`` weights: a constant, or a Q (pair) of a constant?"""
         if self.g.is_constant(x):
             return True
         src = self.g.producer.get(x)
-        return (src is not None and src.input and
-                (src.op_type == "QuantizeLinear" or
-                 self.ops["trt_custom_ops"]["ops"].get(src.op_type, {}).get("kind") == "quantize")
-                and self.g.is_constant(src.input[0]))
+        return (
+            src is not None
+            and src.input
+            and (
+                src.op_type == "QuantizeLinear"
+                or self.ops["trt_custom_ops"]["ops"].get(src.op_type, {}).get("kind") == "quantize"
+            )
+            and self.g.is_constant(src.input[0])
+        )
 
     def _consumer_ops(self, name: str, depth: int = 0) -> set[str]:
         out: set[str] = set()
@@ -598,8 +723,9 @@ class _Checker:
         return out
 
 
-def check_model(model: str | Path | onnx.ModelProto, *, contract: PluginContract | None = None,
-                name: str | None = None) -> CheckReport:
+def check_model(
+    model: str | Path | onnx.ModelProto, *, contract: PluginContract | None = None, name: str | None = None
+) -> CheckReport:
     """Check an ONNX model (path or proto). External data is not loaded: weights are checked by type and shape
     (and by value where they are stored in the model file)."""
     if isinstance(model, (str, Path)):
@@ -621,6 +747,8 @@ def check_bundle(bundle_dir: str | Path, verify: bool = False) -> CheckReport:
 
     m = load_manifest(bundle_dir, verify=verify)
     if m.target != "trt":
-        raise BundleError(f"{m.root}: bundle target is {m.target!r}; TensorRT engines are built from 'trt' bundles "
-                          f"(exaone-deploy export --target trt)")
+        raise BundleError(
+            f"{m.root}: bundle target is {m.target!r}; TensorRT engines are built from 'trt' bundles "
+            f"(exaone-deploy export --target trt)"
+        )
     return check_model(m.model_path)

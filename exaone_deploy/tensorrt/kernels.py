@@ -93,8 +93,20 @@ def _row_geometry(seqlens_ptr, tsl_ptr, b, S, C, PROMPT, RING: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(q1, q2, k1t, k2t, v, allowed, m_i, l_i, acc, QK_SCALE: tl.constexpr, DOT_PREC: tl.constexpr,
-                  UPCAST_DOT: tl.constexpr):
+def _softmax_step(
+    q1,
+    q2,
+    k1t,
+    k2t,
+    v,
+    allowed,
+    m_i,
+    l_i,
+    acc,
+    QK_SCALE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
     """One online-softmax update with a (BLOCK_R x BLOCK_N) score tile; scores in log2 units.
 
     q/k/v arrive in the cache dtype (tensor-core operands). UPCAST_DOT does the same dots in fp32 on the
@@ -134,12 +146,37 @@ def _rope_pair(x1, x2, cos_ptr, sin_ptr, pos, d, mask, HALF: tl.constexpr, TRANS
 
 @triton.jit
 def _attend_block(
-    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr,
-    b, g, mb, split, S, C, MAXPOS, n_new, past, lo,
-    NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr,
-    WINDOW: tl.constexpr, ROTARY: tl.constexpr, RING: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    cos_ptr,
+    sin_ptr,
+    b,
+    g,
+    mb,
+    split,
+    S,
+    C,
+    MAXPOS,
+    n_new,
+    past,
+    lo,
+    NUM_HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    QK_SCALE: tl.constexpr,
+    WINDOW: tl.constexpr,
+    ROTARY: tl.constexpr,
+    RING: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     """Softmax state (m, l, acc) of query-row block ``mb`` of (batch b, KV head g) over split ``split``."""
     GROUP: tl.constexpr = NUM_HEADS // KV_HEADS
@@ -233,22 +270,55 @@ def _attend_block(
 
 
 @triton.jit
-def _store_output(out_ptr, l_i, acc, b, t, h, row_in, row_valid, S,
-                  NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _store_output(
+    out_ptr,
+    l_i,
+    acc,
+    b,
+    t,
+    h,
+    row_in,
+    row_valid,
+    S,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     dd = tl.arange(0, BLOCK_D)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o = tl.where(row_valid[:, None], o, 0.0)  # padded query rows give zeros
     off = ((b * S + t).to(tl.int64) * NUM_HEADS + h) * HEAD_DIM
-    tl.store(out_ptr + off[:, None] + dd[None, :], o.to(out_ptr.dtype.element_ty),
-             mask=row_in[:, None] & (dd < HEAD_DIM)[None, :])
+    tl.store(
+        out_ptr + off[:, None] + dd[None, :],
+        o.to(out_ptr.dtype.element_ty),
+        mask=row_in[:, None] & (dd < HEAD_DIM)[None, :],
+    )
 
 
 @triton.jit
 def _store_kv_tokens(
-    k_ptr, v_ptr, kc_out_ptr, vc_out_ptr, cos_ptr, sin_ptr,
-    b, g, u_start, u_end, S, C, MAXPOS, n_new, past,
-    KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr, RING: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    kc_out_ptr,
+    vc_out_ptr,
+    cos_ptr,
+    sin_ptr,
+    b,
+    g,
+    u_start,
+    u_end,
+    S,
+    C,
+    MAXPOS,
+    n_new,
+    past,
+    KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROTARY: tl.constexpr,
+    RING: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Write rotated keys and values of chunk tokens [u_start, u_end) of (b, g) into their cache slots."""
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -291,11 +361,25 @@ def _store_kv_tokens(
 
 @triton.jit
 def _cache_update_kernel(
-    k_ptr, v_ptr, seqlens_ptr, tsl_ptr, cos_ptr, sin_ptr,
-    S, C, MAXPOS, PROMPT,
-    kc_ptr, vc_ptr,
-    KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr, RING: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    seqlens_ptr,
+    tsl_ptr,
+    cos_ptr,
+    sin_ptr,
+    S,
+    C,
+    MAXPOS,
+    PROMPT,
+    kc_ptr,
+    vc_ptr,
+    KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROTARY: tl.constexpr,
+    RING: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """(a) RoPE + cache write. Grid: (cdiv(S, BLOCK_T), B * KV_HEADS)."""
     pid_t = tl.program_id(0)
@@ -303,19 +387,65 @@ def _cache_update_kernel(
     b = pid_bg // KV_HEADS
     g = pid_bg % KV_HEADS
     n_new, past, lo = _row_geometry(seqlens_ptr, tsl_ptr, b, S, C, PROMPT, RING)
-    _store_kv_tokens(k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, b, g, pid_t * BLOCK_T, pid_t * BLOCK_T + BLOCK_T,
-                     S, C, MAXPOS, n_new, past, KV_HEADS, HEAD_DIM, ROTARY, RING, BLOCK_T, BLOCK_HALF, BLOCK_D)
+    _store_kv_tokens(
+        k_ptr,
+        v_ptr,
+        kc_ptr,
+        vc_ptr,
+        cos_ptr,
+        sin_ptr,
+        b,
+        g,
+        pid_t * BLOCK_T,
+        pid_t * BLOCK_T + BLOCK_T,
+        S,
+        C,
+        MAXPOS,
+        n_new,
+        past,
+        KV_HEADS,
+        HEAD_DIM,
+        ROTARY,
+        RING,
+        BLOCK_T,
+        BLOCK_HALF,
+        BLOCK_D,
+    )
 
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, tsl_ptr, cos_ptr, sin_ptr,
-    S, C, MAXPOS, PROMPT,
-    out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,
-    NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr,
-    WINDOW: tl.constexpr, ROTARY: tl.constexpr, RING: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr = False,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    seqlens_ptr,
+    tsl_ptr,
+    cos_ptr,
+    sin_ptr,
+    S,
+    C,
+    MAXPOS,
+    PROMPT,
+    out_ptr,
+    m_part_ptr,
+    l_part_ptr,
+    acc_part_ptr,
+    NUM_HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    QK_SCALE: tl.constexpr,
+    WINDOW: tl.constexpr,
+    ROTARY: tl.constexpr,
+    RING: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST_DOT: tl.constexpr = False,
 ):
     """(b)/(c) attention reading the cache before its update. Grid: (row blocks, B * KV_HEADS, NUM_SPLITS).
 
@@ -329,9 +459,38 @@ def _attention_kernel(
     g = pid_bg % KV_HEADS
     n_new, past, lo = _row_geometry(seqlens_ptr, tsl_ptr, b, S, C, PROMPT, RING)
     m_i, l_i, acc, t, h, row_in, row_valid = _attend_block(
-        q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, b, g, mb, split, S, C, MAXPOS, n_new, past, lo,
-        NUM_HEADS, KV_HEADS, HEAD_DIM, QK_SCALE, WINDOW, ROTARY, RING, NUM_SPLITS,
-        BLOCK_R, BLOCK_N, BLOCK_HALF, BLOCK_D, DOT_PREC, UPCAST_DOT)
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        kc_ptr,
+        vc_ptr,
+        cos_ptr,
+        sin_ptr,
+        b,
+        g,
+        mb,
+        split,
+        S,
+        C,
+        MAXPOS,
+        n_new,
+        past,
+        lo,
+        NUM_HEADS,
+        KV_HEADS,
+        HEAD_DIM,
+        QK_SCALE,
+        WINDOW,
+        ROTARY,
+        RING,
+        NUM_SPLITS,
+        BLOCK_R,
+        BLOCK_N,
+        BLOCK_HALF,
+        BLOCK_D,
+        DOT_PREC,
+        UPCAST_DOT,
+    )
     if NUM_SPLITS == 1:
         _store_output(out_ptr, l_i, acc, b, t, h, row_in, row_valid, S, NUM_HEADS, HEAD_DIM, BLOCK_D)
     else:
@@ -339,14 +498,21 @@ def _attention_kernel(
         tl.store(m_part_ptr + r, m_i, mask=row_in)
         tl.store(l_part_ptr + r, l_i, mask=row_in)
         dd = tl.arange(0, BLOCK_D)
-        tl.store(acc_part_ptr + r[:, None] * HEAD_DIM + dd[None, :], acc,
-                 mask=row_in[:, None] & (dd < HEAD_DIM)[None, :])
+        tl.store(
+            acc_part_ptr + r[:, None] * HEAD_DIM + dd[None, :], acc, mask=row_in[:, None] & (dd < HEAD_DIM)[None, :]
+        )
 
 
 @triton.jit
 def _combine_splits_kernel(
-    m_part_ptr, l_part_ptr, acc_part_ptr, out_ptr,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    m_part_ptr,
+    l_part_ptr,
+    acc_part_ptr,
+    out_ptr,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Merge the split-KV softmax states of one (b, t, h) row. Grid: (B * S * N,)."""
     row = tl.program_id(0).to(tl.int64)
@@ -354,12 +520,15 @@ def _combine_splits_kernel(
     s_ok = s < NUM_SPLITS
     dd = tl.arange(0, BLOCK_D)
     m = tl.load(m_part_ptr + row * NUM_SPLITS + s, mask=s_ok, other=float("-inf"))
-    l = tl.load(l_part_ptr + row * NUM_SPLITS + s, mask=s_ok, other=0.0)
+    l = tl.load(l_part_ptr + row * NUM_SPLITS + s, mask=s_ok, other=0.0)  # noqa: E741 - flash-attention's l
     m_max = tl.max(m, 0)
     w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
     total = tl.sum(w * l, 0)
-    acc = tl.load(acc_part_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + dd[None, :],
-                  mask=s_ok[:, None] & (dd < HEAD_DIM)[None, :], other=0.0)
+    acc = tl.load(
+        acc_part_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + dd[None, :],
+        mask=s_ok[:, None] & (dd < HEAD_DIM)[None, :],
+        other=0.0,
+    )
     o = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * HEAD_DIM + dd, o.to(out_ptr.dtype.element_ty), mask=dd < HEAD_DIM)
 
@@ -367,15 +536,38 @@ def _combine_splits_kernel(
 @triton.jit
 def _fused_attention_kernel(
     # inputs (TensorRT plugin input order)
-    q_ptr, k_ptr, v_ptr, past_k_ptr, past_v_ptr, seqlens_ptr, tsl_ptr, cos_ptr, sin_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    past_k_ptr,
+    past_v_ptr,
+    seqlens_ptr,
+    tsl_ptr,
+    cos_ptr,
+    sin_ptr,
     # int32 scalars (the AOT plugin's "extra args", between inputs and outputs)
-    S, C, MAXPOS, PROMPT,
+    S,
+    C,
+    MAXPOS,
+    PROMPT,
     # outputs: present_k/present_v alias past_k/past_v (in-place update)
-    out_ptr, present_k_ptr, present_v_ptr,
-    NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr,
-    WINDOW: tl.constexpr, ROTARY: tl.constexpr, RING: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr = False,
+    out_ptr,
+    present_k_ptr,
+    present_v_ptr,
+    NUM_HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    QK_SCALE: tl.constexpr,
+    WINDOW: tl.constexpr,
+    ROTARY: tl.constexpr,
+    RING: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST_DOT: tl.constexpr = False,
 ):
     """Attention + cache update in one launch. Grid: (cdiv(S * group, BLOCK_R), B * KV_HEADS).
 
@@ -405,9 +597,38 @@ def _fused_attention_kernel(
 
     for mb in range(mb_lo, mb_hi):
         m_i, l_i, acc, t, h, row_in, row_valid = _attend_block(
-            q_ptr, k_ptr, v_ptr, past_k_ptr, past_v_ptr, cos_ptr, sin_ptr, b, g, mb, 0, S, C, MAXPOS,
-            n_new, past, lo, NUM_HEADS, KV_HEADS, HEAD_DIM, QK_SCALE, WINDOW, ROTARY, RING, 1,
-            BLOCK_R, BLOCK_N, BLOCK_HALF, BLOCK_D, DOT_PREC, UPCAST_DOT)
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            past_k_ptr,
+            past_v_ptr,
+            cos_ptr,
+            sin_ptr,
+            b,
+            g,
+            mb,
+            0,
+            S,
+            C,
+            MAXPOS,
+            n_new,
+            past,
+            lo,
+            NUM_HEADS,
+            KV_HEADS,
+            HEAD_DIM,
+            QK_SCALE,
+            WINDOW,
+            ROTARY,
+            RING,
+            1,
+            BLOCK_R,
+            BLOCK_N,
+            BLOCK_HALF,
+            BLOCK_D,
+            DOT_PREC,
+            UPCAST_DOT,
+        )
         _store_output(out_ptr, l_i, acc, b, t, h, row_in, row_valid, S, NUM_HEADS, HEAD_DIM, BLOCK_D)
 
     # Every warp of this program has finished reading the cache before any of them writes to it (matters in
@@ -416,8 +637,30 @@ def _fused_attention_kernel(
     # token u belongs to the program holding its row f = u * GROUP
     u_start = tl.cdiv(mb_lo * BLOCK_R, GROUP)
     u_end = tl.minimum(tl.cdiv(mb_hi * BLOCK_R, GROUP), S)
-    _store_kv_tokens(k_ptr, v_ptr, present_k_ptr, present_v_ptr, cos_ptr, sin_ptr, b, g, u_start, u_end,
-                     S, C, MAXPOS, n_new, past, KV_HEADS, HEAD_DIM, ROTARY, RING, BLOCK_T, BLOCK_HALF, BLOCK_D)
+    _store_kv_tokens(
+        k_ptr,
+        v_ptr,
+        present_k_ptr,
+        present_v_ptr,
+        cos_ptr,
+        sin_ptr,
+        b,
+        g,
+        u_start,
+        u_end,
+        S,
+        C,
+        MAXPOS,
+        n_new,
+        past,
+        KV_HEADS,
+        HEAD_DIM,
+        ROTARY,
+        RING,
+        BLOCK_T,
+        BLOCK_HALF,
+        BLOCK_D,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -444,8 +687,9 @@ def choose_config(S: int, group: int, head_dim: int, itemsize: int = 2) -> Launc
     rows = S * group
     block_r = 64 if rows > 32 else max(16, _next_pow2(rows))
     wide = head_dim * itemsize > 256
-    return LaunchConfig(block_r=block_r, block_n=32 if wide else 64, block_t=32, num_warps=4,
-                        num_stages=1 if wide else 2)
+    return LaunchConfig(
+        block_r=block_r, block_n=32 if wide else 64, block_t=32, num_warps=4, num_stages=1 if wide else 2
+    )
 
 
 def _interpreting() -> bool:
@@ -497,8 +741,23 @@ class _Problem:
         return max(16, _next_pow2(self.H))
 
 
-def _prepare(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
-             num_heads, kv_num_heads, scale, window, rotary, ring) -> _Problem:
+def _prepare(
+    query,
+    key,
+    value,
+    past_key,
+    past_value,
+    seqlens_k,
+    total_sequence_length,
+    cos_cache,
+    sin_cache,
+    num_heads,
+    kv_num_heads,
+    scale,
+    window,
+    rotary,
+    ring,
+) -> _Problem:
     if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
         raise ValueError("query/key/value must be (B, S, heads*head_dim)")
     if past_key.dim() != 4 or past_key.shape != past_value.shape:
@@ -545,10 +804,25 @@ def _prepare(query, key, value, past_key, past_value, seqlens_k, total_sequence_
         tsl = seqlens_k  # never read
         prompt = int(int(total_sequence_length) == S)
     sm_scale = float(scale) if scale else 1.0 / math.sqrt(H)
-    return _Problem(B=B, S=S, N=N, Nkv=Nkv, H=H, C=C, maxpos=maxpos, qk_scale=sm_scale * LOG2E,
-                    window=int(window), rotary=int(rotary), ring=int(ring), prompt=prompt, tsl=tsl, cos=cos, sin=sin,
-                    dot_prec="ieee" if past_key.dtype == torch.float32 else "tf32",
-                    upcast_dot=_interpreting() and past_key.dtype == torch.bfloat16)
+    return _Problem(
+        B=B,
+        S=S,
+        N=N,
+        Nkv=Nkv,
+        H=H,
+        C=C,
+        maxpos=maxpos,
+        qk_scale=sm_scale * LOG2E,
+        window=int(window),
+        rotary=int(rotary),
+        ring=int(ring),
+        prompt=prompt,
+        tsl=tsl,
+        cos=cos,
+        sin=sin,
+        dot_prec="ieee" if past_key.dtype == torch.float32 else "tf32",
+        upcast_dot=_interpreting() and past_key.dtype == torch.bfloat16,
+    )
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
@@ -575,13 +849,41 @@ def launch_cache_update(key, value, past_key, past_value, seqlens_k, p: _Problem
     """(a) Rotate and write this step's keys/values into the cache, in place."""
     grid = (triton.cdiv(p.S, cfg.block_t), p.B * p.Nkv)
     _cache_update_kernel[grid](
-        key, value, seqlens_k, p.tsl, p.cos, p.sin, p.S, p.C, p.maxpos, p.prompt, past_key, past_value,
-        KV_HEADS=p.Nkv, HEAD_DIM=p.H, ROTARY=p.rotary, RING=p.ring, BLOCK_T=cfg.block_t,
-        BLOCK_HALF=p.block_half, BLOCK_D=p.block_d, num_warps=cfg.num_warps)
+        key,
+        value,
+        seqlens_k,
+        p.tsl,
+        p.cos,
+        p.sin,
+        p.S,
+        p.C,
+        p.maxpos,
+        p.prompt,
+        past_key,
+        past_value,
+        KV_HEADS=p.Nkv,
+        HEAD_DIM=p.H,
+        ROTARY=p.rotary,
+        RING=p.ring,
+        BLOCK_T=cfg.block_t,
+        BLOCK_HALF=p.block_half,
+        BLOCK_D=p.block_d,
+        num_warps=cfg.num_warps,
+    )
 
 
-def launch_attention(query, key, value, past_key, past_value, seqlens_k, p: _Problem, cfg: LaunchConfig,
-                     num_splits: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+def launch_attention(
+    query,
+    key,
+    value,
+    past_key,
+    past_value,
+    seqlens_k,
+    p: _Problem,
+    cfg: LaunchConfig,
+    num_splits: int = 1,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(b)/(c) Attention against the cache as it is *before* this step's update; returns the output."""
     out = torch.empty_like(query) if out is None else out
     row_blocks = triton.cdiv(p.S * p.group, cfg.block_r)
@@ -594,31 +896,95 @@ def launch_attention(query, key, value, past_key, past_value, seqlens_k, p: _Pro
     else:
         m_part = l_part = acc_part = out  # unused
     _attention_kernel[grid](
-        query, key, value, past_key, past_value, seqlens_k, p.tsl, p.cos, p.sin, p.S, p.C, p.maxpos, p.prompt,
-        out, m_part, l_part, acc_part,
-        NUM_HEADS=p.N, KV_HEADS=p.Nkv, HEAD_DIM=p.H, QK_SCALE=p.qk_scale, WINDOW=p.window, ROTARY=p.rotary,
-        RING=p.ring, NUM_SPLITS=num_splits, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, BLOCK_HALF=p.block_half,
-        BLOCK_D=p.block_d, DOT_PREC=p.dot_prec, UPCAST_DOT=p.upcast_dot, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        query,
+        key,
+        value,
+        past_key,
+        past_value,
+        seqlens_k,
+        p.tsl,
+        p.cos,
+        p.sin,
+        p.S,
+        p.C,
+        p.maxpos,
+        p.prompt,
+        out,
+        m_part,
+        l_part,
+        acc_part,
+        NUM_HEADS=p.N,
+        KV_HEADS=p.Nkv,
+        HEAD_DIM=p.H,
+        QK_SCALE=p.qk_scale,
+        WINDOW=p.window,
+        ROTARY=p.rotary,
+        RING=p.ring,
+        NUM_SPLITS=num_splits,
+        BLOCK_R=cfg.block_r,
+        BLOCK_N=cfg.block_n,
+        BLOCK_HALF=p.block_half,
+        BLOCK_D=p.block_d,
+        DOT_PREC=p.dot_prec,
+        UPCAST_DOT=p.upcast_dot,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     if num_splits > 1:
         _combine_splits_kernel[(p.B * p.S * p.N,)](
-            m_part, l_part, acc_part, out, HEAD_DIM=p.H, NUM_SPLITS=num_splits,
-            BLOCK_SPLITS=max(2, _next_pow2(num_splits)), BLOCK_D=p.block_d, num_warps=4)
+            m_part,
+            l_part,
+            acc_part,
+            out,
+            HEAD_DIM=p.H,
+            NUM_SPLITS=num_splits,
+            BLOCK_SPLITS=max(2, _next_pow2(num_splits)),
+            BLOCK_D=p.block_d,
+            num_warps=4,
+        )
     return out
 
 
-def launch_fused_attention(query, key, value, past_key, past_value, seqlens_k, p: _Problem,
-                           cfg: LaunchConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+def launch_fused_attention(
+    query, key, value, past_key, past_value, seqlens_k, p: _Problem, cfg: LaunchConfig, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The single-launch kernel of the TensorRT AOT plugin, launched from torch (for tests/benchmarks)."""
     out = torch.empty_like(query) if out is None else out
     grid = (triton.cdiv(p.S * p.group, cfg.block_r), p.B * p.Nkv)
     _fused_attention_kernel[grid](
-        query, key, value, past_key, past_value, seqlens_k, p.tsl, p.cos, p.sin, p.S, p.C, p.maxpos, p.prompt,
-        out, past_key, past_value,
-        NUM_HEADS=p.N, KV_HEADS=p.Nkv, HEAD_DIM=p.H, QK_SCALE=p.qk_scale, WINDOW=p.window, ROTARY=p.rotary,
-        RING=p.ring, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t, BLOCK_HALF=p.block_half,
-        BLOCK_D=p.block_d, DOT_PREC=p.dot_prec, UPCAST_DOT=p.upcast_dot, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        query,
+        key,
+        value,
+        past_key,
+        past_value,
+        seqlens_k,
+        p.tsl,
+        p.cos,
+        p.sin,
+        p.S,
+        p.C,
+        p.maxpos,
+        p.prompt,
+        out,
+        past_key,
+        past_value,
+        NUM_HEADS=p.N,
+        KV_HEADS=p.Nkv,
+        HEAD_DIM=p.H,
+        QK_SCALE=p.qk_scale,
+        WINDOW=p.window,
+        ROTARY=p.rotary,
+        RING=p.ring,
+        BLOCK_R=cfg.block_r,
+        BLOCK_N=cfg.block_n,
+        BLOCK_T=cfg.block_t,
+        BLOCK_HALF=p.block_half,
+        BLOCK_D=p.block_d,
+        DOT_PREC=p.dot_prec,
+        UPCAST_DOT=p.upcast_dot,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     return out
 
 
@@ -653,8 +1019,23 @@ def exaone_attention(
     The caller guarantees the op's preconditions (see opref); invalid lengths never make the kernels access
     memory outside the buffers, but give unspecified results.
     """
-    p = _prepare(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
-                 num_heads, kv_num_heads, scale, window, rotary, ring)
+    p = _prepare(
+        query,
+        key,
+        value,
+        past_key,
+        past_value,
+        seqlens_k,
+        total_sequence_length,
+        cos_cache,
+        sin_cache,
+        num_heads,
+        kv_num_heads,
+        scale,
+        window,
+        rotary,
+        ring,
+    )
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     seqlens_k = seqlens_k.contiguous()
     _check_device(query, key, value, past_key, past_value, seqlens_k)
@@ -666,8 +1047,9 @@ def exaone_attention(
             raise ValueError("the fused kernel does not split the KV length")
         return launch_fused_attention(query, key, value, past_key, past_value, seqlens_k, p, cfg, out=out)
     splits = num_splits if num_splits is not None else _default_splits(p, cfg, query.device)
-    out = launch_attention(query, key, value, past_key, past_value, seqlens_k, p, cfg, num_splits=max(1, splits),
-                           out=out)
+    out = launch_attention(
+        query, key, value, past_key, past_value, seqlens_k, p, cfg, num_splits=max(1, splits), out=out
+    )
     launch_cache_update(key, value, past_key, past_value, seqlens_k, p, cfg)
     return out
 
@@ -679,29 +1061,59 @@ def exaone_attention(
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def fused_kernel_signature(dtype: str, cache_dtype: str, rope_dtype: str, *, num_heads: int, kv_num_heads: int,
-                           head_dim: int, scale: float, window: int, rotary: int, ring: int,
-                           config: LaunchConfig) -> tuple[dict, dict]:
+def fused_kernel_signature(
+    dtype: str,
+    cache_dtype: str,
+    rope_dtype: str,
+    *,
+    num_heads: int,
+    kv_num_heads: int,
+    head_dim: int,
+    scale: float,
+    window: int,
+    rotary: int,
+    ring: int,
+    config: LaunchConfig,
+) -> tuple[dict, dict]:
     """(signature, constexprs) for ``triton.compiler.ASTSource(_fused_attention_kernel, ...)``.
 
     dtype strings are Triton's ("fp32", "fp16", "bf16"). Parameter order = TensorRT AOT order: the 9 input
     pointers, the int32 scalars S, C, MAXPOS, PROMPT, then the 3 output pointers.
     """
     signature = {
-        "q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}",
-        "past_k_ptr": f"*{cache_dtype}", "past_v_ptr": f"*{cache_dtype}",
-        "seqlens_ptr": "*i32", "tsl_ptr": "*i32",
-        "cos_ptr": f"*{rope_dtype}", "sin_ptr": f"*{rope_dtype}",
-        "S": "i32", "C": "i32", "MAXPOS": "i32", "PROMPT": "i32",
-        "out_ptr": f"*{dtype}", "present_k_ptr": f"*{cache_dtype}", "present_v_ptr": f"*{cache_dtype}",
+        "q_ptr": f"*{dtype}",
+        "k_ptr": f"*{dtype}",
+        "v_ptr": f"*{dtype}",
+        "past_k_ptr": f"*{cache_dtype}",
+        "past_v_ptr": f"*{cache_dtype}",
+        "seqlens_ptr": "*i32",
+        "tsl_ptr": "*i32",
+        "cos_ptr": f"*{rope_dtype}",
+        "sin_ptr": f"*{rope_dtype}",
+        "S": "i32",
+        "C": "i32",
+        "MAXPOS": "i32",
+        "PROMPT": "i32",
+        "out_ptr": f"*{dtype}",
+        "present_k_ptr": f"*{cache_dtype}",
+        "present_v_ptr": f"*{cache_dtype}",
     }
     sm_scale = float(scale) if scale else 1.0 / math.sqrt(head_dim)
     constexprs = {
-        "NUM_HEADS": int(num_heads), "KV_HEADS": int(kv_num_heads), "HEAD_DIM": int(head_dim),
-        "QK_SCALE": sm_scale * LOG2E, "WINDOW": int(window), "ROTARY": int(rotary), "RING": int(ring),
-        "BLOCK_R": config.block_r, "BLOCK_N": config.block_n, "BLOCK_T": config.block_t,
-        "BLOCK_HALF": max(16, _next_pow2(head_dim // 2)), "BLOCK_D": max(16, _next_pow2(head_dim)),
-        "DOT_PREC": "ieee" if cache_dtype == "fp32" else "tf32", "UPCAST_DOT": False,
+        "NUM_HEADS": int(num_heads),
+        "KV_HEADS": int(kv_num_heads),
+        "HEAD_DIM": int(head_dim),
+        "QK_SCALE": sm_scale * LOG2E,
+        "WINDOW": int(window),
+        "ROTARY": int(rotary),
+        "RING": int(ring),
+        "BLOCK_R": config.block_r,
+        "BLOCK_N": config.block_n,
+        "BLOCK_T": config.block_t,
+        "BLOCK_HALF": max(16, _next_pow2(head_dim // 2)),
+        "BLOCK_D": max(16, _next_pow2(head_dim)),
+        "DOT_PREC": "ieee" if cache_dtype == "fp32" else "tf32",
+        "UPCAST_DOT": False,
     }
     for name in constexprs:
         signature[name] = "constexpr"

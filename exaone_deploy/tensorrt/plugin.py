@@ -46,15 +46,23 @@ import functools
 import os
 import re
 from dataclasses import dataclass
-from typing import List, Tuple, Union
 
 PLUGIN_OP_TYPE = "EXAONEAttention_TRT"
 PLUGIN_NAMESPACE = "exaone_deploy"
 PLUGIN_VERSION = "1"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_OP_TYPE}"
 
-INPUT_NAMES = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
-               "cos_cache", "sin_cache")
+INPUT_NAMES = (
+    "query",
+    "key",
+    "value",
+    "past_key",
+    "past_value",
+    "seqlens_k",
+    "total_sequence_length",
+    "cos_cache",
+    "sin_cache",
+)
 OUTPUT_NAMES = ("output", "present_key", "present_value")
 # Plugin fields, in registration order (the order TensorRT passes them to the AOT implementation).
 ATTRIBUTE_TYPES = {"num_heads": int, "kv_num_heads": int, "scale": float, "window": int, "rotary": int, "ring": int}
@@ -72,9 +80,22 @@ _INSTALL_HINT = (
 )
 
 __all__ = [
-    "PLUGIN_OP_TYPE", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "PLUGIN_ID", "INPUT_NAMES", "OUTPUT_NAMES",
-    "ATTRIBUTE_TYPES", "ALIASED_OUTPUTS", "TACTIC_DECODE", "TACTIC_PREFILL", "register_plugins",
-    "is_registered", "add_attention_plugin", "AotKernel", "compile_aot_kernel", "strip_unused_trailing_params",
+    "PLUGIN_OP_TYPE",
+    "PLUGIN_NAMESPACE",
+    "PLUGIN_VERSION",
+    "PLUGIN_ID",
+    "INPUT_NAMES",
+    "OUTPUT_NAMES",
+    "ATTRIBUTE_TYPES",
+    "ALIASED_OUTPUTS",
+    "TACTIC_DECODE",
+    "TACTIC_PREFILL",
+    "register_plugins",
+    "is_registered",
+    "add_attention_plugin",
+    "AotKernel",
+    "compile_aot_kernel",
+    "strip_unused_trailing_params",
 ]
 
 _state = {"descriptor": False, "jit": False, "aot": False}
@@ -122,22 +143,34 @@ def strip_unused_trailing_params(ptx: str, kernel_name: str, keep: int) -> str:
     params = [p.strip() for p in m.group(2).split(",") if p.strip()]
     if len(params) <= keep:
         return ptx
-    body = ptx[m.end():]
+    body = ptx[m.end() :]
     for p in params[keep:]:
         pname = p.split()[-1]
         if re.search(re.escape(pname) + r"\b", body):
             raise ValueError(f"PTX parameter {pname} is used by the kernel; cannot drop it")
     new_params = ",\n\t".join(params[:keep])
-    return ptx[:m.start(2)] + "\n\t" + new_params + "\n" + ptx[m.end(2):]
+    return ptx[: m.start(2)] + "\n\t" + new_params + "\n" + ptx[m.end(2) :]
 
 
 _N_KERNEL_ARGS = 9 + 4 + 3  # input pointers, int32 scalars (S, C, MAXPOS, PROMPT), output pointers
 
 
-@functools.lru_cache(maxsize=None)
-def compile_aot_kernel(dtype: str, cache_dtype: str, rope_dtype: str, *, num_heads: int, kv_num_heads: int,
-                       head_dim: int, scale: float, window: int, rotary: int, ring: int, tactic: int,
-                       target: Tuple[str, int, int] = None) -> AotKernel:
+@functools.cache
+def compile_aot_kernel(
+    dtype: str,
+    cache_dtype: str,
+    rope_dtype: str,
+    *,
+    num_heads: int,
+    kv_num_heads: int,
+    head_dim: int,
+    scale: float,
+    window: int,
+    rotary: int,
+    ring: int,
+    tactic: int,
+    target: tuple[str, int, int] = None,
+) -> AotKernel:
     """Compile ``_fused_attention_kernel`` to PTX for the TensorRT AOT plugin.
 
     dtype strings are Triton's ("fp16", "bf16", "fp32"). ``target`` is (backend, arch, warp size), e.g.
@@ -145,8 +178,10 @@ def compile_aot_kernel(dtype: str, cache_dtype: str, rope_dtype: str, *, num_hea
     shared memory fits the default 48 KiB launch limit.
     """
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("TRITON_INTERPRET is set: Triton kernels are interpreted, not compiled; unset it to "
-                           "build TensorRT engines with the AOT plugin")
+        raise RuntimeError(
+            "TRITON_INTERPRET is set: Triton kernels are interpreted, not compiled; unset it to "
+            "build TensorRT engines with the AOT plugin"
+        )
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -160,8 +195,18 @@ def compile_aot_kernel(dtype: str, cache_dtype: str, rope_dtype: str, *, num_hea
     for block_r, block_n in candidates:
         cfg = ta.LaunchConfig(block_r=block_r, block_n=block_n, block_t=32, num_warps=4, num_stages=1)
         signature, constexprs = ta.fused_kernel_signature(
-            dtype, cache_dtype, rope_dtype, num_heads=num_heads, kv_num_heads=kv_num_heads, head_dim=head_dim,
-            scale=scale, window=window, rotary=rotary, ring=ring, config=cfg)
+            dtype,
+            cache_dtype,
+            rope_dtype,
+            num_heads=num_heads,
+            kv_num_heads=kv_num_heads,
+            head_dim=head_dim,
+            scale=scale,
+            window=window,
+            rotary=rotary,
+            ring=ring,
+            config=cfg,
+        )
         src = triton.compiler.ASTSource(fn=ta._fused_attention_kernel, signature=signature, constexprs=constexprs)
         compiled = triton.compile(src, target=gpu_target, options={"num_warps": cfg.num_warps, "num_stages": 1})
         md = compiled.metadata
@@ -169,10 +214,11 @@ def compile_aot_kernel(dtype: str, cache_dtype: str, rope_dtype: str, *, num_hea
             raise RuntimeError("the fused attention kernel unexpectedly needs Triton scratch memory")
         if md.shared <= MAX_SHARED_MEMORY:
             ptx = strip_unused_trailing_params(compiled.asm["ptx"], md.name, _N_KERNEL_ARGS)
-            return AotKernel(name=md.name, ptx=ptx, shared=int(md.shared), num_warps=int(md.num_warps),
-                             block_r=block_r)
-    raise RuntimeError(f"no tile configuration of the fused attention kernel fits {MAX_SHARED_MEMORY} bytes of "
-                       f"shared memory (head_dim={head_dim}, dtype={dtype})")
+            return AotKernel(name=md.name, ptx=ptx, shared=int(md.shared), num_warps=int(md.num_warps), block_r=block_r)
+    raise RuntimeError(
+        f"no tile configuration of the fused attention kernel fits {MAX_SHARED_MEMORY} bytes of "
+        f"shared memory (head_dim={head_dim}, dtype={dtype})"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -182,8 +228,9 @@ def compile_aot_kernel(dtype: str, cache_dtype: str, rope_dtype: str, *, num_hea
 
 def _check_attrs(num_heads, kv_num_heads, scale, window, rotary, ring) -> None:
     if num_heads <= 0 or kv_num_heads <= 0 or num_heads % kv_num_heads:
-        raise ValueError(f"{PLUGIN_OP_TYPE}: num_heads ({num_heads}) must be a positive multiple of "
-                         f"kv_num_heads ({kv_num_heads})")
+        raise ValueError(
+            f"{PLUGIN_OP_TYPE}: num_heads ({num_heads}) must be a positive multiple of kv_num_heads ({kv_num_heads})"
+        )
     if window < 0 or rotary not in (0, 1) or ring not in (0, 1) or scale < 0:
         raise ValueError(f"{PLUGIN_OP_TYPE}: invalid window={window} rotary={rotary} ring={ring} scale={scale}")
 
@@ -213,19 +260,39 @@ def _register_descriptor(trt, trtp) -> None:
 
     @trtp.register(PLUGIN_ID)
     def exaone_attention_desc(
-        query: TD, key: TD, value: TD, past_key: TD, past_value: TD, seqlens_k: TD, total_sequence_length: TD,
-        cos_cache: TD, sin_cache: TD, num_heads: int, kv_num_heads: int, scale: float, window: int, rotary: int,
+        query: TD,
+        key: TD,
+        value: TD,
+        past_key: TD,
+        past_value: TD,
+        seqlens_k: TD,
+        total_sequence_length: TD,
+        cos_cache: TD,
+        sin_cache: TD,
+        num_heads: int,
+        kv_num_heads: int,
+        scale: float,
+        window: int,
+        rotary: int,
         ring: int,
-    ) -> Tuple[TD, TD, TD]:
+    ) -> tuple[TD, TD, TD]:
         _check_attrs(num_heads, kv_num_heads, scale, window, rotary, ring)
         # output: shape and dtype of query; presents: the past buffers themselves (in-place I/O aliasing)
         return query.like(), past_key.aliased(), past_value.aliased()
 
     @trtp.autotune(PLUGIN_ID)
     def exaone_attention_autotune(
-        query: TD, key: TD, value: TD, past_key: TD, past_value: TD, seqlens_k: TD, total_sequence_length: TD,
-        cos_cache: TD, sin_cache: TD, outputs: Tuple[TD, TD, TD],
-    ) -> List[trtp.AutoTuneCombination]:
+        query: TD,
+        key: TD,
+        value: TD,
+        past_key: TD,
+        past_value: TD,
+        seqlens_k: TD,
+        total_sequence_length: TD,
+        cos_cache: TD,
+        sin_cache: TD,
+        outputs: tuple[TD, TD, TD],
+    ) -> list[trtp.AutoTuneCombination]:
         # I/O positions: 0-4 inputs q,k,v,past_k,past_v; 5-6 int32 lengths; 7-8 cos/sin; 9-11 outputs.
         floats, lengths, rope = [0, 1, 2, 3, 4, 9, 10, 11], [5, 6], [7, 8]
         same = trtp.AutoTuneCombination()  # cos/sin in the model dtype (what the exporter emits)
@@ -252,20 +319,42 @@ def _register_aot(trt, trtp) -> None:
 
     @trtp.aot_impl(PLUGIN_ID)
     def exaone_attention_aot(
-        query: TD, key: TD, value: TD, past_key: TD, past_value: TD, seqlens_k: TD, total_sequence_length: TD,
-        cos_cache: TD, sin_cache: TD, num_heads: int, kv_num_heads: int, scale: float, window: int, rotary: int,
-        ring: int, outputs: Tuple[TD, TD, TD], tactic: int,
-    ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        query: TD,
+        key: TD,
+        value: TD,
+        past_key: TD,
+        past_value: TD,
+        seqlens_k: TD,
+        total_sequence_length: TD,
+        cos_cache: TD,
+        sin_cache: TD,
+        num_heads: int,
+        kv_num_heads: int,
+        scale: float,
+        window: int,
+        rotary: int,
+        ring: int,
+        outputs: tuple[TD, TD, TD],
+        tactic: int,
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         # NB: TensorRT passes *all* fields positionally, in registration order, to this function.
         _check_attrs(num_heads, kv_num_heads, scale, window, rotary, ring)
         head_dim_expr = past_key.shape_expr[3]
         if not head_dim_expr.is_constant:
             raise ValueError(f"{PLUGIN_OP_TYPE}: head_dim (last dim of past_key) must be static")
         kernel = compile_aot_kernel(
-            _triton_dtype(trt, query.dtype), _triton_dtype(trt, past_key.dtype), _triton_dtype(trt, cos_cache.dtype),
-            num_heads=num_heads, kv_num_heads=kv_num_heads, head_dim=int(head_dim_expr.constant_value()),
-            scale=float(scale), window=window, rotary=rotary, ring=ring,
-            tactic=TACTIC_DECODE if tactic == TACTIC_DECODE else TACTIC_PREFILL)
+            _triton_dtype(trt, query.dtype),
+            _triton_dtype(trt, past_key.dtype),
+            _triton_dtype(trt, cos_cache.dtype),
+            num_heads=num_heads,
+            kv_num_heads=kv_num_heads,
+            head_dim=int(head_dim_expr.constant_value()),
+            scale=float(scale),
+            window=window,
+            rotary=rotary,
+            ring=ring,
+            tactic=TACTIC_DECODE if tactic == TACTIC_DECODE else TACTIC_PREFILL,
+        )
 
         from .kernels import PROMPT_FROM_TENSOR
 
@@ -279,12 +368,14 @@ def _register_aot(trt, trtp) -> None:
         launch.shared_mem = kernel.shared
         # int32 kernel scalars between the input and output pointers: S, C, MAXPOS, PROMPT.
         # PROMPT_FROM_TENSOR: the kernel reads total_sequence_length from its device buffer.
-        extra_args = trtp.SymIntExprs.from_tuple([
-            trtp.SymInt32(seq),
-            trtp.SymInt32(past_key.shape_expr[2]),
-            trtp.SymInt32(cos_cache.shape_expr[0]),
-            trtp.SymInt32(PROMPT_FROM_TENSOR),
-        ])
+        extra_args = trtp.SymIntExprs.from_tuple(
+            [
+                trtp.SymInt32(seq),
+                trtp.SymInt32(past_key.shape_expr[2]),
+                trtp.SymInt32(cos_cache.shape_expr[0]),
+                trtp.SymInt32(PROMPT_FROM_TENSOR),
+            ]
+        )
         return kernel.name, kernel.ptx, launch, extra_args
 
 
@@ -295,15 +386,25 @@ def _as_torch(trt, t):
 
     import torch
 
-    typestr = {trt.float32: ("<f4", torch.float32), trt.float16: ("<f2", torch.float16),
-               trt.bfloat16: ("<i2", torch.bfloat16), trt.int32: ("<i4", torch.int32),
-               trt.int64: ("<i8", torch.int64)}
+    typestr = {
+        trt.float32: ("<f4", torch.float32),
+        trt.float16: ("<f2", torch.float16),
+        trt.bfloat16: ("<i2", torch.bfloat16),
+        trt.int32: ("<i4", torch.int32),
+        trt.int64: ("<i8", torch.int64),
+    }
     if t.dtype not in typestr:
         raise ValueError(f"{PLUGIN_OP_TYPE}: unsupported tensor dtype {t.dtype}")
     code, torch_dtype = typestr[t.dtype]
-    view = types.SimpleNamespace(__cuda_array_interface__={
-        "shape": tuple(int(d) for d in t.shape), "typestr": code, "data": (int(t.data_ptr), False),
-        "strides": None, "version": 2})  # TensorRT LINEAR format = C-contiguous
+    view = types.SimpleNamespace(
+        __cuda_array_interface__={
+            "shape": tuple(int(d) for d in t.shape),
+            "typestr": code,
+            "data": (int(t.data_ptr), False),
+            "strides": None,
+            "version": 2,
+        }
+    )  # TensorRT LINEAR format = C-contiguous
     return torch.as_tensor(view, device="cuda").view(torch_dtype)
 
 
@@ -312,29 +413,80 @@ def _register_jit(trt, trtp) -> None:
 
     @trtp.impl(PLUGIN_ID)
     def exaone_attention_jit(
-        query: T, key: T, value: T, past_key: T, past_value: T, seqlens_k: T, total_sequence_length: T,
-        cos_cache: T, sin_cache: T, num_heads: int, kv_num_heads: int, scale: float, window: int, rotary: int,
-        ring: int, outputs: Tuple[T, T, T], stream: int,
+        query: T,
+        key: T,
+        value: T,
+        past_key: T,
+        past_value: T,
+        seqlens_k: T,
+        total_sequence_length: T,
+        cos_cache: T,
+        sin_cache: T,
+        num_heads: int,
+        kv_num_heads: int,
+        scale: float,
+        window: int,
+        rotary: int,
+        ring: int,
+        outputs: tuple[T, T, T],
+        stream: int,
     ) -> None:
         import torch
 
         from .kernels import exaone_attention
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            q, k, v, pk, pv, lens, tsl, cos, sin = (_as_torch(trt, x) for x in (
-                query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache))
+            q, k, v, pk, pv, lens, tsl, cos, sin = (
+                _as_torch(trt, x)
+                for x in (
+                    query,
+                    key,
+                    value,
+                    past_key,
+                    past_value,
+                    seqlens_k,
+                    total_sequence_length,
+                    cos_cache,
+                    sin_cache,
+                )
+            )
             out, present_k, present_v = (_as_torch(trt, x) for x in outputs)
             if present_k.data_ptr() != pk.data_ptr():  # not aliased after all: update a copy
                 present_k.copy_(pk)
             if present_v.data_ptr() != pv.data_ptr():
                 present_v.copy_(pv)
-            exaone_attention(q, k, v, present_k, present_v, lens, tsl, cos if rotary else None,
-                             sin if rotary else None, num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale,
-                             window=window, rotary=rotary, ring=ring, out=out)
+            exaone_attention(
+                q,
+                k,
+                v,
+                present_k,
+                present_v,
+                lens,
+                tsl,
+                cos if rotary else None,
+                sin if rotary else None,
+                num_heads=num_heads,
+                kv_num_heads=kv_num_heads,
+                scale=scale,
+                window=window,
+                rotary=rotary,
+                ring=ring,
+                out=out,
+            )
 
 
-def add_attention_plugin(network, inputs, *, num_heads: int, kv_num_heads: int, scale: float = 0.0,
-                         window: int = 0, rotary: int = 0, ring: int = 0, aot: bool = True):
+def add_attention_plugin(
+    network,
+    inputs,
+    *,
+    num_heads: int,
+    kv_num_heads: int,
+    scale: float = 0.0,
+    window: int = 0,
+    rotary: int = 0,
+    ring: int = 0,
+    aot: bool = True,
+):
     """Add the plugin to a ``trt.INetworkDefinition`` (network-API route; the ONNX parser needs none of this).
 
     ``inputs``: the 9 ITensors in :data:`INPUT_NAMES` order. Fields are passed in registration order and with
@@ -345,7 +497,13 @@ def add_attention_plugin(network, inputs, *, num_heads: int, kv_num_heads: int, 
     register_plugins(aot=aot, jit=not aot)
     if len(inputs) != len(INPUT_NAMES):
         raise ValueError(f"{PLUGIN_OP_TYPE} takes {len(INPUT_NAMES)} inputs {INPUT_NAMES}, got {len(inputs)}")
-    fields = dict(num_heads=int(num_heads), kv_num_heads=int(kv_num_heads), scale=float(scale), window=int(window),
-                  rotary=int(rotary), ring=int(ring))
+    fields = dict(
+        num_heads=int(num_heads),
+        kv_num_heads=int(kv_num_heads),
+        scale=float(scale),
+        window=int(window),
+        rotary=int(rotary),
+        ring=int(ring),
+    )
     op = getattr(getattr(trtp.op, PLUGIN_NAMESPACE), PLUGIN_OP_TYPE)
     return network.add_plugin(op(*inputs, **fields), aot=aot)

@@ -25,8 +25,15 @@ import numpy as np
 from ..errors import ExaoneDeployError
 from .tokenizer import Tokenizer
 
-__all__ = ["CalibrationDataError", "CalibrationSet", "FORMATS", "read_documents", "token_stream",
-           "calibration_samples", "split_text"]
+__all__ = [
+    "CalibrationDataError",
+    "CalibrationSet",
+    "FORMATS",
+    "read_documents",
+    "token_stream",
+    "calibration_samples",
+    "split_text",
+]
 
 FORMATS = ("auto", "text", "jsonl", "chat")
 
@@ -53,8 +60,15 @@ class CalibrationSet:
         return int(self.tokens.shape[1])
 
     def describe(self) -> dict:
-        return {"file": self.path.name, "sha256": self.sha256, "format": self.format, "samples": self.samples,
-                "seq_len": self.seq_len, "seed": self.seed, "file_tokens": self.stream_tokens}
+        return {
+            "file": self.path.name,
+            "sha256": self.sha256,
+            "format": self.format,
+            "samples": self.samples,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "file_tokens": self.stream_tokens,
+        }
 
 
 def _sha256(path: Path) -> str:
@@ -105,8 +119,9 @@ def _detect(text: str) -> str:
     return "jsonl" if isinstance(record, dict) else "text"
 
 
-def read_documents(path: str | Path, tokenizer: Tokenizer | None = None, *, text_field: str = "text",
-                   fmt: str = "auto") -> tuple[list[str], str]:
+def read_documents(
+    path: str | Path, tokenizer: Tokenizer | None = None, *, text_field: str = "text", fmt: str = "auto"
+) -> tuple[list[str], str]:
     """The documents of a calibration file and the format used. ``tokenizer`` is needed for chat files."""
     path = Path(path)
     if fmt not in FORMATS:
@@ -131,19 +146,22 @@ def read_documents(path: str | Path, tokenizer: Tokenizer | None = None, *, text
             if tokenizer is None:
                 raise CalibrationDataError(f"{path}: chat records need the model's tokenizer to render them")
             try:
-                doc = tokenizer.apply_chat_template(messages, tools=record.get("tools"), add_generation_prompt=False,
-                                                    tokenize=False)
+                doc = tokenizer.apply_chat_template(
+                    messages, tools=record.get("tools"), add_generation_prompt=False, tokenize=False
+                )
             except Exception as e:  # jinja errors, missing template
                 raise CalibrationDataError(f"{path}:{lineno}: cannot render the chat template ({e})") from None
         else:
             if text_field not in record:
                 fields = ", ".join(sorted(record)) or "none"
                 raise CalibrationDataError(
-                    f"{path}:{lineno}: no {text_field!r} field (fields: {fields}); pass --text-field NAME")
+                    f"{path}:{lineno}: no {text_field!r} field (fields: {fields}); pass --text-field NAME"
+                )
             doc = record[text_field]
             if not isinstance(doc, str):
-                raise CalibrationDataError(f"{path}:{lineno}: field {text_field!r} is {type(doc).__name__}, "
-                                           "not a string")
+                raise CalibrationDataError(
+                    f"{path}:{lineno}: field {text_field!r} is {type(doc).__name__}, not a string"
+                )
         if doc.strip():
             docs.append(doc)
     if not docs:
@@ -151,8 +169,9 @@ def read_documents(path: str | Path, tokenizer: Tokenizer | None = None, *, text
     return docs, fmt
 
 
-def token_stream(path: str | Path, tokenizer: Tokenizer, *, text_field: str = "text",
-                 fmt: str = "auto") -> tuple[np.ndarray, str]:
+def token_stream(
+    path: str | Path, tokenizer: Tokenizer, *, text_field: str = "text", fmt: str = "auto"
+) -> tuple[np.ndarray, str]:
     """All documents of a file tokenised (no special tokens added) and concatenated: int64 (tokens,)."""
     docs, fmt = read_documents(path, tokenizer, text_field=text_field, fmt=fmt)
     ids = [np.asarray(tokenizer.encode(d), dtype=np.int64) for d in docs]
@@ -162,23 +181,31 @@ def token_stream(path: str | Path, tokenizer: Tokenizer, *, text_field: str = "t
     return stream, fmt
 
 
-def calibration_samples(path: str | Path, tokenizer: Tokenizer, samples: int, seq_len: int, *, seed: int = 0,
-                        text_field: str = "text", fmt: str = "auto") -> CalibrationSet:
+def calibration_samples(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    samples: int,
+    seq_len: int,
+    *,
+    seed: int = 0,
+    text_field: str = "text",
+    fmt: str = "auto",
+) -> CalibrationSet:
     """``samples`` non-overlapping windows of ``seq_len`` tokens, picked deterministically for ``seed``."""
     path = Path(path)
     if samples <= 0 or seq_len <= 1:
-        raise CalibrationDataError(f"{path}: need at least 1 sample of at least 2 tokens "
-                                   f"(asked {samples} x {seq_len})")
+        raise CalibrationDataError(f"{path}: need at least 1 sample of at least 2 tokens (asked {samples} x {seq_len})")
     stream, fmt = token_stream(path, tokenizer, text_field=text_field, fmt=fmt)
     windows = stream.size // seq_len
     if windows < samples:
         raise CalibrationDataError(
             f"{path}: {stream.size} tokens give only {windows} samples of {seq_len} tokens but {samples} were asked "
-            f"({samples * seq_len} tokens); use a longer file, fewer --calib-samples or a shorter --calib-seq-len")
+            f"({samples * seq_len} tokens); use a longer file, fewer --calib-samples or a shorter --calib-seq-len"
+        )
     rng = np.random.default_rng(seed)
     offset = int(rng.integers(0, stream.size - windows * seq_len + 1))
     starts = offset + seq_len * np.sort(rng.choice(windows, size=samples, replace=False))
-    tokens = np.stack([stream[s:s + seq_len] for s in starts])
+    tokens = np.stack([stream[s : s + seq_len] for s in starts])
     return CalibrationSet(tokens, path, _sha256(path), fmt, int(stream.size), seed)
 
 

@@ -221,20 +221,35 @@ class Tokenizer:
         documents = kwargs.pop("documents", None)
         variables = {**self.special_tokens, "enable_thinking": enable_thinking, **kwargs}
         if not tokenize:
-            return render_chat_template(template, messages, tools=tools, documents=documents,
-                                        add_generation_prompt=add_generation_prompt, **variables)
+            return render_chat_template(
+                template,
+                messages,
+                tools=tools,
+                documents=documents,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
         # Text from the client (message contents, tool definitions and arguments, documents) that spells a control
         # token ("[|endofturn|]", "[|system|]") must stay text, or a user could forge turns; the template's own
         # markup still produces the control tokens. Each occurrence in client text is swapped for a placeholder
         # before rendering, and encoded as text after it.
-        user = {"messages": _plain(list(getattr(messages, "messages", messages))), "tools": _plain(tools),
-                "documents": _plain(documents)}
+        user = {
+            "messages": _plain(list(getattr(messages, "messages", messages))),
+            "tools": _plain(tools),
+            "documents": _plain(documents),
+        }
         sentinel = self._sentinel(json.dumps(user, ensure_ascii=False))
         if sentinel is None:  # cannot happen with real input: every candidate character occurs in it
             raise TokenizerError("chat messages contain every placeholder character; cannot render them safely")
         user = self._defuse(user, sentinel)
-        text = render_chat_template(template, user["messages"], tools=user["tools"], documents=user["documents"],
-                                    add_generation_prompt=add_generation_prompt, **variables)
+        text = render_chat_template(
+            template,
+            user["messages"],
+            tools=user["tools"],
+            documents=user["documents"],
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
         return self._encode_defused(text, sentinel)
 
     # ---- control tokens in client text ------------------------------------------------------------

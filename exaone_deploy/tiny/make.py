@@ -59,12 +59,30 @@ PRESETS = {
     ),
 }
 # Full-size shapes of the real models (random weights), for benchmarks and memory tests.
-PRESETS["1.2b-full"] = dict(PRESETS["1.2b"], hidden_size=2048, intermediate_size=4096, num_hidden_layers=30,
-                            num_attention_heads=32, num_key_value_heads=8, head_dim=64, dtype="bfloat16",
-                            vocab_size=102400, max_position_embeddings=65536)
-PRESETS["32b-full"] = dict(PRESETS["32b"], hidden_size=5120, intermediate_size=27392, num_hidden_layers=64,
-                           num_attention_heads=40, num_key_value_heads=8, head_dim=128, sliding_window=4096,
-                           vocab_size=102400, max_position_embeddings=131072)
+PRESETS["1.2b-full"] = dict(
+    PRESETS["1.2b"],
+    hidden_size=2048,
+    intermediate_size=4096,
+    num_hidden_layers=30,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    dtype="bfloat16",
+    vocab_size=102400,
+    max_position_embeddings=65536,
+)
+PRESETS["32b-full"] = dict(
+    PRESETS["32b"],
+    hidden_size=5120,
+    intermediate_size=27392,
+    num_hidden_layers=64,
+    num_attention_heads=40,
+    num_key_value_heads=8,
+    head_dim=128,
+    sliding_window=4096,
+    vocab_size=102400,
+    max_position_embeddings=131072,
+)
 
 # safetensors dtype codes
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -202,8 +220,9 @@ def _to_bytes(array: np.ndarray, dtype: str) -> bytes:
     return rounding.astype("<u2").tobytes()
 
 
-def _write_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, ...], str]], dtype: str,
-                       rng: np.random.Generator, order: list[str]) -> int:
+def _write_safetensors(
+    path: Path, tensors: dict[str, tuple[tuple[int, ...], str]], dtype: str, rng: np.random.Generator, order: list[str]
+) -> int:
     """Write one safetensors file (tensors sorted by name), drawing each tensor when it is written, so
     memory holds one tensor at a time. Tensors are drawn in ``order`` (the checkpoint's canonical order),
     which keeps the weights independent of how they are sharded. Returns the bytes of tensor data."""

@@ -13,8 +13,8 @@ Files written: tokenizer.json, tokenizer_config.json and special_tokens_map.json
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 

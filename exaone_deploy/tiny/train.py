@@ -59,8 +59,19 @@ MODEL = dict(
 )
 VOCAB_SIZE = 1536
 
-DEFAULTS = dict(steps=1000, seed=0, batch_size=16, seq_len=256, lr=2e-3, min_lr_ratio=0.1, warmup=100,
-                weight_decay=0.1, grad_clip=1.0, eval_every=250, threads=2)
+DEFAULTS = dict(
+    steps=1000,
+    seed=0,
+    batch_size=16,
+    seq_len=256,
+    lr=2e-3,
+    min_lr_ratio=0.1,
+    warmup=100,
+    weight_decay=0.1,
+    grad_clip=1.0,
+    eval_every=250,
+    threads=2,
+)
 
 SAMPLE_PROMPT = "ROMEO:\n"
 
@@ -102,8 +113,9 @@ def evaluate(model, ids: torch.Tensor, seq_len: int, batch_size: int = 16) -> fl
             # Targets past the previous window's end are all new, so skip exactly what it already scored.
             y[row, first : len(chunk) - 1] = chunk[1 + first :]
         logits = model(input_ids=x).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                                ignore_index=-100, reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         total += nll.item()
         scored += int((y != -100).sum())
     assert scored == len(ids) - 1, (scored, len(ids))
@@ -128,14 +140,14 @@ def _samples(model, tokenizer, seed: int, max_new_tokens: int = 120) -> dict[str
     with torch.no_grad():
         greedy = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
         torch.manual_seed(seed)
-        sampled = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=50,
-                                 top_p=1.0)
+        sampled = model.generate(
+            ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=50, top_p=1.0
+        )
     model.train()
     return {
         "prompt": SAMPLE_PROMPT,
         "greedy": tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True),
-        "sampled (temperature 0.8, top_k 50)": tokenizer.decode(sampled[0, ids.shape[1] :],
-                                                                 skip_special_tokens=True),
+        "sampled (temperature 0.8, top_k 50)": tokenizer.decode(sampled[0, ids.shape[1] :], skip_special_tokens=True),
     }
 
 
@@ -161,26 +173,35 @@ def _train_into(tmp: Path, args: dict, AutoTokenizer, Exaone4Config, Exaone4ForC
     # Tokenizer, on the training split only.
     train_tokenizer([train_str], VOCAB_SIZE, tmp)
     tokenizer = AutoTokenizer.from_pretrained(tmp)
-    ids = {"bos": tokenizer.convert_tokens_to_ids(BOS_TOKEN), "eos": tokenizer.convert_tokens_to_ids(EOS_TOKEN),
-           "pad": tokenizer.convert_tokens_to_ids(PAD_TOKEN)}
+    ids = {
+        "bos": tokenizer.convert_tokens_to_ids(BOS_TOKEN),
+        "eos": tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+        "pad": tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+    }
     train_ids = torch.tensor(tokenizer(train_str).input_ids, dtype=torch.long)
     heldout_ids = torch.tensor(tokenizer(heldout_str).input_ids, dtype=torch.long)
     # Characters spelled by the scored held-out tokens (all but the first).
     heldout_chars = len(heldout_str) - len(tokenizer.decode(heldout_ids[:1]))
-    print(f"tokens: train {len(train_ids)} ({len(train_str)} chars), held-out {len(heldout_ids)} "
-          f"({len(heldout_str)} chars)", flush=True)
+    print(
+        f"tokens: train {len(train_ids)} ({len(train_str)} chars), held-out {len(heldout_ids)} "
+        f"({len(heldout_str)} chars)",
+        flush=True,
+    )
 
     # Config in the real EXAONE 4.0 spelling; transformers reads it back from the file.
     config_dict = _config(MODEL, MODEL["num_hidden_layers"], MODEL["dtype"], len(tokenizer), ids)
     _write_json(tmp / "config.json", config_dict)
-    _write_json(tmp / "generation_config.json", {
-        "_from_model_config": True,
-        "bos_token_id": ids["bos"],
-        "do_sample": False,
-        "eos_token_id": ids["eos"],
-        "pad_token_id": ids["pad"],
-        "transformers_version": TRANSFORMERS_VERSION,
-    })
+    _write_json(
+        tmp / "generation_config.json",
+        {
+            "_from_model_config": True,
+            "bos_token_id": ids["bos"],
+            "do_sample": False,
+            "eos_token_id": ids["eos"],
+            "pad_token_id": ids["pad"],
+            "transformers_version": TRANSFORMERS_VERSION,
+        },
+    )
     config = Exaone4Config.from_pretrained(tmp)
     config.use_cache = False
     config._attn_implementation = "sdpa"
@@ -193,9 +214,12 @@ def _train_into(tmp: Path, args: dict, AutoTokenizer, Exaone4Config, Exaone4ForC
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args["lr"], betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args["lr"],
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     gen = torch.Generator().manual_seed(args["seed"] + 1)
     B, T, steps = args["batch_size"], args["seq_len"], args["steps"]
     offsets = torch.arange(T + 1)
@@ -217,16 +241,25 @@ def _train_into(tmp: Path, args: dict, AutoTokenizer, Exaone4Config, Exaone4ForC
         losses_tail = (losses_tail + [loss.item()])[-100:]
         if (step + 1) % 50 == 0 or step + 1 == steps:
             elapsed = time.time() - t_train
-            print(f"step {step + 1}/{steps} loss {sum(window_losses) / len(window_losses):.4f} lr {lr:.2e} "
-                  f"{elapsed:.0f}s {(step + 1) * B * T / elapsed:.0f} tok/s", flush=True)
+            print(
+                f"step {step + 1}/{steps} loss {sum(window_losses) / len(window_losses):.4f} lr {lr:.2e} "
+                f"{elapsed:.0f}s {(step + 1) * B * T / elapsed:.0f} tok/s",
+                flush=True,
+            )
             window_losses = []
         if args["eval_every"] and ((step + 1) % args["eval_every"] == 0) and step + 1 != steps:
             nll = evaluate(model, heldout_ids, T)
-            entry = {"step": step + 1, "train_loss": sum(losses_tail) / len(losses_tail),
-                     "heldout_loss": nll / (len(heldout_ids) - 1)}
+            entry = {
+                "step": step + 1,
+                "train_loss": sum(losses_tail) / len(losses_tail),
+                "heldout_loss": nll / (len(heldout_ids) - 1),
+            }
             history.append(entry)
-            print(f"  eval step {step + 1}: held-out loss {entry['heldout_loss']:.4f} "
-                  f"ppl {math.exp(entry['heldout_loss']):.2f} bpc {nll / math.log(2) / heldout_chars:.4f}", flush=True)
+            print(
+                f"  eval step {step + 1}: held-out loss {entry['heldout_loss']:.4f} "
+                f"ppl {math.exp(entry['heldout_loss']):.2f} bpc {nll / math.log(2) / heldout_chars:.4f}",
+                flush=True,
+            )
     train_seconds = time.time() - t_train
 
     nll = evaluate(model, heldout_ids, T)
@@ -238,7 +271,7 @@ def _train_into(tmp: Path, args: dict, AutoTokenizer, Exaone4Config, Exaone4ForC
     # The saved files must load back in transformers to the same model.
     reloaded = Exaone4ForCausalLM.from_pretrained(tmp).eval()
     model.eval()
-    probe = heldout_ids[: T][None]
+    probe = heldout_ids[:T][None]
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=probe).logits, model(input_ids=probe).logits, atol=1e-5)
     samples = _samples(reloaded, tokenizer, args["seed"])
@@ -246,8 +279,10 @@ def _train_into(tmp: Path, args: dict, AutoTokenizer, Exaone4Config, Exaone4ForC
     report = {
         "seed": args["seed"],
         "steps": steps,
-        "hyperparameters": {k: args[k] for k in ("batch_size", "seq_len", "lr", "min_lr_ratio", "warmup",
-                                                  "weight_decay", "grad_clip", "threads")},
+        "hyperparameters": {
+            k: args[k]
+            for k in ("batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "threads")
+        },
         "optimizer": "AdamW(betas=(0.9, 0.95)), linear warmup then cosine decay to min_lr_ratio * lr",
         "tokens_seen": steps * B * T,
         "epochs": round(steps * B * T / len(train_ids), 2),
@@ -270,8 +305,10 @@ def _train_into(tmp: Path, args: dict, AutoTokenizer, Exaone4Config, Exaone4ForC
             "loss": round(heldout_loss, 4),
             "perplexity": round(math.exp(heldout_loss), 3),
             "bits_per_char": round(nll / math.log(2) / heldout_chars, 4),
-            "method": (f"held-out split tokenised alone; tokens 1.. scored in windows of {T} advancing by {T // 2}; "
-                       "perplexity = exp(mean token NLL); bpc = sum NLL / ln 2 / chars of the scored tokens"),
+            "method": (
+                f"held-out split tokenised alone; tokens 1.. scored in windows of {T} advancing by {T // 2}; "
+                "perplexity = exp(mean token NLL); bpc = sum NLL / ln 2 / chars of the scored tokens"
+            ),
         },
         "history": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()} for h in history],
         "train_seconds": round(train_seconds, 1),
@@ -295,10 +332,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"])
     parser.add_argument("--threads", type=int, default=DEFAULTS["threads"])
     a = parser.parse_args(argv)
-    report = train(a.out, steps=a.steps, seed=a.seed, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
-                   warmup=a.warmup, eval_every=a.eval_every, threads=a.threads)
-    print(json.dumps({k: report[k] for k in ("steps", "final_train_loss", "heldout", "parameters",
-                                              "train_seconds")}, indent=2))
+    report = train(
+        a.out,
+        steps=a.steps,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        seq_len=a.seq_len,
+        lr=a.lr,
+        warmup=a.warmup,
+        eval_every=a.eval_every,
+        threads=a.threads,
+    )
+    print(
+        json.dumps(
+            {k: report[k] for k in ("steps", "final_train_loss", "heldout", "parameters", "train_seconds")}, indent=2
+        )
+    )
     for name, text in report["samples"].items():
         print(f"--- {name}\n{text}")
 

@@ -44,18 +44,45 @@ __all__ = ["PLAYS", "labelled_lines", "split", "train"]
 # play -> principal characters found in that play only (within tinyshakespeare), as the corpus spells them
 PLAYS = {
     "coriolanus": ("CORIOLANUS", "MARCIUS", "MENENIUS", "VOLUMNIA", "SICINIUS", "COMINIUS", "AUFIDIUS"),
-    "romeo_and_juliet": ("ROMEO", "JULIET", "FRIAR LAURENCE", "MERCUTIO", "BENVOLIO", "CAPULET", "LADY CAPULET",
-                         "Nurse"),
+    "romeo_and_juliet": (
+        "ROMEO",
+        "JULIET",
+        "FRIAR LAURENCE",
+        "MERCUTIO",
+        "BENVOLIO",
+        "CAPULET",
+        "LADY CAPULET",
+        "Nurse",
+    ),
     "richard_ii": ("KING RICHARD II", "HENRY BOLINGBROKE", "JOHN OF GAUNT", "THOMAS MOWBRAY", "DUKE OF AUMERLE"),
     "measure_for_measure": ("DUKE VINCENTIO", "ISABELLA", "ANGELO", "LUCIO", "POMPEY", "CLAUDIO", "ELBOW"),
-    "taming_of_the_shrew": ("PETRUCHIO", "KATHARINA", "TRANIO", "HORTENSIO", "LUCENTIO", "GRUMIO", "GREMIO",
-                            "BAPTISTA", "BIONDELLO"),
-    "winters_tale": ("LEONTES", "POLIXENES", "HERMIONE", "PAULINA", "CAMILLO", "AUTOLYCUS", "FLORIZEL",
-                     "PERDITA", "ANTIGONUS"),
+    "taming_of_the_shrew": (
+        "PETRUCHIO",
+        "KATHARINA",
+        "TRANIO",
+        "HORTENSIO",
+        "LUCENTIO",
+        "GRUMIO",
+        "GREMIO",
+        "BAPTISTA",
+        "BIONDELLO",
+    ),
+    "winters_tale": (
+        "LEONTES",
+        "POLIXENES",
+        "HERMIONE",
+        "PAULINA",
+        "CAMILLO",
+        "AUTOLYCUS",
+        "FLORIZEL",
+        "PERDITA",
+        "ANTIGONUS",
+    ),
 }
 LABELS = tuple(PLAYS)
-DEFAULTS = dict(steps=600, seed=0, batch_size=64, lr=1e-3, warmup=60, min_lr_ratio=0.1, weight_decay=0.01,
-                heldout=0.1, threads=2)
+DEFAULTS = dict(
+    steps=600, seed=0, batch_size=64, lr=1e-3, warmup=60, min_lr_ratio=0.1, weight_decay=0.01, heldout=0.1, threads=2
+)
 
 
 def labelled_lines(text: str | None = None) -> list[tuple[int, str, int]]:
@@ -73,6 +100,7 @@ def labelled_lines(text: str | None = None) -> list[tuple[int, str, int]]:
 
 def split(examples: list[tuple[int, str, int]], heldout: float, seed: int):
     """(train, held out): whole speeches go to one side, by a seeded hash of the speech index."""
+
     def held(s: int) -> bool:
         return zlib.crc32(f"{seed}:{s}".encode()) / 2**32 >= 1.0 - heldout
 
@@ -97,7 +125,7 @@ def accuracy(model, tok, data: list[tuple[str, int]], batch_size: int = 256) -> 
     model.eval()
     hits = 0
     for i in range(0, len(data), batch_size):
-        chunk = data[i:i + batch_size]
+        chunk = data[i : i + batch_size]
         ids, mask = _batch(tok, [x for x, _ in chunk])
         pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
         hits += int((pred == torch.tensor([y for _, y in chunk])).sum())
@@ -125,8 +153,10 @@ def train(out_dir: str | Path, **overrides) -> dict:
     torch.nn.init.normal_(model.score.weight, std=0.02)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args["lr"])
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args["lr"],
+    )
     t0, losses = time.perf_counter(), []
     for step in range(args["steps"]):
         model.train()
@@ -142,8 +172,11 @@ def train(out_dir: str | Path, **overrides) -> dict:
         opt.step()
         losses.append(loss.item())
         if (step + 1) % 100 == 0:
-            print(f"step {step + 1}/{args['steps']} loss {sum(losses[-100:]) / 100:.4f} lr {lr:.2e} "
-                  f"{time.perf_counter() - t0:.0f}s", flush=True)
+            print(
+                f"step {step + 1}/{args['steps']} loss {sum(losses[-100:]) / 100:.4f} lr {lr:.2e} "
+                f"{time.perf_counter() - t0:.0f}s",
+                flush=True,
+            )
     train_s = time.perf_counter() - t0
     model = model.to(torch.bfloat16).float()  # what the bfloat16 asset holds
     counts = [sum(y == i for _, y in test_set) for i in range(len(LABELS))]

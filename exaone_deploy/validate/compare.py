@@ -24,8 +24,8 @@ of :func:`error_stats`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -42,8 +42,9 @@ def default_prompt_len(spec: ModelSpec) -> int:
     return max(16, 2 * max((layer.window for layer in spec.layers), default=0) + 3)
 
 
-def teacher_forced(a: Backend, b: Backend, prompt: Sequence[int], steps: int, *, slot: int = 0
-                   ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def teacher_forced(
+    a: Backend, b: Backend, prompt: Sequence[int], steps: int, *, slot: int = 0
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(step, logits of A, logits of B), (vocab,) each: step 0 is the prompt's last position, step k the
     logits after k decode steps. Both sides get A's greedy token, so errors do not compound through diverging
     text. ``slot`` is released on both sides at the end."""
@@ -80,13 +81,22 @@ def error_stats(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 def _describe(m) -> dict:
     info = m.get("tensorrt") or {}
-    return {"path": str(m.root), "target": m.target, "dtype": m.dtype, "max_seq_len": m.max_seq_len,
-            **({"tensorrt": info.get("version"), "quantization": info.get("precision", {}).get("quantized_dq_nodes")}
-               if info else {})}
+    return {
+        "path": str(m.root),
+        "target": m.target,
+        "dtype": m.dtype,
+        "max_seq_len": m.max_seq_len,
+        **(
+            {"tensorrt": info.get("version"), "quantization": info.get("precision", {}).get("quantized_dq_nodes")}
+            if info
+            else {}
+        ),
+    }
 
 
-def compare_bundles(a: str | Path, b: str | Path, steps: int = 16, prompt_len: int | None = None, seed: int = 0,
-                    *, device: str = "cpu") -> dict:
+def compare_bundles(
+    a: str | Path, b: str | Path, steps: int = 16, prompt_len: int | None = None, seed: int = 0, *, device: str = "cpu"
+) -> dict:
     """Compare bundle ``b`` against bundle ``a`` on one random prompt and ``steps`` decode steps."""
     ma, mb = load_manifest(a), load_manifest(b)
     if ma.spec.config_sha256 != mb.spec.config_sha256:
@@ -107,8 +117,13 @@ def compare_bundles(a: str | Path, b: str | Path, steps: int = 16, prompt_len: i
         for be in backends:
             be.close()
     return {
-        "a": _describe(ma), "b": _describe(mb), "prompt_len": prompt_len, "steps": steps, "seed": seed,
-        "outputs": outputs, "per_step": rows,
+        "a": _describe(ma),
+        "b": _describe(mb),
+        "prompt_len": prompt_len,
+        "steps": steps,
+        "seed": seed,
+        "outputs": outputs,
+        "per_step": rows,
         "summary": {
             "max_abs": max(r["max_abs"] for r in [*outputs, *rows]),
             "mean_abs": float(np.mean([r["mean_abs"] for r in rows])),

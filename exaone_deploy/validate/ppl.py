@@ -23,8 +23,8 @@ import numpy as np
 
 from .. import bundle as bundle_mod
 from ..checkpoint import resolve_model_dir
-from ..text.tokenizer import Tokenizer
 from ..text.corpus import CalibrationDataError, token_stream
+from ..text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None) -> 
     n = tokens.size // seq_len
     if n == 0:
         raise CalibrationDataError(f"{tokens.size} tokens do not fill one window of {seq_len}; use a shorter --seq-len")
-    return [tokens[i * seq_len:(i + 1) * seq_len] for i in range(n)]
+    return [tokens[i * seq_len : (i + 1) * seq_len] for i in range(n)]
 
 
 def log_likelihood(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -71,8 +71,9 @@ def ort_twin(manifest: bundle_mod.Manifest, work: Path) -> bundle_mod.Manifest:
 
     files = manifest.data["files"]
     if not files.get("canonical"):
-        raise bundle_mod.BundleError(f"{manifest.root}: a {manifest.target} bundle without a canonical graph cannot "
-                                     "run in ONNX Runtime")
+        raise bundle_mod.BundleError(
+            f"{manifest.root}: a {manifest.target} bundle without a canonical graph cannot run in ONNX Runtime"
+        )
     weights = files.get("weights")
     if weights:
         try:
@@ -108,9 +109,17 @@ def _checkpoint_scorer(path: Path, seq_len: int):
     return lambda ids: backend.score(ids.tolist(), slot=0, chunk=seq_len)
 
 
-def perplexity(path: str | Path, data: str | Path, *, seq_len: int = 256, max_tokens: int | None = None,
-               text_field: str = "text", fmt: str = "auto", tokens: np.ndarray | None = None,
-               progress: bool = False) -> PplResult:
+def perplexity(
+    path: str | Path,
+    data: str | Path,
+    *,
+    seq_len: int = 256,
+    max_tokens: int | None = None,
+    text_field: str = "text",
+    fmt: str = "auto",
+    tokens: np.ndarray | None = None,
+    progress: bool = False,
+) -> PplResult:
     """Perplexity of a bundle directory (ONNX Runtime) or a checkpoint directory (PyTorch reference)."""
     import contextlib
 
@@ -132,5 +141,6 @@ def perplexity(path: str | Path, data: str | Path, *, seq_len: int = 256, max_to
             total += log_likelihood(logits[:-1], w[1:])
             count += len(w) - 1
     nll = -total / count
-    return PplResult(float(np.exp(nll)), nll, count, len(wins), seq_len, "bundle" if is_bundle else "checkpoint",
-                     str(root))
+    return PplResult(
+        float(np.exp(nll)), nll, count, len(wins), seq_len, "bundle" if is_bundle else "checkpoint", str(root)
+    )

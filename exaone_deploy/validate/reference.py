@@ -11,8 +11,8 @@ verify had), which duplicated compare's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,8 +28,9 @@ __all__ = ["ReferenceBackend"]
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def __init__(self, model_dir: str | Path, *, max_seq_len: int, max_batch: int = 1,
-                 max_positions: int | None = None):
+    def __init__(
+        self, model_dir: str | Path, *, max_seq_len: int, max_batch: int = 1, max_positions: int | None = None
+    ):
         """``max_positions``: the longest context ``allocate`` accepts (the RoPE tables' length); default
         ``max_seq_len``."""
         self.model_dir = resolve_model_dir(model_dir)
@@ -48,11 +49,13 @@ class ReferenceBackend(Backend):
     @torch.no_grad()
     def _step(self, r0: int, inputs: dict[str, np.ndarray], decode: bool) -> np.ndarray:
         B = inputs["input_ids"].shape[0]
-        feed = [torch.from_numpy(np.ascontiguousarray(inputs[name])) for name in
-                ("input_ids", "seqlens_k", "total_sequence_length", "logits_index")]
-        logits, *presents = self.model(*feed, *(c[r0:r0 + B] for c in self._caches))
+        feed = [
+            torch.from_numpy(np.ascontiguousarray(inputs[name]))
+            for name in ("input_ids", "seqlens_k", "total_sequence_length", "logits_index")
+        ]
+        logits, *presents = self.model(*feed, *(c[r0 : r0 + B] for c in self._caches))
         for cache, present in zip(self._caches, presents):
-            cache[r0:r0 + B].copy_(present)
+            cache[r0 : r0 + B].copy_(present)
         return logits.float().numpy()
 
     def _decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:

@@ -37,8 +37,9 @@ class StepError:
     within_tolerance: bool
 
 
-def verify_bundle(bundle_dir: str | Path, model_dir: str | Path, steps: int = 32, prompt_len: int | None = None,
-                  seed: int = 0) -> dict:
+def verify_bundle(
+    bundle_dir: str | Path, model_dir: str | Path, steps: int = 32, prompt_len: int | None = None, seed: int = 0
+) -> dict:
     manifest = load_manifest(bundle_dir)
     spec = manifest.spec
     prompt_len = prompt_len or default_prompt_len(spec)
@@ -57,12 +58,27 @@ def verify_bundle(bundle_dir: str | Path, model_dir: str | Path, steps: int = 32
         err = np.abs(g - r)
         scale = float(np.abs(r).max())
         bound = tol["abs"] + tol["rel"] * scale
-        rows.append(StepError(step, float(err.max()), float((err / (np.abs(r) + 1e-6)).max()), scale,
-                              bool(np.argmax(g) == np.argmax(r)), bool(err.max() <= bound)))
+        rows.append(
+            StepError(
+                step,
+                float(err.max()),
+                float((err / (np.abs(r) + 1e-6)).max()),
+                scale,
+                bool(np.argmax(g) == np.argmax(r)),
+                bool(err.max() <= bound),
+            )
+        )
     ok = all(r.within_tolerance and r.greedy_match for r in rows)
     return {
-        "bundle": str(bundle_dir), "reference": str(model_dir), "dtype": manifest.dtype, "target": manifest.target,
-        "prompt_len": prompt_len, "steps": steps, "tolerance": tol, "ok": ok,
-        "max_abs": max(r.max_abs for r in rows), "greedy_agreement": sum(r.greedy_match for r in rows) / len(rows),
+        "bundle": str(bundle_dir),
+        "reference": str(model_dir),
+        "dtype": manifest.dtype,
+        "target": manifest.target,
+        "prompt_len": prompt_len,
+        "steps": steps,
+        "tolerance": tol,
+        "ok": ok,
+        "max_abs": max(r.max_abs for r in rows),
+        "greedy_agreement": sum(r.greedy_match for r in rows) / len(rows),
         "per_step": [asdict(r) for r in rows],
     }
