@@ -9,6 +9,7 @@ external-data file is written, so exporting a 32B checkpoint needs about one lay
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,14 +269,28 @@ def _export_into(src: Path, tmp: Path, options: ExportOptions, progress: bool) -
     ckpt = Checkpoint(src)
     ckpt.validate(spec)
     io = graph_io(spec, options)
+    log.info(
+        "export %s: %d layers (%s), target %s, dtype %s, max_seq_len %d, window caches %s, kv cache %s",
+        src,
+        spec.num_layers,
+        spec.head.task,
+        options.target,
+        options.dtype,
+        io.max_seq_len,
+        io.window_cache,
+        options.kv_cache,
+    )
     from tqdm.auto import tqdm
 
     with tqdm(total=6, desc="export", disable=not progress, unit="stage") as bar:
         started = []
 
+        t0 = time.perf_counter()
+
         def stage(name: str) -> None:
             if started:  # the previous stage is done
                 bar.update()
+                log.info("export %s: %s done (%.1f s)", src.name, started[-1], time.perf_counter() - t0)
             started.append(name)
             bar.set_postfix_str(name)
 
@@ -308,6 +323,7 @@ def _export_into(src: Path, tmp: Path, options: ExportOptions, progress: bool) -
                 extra={"prequantized": prequantized} if prequantized else None,
             )
         bar.update()
+        log.info("export %s: %s done (%.1f s)", src.name, started[-1], time.perf_counter() - t0)
 
 
 def _version() -> str:
