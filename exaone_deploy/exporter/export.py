@@ -133,13 +133,38 @@ def graph_io(spec: ModelSpec, options: ExportOptions, max_seq_len: int | None = 
     )  # a HeadIO (no KV cache) for a task head
 
 
+def meta_model(cls, spec: ModelSpec, dtype: str, max_positions: int) -> torch.nn.Module:
+    """``cls(spec, max_positions)`` on the meta device (no weights in memory), RoPE tables included."""
+    torch_dtype = DTYPES[dtype]
+    with torch.device("meta"):
+        model = cls(spec, max_positions).to(torch_dtype)
+    model.cos_cache = torch.empty(max_positions, spec.head_dim // 2, dtype=torch_dtype, device="meta")
+    model.sin_cache = torch.empty(max_positions, spec.head_dim // 2, dtype=torch_dtype, device="meta")
+    return model
+
+
+def export_traced(model: torch.nn.Module, args: tuple, dynamic: tuple, io: GraphIO, opset: int) -> ir.Model:
+    """``torch.onnx.export`` (dynamo) of a meta model with the custom attention op, I/O named by ``io``."""
+    program = torch.onnx.export(
+        model,
+        args,
+        dynamo=True,
+        input_names=io.input_names,
+        output_names=io.output_names,
+        dynamic_shapes=dynamic,
+        custom_translation_table=ops.custom_translation_table(),
+        optimize=False,
+        opset_version=opset,
+        verbose=False,
+        report=False,
+    )
+    return program.model
+
+
 def trace_canonical(spec: ModelSpec, dtype: str, max_positions: int, opset: int = 21) -> ir.Model:
     """Trace the reference model on the meta device into the canonical ONNX graph (no weights)."""
     torch_dtype = DTYPES[dtype]
-    with torch.device("meta"):
-        model = Exaone4Reference(spec, max_positions).to(torch_dtype)
-    model.cos_cache = torch.empty(max_positions, spec.head_dim // 2, dtype=torch_dtype, device="meta")
-    model.sin_cache = torch.empty(max_positions, spec.head_dim // 2, dtype=torch_dtype, device="meta")
+    model = meta_model(Exaone4Reference, spec, dtype, max_positions)
     # Distinct example sizes keep torch.export from specialising one dim to another's value.
     B, S, K, C = 2, 7, 3, 17
     meta = dict(device="meta")
@@ -157,20 +182,7 @@ def trace_canonical(spec: ModelSpec, dtype: str, max_positions: int, opset: int 
     batch, seq, keep, cache = (torch.export.Dim(n) for n in ("batch", "sequence", "logits_len", "cache_len"))
     dynamic = ({0: batch, 1: seq}, {0: batch}, None, {0: batch, 1: keep}, tuple({0: batch, 2: cache} for _ in pasts))
     io = GraphIO(spec, dtype, max_positions)
-    program = torch.onnx.export(
-        model,
-        args,
-        dynamo=True,
-        input_names=io.input_names,
-        output_names=io.output_names,
-        dynamic_shapes=dynamic,
-        custom_translation_table=ops.custom_translation_table(),
-        optimize=False,
-        opset_version=opset,
-        verbose=False,
-        report=False,
-    )
-    m = program.model
+    m = export_traced(model, args, dynamic, io, opset)
     _name_dims(m, io)
     return m
 

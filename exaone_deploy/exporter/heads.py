@@ -121,31 +121,13 @@ def trace_head_canonical(spec: ModelSpec, dtype: str, max_positions: int, opset:
     """
     from ..graph_io import GraphIO, HeadIO
     from . import ops
-    from .export import _name_dims
-    from .reference import DTYPES
+    from .export import _name_dims, export_traced, meta_model
 
-    torch_dtype = DTYPES[dtype]
-    with torch.device("meta"):
-        model = Exaone4HeadReference(spec, max_positions).to(torch_dtype)
-    model.cos_cache = torch.empty(max_positions, spec.head_dim // 2, dtype=torch_dtype, device="meta")
-    model.sin_cache = torch.empty(max_positions, spec.head_dim // 2, dtype=torch_dtype, device="meta")
+    model = meta_model(Exaone4HeadReference, spec, dtype, max_positions)
     args = (torch.empty(2, 7, dtype=torch.long, device="meta"), torch.empty(2, dtype=torch.int32, device="meta"))
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     io = HeadIO(spec, dtype, max_positions)
-    program = torch.onnx.export(
-        model,
-        args,
-        dynamo=True,
-        input_names=io.input_names,
-        output_names=io.output_names,
-        dynamic_shapes=({0: batch, 1: seq}, {0: batch}),
-        custom_translation_table=ops.custom_translation_table(),
-        optimize=False,
-        opset_version=opset,
-        verbose=False,
-        report=False,
-    )
-    m = program.model
+    m = export_traced(model, args, ({0: batch, 1: seq}, {0: batch}), io, opset)
     attention = [n for n in m.graph if n.domain == ops.DOMAIN and n.op_type == ops.OP_TYPE]
     if len(attention) != spec.num_layers:
         raise RuntimeError(f"traced {len(attention)} attention nodes for {spec.num_layers} layers")
