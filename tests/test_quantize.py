@@ -397,7 +397,10 @@ def test_sensitivity_report(work):
     assert [row["linears"] for row in report["layers"] if row["unit"] == "0"] == [7]
     incs = [row["increase_pct"] for row in report["layers"]]
     assert incs == sorted(incs, reverse=True) and report["float_ppl"] > 1
-    assert report["suggested_keep_float"] == report["layers"][0]["unit"]
+    # The suggestion names the units whose quantization raises perplexity, worst first (on these random tiny
+    # weights int4 can also lower it a little, by a hair that varies with thread timing: then none is named).
+    worst = report["layers"][0]
+    assert report["suggested_keep_float"] == (worst["unit"] if worst["increase_pct"] > 0 else "")
 
 
 def test_quantized_ort_bundle_gets_the_export_fusions(work, tmp_path):
