@@ -234,7 +234,8 @@ class OrtBackend(Backend):
         return logits
 
     def _decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
-        """One token per slot, batched over rows [0, max(slots)].
+        """One token per slot, batched over rows [min(slots), max(slots)] (not from row 0: a lone sequence in a
+        high slot, e.g. behind prefix-cached slots, decodes one row, not all the rows below it).
 
         Rows in that range that are not decoding get a dummy token written just past their end, where
         their next token goes anyway: harmless for full-length caches and for free rows. Window-sized
@@ -242,9 +243,9 @@ class OrtBackend(Backend):
         runs of contiguous rows instead.
         """
         want = dict(zip(slots, tokens))
-        rows = max(slots) + 1
+        lo, rows = min(slots), max(slots) + 1
         if self.windowed:
-            blocked = [r for r in range(rows) if r not in want and self.lengths[r] > 0]
+            blocked = [r for r in range(lo, rows) if r not in want and self.lengths[r] > 0]
             if blocked:
                 out = np.empty((len(slots), self.spec.vocab_size), dtype=np.float32)
                 order = {slot: i for i, slot in enumerate(slots)}
@@ -258,7 +259,7 @@ class OrtBackend(Backend):
                     if r is not None:
                         run.append(r)
                 return out
-        return self._decode_rows(0, rows, want, list(slots))
+        return self._decode_rows(lo, rows - lo, want, list(slots))
 
     def _decode_rows(self, r0: int, rows: int, want: dict[int, int], slots: list[int]) -> np.ndarray:
         key = (r0, rows)
