@@ -10,6 +10,7 @@ whose ``io`` section comes from :class:`~exaone_deploy.graph_io.GraphIO`). The O
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -92,15 +93,10 @@ class Manifest:
     def max_seq_len(self) -> int:
         return int(self.data["max_seq_len"])
 
-    @property
+    @functools.cached_property
     def io(self) -> GraphIO:
-        """The graph I/O contract of this bundle (names, cache shapes, step inputs)."""
+        """The graph I/O contract of this bundle (names, cache shapes, step inputs), derived once."""
         return GraphIO.from_manifest_data(self.spec, self.data)
-
-    @property
-    def cache_lengths(self) -> list[int | str]:
-        """Per layer: a fixed window-sized cache length, or "cache_len" (runtime-chosen)."""
-        return self.io.cache_lengths
 
     @property
     def model_path(self) -> Path:

@@ -350,7 +350,7 @@ def test_cli_export_errors_are_one_line(workdir):
 def test_window_sized_caches_for_sliding_layers(bundles):
     """The 32b preset's sliding layers keep W-sized caches; interleaved decoding stays exact."""
     m = load_manifest(bundles["32b", "float32"])
-    assert m.cache_lengths == [8, 8, 8, "cache_len", 8, 8, 8, "cache_len"]
+    assert m.io.cache_lengths == [8, 8, 8, "cache_len", 8, 8, 8, "cache_len"]
     model = onnx.load(str(m.model_path), load_external_data=False)
     dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     assert dims["past_key_values.0.key"][2] == 8 and dims["past_key_values.3.key"][2] == "cache_len"
@@ -385,7 +385,7 @@ def test_full_length_cache_option(workdir, checkpoints, bundles):
         ExportOptions(max_seq_len=MAX_SEQ, window_cache=False),
         progress=False,
     )
-    assert load_manifest(full).cache_lengths == ["cache_len"] * 8
+    assert load_manifest(full).io.cache_lengths == ["cache_len"] * 8
     prompt = np.random.default_rng(6).integers(9, 500, PROMPT_LEN).tolist()
     a = OrtBackend(full, capacity=64)
     b = OrtBackend(bundles["32b", "float32"], capacity=64)
