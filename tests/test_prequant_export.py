@@ -22,6 +22,7 @@ from onnx import numpy_helper
 from exaone_deploy.bundle import load_manifest
 from exaone_deploy.exporter.export import ExportOptions, export_bundle
 from exaone_deploy.prequant import PrequantConfigError, dequantized_linears, make_prequantized
+from exaone_deploy.prequant.st import SafetensorsDir
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -70,12 +71,46 @@ def _initializers(path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}, m
 
 
-def _act_orders(m: onnx.ModelProto, inits: dict) -> dict[str, np.ndarray]:
-    return {
-        n.name.partition("/")[0]: inits[n.input[1]]
-        for n in m.graph.node
-        if n.op_type == "Gather" and n.name.endswith("/act_order")
-    }
+def _act_orders(m: onnx.ModelProto, inits: dict) -> dict[str, tuple[str, np.ndarray]]:
+    """module -> (the act-order Gather feeding its linear, that Gather's order), for linears fed by one."""
+    prod = {o: n for n in m.graph.node for o in n.output}
+    out = {}
+    for n in m.graph.node:
+        if n.op_type in ("MatMulNBits", "MatMul"):
+            src = prod.get(n.input[0])
+            while src is not None and src.op_type in ("Pad", "Cast"):
+                src = prod.get(src.input[0])
+            w = prod.get(n.input[1])  # trt: MatMul(x, [Cast](DequantizeLinear named "<module>/..."))
+            while w is not None and w.op_type == "Cast":
+                w = prod.get(w.input[0])
+            module = n.input[1].rpartition(".")[0] if n.op_type == "MatMulNBits" else w and w.name.partition("/")[0]
+            if src is not None and src.op_type == "Gather" and src.name.endswith("/act_order"):
+                out[module] = (src.name, inits[src.input[1]])
+    return out
+
+
+def _in_checkpoint_order(stored: dict[str, np.ndarray], orders: dict, ckpt) -> dict[str, np.ndarray]:
+    """Stored weights [N, K] back in the checkpoint's order. Column j of a linear fed by an act-order Gather reads
+    input ``order[j]``; a ``down_proj`` fed without one reads its input in the checkpoint's act-order
+    (``argsort(g_idx)``), which the layer's gate/up produce by storing their output rows in that order (the fold)."""
+    st = SafetensorsDir(ckpt)
+
+    def down_order(module):
+        layer = module.rpartition(".")[0]
+        g = f"{layer}.down_proj.g_idx"
+        return np.argsort(st[g], kind="stable") if g in st and f"{layer}.down_proj" not in orders else None
+
+    out = {}
+    for module, w in stored.items():
+        cols = orders[module][1] if module in orders else down_order(module) if module.endswith("down_proj") else None
+        rows = down_order(module) if module.endswith(("gate_proj", "up_proj")) else None
+        w = w.copy()
+        if cols is not None:
+            w[:, cols] = w.copy()
+        if rows is not None:
+            w[rows] = w.copy()
+        out[module + ".weight"] = w
+    return out
 
 
 def _unpack_matmulnbits(node: onnx.NodeProto, inits: dict) -> np.ndarray:
@@ -95,21 +130,12 @@ def _unpack_matmulnbits(node: onnx.NodeProto, inits: dict) -> np.ndarray:
     return w.reshape(n, nb * block)[:, :k]
 
 
-def _with_act_order(w: np.ndarray, perm: np.ndarray | None) -> np.ndarray:
-    """A weight over Gather-ed inputs (column j reads input perm[j]) as a weight over the original inputs."""
-    if perm is None:
-        return w
-    out = np.empty_like(w)
-    out[:, perm] = w
-    return out
-
-
 @pytest.mark.parametrize("preset, variant", ORT_CASES)
 def test_ort_weights_are_the_checkpoints_values(made, preset, variant):
     want = dequantized_linears(made(preset, variant))
     bundle = made(preset, variant, "ort")
     inits, m = _initializers(bundle / "model.onnx")
-    perms = _act_orders(m, inits)
+    orders = _act_orders(m, inits)
     nodes = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
     fmt, opts = VARIANTS[variant]
     fp8 = opts.get("weight_type") == "float" or fmt == "fp8"
@@ -118,10 +144,8 @@ def test_ort_weights_are_the_checkpoints_values(made, preset, variant):
         canonical, _ = _initializers(bundle / "canonical.onnx")
         got = {name: canonical[name + ".T"].T for name in want}
     else:
-        got = {}
-        for node in nodes:
-            module = node.input[1].removesuffix(".nbits")
-            got[module + ".weight"] = _with_act_order(_unpack_matmulnbits(node, inits), perms.get(module))
+        stored = {node.input[1].removesuffix(".nbits"): _unpack_matmulnbits(node, inits) for node in nodes}
+        got = _in_checkpoint_order(stored, orders, made(preset, variant))
         assert not any(name.endswith(".weight.T") and name[:-2] in want for name in inits)  # no float copy
     assert (
         sorted(got) == sorted(want)
@@ -129,8 +153,10 @@ def test_ort_weights_are_the_checkpoints_values(made, preset, variant):
     )
     for name, w in want.items():
         assert got[name].dtype == np.float32 and np.array_equal(got[name], w), name
-    if variant == "gptq-asym-actorder":
-        assert len(perms) == len(want)  # act-order checkpoint: every linear reordered
+    if variant == "gptq-asym-actorder":  # one Gather per layer input (q/k/v, o, gate/up); down_proj's is folded
+        layers = len(want) // 7
+        assert len({name for name, _ in orders.values()}) == 3 * layers and len(orders) == 6 * layers
+        assert not any(module.endswith("down_proj") for module in orders)
     manifest = json.loads((bundle / "manifest.json").read_text())["prequantized"]
     assert manifest["method"] == fmt and manifest["bits"] == opts.get("bits", 8 if fp8 else 4)
     assert manifest["quantized_linears"] == len(want) and manifest["unquantized"] == []
@@ -220,11 +246,15 @@ def test_trt_graph_passes_checks_and_keeps_the_values(made, variant):
     qtype = {"fp8": "FP8", "ct-fp8-block": "FP8", "gptq-int8-whole-row": "INT8"}.get(variant, "INT4")
     assert report.quantization == {qtype: len(want)}
     inits, m = _initializers(bundle / "model.onnx")
-    perms = _act_orders(m, inits)
-    for node in (n for n in m.graph.node if n.op_type == "DequantizeLinear"):
-        module = node.name.partition("/")[0]
-        w = _with_act_order(_unpack_dq(node, inits, want[module + ".weight"].shape[1]), perms.get(module))
-        assert np.array_equal(w, want[module + ".weight"]), module
+    orders = _act_orders(m, inits)
+    stored = {
+        n.name.partition("/")[0]: _unpack_dq(n, inits, want[n.name.partition("/")[0] + ".weight"].shape[1])
+        for n in m.graph.node
+        if n.op_type == "DequantizeLinear"
+    }
+    got = _in_checkpoint_order(stored, orders, made("32b", variant))
+    for module, w in got.items():
+        assert np.array_equal(w, want[module]), module
 
 
 def test_verify_passes_on_a_gptq_checkpoint(made):
@@ -316,3 +346,52 @@ def test_accuracy_level_option_sets_matmulnbits_and_manifest(made, tmp_path):
         outs[level] = out
     r = CliRunner().invoke(main, ["export", str(ckpt), "-o", str(tmp_path / "bad"), "--accuracy-level", "7"])
     assert r.exit_code != 0
+
+
+def _mlp_graph(extra_use: bool):
+    """x -> gate/up (Transpose(W) -> MatMul) -> silu(gate) * up -> down, as the exporter traces EXAONE's MLP;
+    ``extra_use``: gate's output is also a graph output (a second consumer the fold must not reorder)."""
+    import onnx_ir as ir
+
+    x = ir.Value(name="x", shape=ir.Shape([1, 4]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 21})
+    transposes, outs = {}, {}
+    for module, src in (("mlp.gate_proj", x), ("mlp.up_proj", x), ("mlp.down_proj", None)):
+        w = ir.Value(name=f"{module}.weight", const_value=ir.tensor(np.ones((4, 4), np.float32)))
+        graph.register_initializer(w)
+        t = ir.node("Transpose", [w], name=f"{module}/t")
+        if src is None:
+            sig = ir.node("Sigmoid", [outs["mlp.gate_proj"]])
+            silu = ir.node("Mul", [outs["mlp.gate_proj"], sig.outputs[0]])
+            prod = ir.node("Mul", [silu.outputs[0], outs["mlp.up_proj"]])
+            graph.extend([sig, silu, prod])
+            src = prod.outputs[0]
+        mm = ir.node("MatMul", [src, t.outputs[0]], name=f"{module}/mm")
+        graph.extend([t, mm])
+        transposes[module], outs[module] = t, mm.outputs[0]
+    graph.outputs.append(outs["mlp.down_proj"])
+    if extra_use:
+        graph.outputs.append(outs["mlp.gate_proj"])
+    return transposes
+
+
+@pytest.mark.parametrize("extra_use", [False, True])
+def test_act_order_fold_only_where_exact(extra_use):
+    """down_proj's act-order folds into gate/up's output rows through silu(gate) * up, and not when gate's output
+    has another consumer (reordering it would change that consumer's input)."""
+    from exaone_deploy.exporter import prequant_lower as pl
+    from exaone_deploy.prequant import PrequantScheme
+
+    transposes = _mlp_graph(extra_use)
+    scheme = PrequantScheme("gptq", 4, 2, sym=True, zero_point=True, desc_act=True)
+    lins = {}
+    for module in transposes:
+        lin = lins[module] = pl._Linear.__new__(pl._Linear)
+        lin.scheme, lin.plan = scheme, pl.LinearPlan(module, 4, 4, 4, 2, 2, "matmulnbits")
+        lin.perm, lin.input_permuted, lin.out_perm = np.array([3, 1, 0, 2]), False, None
+    pl._fold_act_orders(lins, transposes)
+    folded = not extra_use
+    assert lins["mlp.down_proj"].input_permuted is folded
+    for module in ("mlp.gate_proj", "mlp.up_proj"):
+        assert (lins[module].out_perm is lins["mlp.down_proj"].perm) is folded
+        assert not lins[module].input_permuted  # x is the layer input: its own Gather stays

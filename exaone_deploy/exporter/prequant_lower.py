@@ -29,8 +29,12 @@ with each scale repeated over its output block's columns (ONNX's blocked DQ has 
 Act-order (GPTQ ``desc_act`` with a ``g_idx`` that is not ``arange // group``): K is reordered so each group's
 columns are contiguous (a stable sort of ``g_idx``), the weight's input rows permuted by the checkpoint's order
 and the activation by a ``Gather`` on its last axis. ``sum_k x_k W_k`` is the same sum in another order: exact
-up to float summation order, on both targets. Rejected: MatMulNBits' ``g_idx`` input (deprecated in the op's
-spec and not implemented by every execution provider; the reordering needs nothing target-specific).
+up to float summation order, on both targets. One ``Gather`` serves every linear reading the same input in the
+same order (GPTQ's order comes from the input's Hessian, so q/k/v share one and gate/up another), and
+``down_proj``'s is folded away: gate's and up's output rows are stored in its order, so
+``silu(gate) * up`` arrives reordered (:func:`_fold_act_orders`): 3 Gathers a layer instead of 7. Rejected:
+MatMulNBits' ``g_idx`` input (deprecated in the op's spec and not implemented by every execution provider; the
+reordering needs nothing target-specific).
 
 Refused (one line naming the field and value): asymmetric integer codes on ``trt`` (TensorRT's DQ takes zero
 zero-points only; ``codes - zero`` spans [-15, 15], which INT4 cannot hold), grouped INT8 on ``trt`` (TensorRT
@@ -210,7 +214,9 @@ class _Linear:
 
     def __init__(self, st: SafetensorsDir, scheme: PrequantScheme, plan: LinearPlan):
         self.st, self.scheme, self.plan = st, scheme, plan
-        self.perm = None
+        self.perm = None  # act-order: the input order the weight's columns are stored in
+        self.input_permuted = False  # the graph already feeds the input in ``perm`` order (folded act-order)
+        self.out_perm = None  # output rows stored in this order (a consumer's folded act-order)
         if scheme.method == "gptq" and f"{plan.module}.g_idx" in st:
             g_idx = st[f"{plan.module}.g_idx"].astype(np.int64)
             natural = np.arange(plan.inp) // plan.group
@@ -228,6 +234,9 @@ class _Linear:
         w = read_linear(self.st.__getitem__, self.plan.module, self.scheme)
         if isinstance(w, IntWeight) and self.perm is not None:
             w = IntWeight(w.codes[:, self.perm], w.scales, w.zeros, w.g_idx[self.perm], w.bits, w.group_size)
+        if isinstance(w, IntWeight) and self.out_perm is not None:
+            o = self.out_perm
+            w = IntWeight(w.codes[o], w.scales[o], w.zeros[o], w.g_idx, w.bits, w.group_size)
         return w
 
     def per_block(self, a: np.ndarray) -> np.ndarray:
@@ -254,6 +263,16 @@ def _cast_exact(a: np.ndarray, dtype: str, what: str) -> np.ndarray:
 class _Rewriter:
     def __init__(self, graph: ir.Graph, dtype: str, accuracy_level: int = EXACT_ACCURACY_LEVEL):
         self.graph, self.dtype, self.accuracy_level = graph, dtype, accuracy_level
+        self.gathers: dict[tuple[int, bytes], ir.Value] = {}  # (input, order) -> its act-order Gather
+
+    def act_order(self, before: ir.Node, x: ir.Value, perm: np.ndarray, module: str) -> ir.Value:
+        """``x[..., perm]``: one Gather per input and order, shared by the linears that read the same input in
+        the same order (GPTQ gives q/k/v one order and gate/up another: their Hessian is their input's)."""
+        key = (id(x), perm.tobytes())
+        if key not in self.gathers:
+            idx = self.init(f"{module}.act_order", lambda: perm.astype(np.int64), ir.DataType.INT64, perm.shape)
+            self.gathers[key] = self.node(before, "Gather", [x, idx], {"axis": -1}, name=f"{module}/act_order")
+        return self.gathers[key]
 
     def init(self, name: str, make, dtype: ir.DataType, shape: tuple[int, ...]) -> ir.Value:
         """A lazy initializer: ``make()`` (a NumPy array) runs when the bundle writer saves it."""
@@ -294,12 +313,15 @@ def lower_prequantized(
     st, rw = SafetensorsDir(ckpt.dir), _Rewriter(graph, dtype, accuracy_level)
     if any(p.form == "matmulnbits" for p in plans.values()):
         m.opset_imports[ORT_DOMAIN] = 1
-    for node in [n for n in graph if n.op_type == "Transpose" and n.inputs[0] is not None]:
-        w = node.inputs[0]
-        module = w.name.rpartition(".")[0]
-        if module not in plans:
-            continue
-        lin = _Linear(st, scheme, plans[module])
+    transposes = {
+        n.inputs[0].name.rpartition(".")[0]: n
+        for n in graph
+        if n.op_type == "Transpose" and n.inputs[0] is not None and n.inputs[0].name.rpartition(".")[0] in plans
+    }
+    lins = {module: _Linear(st, scheme, plans[module]) for module in transposes}
+    _fold_act_orders(lins, transposes)
+    for module, node in transposes.items():
+        w, lin = node.inputs[0], lins[module]
         for use, index in list(node.outputs[0].uses()):
             if use.op_type != "MatMul" or index != 1:
                 raise PrequantLowerError(f"{module}: the traced weight feeds {use.op_type}, not a MatMul")
@@ -313,13 +335,61 @@ def lower_prequantized(
     return scheme_summary(scheme, plans, unquantized, accuracy_level)
 
 
+# Elementwise ops through which a permutation of the last axis commutes (same-shape operands, or a scalar).
+_ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Sigmoid", "Tanh", "Erf", "Relu", "Cast", "Neg", "Exp"}
+
+
+def _fold_act_orders(lins: dict[str, _Linear], transposes: dict[str, ir.Node]) -> None:
+    """Fold an act-order linear's input reordering into the linears that produce its input, where exact.
+
+    EXAONE's MLP feeds ``down_proj`` with ``silu(gate_proj(x)) * up_proj(x)``: elementwise over the features, so
+    storing gate's and up's output rows in ``down_proj``'s act-order yields its input already in that order, and
+    its ``Gather`` goes away (a row permutation of the codes, scales and zero points: exact, free at run time).
+    Done only when every path back from the linear's input is elementwise ops (``_ELEMENTWISE``, scalar
+    constants) ending at integer linears lowered here whose outputs feed nothing else and carry no other
+    reordering. Other inputs (q/k/v: the residual stream every layer reads; o_proj: attention's heads) keep the
+    Gather.
+    """
+
+    def matmul_of(module):
+        uses = list(transposes[module].outputs[0].uses())
+        return uses[0][0] if len(uses) == 1 and uses[0][0].op_type == "MatMul" and uses[0][1] == 1 else None
+
+    by_output = {id(mm.outputs[0]): module for module in lins if (mm := matmul_of(module)) is not None}
+    for module, lin in lins.items():
+        mm = matmul_of(module)
+        if lin.perm is None or mm is None or lin.scheme.weight_type != "int":
+            continue
+        inside, leaves, stack, ok = {mm}, set(), [mm.inputs[0]], True
+        while stack and ok:
+            v = stack.pop()
+            src = by_output.get(id(v))
+            node = v.producer()
+            if src is not None:
+                leaves.add(src)
+            elif node is not None and node.op_type in _ELEMENTWISE:
+                inside.add(node)
+                for i in node.inputs:
+                    scalar = i is not None and i.const_value is not None and i.const_value.size == 1
+                    if not scalar:
+                        stack.append(i)
+            else:
+                ok = False
+        reordered = [o for n in inside - {mm} for o in n.outputs] + [matmul_of(s).outputs[0] for s in leaves]
+        ok = ok and bool(leaves) and not any(v.is_graph_output() for v in reordered)
+        ok = ok and all(u in inside for v in reordered for u, _ in v.uses())
+        if not ok or any(lins[s].out_perm is not None or lins[s].plan.out != lin.plan.inp for s in leaves):
+            continue
+        for s in leaves:
+            lins[s].out_perm = lin.perm
+        lin.input_permuted = True
+
+
 def _lower_one(rw: _Rewriter, matmul: ir.Node, lin: _Linear, target: str) -> None:
     p, base = lin.plan, lin.plan.module
     x = matmul.inputs[0]
-    if lin.perm is not None:
-        perm = lin.perm
-        idx = rw.init(f"{base}.act_order", lambda: perm.astype(np.int64), ir.DataType.INT64, (p.inp,))
-        x = rw.node(matmul, "Gather", [x, idx], {"axis": -1}, name=f"{base}/act_order")
+    if lin.perm is not None and not lin.input_permuted:
+        x = rw.act_order(matmul, x, lin.perm, base)
     fdtype = (
         ir.DataType.FLOAT
         if rw.dtype == "float32"

@@ -151,14 +151,15 @@ def quantization_config(
     }
 
 
-def _quantize(w: np.ndarray, fmt: str, opts: dict) -> dict[str, np.ndarray]:
-    """Packed tensors (suffix -> array) of one float32 weight [out, in] in ``fmt``."""
+def _quantize(w: np.ndarray, fmt: str, opts: dict, importance: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Packed tensors (suffix -> array) of one float32 weight [out, in] in ``fmt`` (``importance``: act-order's
+    per-input-column ranking, shared by the linears that read the same input)."""
     ct = fmt == "compressed-tensors"
     if fmt == "fp8" or (ct and opts.get("weight_type") == "float"):
         fp8 = pack.quantize_fp8(w, tuple(opts.get("block_size", (128, 128))))
         return pack.pack_fp8(fp8, "weight_scale" if ct else "weight_scale_inv")
     group = w.shape[1] if opts.get("group_size", 32) == -1 else opts.get("group_size", 32)
-    g_idx = pack.act_order_g_idx(w, group) if opts.get("desc_act") else None
+    g_idx = pack.act_order_g_idx(w, group, importance) if opts.get("desc_act") else None
     sym = fmt != "awq" and opts.get("sym", True)
     scale_dtype = pack.ml_dtypes.bfloat16 if ct else np.float16
     iw = pack.quantize_int(
@@ -167,6 +168,18 @@ def _quantize(w: np.ndarray, fmt: str, opts: dict) -> dict[str, np.ndarray]:
     if fmt == "gptq":
         return pack.pack_gptq(iw, opts.get("checkpoint_format", "gptq"))
     return pack.pack_awq(iw) if fmt == "awq" else pack.pack_compressed_tensors(iw, sym)
+
+
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # linears that read one input
+
+
+def _shared_importance(src: SafetensorsDir, module: str) -> np.ndarray:
+    """Act-order's column ranking for ``module``: the squared column norms summed over the linears that read its
+    input (GPTQ's Hessian is the input's, so q/k/v share one order and gate/up another)."""
+    parent, _, leaf = module.rpartition(".")
+    siblings = next((g for g in SHARED_INPUT if leaf in g), (leaf,))
+    names = [f"{parent}.{s}.weight" for s in siblings if f"{parent}.{s}.weight" in src]
+    return sum((src[n].astype(np.float64) ** 2).sum(0) for n in names)
 
 
 def make_prequantized(src_dir: str | Path, out_dir: str | Path, fmt: str, **opts) -> Path:
@@ -188,7 +201,8 @@ def make_prequantized(src_dir: str | Path, out_dir: str | Path, fmt: str, **opts
         module, _, leaf = name.rpartition(".")
         tensors = {name: src[name]}
         if leaf == "weight" and module.endswith(LINEAR_SUFFIXES) and not scheme.is_ignored(module):
-            packed = _quantize(src[name].astype(np.float32), fmt, opts)
+            importance = _shared_importance(src, module) if opts.get("desc_act") else None
+            packed = _quantize(src[name].astype(np.float32), fmt, opts, importance)
             tensors = {f"{module}.{k}": v for k, v in packed.items()}
         shards.setdefault(src.file_of(name), {}).update(tensors)
     config = json.loads((Path(src_dir) / "config.json").read_text())

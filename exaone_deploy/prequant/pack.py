@@ -35,13 +35,16 @@ __all__ = [
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 
 
-def act_order_g_idx(w: np.ndarray, group_size: int) -> np.ndarray:
+def act_order_g_idx(w: np.ndarray, group_size: int, importance: np.ndarray | None = None) -> np.ndarray:
     """GPTQ act-order groups: columns ranked by decreasing importance, ``g_idx[perm[i]] = i // group``.
 
-    GPTQ ranks by the Hessian diagonal (input activations' second moment); without activations the
-    column's squared norm stands in. Only the layout matters here: g_idx is not monotone.
+    GPTQ ranks by the Hessian diagonal (input activations' second moment), so linears that read the same input
+    (q/k/v, gate/up) get the same order; without activations ``importance`` (per input column) stands in, by
+    default the column's squared norm. Only the layout matters here: g_idx is not monotone.
     """
-    perm = np.argsort(-(w.astype(np.float64) ** 2).sum(0), kind="stable")
+    if importance is None:
+        importance = (w.astype(np.float64) ** 2).sum(0)
+    perm = np.argsort(-importance, kind="stable")
     g_idx = np.empty(w.shape[1], np.int32)
     g_idx[perm] = np.arange(w.shape[1], dtype=np.int32) // group_size
     return g_idx
