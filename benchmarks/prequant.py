@@ -56,6 +56,8 @@ def _layer_model(variant: str, block: int, level: int, tmp: Path) -> str:
     graph = ir.Graph([x, xf], [], nodes=[], opset_imports={"": 21, "com.microsoft": 1}, name="layer")
     rw = pl._Rewriter(graph, "float32", level)
     outputs = []
+    groups = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+    shared = {g: rng.random(LINEARS[g[0]][1]) for g in groups}
     for name, (out, inp) in LINEARS.items():
         w = rng.standard_normal((out, inp)).astype(np.float32) * 0.02
         src = xf if inp == FFN else x
@@ -72,7 +74,10 @@ def _layer_model(variant: str, block: int, level: int, tmp: Path) -> str:
             outputs.append(new.outputs[0])
             continue
         sym = variant == "gptq-sym"
-        g_idx = act_order_g_idx(w, block) if variant == "gptq-actorder" else None
+        # GPTQ's order is its input's (Hessian): q/k/v share one, gate/up another, so the lowering shares Gathers
+        # (down_proj's fold into gate/up needs the silu the full graph has: here it keeps its Gather, 4 a layer)
+        importance = shared[next(g for g in shared if name in g)] if variant == "gptq-actorder" else None
+        g_idx = act_order_g_idx(w, block, importance) if importance is not None else None
         iw: IntWeight = quantize_int(w, 4, block, sym=sym, g_idx=g_idx)
         scheme = PrequantScheme(
             "awq" if variant == "awq" else "gptq",
@@ -85,7 +90,7 @@ def _layer_model(variant: str, block: int, level: int, tmp: Path) -> str:
         )
         plan = pl.LinearPlan(f"m.{name}", out, inp, 4, block, block, "matmulnbits")
         lin = pl._Linear.__new__(pl._Linear)
-        lin.scheme, lin.plan, lin.perm = scheme, plan, None
+        lin.scheme, lin.plan, lin.perm, lin.input_permuted, lin.out_perm = scheme, plan, None, False, None
         if g_idx is not None:
             lin.perm = np.argsort(g_idx, kind="stable")
         lin.__dict__["weight"] = (

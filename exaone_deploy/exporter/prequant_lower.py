@@ -44,9 +44,9 @@ activations), scales a float16 bundle cannot hold exactly.
 ``accuracy_level`` (MatMulNBits; ``export --accuracy-level``): 0 by default, activations stay in the bundle dtype,
 so the bundle computes exactly the checkpoint's dequantized model; 4 quantizes activations to int8 per block (the
 integer dot products llama.cpp and our own int4 bundles use: faster on CPU, activations rounded; the weights are
-the publisher's either way). Measured
-(``benchmarks/prequant.py``, one 1.2B-shaped layer, block 128, loaded 2-core machine): level 0 is 4-7x slower than
-our int4 linears; at level 4 symmetric GPTQ is on par (1.1x), zero points cost ~1.4x, act-order ~1.9x.
+the publisher's either way). Measured on the full 1.2B shape, group 128 (``docs/perf.md``, ``benchmarks/generate.py
+--bundle``): at level 4 GPTQ, AWQ and act-order GPTQ decode at 0.97-0.99x our own int4 bundle of the same block;
+level 0 at 0.66x (one layer's linears alone, ``benchmarks/prequant.py``: 3-6x slower).
 """
 
 from __future__ import annotations
