@@ -3,6 +3,7 @@
     python benchmarks/linear_kernels.py                                   # decode: 4 layers of the 1.2B shape
     python benchmarks/linear_kernels.py --rows 128 --configs fp32,mmitf8,nb4_acc4_b32      # prefill rows
     python benchmarks/linear_kernels.py --shapes 2048x102400 --layers 1 --configs nb4_acc4_b32,nb8_acc4_b128
+    python benchmarks/linear_kernels.py --rows 128 --session-config session.disable_prepacking=1
 
 Random weights in each kernel's layout: ``fp32`` MatMul, ``mmitf8`` (QuantizeLinear + MatMulIntegerToFloat,
 static per-tensor activation: our int8-sq), ``dqmm`` (DynamicQuantizeMatMul), ``nb{bits}_acc{level}_b{block}``
@@ -117,12 +118,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--rows", type=int, default=1, help="activation rows (1: decode; the prompt length: prefill)")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--session-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an ONNX Runtime session config entry for every session (session.intra_op.allow_spinning=0, ...)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     configs = args.configs.split(",")
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.log_severity_level = args.threads, 3
+    for entry in args.session_config:
+        key, sep, value = entry.partition("=")
+        if not sep:
+            ap.error(f"--session-config {entry!r}: expected KEY=VALUE")
+        so.add_session_config_entry(key, value)
     sessions = {
         c: ort.InferenceSession(
             build(c, shapes, args.layers, args.rows).SerializeToString(), so, providers=["CPUExecutionProvider"]
@@ -146,7 +159,14 @@ def main(argv=None) -> dict:
         {"config": c, "ms": 1e3 * float(np.median(ts)), "speed": float(np.median(base / np.array(ts)))}
         for c, ts in times.items()
     ]
-    result = {"shapes": args.shapes, "layers": args.layers, "rows": args.rows, "threads": args.threads, "results": rows}
+    result = {
+        "shapes": args.shapes,
+        "layers": args.layers,
+        "rows": args.rows,
+        "threads": args.threads,
+        "session_config": args.session_config,
+        "results": rows,
+    }
     emit(
         result,
         args.json,
