@@ -11,12 +11,18 @@ after ``--past`` cached positions, past and present bound to the same buffers. R
 session take turns, so a drift of the machine's bandwidth hits every session alike; the table gives each
 session's median step time and its speed relative to the first, as the median (min-max) of per-round ratios.
 This isolates the graph and session settings from everything else (generation loop, process start, load).
+
+``--profile`` instead runs each session with ONNX Runtime's profiler (``enable_profiling``) for ``--steps`` steps
+after the warm-up and tabulates where a step's time goes: kernel time per operator type (ms per step, share of
+the step), against the step's wall time (which includes the profiler's own overhead; kernel times do not).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +34,14 @@ from _util import emit, print_table  # noqa: E402
 from exaone_deploy.graph_io import GraphIO  # noqa: E402
 
 
-def _session(path: str, threads: int, config: dict[str, str], past: int, capacity: int, head_dim: int):
+def _session(
+    path: str, threads: int, config: dict[str, str], past: int, capacity: int, head_dim: int, profile: str = ""
+):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if profile:  # a directory: the trace file is written there
+        so.enable_profiling, so.profile_file_prefix = True, str(Path(profile) / "trace")
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     for k, v in config.items():
@@ -85,8 +95,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=4, help="decode steps per session per round")
     ap.add_argument("--past", type=int, default=128, help="cached positions before the step")
     ap.add_argument("--head-dim", type=int, default=64, help="cache head size where a graph leaves it symbolic")
+    ap.add_argument("--profile", action="store_true", help="ORT profiler: kernel time per operator type")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.profile:
+        return profile(args)
     sessions = {}
     for label, path, config in args.models:
         t0 = time.perf_counter()
@@ -129,6 +142,58 @@ def main(argv=None) -> dict:
                 ("speed", f"speed vs {first}"),
             ],
         )
+
+    emit(result, args.json, table)
+    return result
+
+
+WARMUP = 3  # unprofiled-equivalent steps before the measured ones (first runs allocate and pre-pack)
+
+
+def _op_times(trace: list[dict], last_runs: int) -> dict[str, float]:
+    """Kernel microseconds per operator type over the last ``last_runs`` runs (``model_run`` events) of a trace."""
+    runs = sorted((ev["ts"], ev["ts"] + ev["dur"]) for ev in trace if ev.get("name") == "model_run")[-last_runs:]
+    out: dict[str, float] = {}
+    for ev in trace:
+        if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
+            continue
+        if any(a <= ev["ts"] <= b for a, b in runs):
+            op = ev.get("args", {}).get("op_name", "?")
+            out[op] = out.get(op, 0.0) + float(ev["dur"])
+    return out
+
+
+def profile(args) -> dict:
+    """Each session profiled over ``WARMUP`` + ``--steps`` decode steps; kernel time per operator type of the
+    last ``--steps`` (the profiler is on from the session's creation; warm-up runs are left out by time)."""
+    result = {"threads": args.threads, "steps": args.steps, "past": args.past, "sessions": {}}
+    with tempfile.TemporaryDirectory(prefix="decode-profile-") as tmp:
+        for label, path, config in args.models:
+            sess, io, buffers = _session(  # buffers: bound by address, kept alive while the session runs
+                path, args.threads, config, args.past, args.past + 64, args.head_dim, profile=tmp
+            )
+            for _ in range(WARMUP):
+                sess.run_with_iobinding(io)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                sess.run_with_iobinding(io)
+            wall = (time.perf_counter() - t0) / args.steps
+            with open(sess.end_profiling()) as f:
+                ops = _op_times(json.load(f), args.steps)
+            kernel_ms = {op: us / args.steps / 1e3 for op, us in ops.items()}
+            del sess, io, buffers
+            result["sessions"][label] = {"wall_ms": 1e3 * wall, "kernel_ms": kernel_ms}
+
+    def table():
+        for label, r in result["sessions"].items():
+            total = sum(r["kernel_ms"].values())
+            print(f"{label}: {r['wall_ms']:.1f} ms per step (wall, profiled), kernels {total:.1f} ms")
+            rows = [
+                {"op": op, "ms": ms, "share": f"{100 * ms / total:.1f}%"}
+                for op, ms in sorted(r["kernel_ms"].items(), key=lambda kv: -kv[1])
+            ]
+            print_table(rows, [("op", "operator"), ("ms", "ms per step"), ("share", "of kernel time")])
+            print()
 
     emit(result, args.json, table)
     return result

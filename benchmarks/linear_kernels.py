@@ -3,11 +3,15 @@
     python benchmarks/linear_kernels.py                                   # decode: 4 layers of the 1.2B shape
     python benchmarks/linear_kernels.py --rows 128 --configs fp32,mmitf8,nb4_acc4_b32      # prefill rows
     python benchmarks/linear_kernels.py --shapes 2048x102400 --layers 1 --configs nb4_acc4_b32,nb8_acc4_b128
+    python benchmarks/linear_kernels.py --rows 128 --session-config session.disable_prepacking=1
+    python benchmarks/linear_kernels.py --rows 128 --configs fp32,fp32@session.intra_op.allow_spinning=0
 
 Random weights in each kernel's layout: ``fp32`` MatMul, ``mmitf8`` (QuantizeLinear + MatMulIntegerToFloat,
 static per-tensor activation: our int8-sq), ``dqmm`` (DynamicQuantizeMatMul), ``nb{bits}_acc{level}_b{block}``
-(MatMulNBits). One session per config, ``--threads``; rounds take turns so a drift of the machine hits all alike;
-the table gives each config's median time and its speed against the first config (median of per-round ratios).
+(MatMulNBits), each optionally followed by ``@KEY=VALUE`` session config entries of its own (an A/B of session
+options within one run; ``--session-config`` entries apply to all). One session per config, ``--threads``;
+rounds take turns so a drift of the machine hits all alike; the table gives each config's median time and its
+speed against the first config (median of per-round ratios).
 """
 
 from __future__ import annotations
@@ -117,18 +121,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--rows", type=int, default=1, help="activation rows (1: decode; the prompt length: prefill)")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--session-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an ONNX Runtime session config entry for every session (session.intra_op.allow_spinning=0, ...)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     configs = args.configs.split(",")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.log_severity_level = args.threads, 3
-    sessions = {
-        c: ort.InferenceSession(
-            build(c, shapes, args.layers, args.rows).SerializeToString(), so, providers=["CPUExecutionProvider"]
-        )
-        for c in configs
-    }
+    sessions = {}
+    for c in configs:  # KIND[@KEY=VALUE...]: that config's own session entries on top of --session-config
+        kind, *entries = c.split("@")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.log_severity_level = args.threads, 3
+        for entry in args.session_config + entries:
+            key, sep, value = entry.partition("=")
+            if not sep:
+                ap.error(f"session config entry {entry!r}: expected KEY=VALUE")
+            opts.add_session_config_entry(key, value)
+        model = build(kind, shapes, args.layers, args.rows).SerializeToString()
+        sessions[c] = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
     feeds = {f"x{k}": rng.standard_normal((args.rows, k), dtype=np.float32) for k in {k for k, _ in shapes}}
     for s in sessions.values():
@@ -146,7 +161,14 @@ def main(argv=None) -> dict:
         {"config": c, "ms": 1e3 * float(np.median(ts)), "speed": float(np.median(base / np.array(ts)))}
         for c, ts in times.items()
     ]
-    result = {"shapes": args.shapes, "layers": args.layers, "rows": args.rows, "threads": args.threads, "results": rows}
+    result = {
+        "shapes": args.shapes,
+        "layers": args.layers,
+        "rows": args.rows,
+        "threads": args.threads,
+        "session_config": args.session_config,
+        "results": rows,
+    }
     emit(
         result,
         args.json,

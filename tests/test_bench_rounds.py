@@ -57,3 +57,42 @@ def test_combine_reports_errors(bench):
     assert bench._combine({"label": "x", "error": "no build"}, 1, [])["error"] == "no build"
     failed = [[{"system": "ours", "batch": 1, "round": 1, "error": "oom"}]]
     assert bench._combine({"label": "ours"}, 1, failed)["error"] == "oom"
+
+
+def test_spread_uses_each_rounds_own_bandwidth(bench):
+    # Round 2 has twice the bandwidth and twice the speed: the same 50% of its own ceiling both times.
+    rounds = [[_run("ours", 1, 5.0, prefill=100)], [_run("ours", 2, 10.0, prefill=300)]]
+    for rnd in rounds:
+        rnd[0]["decode_bytes_per_token"] = 1e9
+    rounds.append([dict(_run("ours", 3, 99.0), error="disturbed: other processes used 1.00 cores")])
+    row = {"system": "ours", "batch": 1}
+    bench._spread(row, rounds, [{"read_Bps": 10e9}, {"read_Bps": 20e9}, {"read_Bps": 20e9}])
+    assert row["decode_of_round_ceiling_rounds"] == pytest.approx([0.5, 0.5])
+    assert row["decode_tok_s_median"] == pytest.approx(7.5) and row["prefill_tok_s_median"] == pytest.approx(200)
+
+
+def test_other_load_subtracts_our_own_cpu(bench, monkeypatch):
+    import time
+
+    busy, ours = iter([100.0, 103.0]), iter([10.0, 12.0])  # 3 busy CPU seconds, 2 of them our children's
+    monkeypatch.setattr(bench, "_busy_cpu_s", lambda: next(busy))
+    monkeypatch.setattr(bench, "_children_cpu_s", lambda: next(ours))
+    with bench.OtherLoad() as load:
+        time.sleep(1.0)
+    assert 0.6 < load.cores < 1.01
+
+
+def test_other_load_sees_a_process_that_is_not_ours(bench):
+    import subprocess
+    import sys
+    import time
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # not waited for inside the block
+    try:
+        time.sleep(0.3)
+        with bench.OtherLoad() as load:
+            time.sleep(1.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert load.cores > 0.2  # it gets at least a share of one of the cores, however loaded the machine is
