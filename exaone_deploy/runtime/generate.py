@@ -159,15 +159,15 @@ def sample_batch(rows: Sequence[RowState], logits: np.ndarray) -> list[tuple[int
                         c.apply(logits[b])
                 except Exception as e:  # noqa: BLE001
                     failed[b] = e
-    plain = [row.params.argmax for row in rows]
-    best = np.argmax(logits, axis=-1) if all(plain) else None  # (a mixed batch: the argmax rows one by one)
+    best = None  # every row's argmax, computed at the first plain greedy row
     out: list[tuple[int, np.ndarray | None] | Exception] = []
     for b, (row, x, lp) in enumerate(zip(rows, logits, raw)):
         try:
             if b in failed:
                 raise failed[b]
-            if plain[b]:
-                out.append((int(best[b] if best is not None else np.argmax(x)), lp))
+            if row.params.argmax:
+                best = np.argmax(logits, axis=-1) if best is None else best
+                out.append((int(best[b]), lp))
             else:
                 out.append((row.sampler(x, row.seen), lp))
         except Exception as e:  # noqa: BLE001 - e.g. non-finite probabilities: this row fails
