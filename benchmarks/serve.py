@@ -62,6 +62,7 @@ log = logging.getLogger("benchmarks.serve")
 
 LLAMA_BIN = Path(os.environ.get("LLAMA_CPP_BIN", "/work/llama/build/bin"))
 LLAMA_SRC = Path(os.environ.get("LLAMA_CPP_SRC", "/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+TOKEN_IDS = 2000  # prompts draw token ids from [100, TOKEN_IDS) (--max-token-id: smaller vocabularies)
 
 
 # ---- artifacts (cached in --workdir) ---------------------------------------------------------------
@@ -299,7 +300,7 @@ async def run_conversations(
         async def conversation(c: int) -> list[float]:
             prompt, ttfts = list(system), []
             for _ in range(turns):
-                prompt += rng.integers(100, 2000, size=user_len).tolist()
+                prompt += rng.integers(100, TOKEN_IDS, size=user_len).tolist()
                 r = await one_request(client, prompt, max_tokens)
                 ttfts.append(r["ttft"])
                 prompt += r["token_ids"]
@@ -319,7 +320,7 @@ class Prompts:
         self.length, self.rng = length, np.random.default_rng(seed)
 
     def take(self, n: int) -> list[list[int]]:
-        return [self.rng.integers(100, 2000, size=self.length).tolist() for _ in range(n)]
+        return [self.rng.integers(100, TOKEN_IDS, size=self.length).tolist() for _ in range(n)]
 
 
 def measure(url: str, prompts: Prompts, levels, requests, max_tokens, ours: bool) -> list[dict]:
@@ -388,6 +389,7 @@ def print_rows(name: str, rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
+    global TOKEN_IDS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=None, help="Serve this bundle only (target ours-fp32).")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/exaone-deploy-bench"))
@@ -410,7 +412,9 @@ def main(argv=None) -> int:
     ap.add_argument("--system-len", type=int, default=256, help="Shared system prompt tokens.")
     ap.add_argument("--ray", default="", help="Replica counts to compare through Ray Serve, e.g. 1,2 (fp32).")
     ap.add_argument("--json", action="store_true", help="Print one JSON object instead of the tables.")
+    ap.add_argument("--max-token-id", type=int, default=TOKEN_IDS, help="Prompt token ids < this (> 100).")
     args = ap.parse_args(argv)
+    TOKEN_IDS = args.max_token_id
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.prompt_len + args.max_tokens > args.context:
         ap.error("--prompt-len + --max-tokens must fit --context")
@@ -475,7 +479,7 @@ def main(argv=None) -> int:
                 os.environ.pop("EXAONE_DEPLOY_THREADS", None)
 
     if args.conversations:
-        system = rng.integers(100, 2000, size=args.system_len).tolist()
+        system = rng.integers(100, TOKEN_IDS, size=args.system_len).tolist()
         report["multi_turn"] = {}
         for label, extra in (("reuse", []), ("no-reuse", ["--no-prefix-cache"])):
             print(f"multi-turn, {label} ...", file=sys.stderr)
