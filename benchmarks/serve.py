@@ -16,6 +16,17 @@ at each ``--concurrency`` C: C client streams send requests back to back (greedy
 inter-token latency p50/p99 (gaps between streamed chunks) and, for ours, the decode-step throughput from
 the server's Prometheus counters; tok/s ratios are to concurrency 1 of the same target.
 
+Every request of the throughput levels (and the warm-up) has its own random prompt, never sent before:
+llama-server's ``cache_prompt`` (on by default) reuses a slot's cached prompt when a request repeats one, and
+ours reuses a finished request's cache (scheduler prefix cache), so repeated prompts would measure prefix
+reuse, not prefill + decode (the multi-turn workload measures reuse). The ``cached`` column reports the prompt
+tokens each server still took from its cache (llama-server: ``usage.prompt_tokens_details.cached_tokens``;
+ours: the ``exaone_prefix_cache_reused_tokens`` counter); it should be about 0. Batch invariance is checked
+apart, untimed: the first two prompts of the highest level are sent again alone and their tokens compared
+(``same``). The TTFT / ITL stamps are the arrival times of the chunks that carry a token: ours streams one
+chunk per token (text and ``token_ids``) and a closing chunk with the finish reason; llama-server streams
+one chunk per token with ``finish_reason: null`` (often with empty text) and a closing one with the reason.
+
 The multi-turn workload (``--conversations``, 0 to skip): conversations of ``--turns`` turns sharing one system
 prompt, each turn's prompt = the previous prompt + its completion (token ids, ``return_token_ids``) + new user
 tokens, run concurrently, on ours with and without prefix reuse (``--no-prefix-cache``): TTFT per turn.
@@ -38,6 +49,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,6 +62,7 @@ log = logging.getLogger("benchmarks.serve")
 
 LLAMA_BIN = Path(os.environ.get("LLAMA_CPP_BIN", "/work/llama/build/bin"))
 LLAMA_SRC = Path(os.environ.get("LLAMA_CPP_SRC", "/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+TOKEN_IDS = 2000  # prompts draw token ids from [100, TOKEN_IDS) (--max-token-id: smaller vocabularies)
 
 
 # ---- artifacts (cached in --workdir) ---------------------------------------------------------------
@@ -168,7 +181,7 @@ class LlamaServer:
             "-tb",
             str(threads or os.cpu_count()),
         ]
-        self.log = Path(gguf).with_suffix(".server.log")
+        self.log = Path(tempfile.gettempdir()) / f"llama-server-{port}.log"  # (never beside the shared GGUF)
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{port}"
@@ -196,7 +209,12 @@ class LlamaServer:
 def scrape(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     out = {}
-    for name in ("exaone_decode_step_seconds_sum", "exaone_decode_batch_size_sum", "exaone_decode_batch_size_count"):
+    for name in (
+        "exaone_decode_step_seconds_sum",
+        "exaone_decode_batch_size_sum",
+        "exaone_decode_batch_size_count",
+        "exaone_prefix_cache_reused_tokens_total",
+    ):
         m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
         out[name] = float(m.group(1)) if m else 0.0
     return out
@@ -217,7 +235,7 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: 
         "stream_options": {"include_usage": True},
     }
     t0 = time.perf_counter()
-    stamps, ids, usage = [], [], None
+    stamps, ids, usage = [], [], None  # stamps: arrival of each chunk that carries a token (module docstring)
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
@@ -238,12 +256,16 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: 
         "ttft": (stamps[0] if stamps else t1) - t0,
         "latency": t1 - t0,
         "tokens": tokens,
+        "token_chunks": len(stamps),
+        "cached": ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
         "token_ids": ids,
         "itl": np.diff(stamps).tolist(),
     }
 
 
-async def run_level(url: str, prompts: list[list[int]], concurrency: int, n_requests: int, max_tokens: int):
+async def run_level(url: str, prompts: list[list[int]], concurrency: int, max_tokens: int):
+    """Request i sends ``prompts[i]``; ``concurrency`` client streams take the next one as they finish."""
+    n_requests = len(prompts)
     todo: asyncio.Queue = asyncio.Queue()
     for i in range(n_requests):
         todo.put_nowait(i)
@@ -258,9 +280,9 @@ async def run_level(url: str, prompts: list[list[int]], concurrency: int, n_requ
                 except asyncio.QueueEmpty:
                     return
                 try:
-                    results[i] = await one_request(client, prompts[i % len(prompts)], max_tokens)
+                    results[i] = await one_request(client, prompts[i], max_tokens)
                 except httpx.RemoteProtocolError:  # a keep-alive connection the server had just closed
-                    results[i] = await one_request(client, prompts[i % len(prompts)], max_tokens)
+                    results[i] = await one_request(client, prompts[i], max_tokens)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -278,7 +300,7 @@ async def run_conversations(
         async def conversation(c: int) -> list[float]:
             prompt, ttfts = list(system), []
             for _ in range(turns):
-                prompt += rng.integers(100, 2000, size=user_len).tolist()
+                prompt += rng.integers(100, TOKEN_IDS, size=user_len).tolist()
                 r = await one_request(client, prompt, max_tokens)
                 ttfts.append(r["ttft"])
                 prompt += r["token_ids"]
@@ -291,32 +313,37 @@ def percentile(values, q):
     return float(np.percentile(np.asarray(values), q)) if len(values) else float("nan")
 
 
-def measure(url: str, prompts, levels, requests, max_tokens, ours: bool) -> list[dict]:
-    asyncio.run(run_level(url, prompts, 1, 1, 2))  # warm-up (session, allocator)
-    rows, reference = [], {}
+class Prompts:
+    """Random token-id prompts, each drawn once: no request repeats an earlier one (module docstring)."""
+
+    def __init__(self, length: int, seed: int = 0):
+        self.length, self.rng = length, np.random.default_rng(seed)
+
+    def take(self, n: int) -> list[list[int]]:
+        return [self.rng.integers(100, TOKEN_IDS, size=self.length).tolist() for _ in range(n)]
+
+
+def measure(url: str, prompts: Prompts, levels, requests, max_tokens, ours: bool) -> list[dict]:
+    asyncio.run(run_level(url, prompts.take(1), 1, 2))  # warm-up (session, allocator)
+    rows = []
     for c in levels:
-        n = requests or max(3, 2 * c)
+        sent = prompts.take(requests or max(3, 2 * c))
         before = scrape(url) if ours else {}
-        results, wall = asyncio.run(run_level(url, prompts, c, n, max_tokens))
+        results, wall = asyncio.run(run_level(url, sent, c, max_tokens))
         after = scrape(url) if ours else {}
-        step_s = after.get("exaone_decode_step_seconds_sum", 0) - before.get("exaone_decode_step_seconds_sum", 0)
-        step_tokens = after.get("exaone_decode_batch_size_sum", 0) - before.get("exaone_decode_batch_size_sum", 0)
-        steps = after.get("exaone_decode_batch_size_count", 0) - before.get("exaone_decode_batch_size_count", 0)
-        same = None
-        for i, r in enumerate(results):
-            key = i % len(prompts)
-            if not r["token_ids"]:
-                continue
-            if key not in reference:
-                reference[key] = (c, r["token_ids"])
-            elif reference[key][0] != c:
-                same = (same is not False) and r["token_ids"] == reference[key][1]
+        delta = {k: after[k] - before[k] for k in after}
+        step_s = delta.get("exaone_decode_step_seconds_sum", 0)
+        step_tokens = delta.get("exaone_decode_batch_size_sum", 0)
+        steps = delta.get("exaone_decode_batch_size_count", 0)
         tokens = sum(r["tokens"] for r in results)
+        chunks = sum(r["token_chunks"] for r in results)
+        if chunks != tokens:
+            log.warning("concurrency %d: %d token chunks for %d tokens: TTFT/ITL stamps are off", c, chunks, tokens)
         itl = [x for r in results for x in r["itl"]]
         rows.append(
             {
                 "concurrency": c,
-                "requests": n,
+                "requests": len(sent),
                 "tokens": tokens,
                 "wall_s": wall,
                 "tokens_per_s": tokens / wall,
@@ -326,12 +353,18 @@ def measure(url: str, prompts, levels, requests, max_tokens, ours: bool) -> list
                 "ttft_p99_s": percentile([r["ttft"] for r in results], 99),
                 "itl_p50_s": percentile(itl, 50),
                 "itl_p99_s": percentile(itl, 99),
-                "same_as_lower_concurrency": same,
+                "prompt_tokens_cached": delta.get("exaone_prefix_cache_reused_tokens_total", 0)
+                if ours
+                else sum(r["cached"] for r in results),
+                "same_as_alone": None,
             }
         )
         print(f"  concurrency {c}: {tokens} tokens in {wall:.1f} s", file=sys.stderr)
     for r in rows:
         r["tokens_per_s_vs_1"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+    if levels[-1] > 1 and results[0]["token_ids"]:  # batch invariance, untimed: the top level's first prompts alone
+        again, _ = asyncio.run(run_level(url, sent[:2], 1, max_tokens))
+        rows[-1]["same_as_alone"] = all(a["token_ids"] == r["token_ids"] for a, r in zip(again, results))
     return rows
 
 
@@ -339,22 +372,24 @@ def print_rows(name: str, rows: list[dict]) -> None:
     print(f"\n{name}")
     head = (
         f"{'conc':>4} {'reqs':>4} {'tok/s':>7} {'x':>5} {'decode tok/s':>12} {'batch':>5} "
-        f"{'ttft p50':>8} {'ttft p99':>8} {'itl p50':>8} {'itl p99':>8} {'same':>4}"
+        f"{'ttft p50':>8} {'ttft p99':>8} {'itl p50':>8} {'itl p99':>8} {'cached':>6} {'same':>4}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
-        same = "-" if r["same_as_lower_concurrency"] is None else "yes" if r["same_as_lower_concurrency"] else "NO"
+        same = "-" if r["same_as_alone"] is None else "yes" if r["same_as_alone"] else "NO"
         dec = f"{r['decode_tokens_per_s']:.2f}" if r["decode_tokens_per_s"] else "-"
         batch = f"{r['mean_decode_batch']:.1f}" if r["mean_decode_batch"] else "-"
         print(
             f"{r['concurrency']:>4} {r['requests']:>4} {r['tokens_per_s']:>7.2f} {r['tokens_per_s_vs_1']:>5.2f} "
             f"{dec:>12} {batch:>5} {r['ttft_p50_s']:>7.2f}s {r['ttft_p99_s']:>7.2f}s "
-            f"{r['itl_p50_s'] * 1000:>6.0f}ms {r['itl_p99_s'] * 1000:>6.0f}ms {same:>4}"
+            f"{r['itl_p50_s'] * 1000:>6.0f}ms {r['itl_p99_s'] * 1000:>6.0f}ms {r['prompt_tokens_cached']:>6.0f} "
+            f"{same:>4}"
         )
 
 
 def main(argv=None) -> int:
+    global TOKEN_IDS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=None, help="Serve this bundle only (target ours-fp32).")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/exaone-deploy-bench"))
@@ -368,7 +403,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--requests", type=int, default=None, help="Requests per level (default: 2 x concurrency, at least 3)."
     )
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--context", type=int, default=256, help="Tokens per cache slot on the server.")
     ap.add_argument("--threads", type=int, default=None, help="Threads of each server (default: all cores).")
@@ -377,7 +412,9 @@ def main(argv=None) -> int:
     ap.add_argument("--system-len", type=int, default=256, help="Shared system prompt tokens.")
     ap.add_argument("--ray", default="", help="Replica counts to compare through Ray Serve, e.g. 1,2 (fp32).")
     ap.add_argument("--json", action="store_true", help="Print one JSON object instead of the tables.")
+    ap.add_argument("--max-token-id", type=int, default=TOKEN_IDS, help="Prompt token ids < this (> 100).")
     args = ap.parse_args(argv)
+    TOKEN_IDS = args.max_token_id
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.prompt_len + args.max_tokens > args.context:
         ap.error("--prompt-len + --max-tokens must fit --context")
@@ -389,7 +426,6 @@ def main(argv=None) -> int:
     bundles = {"fp32": args.bundle} if args.bundle else our_bundles(ckpt, args.workdir, max(args.context, multi_ctx))
     ggufs = gguf_files(ckpt, args.workdir) if any(t.startswith("llama") for t in targets) else {}
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(100, 2000, size=args.prompt_len).tolist() for _ in range(max(levels) * 2)]
     if args.threads:
         os.environ["EXAONE_DEPLOY_THREADS"] = str(args.threads)
     common = [
@@ -421,7 +457,7 @@ def main(argv=None) -> int:
             server = LlamaServer(ggufs[q], max(levels), args.context, args.threads)
         try:
             report["targets"][target] = measure(
-                server.url, prompts, levels, args.requests, args.max_tokens, kind == "ours"
+                server.url, Prompts(args.prompt_len), levels, args.requests, args.max_tokens, kind == "ours"
             )
         finally:
             server.close()
@@ -432,7 +468,9 @@ def main(argv=None) -> int:
         os.environ["EXAONE_DEPLOY_THREADS"] = "1"  # one thread per replica
         server = ServerProcess(bundles["fp32"], "--replicas", str(replicas), *common, timeout=600)
         try:
-            report["targets"][name] = measure(server.url, prompts, levels, args.requests, args.max_tokens, False)
+            report["targets"][name] = measure(
+                server.url, Prompts(args.prompt_len), levels, args.requests, args.max_tokens, False
+            )
         finally:
             server.close()
             if args.threads:
@@ -441,7 +479,7 @@ def main(argv=None) -> int:
                 os.environ.pop("EXAONE_DEPLOY_THREADS", None)
 
     if args.conversations:
-        system = rng.integers(100, 2000, size=args.system_len).tolist()
+        system = rng.integers(100, TOKEN_IDS, size=args.system_len).tolist()
         report["multi_turn"] = {}
         for label, extra in (("reuse", []), ("no-reuse", ["--no-prefix-cache"])):
             print(f"multi-turn, {label} ...", file=sys.stderr)
@@ -457,7 +495,7 @@ def main(argv=None) -> int:
                 *extra,
             )
             try:
-                asyncio.run(run_level(server.url, prompts, 1, 1, 2))
+                asyncio.run(run_level(server.url, Prompts(args.prompt_len, seed=2).take(1), 1, 2))
                 ttfts = asyncio.run(
                     run_conversations(server.url, system, args.conversations, args.turns, 32, args.max_tokens)
                 )

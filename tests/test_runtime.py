@@ -142,6 +142,36 @@ def test_sampler_filters():
     assert Sampler(SamplingParams())(logits) == 0
 
 
+def test_sample_batch_argmax_rows_equal_the_sampler():
+    """sample_batch's one-argmax path for plain greedy rows picks what each row's own sampler picks, in an
+    all-greedy batch and in a batch mixed with penalised and sampled rows (which keep their own sampler)."""
+    from types import SimpleNamespace
+
+    from exaone_deploy.runtime.generate import sample_batch
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((5, 300)).astype(np.float32)
+    logits[1, 7] = logits[1].max() + 1.0  # row 1 with a penalty on token 7 must not pick it
+    kinds = [
+        SamplingParams(),
+        SamplingParams(repetition_penalty=50.0),
+        SamplingParams(temperature=1.0, seed=3),
+        SamplingParams(logprobs=2),
+        SamplingParams(),
+    ]
+    want = [Sampler(p)(logits[b], [7]) for b, p in enumerate(kinds)]
+    assert want[1] != 7 and want[0] == int(np.argmax(logits[0]))
+
+    def rows(params):
+        return [SimpleNamespace(params=p, sampler=Sampler(p), constraint=None, seen=[7]) for p in params]
+
+    mixed = sample_batch(rows(kinds), logits.copy())
+    assert [t for t, _ in mixed] == want
+    assert mixed[3][1] is not None and mixed[0][1] is None  # logprobs only where asked
+    greedy = sample_batch(rows([SamplingParams()] * 5), logits.copy())
+    assert [t for t, _ in greedy] == np.argmax(logits, axis=1).tolist()
+
+
 def test_repetition_penalty_matches_transformers():
     torch = pytest.importorskip("torch")
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor

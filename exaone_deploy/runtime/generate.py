@@ -142,7 +142,10 @@ def sample_batch(rows: Sequence[RowState], logits: np.ndarray) -> list[tuple[int
     """Choose the next token of each row from its row of (B, V) raw float32 ``logits`` (masked in place).
 
     Per row: ``(token, logprobs)`` (the log-softmax of the raw row when the request returns logprobs, else
-    None), to pass to ``row.accept``; or the exception that row raised (the other rows go on)."""
+    None), to pass to ``row.accept``; or the exception that row raised (the other rows go on).
+
+    Rows that take the plain argmax (``SamplingParams.argmax``: greedy, no repetition penalty; the usual serving
+    case) get it from one ``argmax`` over the batch, without the sampler's per-row copy of the logits."""
     raw = [log_softmax(x) if row.params.logprobs is not None else None for row, x in zip(rows, logits)]
     failed: dict[int, Exception] = {}
     constraints = [row.constraint for row in rows]
@@ -156,12 +159,17 @@ def sample_batch(rows: Sequence[RowState], logits: np.ndarray) -> list[tuple[int
                         c.apply(logits[b])
                 except Exception as e:  # noqa: BLE001
                     failed[b] = e
+    best = None  # every row's argmax, computed at the first plain greedy row
     out: list[tuple[int, np.ndarray | None] | Exception] = []
     for b, (row, x, lp) in enumerate(zip(rows, logits, raw)):
         try:
             if b in failed:
                 raise failed[b]
-            out.append((row.sampler(x, row.seen), lp))
+            if row.params.argmax:
+                best = np.argmax(logits, axis=-1) if best is None else best
+                out.append((int(best[b]), lp))
+            else:
+                out.append((row.sampler(x, row.seen), lp))
         except Exception as e:  # noqa: BLE001 - e.g. non-finite probabilities: this row fails
             out.append(e)
     return out

@@ -74,6 +74,11 @@ class SamplingParams:
         # Temperatures this small make every logit difference overflow float32: they mean greedy.
         return self.temperature < 1e-5
 
+    @property
+    def argmax(self) -> bool:
+        """The token is the argmax of the (grammar-masked) logits as they are: greedy, no repetition penalty."""
+        return self.greedy and self.repetition_penalty == 1.0
+
 
 @dataclass
 class Sampler:
