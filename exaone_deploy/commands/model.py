@@ -198,7 +198,8 @@ def _quantization(model_dir: Path, spec, target: str, dtype: str) -> dict | None
     default=0,
     show_default=True,
     help="Pre-quantized int4/int8 checkpoints on ort: MatMulNBits accuracy level (0: float activations, "
-    "exactly the checkpoint's model; 4: int8 activations, faster on CPU, as our own int4 bundles).",
+    "exactly the checkpoint's model; 4: int8 activations, as our own int4 bundles: their decode speed, "
+    "~1.5x level 0 on the 1.2B shape).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing bundle (only a bundle or an empty directory).")
 @click.option("--no-progress", is_flag=True)
