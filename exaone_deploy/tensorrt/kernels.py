@@ -872,6 +872,29 @@ def launch_cache_update(key, value, past_key, past_value, seqlens_k, p: _Problem
     )
 
 
+def _attention_launch_args(query, key, value, past_key, past_value, seqlens_k, out, p: _Problem, cfg: LaunchConfig):
+    """The leading arguments and the constexprs both attention kernels (split and fused) take, in their order."""
+    args = (query, key, value, past_key, past_value, seqlens_k, p.tsl, p.cos, p.sin, p.S, p.C, p.maxpos, p.prompt, out)
+    constexprs = dict(
+        NUM_HEADS=p.N,
+        KV_HEADS=p.Nkv,
+        HEAD_DIM=p.H,
+        QK_SCALE=p.qk_scale,
+        WINDOW=p.window,
+        ROTARY=p.rotary,
+        RING=p.ring,
+        BLOCK_R=cfg.block_r,
+        BLOCK_N=cfg.block_n,
+        BLOCK_HALF=p.block_half,
+        BLOCK_D=p.block_d,
+        DOT_PREC=p.dot_prec,
+        UPCAST_DOT=p.upcast_dot,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return args, constexprs
+
+
 def launch_attention(
     query,
     key,
@@ -895,41 +918,8 @@ def launch_attention(
         acc_part = torch.empty(rows * num_splits * p.H, device=query.device, dtype=torch.float32)
     else:
         m_part = l_part = acc_part = out  # unused
-    _attention_kernel[grid](
-        query,
-        key,
-        value,
-        past_key,
-        past_value,
-        seqlens_k,
-        p.tsl,
-        p.cos,
-        p.sin,
-        p.S,
-        p.C,
-        p.maxpos,
-        p.prompt,
-        out,
-        m_part,
-        l_part,
-        acc_part,
-        NUM_HEADS=p.N,
-        KV_HEADS=p.Nkv,
-        HEAD_DIM=p.H,
-        QK_SCALE=p.qk_scale,
-        WINDOW=p.window,
-        ROTARY=p.rotary,
-        RING=p.ring,
-        NUM_SPLITS=num_splits,
-        BLOCK_R=cfg.block_r,
-        BLOCK_N=cfg.block_n,
-        BLOCK_HALF=p.block_half,
-        BLOCK_D=p.block_d,
-        DOT_PREC=p.dot_prec,
-        UPCAST_DOT=p.upcast_dot,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    args, constexprs = _attention_launch_args(query, key, value, past_key, past_value, seqlens_k, out, p, cfg)
+    _attention_kernel[grid](*args, m_part, l_part, acc_part, NUM_SPLITS=num_splits, **constexprs)
     if num_splits > 1:
         _combine_splits_kernel[(p.B * p.S * p.N,)](
             m_part,
@@ -951,40 +941,8 @@ def launch_fused_attention(
     """The single-launch kernel of the TensorRT AOT plugin, launched from torch (for tests/benchmarks)."""
     out = torch.empty_like(query) if out is None else out
     grid = (triton.cdiv(p.S * p.group, cfg.block_r), p.B * p.Nkv)
-    _fused_attention_kernel[grid](
-        query,
-        key,
-        value,
-        past_key,
-        past_value,
-        seqlens_k,
-        p.tsl,
-        p.cos,
-        p.sin,
-        p.S,
-        p.C,
-        p.maxpos,
-        p.prompt,
-        out,
-        past_key,
-        past_value,
-        NUM_HEADS=p.N,
-        KV_HEADS=p.Nkv,
-        HEAD_DIM=p.H,
-        QK_SCALE=p.qk_scale,
-        WINDOW=p.window,
-        ROTARY=p.rotary,
-        RING=p.ring,
-        BLOCK_R=cfg.block_r,
-        BLOCK_N=cfg.block_n,
-        BLOCK_T=cfg.block_t,
-        BLOCK_HALF=p.block_half,
-        BLOCK_D=p.block_d,
-        DOT_PREC=p.dot_prec,
-        UPCAST_DOT=p.upcast_dot,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    args, constexprs = _attention_launch_args(query, key, value, past_key, past_value, seqlens_k, out, p, cfg)
+    _fused_attention_kernel[grid](*args, past_key, past_value, BLOCK_T=cfg.block_t, **constexprs)
     return out
 
 
