@@ -585,14 +585,14 @@ def run_llamacpp(gguf: str, batch: int, prompt_len: int, new_tokens: int, thread
     return dict(out, peak_rss=r["peak_rss"], peak_anon=r["peak_rss"], version=r["build"])
 
 
-def build_llamacpp(workdir: Path, layers: int | None, system: str, build: bool) -> Path:
-    """The checkpoint's GGUF for a llama.cpp system (converted and quantized once, cached under --workdir)."""
+def build_llamacpp(workdir: Path, ckpt: Path, system: str, build: bool) -> Path:
+    """``ckpt``'s GGUF for a llama.cpp system (converted and quantized once, cached under --workdir)."""
     import llamacpp
 
     llama = llamacpp.locate(workdir, build_if_missing=build)
     os.environ.setdefault("LLAMA_CPP_BIN", str(llama.bin_dir))  # the measuring interpreters find the same build
     os.environ.setdefault("LLAMA_CPP_SRC", str(llama.src_dir))
-    return llamacpp.gguf_for(llama, build_checkpoint(workdir, layers), LLAMACPP_PRECISION[system], workdir)
+    return llamacpp.gguf_for(llama, ckpt, LLAMACPP_PRECISION[system], workdir)
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
@@ -702,6 +702,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="another bundle to run through our runtime, as an extra row (repeatable)",
     )
     ap.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick check (default: 30)")
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="another EXAONE 4 checkpoint instead of the generated 1.2B shape (a 32B-shaped hybrid cut to a few "
+        "layers, say): llama.cpp systems convert it, --bundle rows are bundles of it (only those systems)",
+    )
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/exaone-deploy-bench"))
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
     ap.add_argument(
@@ -728,7 +735,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--prompt-len, --repeats, --rounds and --threads must be >= 1 and --new-tokens >= 2")
     if args.layers is not None and args.layers < 1:
         ap.error("--layers must be >= 1")
+    if args.checkpoint is not None:
+        if not (args.checkpoint / "config.json").is_file():
+            ap.error(f"--checkpoint {args.checkpoint}: no config.json there")
+        other = [s for s in args.systems if s not in LLAMACPP_PRECISION]
+        if other or args.layers is not None:
+            ap.error(
+                f"--checkpoint runs llama.cpp systems and --bundle rows only (not {', '.join(other) or '--layers'}): "
+                "the other systems build their artifacts from the generated 1.2B shape"
+            )
     return args
+
+
+def _shape_name(ckpt: Path) -> str:
+    """What the table calls the model: the generated 1.2B shape, or a ``--checkpoint``'s sizes."""
+    c = json.loads((ckpt / "config.json").read_text())
+    if ckpt.name.startswith("exaone4-1.2b-shape"):
+        return "EXAONE-4.0-1.2B shape"
+    window = c.get("sliding_window") if c.get("sliding_window_pattern") or c.get("layer_types") else None
+    return f"{ckpt.name}: hidden {c['hidden_size']}, vocab {c['vocab_size']}" + (
+        f", sliding window {window}" if window else ""
+    )
 
 
 def _scheme(target: dict) -> str | None:
@@ -842,7 +869,7 @@ def main(argv=None) -> dict:
     P, N, T, L = args.prompt_len, args.new_tokens, args.threads, args.layers
 
     # Artifacts first (cached), so that nothing is being built while anything is timed.
-    ckpt = build_checkpoint(workdir, L)
+    ckpt = args.checkpoint or build_checkpoint(workdir, L)
     param_bytes, hf_read_bytes = checkpoint_param_bytes(ckpt)
     targets: list[dict] = []  # label, kind, path (the artifact), fn (the measurement) or error (the build's)
     for system in args.systems:
@@ -857,7 +884,7 @@ def main(argv=None) -> dict:
                         label=system,
                         kind="llamacpp",
                         fn=run_llamacpp,
-                        path=build_llamacpp(workdir, L, system, args.build_llamacpp),
+                        path=build_llamacpp(workdir, ckpt, system, args.build_llamacpp),
                     )
                 )
             except Exception as e:  # noqa: BLE001 - a peer that cannot be built is reported, not fatal
@@ -985,7 +1012,7 @@ def main(argv=None) -> dict:
     def table():
         cpu = bw["read_Bps"] / 1e9
         print(
-            f"EXAONE-4.0-1.2B shape ({result['model']['layers']} layers), random weights, fp32 weights "
+            f"{_shape_name(ckpt)} ({result['model']['layers']} layers), random weights, fp32 weights "
             f"{fmt_bytes(param_bytes)}; prompt {P}, {N} new tokens, greedy, {T} threads"
         )
         print(

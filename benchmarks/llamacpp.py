@@ -223,17 +223,18 @@ def quantize(llama: LlamaCpp, f32: Path, out: Path, file_type: str) -> Path:
 
 
 def gguf_for(llama: LlamaCpp, checkpoint: Path, precision: str, workdir: Path) -> Path:
-    """The GGUF of ``checkpoint`` at ``precision`` (f32, q8_0, q4_0), cached under ``workdir``; the F32 file is
-    kept as the quantizer's input."""
+    """The GGUF of ``checkpoint`` at ``precision`` (f32, q8_0, q4_0), cached under ``workdir``. The F32 file is
+    the quantizer's input, kept for the next precision; a cached quantized file is used without it (delete the
+    F32 file of a large checkpoint to save disk)."""
     if precision not in FILE_TYPES:
         raise LlamaCppError(f"unknown llama.cpp precision {precision!r} (choose from {', '.join(FILE_TYPES)})")
     f32 = workdir / f"{checkpoint.name}-F32.gguf"
+    out = workdir / f"{checkpoint.name}-{FILE_TYPES[precision]}.gguf"
+    if out.is_file():
+        return out
     if not f32.is_file():
         convert(llama, checkpoint, f32, "f32")
-    if precision == "f32":
-        return f32
-    out = workdir / f"{checkpoint.name}-{FILE_TYPES[precision]}.gguf"
-    if not out.is_file():
+    if precision != "f32":
         quantize(llama, f32, out, FILE_TYPES[precision])
     return out
 

@@ -96,3 +96,22 @@ def test_other_load_sees_a_process_that_is_not_ours(bench):
         spinner.kill()
         spinner.wait()
     assert load.cores > 0.2  # it gets at least a share of one of the cores, however loaded the machine is
+
+
+def test_checkpoint_runs_llamacpp_and_bundles_only(bench, tmp_path, capsys):
+    # --checkpoint (a 32B-shaped cut, say) feeds llama.cpp's converter; our rows come as --bundle of it.
+    ckpt = tmp_path / "exaone4-32b-shape-4l"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(
+        '{"hidden_size": 5120, "vocab_size": 102400, "sliding_window": 4096, "sliding_window_pattern": "LLLG"}'
+    )
+    args = bench.parse_args(["--checkpoint", str(ckpt), "--systems", "llamacpp-q4_0"])
+    assert args.checkpoint == ckpt
+    assert bench._shape_name(ckpt) == "exaone4-32b-shape-4l: hidden 5120, vocab 102400, sliding window 4096"
+    for bad in (["--systems", "ours"], ["--systems", "llamacpp-f32", "--layers", "2"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--checkpoint", str(ckpt), *bad])
+        assert "--checkpoint runs llama.cpp systems" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--checkpoint", str(tmp_path), "--systems", "llamacpp-f32"])
+    assert "no config.json" in capsys.readouterr().err
