@@ -59,8 +59,9 @@ def _session(
             _, heads, length, dim = info.shape
             length = length if isinstance(length, int) else capacity
             dim = dim if isinstance(dim, int) else head_dim
-            feeds[name] = buf = np.zeros((1, heads, length, dim), np.float32)
-            io.bind_output(present, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+            dtype = np.int8 if info.type == "tensor(int8)" else np.float32  # --kv-cache int8 bundles
+            feeds[name] = buf = np.zeros((1, heads, length, dim), dtype)
+            io.bind_output(present, "cpu", 0, dtype, list(buf.shape), buf.ctypes.data)
     for name, arr in feeds.items():
         io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
     out = sess.get_outputs()[0]

@@ -8,7 +8,9 @@ An EXAONE-4.0-1.2B-shaped model with random weights (hidden 2048, 30 layers, 32/
 tied embeddings), a ``--prompt-len`` token prompt (random ids, the same for every system), ``--new-tokens``
 greedy tokens with end-of-sequence ignored, at each ``--batch`` size (rows of equal length, no padding):
 
-* ``ours``: the fp32 ``ort`` bundle through ``Generator`` over ``OrtBackend`` (IO binding, in-place KV cache).
+* ``ours``: the fp32 ``ort`` bundle through ``Generator`` over ``OrtBackend`` (IO binding, in-place KV cache),
+  prompts longer than ``--prefill-chunk`` (512, the runtime's default; llama-bench's ubatch is 512 too) prefilled
+  in chunks; ``--one-step-prefill LABEL`` runs a row with the whole prompt in one step.
 * ``transformers``: ``Exaone4ForCausalLM`` (sdpa, float32) ``generate`` with ``min_new_tokens``.
 * ``genai`` / ``genai-int4`` / ``genai-int8``: onnxruntime-genai's C++ generation loop on models built by its
   model builder (``-e cpu -p fp32|int4|int8``). It refuses EXAONE, so it runs a Qwen3 *twin*: a Qwen3
@@ -64,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -439,7 +442,9 @@ def _best(runs: list[dict]) -> dict:
     return best
 
 
-def run_ours(bundle: str, batch: int, prompt_len: int, new_tokens: int, threads: int, repeats: int) -> dict:
+def run_ours(
+    bundle: str, batch: int, prompt_len: int, new_tokens: int, threads: int, repeats: int, prefill_chunk: int = 512
+) -> dict:
     import onnxruntime as ort
 
     from exaone_deploy.runtime.generate import Generator
@@ -450,7 +455,7 @@ def run_ours(bundle: str, batch: int, prompt_len: int, new_tokens: int, threads:
     anon = AnonPeak.start()
     t0 = time.perf_counter()
     backend = OrtBackend(bundle, max_batch=batch, capacity=prompt_len + new_tokens, threads=threads, verify=False)
-    gen = Generator(backend, Tokenizer.from_dir(bundle))
+    gen = Generator(backend, Tokenizer.from_dir(bundle), prefill_chunk=prefill_chunk or None)
     load_s, rss_loaded = time.perf_counter() - t0, current_rss_bytes()
     prompts = prompt_ids(batch, prompt_len, backend.spec.vocab_size)
     gen.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
@@ -701,6 +706,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="PATH[=LABEL]",
         help="another bundle to run through our runtime, as an extra row (repeatable)",
     )
+    ap.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="ours: prompt tokens per prefill step (default 512, the runtime's; 0: the whole prompt in one step)",
+    )
+    ap.add_argument(
+        "--one-step-prefill",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="this row of ours (a system or a --bundle label) prefills its prompt in one step (repeatable): "
+        "the same bundle twice, chunked and not, is an A/B of chunking",
+    )
     ap.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick check (default: 30)")
     ap.add_argument(
         "--checkpoint",
@@ -874,7 +893,8 @@ def main(argv=None) -> dict:
     targets: list[dict] = []  # label, kind, path (the artifact), fn (the measurement) or error (the build's)
     for system in args.systems:
         if system == "ours":
-            targets.append(dict(label=system, kind=system, path=build_bundle(workdir, L), fn=run_ours, hugepages=True))
+            fn = functools.partial(run_ours, prefill_chunk=0 if system in args.one_step_prefill else args.prefill_chunk)
+            targets.append(dict(label=system, kind=system, path=build_bundle(workdir, L), fn=fn, hugepages=True))
         elif system == "transformers":
             targets.append(dict(label=system, kind=system, path=ckpt, fn=run_transformers))
         elif system in LLAMACPP_PRECISION:
@@ -897,7 +917,7 @@ def main(argv=None) -> dict:
                     label=system,
                     kind="bundle",
                     path=build_our_bundle(workdir, L, precision),
-                    fn=run_ours if loop == "ours" else run_genai,
+                    fn=functools.partial(run_ours, prefill_chunk=args.prefill_chunk) if loop == "ours" else run_genai,
                     hugepages=loop == "ours",
                 )
             )
@@ -914,7 +934,16 @@ def main(argv=None) -> dict:
     if twin.is_dir():  # only the genai builder's input (5 GB): rebuilt in a minute if ever needed again
         shutil.rmtree(twin)
     for path, label in args.bundle:
-        targets.append(dict(label=label, kind="bundle", path=path, fn=run_ours, hugepages=True))
+        chunk = 0 if label in args.one_step_prefill else args.prefill_chunk
+        targets.append(
+            dict(
+                label=label,
+                kind="bundle",
+                path=path,
+                fn=functools.partial(run_ours, prefill_chunk=chunk),
+                hugepages=True,
+            )
+        )
 
     def read_bytes(kind: str, path: Path) -> int:
         if kind == "transformers":
@@ -1002,6 +1031,8 @@ def main(argv=None) -> dict:
             "threads": T,
             "repeats": args.repeats,
             "rounds": args.rounds,
+            "prefill_chunk": args.prefill_chunk,
+            "one_step_prefill": args.one_step_prefill,
         },
         "bandwidth": bw,
         "bandwidth_rounds": [x["read_Bps"] for x in bws],

@@ -81,6 +81,29 @@ def test_batched_generation_equals_single(work):
         assert len(r.token_ids) == 12 and r.finish_reason == "length"
 
 
+@pytest.mark.parametrize("preset", ["1.2b", "32b"])
+def test_long_prompts_are_prefilled_in_chunks(work, preset, monkeypatch):
+    # Chunks of 7 against one step; the 32b preset's window is 8, so its sliding layers take chunks past it.
+    one = Generator.from_bundle(work[preset][1], max_batch=3, verify=False)
+    one.prefill_chunk = None
+    chunked = Generator(one.backend, one.tokenizer, prefill_chunk=7)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(9, 500, n).tolist() for n in (30, 16, 5)]  # ragged: 5 chunks, 3, 1
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    calls = []
+    extend = one.backend.extend
+    monkeypatch.setattr(
+        one.backend, "extend", lambda slot, toks, **kw: calls.append((slot, len(toks))) or extend(slot, toks, **kw)
+    )
+    ref = [r.token_ids for r in one.generate(prompts, params)]
+    assert calls == []
+    got = [r.token_ids for r in chunked.generate(prompts, params)]
+    assert calls == [(0, 7), (0, 7), (0, 7), (0, 2), (1, 7), (1, 2)]  # after every row's first chunk in one step
+    assert got == ref
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Generator(one.backend, one.tokenizer, prefill_chunk=0)
+
+
 def test_seeded_sampling_is_reproducible(work):
     gen = Generator.from_bundle(work["1.2b"][1])
     prompt = list(range(20, 40))

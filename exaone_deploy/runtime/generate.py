@@ -30,6 +30,8 @@ from .grammar import GrammarConstraint, apply_batch
 from .logprobs import TokenLogprob, log_softmax, top_logprobs
 from .sampling import Sampler, SamplingParams
 
+PREFILL_CHUNK = 512  # prompt tokens per prefill step: the offline generator's and the server scheduler's default
+
 __all__ = ["Generator", "GenerationResult", "RowState", "open_backend", "sample_batch"]
 
 
@@ -178,10 +180,26 @@ def sample_batch(rows: Sequence[RowState], logits: np.ndarray) -> list[tuple[int
 class Generator:
     """Text generation on a backend (ONNX Runtime or TensorRT) with a tokenizer."""
 
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, eos_ids: Sequence[int] | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        eos_ids: Sequence[int] | None = None,
+        *,
+        prefill_chunk: int | None = PREFILL_CHUNK,
+    ):
+        """``prefill_chunk``: a prompt longer than this is prefilled in chunks of this many tokens (every row's
+        first chunk in one step, the later ones row by row), the boundaries the server's scheduler uses by
+        default, so a prompt runs through the same matrix shapes offline and served. Chunks bound the prompt
+        step's activations: one 4000-token step of the 32B shape holds ~1.8 GB of MLP intermediates (4000 x
+        27392 floats, three of them), a 512-token chunk a tenth of it; llama.cpp does the same (``-ub 512``).
+        ``None``: the whole prompt in one step."""
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         self.backend = backend
         self.tokenizer = tokenizer
         self.eos_ids = list(eos_ids if eos_ids is not None else tokenizer.eos_ids)
+        self.prefill_chunk = prefill_chunk
 
     @classmethod
     def from_bundle(
@@ -198,6 +216,17 @@ class Generator:
         manifest = load_manifest(bundle_dir, verify=verify)
         backend = open_backend(manifest, device=device, max_batch=max_batch, max_seq_len=max_seq_len or capacity)
         return cls(backend, Tokenizer.from_dir(manifest.root))
+
+    def _prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Prompts into slots 0..B-1, chunked by ``prefill_chunk``; (B, vocab) logits of each last token."""
+        C, rows = self.prefill_chunk, list(range(len(prompts)))
+        if C is None or max(len(p) for p in prompts) <= C:
+            return self.backend.prefill(rows, prompts)
+        logits = self.backend.prefill(rows, [p[:C] for p in prompts])
+        for b, p in enumerate(prompts):
+            for start in range(C, len(p), C):
+                logits[b] = self.backend.extend(b, p[start : start + C])[-1]
+        return logits
 
     # ---- prompts ------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -245,7 +274,7 @@ class Generator:
         self.backend.ensure(B, need)
         rows = [RowState(self, p, sp, n) for p, sp, n in zip(prompts, params, limits)]
         t0 = time.perf_counter()
-        logits = self.backend.prefill(list(range(B)), prompts)
+        logits = self._prefill(prompts)
         t1 = time.perf_counter()
         active = list(range(B))
         n_decode = 0

@@ -72,7 +72,7 @@ import numpy as np
 from ..errors import ExaoneDeployError
 from ..text.tokenizer import Tokenizer
 from .backend import Backend, ContextLengthError
-from .generate import GenerationResult, RowState, sample_batch
+from .generate import PREFILL_CHUNK, GenerationResult, RowState, sample_batch
 from .logprobs import TokenLogprob
 from .sampling import SamplingParams
 
@@ -178,7 +178,7 @@ class Scheduler:
         *,
         eos_ids: Sequence[int] | None = None,
         max_queue: int = 256,
-        prefill_chunk: int = 512,
+        prefill_chunk: int = PREFILL_CHUNK,
         observer: SchedulerObserver | None = None,
         prefix_cache: bool = True,
     ):
