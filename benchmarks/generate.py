@@ -84,6 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import current_rss_bytes, emit, fmt_bytes, peak_rss_bytes, print_table, run_isolated  # noqa: E402
 
 from exaone_deploy.bundle import atomic_dir  # noqa: E402
+from exaone_deploy.runtime.generate import PREFILL_CHUNK  # noqa: E402
 from exaone_deploy.runtime.hugepages import hugepage_env  # noqa: E402
 
 log = logging.getLogger("bench.generate")
@@ -443,7 +444,13 @@ def _best(runs: list[dict]) -> dict:
 
 
 def run_ours(
-    bundle: str, batch: int, prompt_len: int, new_tokens: int, threads: int, repeats: int, prefill_chunk: int = 512
+    bundle: str,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    threads: int,
+    repeats: int,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> dict:
     import onnxruntime as ort
 
@@ -709,8 +716,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--prefill-chunk",
         type=int,
-        default=512,
-        help="ours: prompt tokens per prefill step (default 512, the runtime's; 0: the whole prompt in one step)",
+        default=PREFILL_CHUNK,
+        help=f"ours: prompt tokens per prefill step (default {PREFILL_CHUNK}, the runtime's; 0: the whole prompt in "
+        "one step)",
     )
     ap.add_argument(
         "--one-step-prefill",
@@ -767,10 +775,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _shape_name(ckpt: Path) -> str:
-    """What the table calls the model: the generated 1.2B shape, or a ``--checkpoint``'s sizes."""
+    """What the table calls a ``--checkpoint``: its directory and sizes."""
     c = json.loads((ckpt / "config.json").read_text())
-    if ckpt.name.startswith("exaone4-1.2b-shape"):
-        return "EXAONE-4.0-1.2B shape"
     window = c.get("sliding_window") if c.get("sliding_window_pattern") or c.get("layer_types") else None
     return f"{ckpt.name}: hidden {c['hidden_size']}, vocab {c['vocab_size']}" + (
         f", sliding window {window}" if window else ""
@@ -891,10 +897,15 @@ def main(argv=None) -> dict:
     ckpt = args.checkpoint or build_checkpoint(workdir, L)
     param_bytes, hf_read_bytes = checkpoint_param_bytes(ckpt)
     targets: list[dict] = []  # label, kind, path (the artifact), fn (the measurement) or error (the build's)
+
+    def ours(label: str):  # our Python loop, prefilling as --prefill-chunk / --one-step-prefill say for this row
+        return functools.partial(run_ours, prefill_chunk=0 if label in args.one_step_prefill else args.prefill_chunk)
+
     for system in args.systems:
         if system == "ours":
-            fn = functools.partial(run_ours, prefill_chunk=0 if system in args.one_step_prefill else args.prefill_chunk)
-            targets.append(dict(label=system, kind=system, path=build_bundle(workdir, L), fn=fn, hugepages=True))
+            targets.append(
+                dict(label=system, kind=system, path=build_bundle(workdir, L), fn=ours(system), hugepages=True)
+            )
         elif system == "transformers":
             targets.append(dict(label=system, kind=system, path=ckpt, fn=run_transformers))
         elif system in LLAMACPP_PRECISION:
@@ -917,7 +928,7 @@ def main(argv=None) -> dict:
                     label=system,
                     kind="bundle",
                     path=build_our_bundle(workdir, L, precision),
-                    fn=functools.partial(run_ours, prefill_chunk=args.prefill_chunk) if loop == "ours" else run_genai,
+                    fn=ours(system) if loop == "ours" else run_genai,
                     hugepages=loop == "ours",
                 )
             )
@@ -934,16 +945,7 @@ def main(argv=None) -> dict:
     if twin.is_dir():  # only the genai builder's input (5 GB): rebuilt in a minute if ever needed again
         shutil.rmtree(twin)
     for path, label in args.bundle:
-        chunk = 0 if label in args.one_step_prefill else args.prefill_chunk
-        targets.append(
-            dict(
-                label=label,
-                kind="bundle",
-                path=path,
-                fn=functools.partial(run_ours, prefill_chunk=chunk),
-                hugepages=True,
-            )
-        )
+        targets.append(dict(label=label, kind="bundle", path=path, fn=ours(label), hugepages=True))
 
     def read_bytes(kind: str, path: Path) -> int:
         if kind == "transformers":
@@ -1042,8 +1044,9 @@ def main(argv=None) -> dict:
 
     def table():
         cpu = bw["read_Bps"] / 1e9
+        name = _shape_name(ckpt) if args.checkpoint else "EXAONE-4.0-1.2B shape"
         print(
-            f"{_shape_name(ckpt)} ({result['model']['layers']} layers), random weights, fp32 weights "
+            f"{name} ({result['model']['layers']} layers), random weights, fp32 weights "
             f"{fmt_bytes(param_bytes)}; prompt {P}, {N} new tokens, greedy, {T} threads"
         )
         print(
