@@ -451,6 +451,7 @@ def run_ours(
     threads: int,
     repeats: int,
     prefill_chunk: int = PREFILL_CHUNK,
+    kernels: str | None = None,
 ) -> dict:
     import onnxruntime as ort
 
@@ -461,7 +462,9 @@ def run_ours(
 
     anon = AnonPeak.start()
     t0 = time.perf_counter()
-    backend = OrtBackend(bundle, max_batch=batch, capacity=prompt_len + new_tokens, threads=threads, verify=False)
+    backend = OrtBackend(
+        bundle, max_batch=batch, capacity=prompt_len + new_tokens, threads=threads, verify=False, kernels=kernels
+    )
     gen = Generator(backend, Tokenizer.from_dir(bundle), prefill_chunk=prefill_chunk or None)
     load_s, rss_loaded = time.perf_counter() - t0, current_rss_bytes()
     prompts = prompt_ids(batch, prompt_len, backend.spec.vocab_size)
@@ -728,6 +731,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="this row of ours (a system or a --bundle label) prefills its prompt in one step (repeatable): "
         "the same bundle twice, chunked and not, is an A/B of chunking",
     )
+    ap.add_argument(
+        "--mlas",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="this row of ours (a system or a --bundle label) runs quantized linears on onnxruntime's MatMulNBits "
+        "instead of our QMatMul kernel (repeatable): the same bundle twice is an A/B of the kernel",
+    )
     ap.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick check (default: 30)")
     ap.add_argument(
         "--checkpoint",
@@ -899,7 +910,11 @@ def main(argv=None) -> dict:
     targets: list[dict] = []  # label, kind, path (the artifact), fn (the measurement) or error (the build's)
 
     def ours(label: str):  # our Python loop, prefilling as --prefill-chunk / --one-step-prefill say for this row
-        return functools.partial(run_ours, prefill_chunk=0 if label in args.one_step_prefill else args.prefill_chunk)
+        return functools.partial(
+            run_ours,
+            prefill_chunk=0 if label in args.one_step_prefill else args.prefill_chunk,
+            kernels="off" if label in args.mlas else None,
+        )
 
     for system in args.systems:
         if system == "ours":
@@ -1035,6 +1050,7 @@ def main(argv=None) -> dict:
             "rounds": args.rounds,
             "prefill_chunk": args.prefill_chunk,
             "one_step_prefill": args.one_step_prefill,
+            "mlas": args.mlas,
         },
         "bandwidth": bw,
         "bandwidth_rounds": [x["read_Bps"] for x in bws],

@@ -24,6 +24,7 @@ from ..errors import ExaoneDeployError
 from ..graph_io import GraphIO
 from .backend import Backend
 from .hugepages import TUNABLE, hugepage_env
+from .kernels import prepare as prepare_kernels
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,11 @@ class OrtBackend(Backend):
         threads: int | None = None,
         verify: bool = True,
         capacity: int | None = None,
+        kernels: str | None = None,
     ):
-        """``capacity``: deprecated alias of ``max_seq_len`` (default: ``GraphIO.default_context()``)."""
+        """``capacity``: deprecated alias of ``max_seq_len`` (default: ``GraphIO.default_context()``).
+        ``kernels``: ``auto``/``on``/``off``, our QMatMul kernel for quantized linears (runtime/kernels; default
+        ``$EXAONE_DEPLOY_KERNELS`` or auto)."""
         self.manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle, verify=verify)
         m = self.manifest
         if m.target != "ort":
@@ -164,10 +168,11 @@ class OrtBackend(Backend):
             ort.__version__,
             provider,
         )
+        so = session_options(threads)
+        model = str(m.model_path) if device != "cpu" else prepare_kernels(m.model_path, so, dtype=m.dtype, mode=kernels)
+        self.kernels = not isinstance(model, str)
         try:
-            self.session = ort.InferenceSession(
-                str(m.model_path), sess_options=session_options(threads), providers=[provider]
-            )
+            self.session = ort.InferenceSession(model, sess_options=so, providers=[provider])
         except (
             ort.capi.onnxruntime_pybind11_state.InvalidGraph,
             ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,

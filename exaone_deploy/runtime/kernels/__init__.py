@@ -1,0 +1,167 @@
+"""Our own ONNX Runtime CPU kernel for block-quantized linears, swapped in at session creation.
+
+Contract: ``prepare(model_path, so, dtype=..., mode=...)`` returns what to hand ``ort.InferenceSession`` (the model
+path, or the model's bytes with eligible ``com.microsoft::MatMulNBits`` nodes renamed to ``ai.exaone.deploy::QMatMul``)
+and registers the kernel library on the session options ``so``. A node is eligible when it has exactly the
+MatMulNBits numerics that ``qmatmul_core.h`` implements: 4 or 8 bits, block 32, 64 or 128, ``accuracy_level`` 4
+(int8 activations per block), no zero points / g_idx / bias, B and scales initializers, float32 activations,
+N % 16 == 0 (a partial last block is zero-padded, as MatMulNBits does). The bundle on disk is never changed:
+onnxruntime-genai and a plain onnxruntime still run it with MatMulNBits.
+
+Why: MLAS's MatMulNBits kernels unpack 4-bit weights per 2-row tile at M > 1 and run their M = 1 and M > 1 paths
+with different rounding; ``QMatMul`` repacks once at load into vpdpbusd panels, keeps every row's arithmetic
+independent of its batch, and runs prompts ~2x and batched decode ~2x faster on AVX-512 VNNI (docs/perf.md).
+
+Build: the C source is compiled on first use with the system C compiler (``$CC``, else ``cc``) into the user cache
+(``$EXAONE_DEPLOY_CACHE`` or ``~/.cache/exaone-deploy``/kernels, written to a temporary name and renamed), keyed by
+the source's hash. No compiler, another architecture, or a CPU without AVX-512 VNNI: MatMulNBits keeps running,
+logged once. ``EXAONE_DEPLOY_KERNELS``: ``auto`` (default), ``off``, or ``on`` (fail loudly when unavailable).
+Rejected: a compiled extension built by pip (the edge install would need a compiler and a build per platform),
+and editing the graph with ``onnx`` (not a runtime dependency; the rename is a few protobuf fields, see ``_wire``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from . import _wire
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "ai.exaone.deploy"
+OP = "QMatMul"
+MODES = ("auto", "on", "off")
+_HERE = Path(__file__).resolve().parent
+_SOURCES = ("qmatmul_ort.c", "qmatmul_core.h")
+
+
+class KernelError(RuntimeError):
+    """``EXAONE_DEPLOY_KERNELS=on`` and the kernel library cannot be built or run here."""
+
+
+def mode_from_env() -> str:
+    mode = os.environ.get("EXAONE_DEPLOY_KERNELS", "auto").strip().lower() or "auto"
+    mode = {"1": "on", "true": "on", "0": "off", "false": "off"}.get(mode, mode)
+    if mode not in MODES:
+        raise KernelError(f"EXAONE_DEPLOY_KERNELS={mode!r}: choose one of {', '.join(MODES)}")
+    return mode
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EXAONE_DEPLOY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "exaone-deploy"
+    )
+    return Path(root) / "kernels"
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        h.update((_HERE / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def _build() -> tuple[Path | None, str]:
+    """(library path, "") or (None, why not). Built once per source version and cached on disk."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"the QMatMul kernel is x86-64 Linux only (this is {platform.system()} {platform.machine()})"
+    out = cache_dir() / f"qmatmul-{_source_hash()}.so"
+    if not out.exists():
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if not cc:
+            return None, "no C compiler (set CC, or install gcc) to build the QMatMul kernel"
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=out.stem, suffix=".so.tmp", dir=out.parent)
+            os.close(fd)
+        except OSError as e:
+            return None, f"cannot write the QMatMul kernel to {out.parent} ({e}); set EXAONE_DEPLOY_CACHE"
+        cmd = [cc, "-O3", "-std=gnu11", "-shared", "-fPIC", "-o", tmp, str(_HERE / "qmatmul_ort.c"), "-lm"]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            Path(tmp).unlink(missing_ok=True)
+            return None, f"building the QMatMul kernel failed ({e})"
+        if res.returncode != 0:
+            Path(tmp).unlink(missing_ok=True)
+            return None, f"building the QMatMul kernel failed: {' '.join(cmd)}: {res.stderr.strip()[-500:]}"
+        os.replace(tmp, out)
+        log.info("built %s", out)
+    try:
+        lib = ctypes.CDLL(str(out))
+        supported = bool(lib.exaone_qmatmul_supported())
+    except OSError as e:
+        return None, f"{out}: cannot load the QMatMul kernel ({e})"
+    if not supported:
+        return None, "this CPU lacks AVX-512 VNNI, which the QMatMul kernel needs"
+    return out, ""
+
+
+def library(mode: str | None = None) -> Path | None:
+    """The kernel library's path, or None (``mode`` off, or unavailable: logged; raises under ``on``)."""
+    mode = mode or mode_from_env()
+    if mode == "off":
+        return None
+    path, why = _build()
+    if path is None:
+        if mode == "on":
+            raise KernelError(f"EXAONE_DEPLOY_KERNELS=on: {why}")
+        log.info("%s; quantized linears run on onnxruntime's MatMulNBits", why)
+    return path
+
+
+def eligible(node: _wire.Node, initializers: set[str]) -> bool:
+    """MatMulNBits with exactly the numerics QMatMul implements (module docstring)."""
+    if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+        return False
+    ins = node.inputs
+    while ins and ins[-1] == "":
+        ins = ins[:-1]
+    if len(ins) != 3 or ins[1] not in initializers or ins[2] not in initializers:
+        return False
+    a = node.int_attributes
+    k, n = a.get("K", 0), a.get("N", 0)
+    return (
+        a.get("bits") in (4, 8)
+        and a.get("block_size") in (32, 64, 128)
+        and a.get("accuracy_level") == 4
+        and k > 0
+        and n > 0
+        and n % 16 == 0
+    )
+
+
+def rewrite(model: bytes) -> tuple[bytes, int]:
+    """A serialized ModelProto with eligible MatMulNBits nodes renamed to QMatMul, and how many were."""
+    return _wire.rename_nodes(model, eligible, OP, DOMAIN)
+
+
+def prepare(model_path: str | Path, so, *, dtype: str, mode: str | None = None) -> str | bytes:
+    """What ``ort.InferenceSession`` should load for ``model_path`` with session options ``so``: the path
+    unchanged, or (kernel available, float32 bundle, eligible nodes) the rewritten bytes, with ``so`` told to
+    register the library and to find external weights next to ``model_path``."""
+    mode = mode or mode_from_env()
+    if dtype != "float32" or mode == "off":
+        return str(model_path)
+    lib = library(mode)
+    if lib is None:
+        return str(model_path)
+    data, count = rewrite(Path(model_path).read_bytes())
+    if count == 0:
+        return str(model_path)
+    so.register_custom_ops_library(str(lib))
+    so.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", str(Path(model_path).resolve().parent)
+    )
+    log.info("QMatMul: %d quantized linears of %s on our kernel", count, model_path)
+    return data

@@ -1,0 +1,289 @@
+/* ONNX Runtime custom-op library: ai.exaone.deploy::QMatMul, the int4/int8 block-32 matrix product of
+ * qmatmul_core.h behind MatMulNBits' inputs (A, B, scales) and attributes (K, N, bits, block_size).
+ *
+ * The runtime (kernels/__init__.py) compiles this file with the system C compiler, registers it through
+ * SessionOptions.register_custom_ops_library and renames eligible MatMulNBits nodes to this op in memory: bundles on
+ * disk stay standard ONNX that any onnxruntime (and onnxruntime-genai) runs.
+ *
+ * ABI: we declare only what we call. The C API is a table of function pointers whose order never changes (new
+ * entries are appended; the slots below are those of onnxruntime_c_api.h), reached from OrtGetApiBase() ->
+ * GetApi(version). OrtCustomOp is declared up to its version-16 members (CreateKernelV2 / KernelComputeV2); the
+ * thread pool's ParallelFor needs API 17 (onnxruntime >= 1.17; the package requires >= 1.29). Rejected: vendoring
+ * onnxruntime's headers (they are not in the Python wheel, and a copy is another file to keep in step) and a
+ * C++/pybind11 extension built at install time (it would make the edge install need a compiler; here a missing
+ * compiler only means MatMulNBits keeps running).
+ */
+#include "qmatmul_core.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+typedef void OrtStatus;
+typedef void OrtKernelInfo;
+typedef void OrtKernelContext;
+typedef void OrtValue;
+typedef void OrtTensorTypeAndShapeInfo;
+typedef void OrtSessionOptions;
+typedef void OrtCustomOpDomain;
+typedef void *const OrtApi; /* a table of function pointers, indexed by slot */
+
+typedef struct {
+    OrtApi *(*GetApi)(uint32_t version);
+    const char *(*GetVersionString)(void);
+} OrtApiBase;
+
+enum { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
+enum { T_FLOAT = 1, T_UINT8 = 2 };
+
+/* slots of the OrtApi table */
+#define S_CreateStatus 0
+#define S_CreateCustomOpDomain 26
+#define S_CustomOpDomain_Add 27
+#define S_AddCustomOpDomain 28
+#define S_GetTensorMutableData 51
+#define S_GetDimensionsCount 61
+#define S_GetDimensions 62
+#define S_GetTensorShapeElementCount 64
+#define S_GetTensorTypeAndShape 65
+#define S_KernelInfoGetAttribute_int64 86
+#define S_KernelContext_GetInput 90
+#define S_KernelContext_GetOutput 91
+#define S_ReleaseStatus 93
+#define S_ReleaseTensorTypeAndShapeInfo 99
+#define S_KernelInfoGetConstantInput_tensor 249
+#define S_KernelContext_ParallelFor 274
+#define API_VERSION 17
+
+static OrtApi *g_api;
+#define FN(slot, type) ((type)(g_api[slot]))
+
+typedef OrtStatus *(*CreateStatus_t)(int, const char *);
+typedef OrtStatus *(*CreateCustomOpDomain_t)(const char *, OrtCustomOpDomain **);
+typedef OrtStatus *(*CustomOpDomain_Add_t)(OrtCustomOpDomain *, const void *);
+typedef OrtStatus *(*AddCustomOpDomain_t)(OrtSessionOptions *, OrtCustomOpDomain *);
+typedef OrtStatus *(*GetTensorMutableData_t)(OrtValue *, void **);
+typedef OrtStatus *(*GetDimensionsCount_t)(const OrtTensorTypeAndShapeInfo *, size_t *);
+typedef OrtStatus *(*GetDimensions_t)(const OrtTensorTypeAndShapeInfo *, int64_t *, size_t);
+typedef OrtStatus *(*GetTensorTypeAndShape_t)(const OrtValue *, OrtTensorTypeAndShapeInfo **);
+typedef OrtStatus *(*KernelInfoGetAttribute_int64_t)(const OrtKernelInfo *, const char *, int64_t *);
+typedef OrtStatus *(*KernelContext_GetInput_t)(const OrtKernelContext *, size_t, const OrtValue **);
+typedef OrtStatus *(*KernelContext_GetOutput_t)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **);
+typedef void (*ReleaseStatus_t)(OrtStatus *);
+typedef void (*ReleaseTensorTypeAndShapeInfo_t)(OrtTensorTypeAndShapeInfo *);
+typedef OrtStatus *(*KernelInfoGetConstantInput_tensor_t)(const OrtKernelInfo *, size_t, int *, const OrtValue **);
+typedef OrtStatus *(*KernelContext_ParallelFor_t)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t,
+                                                  void *);
+
+/* OrtCustomOp, members up to version 16 */
+typedef struct OrtCustomOp {
+    uint32_t version;
+    void *(*CreateKernel)(const struct OrtCustomOp *, OrtApi *, const OrtKernelInfo *);
+    const char *(*GetName)(const struct OrtCustomOp *);
+    const char *(*GetExecutionProviderType)(const struct OrtCustomOp *);
+    int (*GetInputType)(const struct OrtCustomOp *, size_t);
+    size_t (*GetInputTypeCount)(const struct OrtCustomOp *);
+    int (*GetOutputType)(const struct OrtCustomOp *, size_t);
+    size_t (*GetOutputTypeCount)(const struct OrtCustomOp *);
+    void (*KernelCompute)(void *, OrtKernelContext *);
+    void (*KernelDestroy)(void *);
+    int (*GetInputCharacteristic)(const struct OrtCustomOp *, size_t);
+    int (*GetOutputCharacteristic)(const struct OrtCustomOp *, size_t);
+    int (*GetInputMemoryType)(const struct OrtCustomOp *, size_t);
+    int (*GetVariadicInputMinArity)(const struct OrtCustomOp *);
+    int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp *);
+    int (*GetVariadicOutputMinArity)(const struct OrtCustomOp *);
+    int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp *);
+    OrtStatus *(*CreateKernelV2)(const struct OrtCustomOp *, OrtApi *, const OrtKernelInfo *, void **);
+    OrtStatus *(*KernelComputeV2)(void *, OrtKernelContext *);
+} OrtCustomOp;
+
+static OrtStatus *error(const char *fmt, int64_t a, int64_t b) {
+    char msg[256];
+    snprintf(msg, sizeof msg, fmt, (long long)a, (long long)b);
+    return FN(S_CreateStatus, CreateStatus_t)(ORT_INVALID_ARGUMENT, msg);
+}
+
+#define CHECK(call)                                                                                                   \
+    do {                                                                                                              \
+        OrtStatus *st_ = (call);                                                                                      \
+        if (st_) return st_;                                                                                          \
+    } while (0)
+
+typedef struct {
+    int64_t k, kp, n; /* kp: K rounded up to the block */
+    int bits, blk;
+    uint8_t *packed;
+} Kernel;
+
+static OrtStatus *shape_of(const OrtValue *v, int64_t *dims, size_t *rank) {
+    OrtTensorTypeAndShapeInfo *info;
+    CHECK(FN(S_GetTensorTypeAndShape, GetTensorTypeAndShape_t)(v, &info));
+    OrtStatus *st = FN(S_GetDimensionsCount, GetDimensionsCount_t)(info, rank);
+    if (!st && *rank > 8) st = error("QMatMul: rank %lld > %lld", (int64_t)*rank, 8);
+    if (!st) st = FN(S_GetDimensions, GetDimensions_t)(info, dims, *rank);
+    FN(S_ReleaseTensorTypeAndShapeInfo, ReleaseTensorTypeAndShapeInfo_t)(info);
+    return st;
+}
+
+static OrtStatus *constant_input(const OrtKernelInfo *info, size_t index, const void **data, int64_t *count) {
+    int is_const = 0;
+    const OrtValue *v = NULL;
+    CHECK(FN(S_KernelInfoGetConstantInput_tensor, KernelInfoGetConstantInput_tensor_t)(info, index, &is_const, &v));
+    if (!is_const || !v) return error("QMatMul: input %lld must be an initializer (%lld)", (int64_t)index, 0);
+    int64_t dims[8];
+    size_t rank;
+    CHECK(shape_of(v, dims, &rank));
+    *count = 1;
+    for (size_t i = 0; i < rank; ++i) *count *= dims[i];
+    return FN(S_GetTensorMutableData, GetTensorMutableData_t)((OrtValue *)v, (void **)data);
+}
+
+static OrtStatus *create_kernel(const OrtCustomOp *op, OrtApi *api, const OrtKernelInfo *info, void **out) {
+    (void)op;
+    (void)api;
+    int64_t k, n, bits, block;
+    CHECK(FN(S_KernelInfoGetAttribute_int64, KernelInfoGetAttribute_int64_t)(info, "K", &k));
+    CHECK(FN(S_KernelInfoGetAttribute_int64, KernelInfoGetAttribute_int64_t)(info, "N", &n));
+    CHECK(FN(S_KernelInfoGetAttribute_int64, KernelInfoGetAttribute_int64_t)(info, "bits", &bits));
+    CHECK(FN(S_KernelInfoGetAttribute_int64, KernelInfoGetAttribute_int64_t)(info, "block_size", &block));
+    if ((bits != 4 && bits != 8) || (block != 32 && block != 64 && block != 128))
+        return error("QMatMul: bits %lld block %lld unsupported", bits, block);
+    if (k <= 0 || n <= 0 || n % QMM_PANEL) return error("QMatMul: K=%lld N=%lld unsupported", k, n);
+    const int64_t kp = (k + block - 1) / block * block;
+    const void *b, *s;
+    int64_t nb_count, ns_count;
+    CHECK(constant_input(info, 1, &b, &nb_count));
+    CHECK(constant_input(info, 2, &s, &ns_count));
+    if (nb_count != n * (kp / block) * (block * bits / 8) || ns_count != n * (kp / block))
+        return error("QMatMul: B has %lld bytes, scales %lld values: not MatMulNBits' layout", nb_count, ns_count);
+    Kernel *kern = calloc(1, sizeof(Kernel));
+    if (!kern) return error("QMatMul: out of memory (%lld, %lld)", 0, 0);
+    kern->k = k;
+    kern->kp = kp;
+    kern->n = n;
+    kern->bits = (int)bits;
+    kern->blk = (int)block;
+    if (posix_memalign((void **)&kern->packed, 64, qmm_packed_bytes(n, kp, kern->bits, kern->blk))) {
+        free(kern);
+        return error("QMatMul: out of memory packing %lld x %lld", k, n);
+    }
+    qmm_pack((const uint8_t *)b, (const float *)s, n, kp, kern->bits, kern->blk, kern->packed);
+    *out = kern;
+    return NULL;
+}
+
+typedef struct {
+    const Kernel *kern;
+    const float *a;
+    int8_t *qa;
+    float *sa;
+    int32_t *corr;
+    float *y;
+    int64_t m, row_chunk, panels_per_task, panel_tasks;
+} Work;
+
+#define ROW_CHUNK 64
+
+static void quantize_task(void *p, size_t i) {
+    const Work *w = p;
+    const int64_t m0 = (int64_t)i * w->row_chunk, m1 = m0 + w->row_chunk < w->m ? m0 + w->row_chunk : w->m;
+    const Kernel *kn = w->kern;
+    qmm_quantize_rows(w->a, m0, m1, kn->k, kn->kp, kn->bits, kn->blk, w->qa, w->sa, w->corr);
+}
+
+static void gemm_task(void *p, size_t i) {
+    const Work *w = p;
+    const Kernel *kn = w->kern;
+    const int64_t nb = kn->kp / kn->blk, panels = kn->n / QMM_PANEL;
+    const int64_t rc = (int64_t)i / w->panel_tasks, pt = (int64_t)i % w->panel_tasks;
+    const int64_t m0 = rc * w->row_chunk, m1 = m0 + w->row_chunk < w->m ? m0 + w->row_chunk : w->m;
+    const int64_t p0 = pt * w->panels_per_task, p1 = p0 + w->panels_per_task < panels ? p0 + w->panels_per_task : panels;
+    qmm_panels(kn->packed, w->qa + m0 * kn->kp, w->sa + m0 * nb, w->corr + m0 * nb, m1 - m0, kn->n, kn->kp, kn->bits,
+               kn->blk, p0, p1, w->y + m0 * kn->n);
+}
+
+static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
+    const Kernel *kern = kernel;
+    const OrtValue *in;
+    CHECK(FN(S_KernelContext_GetInput, KernelContext_GetInput_t)(ctx, 0, &in));
+    int64_t dims[8];
+    size_t rank;
+    CHECK(shape_of(in, dims, &rank));
+    if (rank < 1 || dims[rank - 1] != kern->k) return error("QMatMul: A's last dimension is %lld, K is %lld", rank ? dims[rank - 1] : 0, kern->k);
+    int64_t m = 1;
+    for (size_t i = 0; i + 1 < rank; ++i) m *= dims[i];
+    dims[rank - 1] = kern->n;
+    OrtValue *outv;
+    CHECK(FN(S_KernelContext_GetOutput, KernelContext_GetOutput_t)(ctx, 0, dims, rank, &outv));
+    if (m == 0) return NULL;
+    const float *a;
+    float *y;
+    CHECK(FN(S_GetTensorMutableData, GetTensorMutableData_t)((OrtValue *)in, (void **)&a));
+    CHECK(FN(S_GetTensorMutableData, GetTensorMutableData_t)(outv, (void **)&y));
+    const int64_t nb = kern->kp / kern->blk, panels = kern->n / QMM_PANEL;
+    void *scratch = malloc((size_t)m * kern->kp + (size_t)m * nb * (sizeof(float) + sizeof(int32_t)) + 64);
+    if (!scratch) return error("QMatMul: out of memory for %lld rows of %lld", m, kern->k);
+    Work w = {kern, a, NULL, NULL, NULL, y, m, ROW_CHUNK, 0, 0};
+    w.sa = scratch;
+    w.corr = (int32_t *)(w.sa + m * nb);
+    w.qa = (int8_t *)(w.corr + m * nb);
+    /* Work items: (row chunk, group of panels). Decode (few rows) splits the columns finely so both threads stream;
+     * prompts take 8 panels x 64 rows, a block of B and of A that stay in L2 while they meet. */
+    w.panels_per_task = m <= 4 ? 4 : 8;
+    w.panel_tasks = (panels + w.panels_per_task - 1) / w.panels_per_task;
+    const int64_t row_chunks = (m + ROW_CHUNK - 1) / ROW_CHUNK;
+    KernelContext_ParallelFor_t parallel_for = FN(S_KernelContext_ParallelFor, KernelContext_ParallelFor_t);
+    OrtStatus *st = parallel_for(ctx, quantize_task, (size_t)row_chunks, 0, &w);
+    if (!st) st = parallel_for(ctx, gemm_task, (size_t)(row_chunks * w.panel_tasks), 0, &w);
+    free(scratch);
+    return st;
+}
+
+static void destroy(void *kernel) {
+    Kernel *kern = kernel;
+    if (kern) free(kern->packed);
+    free(kern);
+}
+
+static void *create_kernel_v1(const OrtCustomOp *op, OrtApi *api, const OrtKernelInfo *info) {
+    void *k = NULL;
+    OrtStatus *st = create_kernel(op, api, info, &k);
+    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st);
+    return k;
+}
+static void compute_v1(void *kernel, OrtKernelContext *ctx) {
+    OrtStatus *st = compute(kernel, ctx);
+    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st);
+}
+static const char *op_name(const OrtCustomOp *op) { (void)op; return "QMatMul"; }
+static const char *op_ep(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 1 ? T_UINT8 : T_FLOAT; }
+static size_t input_count(const OrtCustomOp *op) { (void)op; return 3; }
+static int output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return T_FLOAT; }
+static size_t output_count(const OrtCustomOp *op) { (void)op; return 1; }
+static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
+static int mem_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
+static int one(const OrtCustomOp *op) { (void)op; return 1; }
+
+static OrtCustomOp g_op = {
+    16,          create_kernel_v1, op_name,  op_ep,       input_type, input_count, output_type,
+    output_count, compute_v1,      destroy,  required,    required,   mem_default, one,
+    one,         one,              one,      create_kernel, compute,
+};
+
+/* 1 when this CPU runs the kernel (the library is only registered then). */
+int exaone_qmatmul_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vnni");
+}
+
+OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+    g_api = base->GetApi(API_VERSION);
+    if (!g_api) return NULL; /* an onnxruntime older than 1.17: cannot happen with the package's pin */
+    OrtCustomOpDomain *domain;
+    CHECK(FN(S_CreateCustomOpDomain, CreateCustomOpDomain_t)("ai.exaone.deploy", &domain));
+    CHECK(FN(S_CustomOpDomain_Add, CustomOpDomain_Add_t)(domain, &g_op));
+    return FN(S_AddCustomOpDomain, AddCustomOpDomain_t)(options, domain);
+}

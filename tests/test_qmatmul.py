@@ -1,0 +1,223 @@
+"""Our QMatMul kernel (runtime/kernels): the graph rename, and the kernel against onnxruntime's MatMulNBits."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from exaone_deploy.runtime import kernels
+from exaone_deploy.runtime.kernels import _wire
+
+RNG = np.random.default_rng(0)
+
+
+def _lib():
+    path, why = kernels._build()
+    if path is None:
+        pytest.skip(why)
+    return path
+
+
+def _weights(k: int, n: int, bits: int, block: int = 32):
+    """MatMulNBits' B and scales for a random [K, N] weight, and the weight; a partial last block is padded with
+    the zero point (what the quantizer writes)."""
+    nb = -(-k // block)
+    q = RNG.integers(0, 2**bits, (n, nb, block), dtype=np.uint8)
+    q.reshape(n, -1)[:, k:] = 2 ** (bits - 1)
+    s = (RNG.random((n, nb), dtype=np.float32) * 0.01 + 1e-3).astype(np.float32)
+    b = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else q
+    w = ((q.astype(np.float32) - 2 ** (bits - 1)) * s[..., None]).reshape(n, -1)[:, :k].T  # [K, N]
+    return b, s.reshape(-1), w
+
+
+def _model(k, n, bits, *, op="MatMulNBits", domain="com.microsoft", acc=4, block=32, extra_inputs=(), b=None, s=None):
+    if b is None:
+        b, s, _ = _weights(k, n, bits)
+    attrs = dict(K=k, N=n, bits=bits, block_size=block, accuracy_level=acc)
+    node = helper.make_node(op, ["a", "B", "s", *extra_inputs], ["y"], domain=domain, name="lin", **attrs)
+    inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(s, "s")]
+    if "zp" in extra_inputs:
+        inits.append(numpy_helper.from_array(np.full((n * (k // 32) + 1) // 2, 0x88, np.uint8), "zp"))
+    graph = helper.make_graph(
+        [node, helper.make_node("Relu", ["y"], ["z"])],
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["b", "m", k])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", "m", n])],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def test_rename_touches_only_eligible_nodes_and_keeps_the_rest():
+    model = _model(64, 32, 4)
+    data, count = kernels.rewrite(model.SerializeToString())
+    assert count == 1
+    back = onnx.load_from_string(data)
+    lin, relu = back.graph.node
+    assert (lin.op_type, lin.domain) == ("QMatMul", kernels.DOMAIN)
+    assert (relu.op_type, relu.domain) == ("Relu", "")
+    assert list(lin.input) == ["a", "B", "s"] and lin.name == "lin"
+    assert {a.name: a.i for a in lin.attribute} == {"K": 64, "N": 32, "bits": 4, "block_size": 32, "accuracy_level": 4}
+    assert back.graph.initializer[0].raw_data == model.graph.initializer[0].raw_data
+    assert {(o.domain, o.version) for o in back.opset_import} == {("", 21), ("com.microsoft", 1), (kernels.DOMAIN, 1)}
+    # idempotent: nothing left to rename, and the opset is not added twice
+    again, count2 = kernels.rewrite(data)
+    assert count2 == 0 and again == data
+
+
+@pytest.mark.parametrize(
+    "why, kw",
+    [
+        ("float activations (accuracy_level 0) round differently", dict(acc=0)),
+        ("block 16", dict(block=16)),
+        ("zero points", dict(extra_inputs=("zp",))),
+        ("N not a multiple of 16", dict(n=40)),
+    ],
+)
+def test_ineligible_nodes_stay_matmulnbits(why, kw):
+    k, n = kw.pop("k", 64), kw.pop("n", 32)
+    b, s, _ = _weights(64, 32, 4)
+    if k != 64 or n != 32:  # shapes that do not fit the kernel: weights of the right byte count
+        b = np.zeros((n, (k + 31) // 32, 16), np.uint8)
+        s = np.ones(n * ((k + 31) // 32), np.float32)
+    model = _model(k, n, 4, b=b, s=s, **kw)
+    assert kernels.rewrite(model.SerializeToString())[1] == 0, why
+
+
+def test_b_computed_at_run_time_is_not_renamed():
+    model = _model(64, 32, 4)
+    model.graph.node[0].input[1] = "B_runtime"
+    model.graph.node.insert(0, helper.make_node("Identity", ["B"], ["B_runtime"]))
+    assert kernels.rewrite(model.SerializeToString())[1] == 0
+
+
+def test_wire_rejects_truncated_models():
+    data = _model(64, 32, 4).SerializeToString()
+    with pytest.raises(ValueError):
+        kernels.rewrite(data[: len(data) // 2])
+
+
+def test_wire_varints_round_trip():
+    for v in (0, 1, 127, 128, 300, 2**32, 2**63 - 1):
+        assert _wire._varint(_wire._enc_varint(v), 0) == (v, len(_wire._enc_varint(v)))
+
+
+def _session(model: onnx.ModelProto, lib=None, threads: int = 2) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    data = model.SerializeToString()
+    if lib is not None:
+        data, count = kernels.rewrite(data)
+        assert count == 1
+        so.register_custom_ops_library(str(lib))
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(
+    "k, n, block",
+    [(64, 32, 32), (2048, 48, 32), (96, 4096, 32), (256, 80, 64), (512, 64, 128), (48, 32, 32), (64, 512, 128)],
+)
+def test_kernel_matches_matmulnbits(bits, k, n, block):
+    """Including a partial last block (K=48 at block 32, K=64 at 128: the tiny model's 8-bit head), zero-padded."""
+    lib = _lib()
+    b, s, w = _weights(k, n, bits, block)
+    model = _model(k, n, bits, b=b, s=s, block=block)
+    ours, mlas = _session(model, lib), _session(model)
+    for rows in (1, 2, 5, 67):
+        a = RNG.standard_normal((1, rows, k), dtype=np.float32)
+        y, ref = ours.run(None, {"a": a})[0], mlas.run(None, {"a": a})[0]
+        exact = np.maximum(a @ w, 0)
+        scale = np.abs(exact).max()
+        # the same int8-activation arithmetic as MatMulNBits' accuracy_level 4: equal up to float summation order
+        assert np.abs(y - ref).max() <= 2e-5 * scale, (rows, np.abs(y - ref).max() / scale)
+        assert np.abs(y - exact).max() <= 3e-2 * scale  # and close to the float product
+
+
+def test_kernel_rows_do_not_depend_on_their_batch():
+    lib = _lib()
+    model = _model(256, 64, 4)
+    sess = _session(model, lib)
+    a = RNG.standard_normal((3, 37, 256), dtype=np.float32)
+    batched = sess.run(None, {"a": a})[0]
+    for i, j in ((0, 0), (1, 5), (2, 36)):
+        alone = sess.run(None, {"a": a[i : i + 1, j : j + 1]})[0]
+        assert np.array_equal(alone[0, 0], batched[i, j])
+    empty = sess.run(None, {"a": np.zeros((1, 0, 256), np.float32)})[0]
+    assert empty.shape == (1, 0, 64)
+
+
+def test_kernel_rejects_a_wrong_inner_dimension():
+    lib = _lib()
+    model = _model(64, 32, 4)
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "k"  # let it reach the kernel
+    sess = _session(model, lib)
+    with pytest.raises(Exception, match="QMatMul: A's last dimension is 96, K is 64"):
+        sess.run(None, {"a": np.zeros((1, 2, 96), np.float32)})
+
+
+def test_mode_off_and_env(monkeypatch):
+    monkeypatch.setenv("EXAONE_DEPLOY_KERNELS", "off")
+    assert kernels.library() is None
+    monkeypatch.setenv("EXAONE_DEPLOY_KERNELS", "sometimes")
+    with pytest.raises(kernels.KernelError, match="EXAONE_DEPLOY_KERNELS"):
+        kernels.mode_from_env()
+
+
+def test_on_fails_loudly_without_a_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("EXAONE_DEPLOY_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    kernels._build.cache_clear()
+    try:
+        with pytest.raises(kernels.KernelError, match="QMatMul"):
+            kernels.library("on")
+        assert kernels.library("auto") is None  # auto: MatMulNBits keeps running
+        assert not list(tmp_path.rglob("*.tmp"))  # no half-written library left behind
+    finally:
+        kernels._build.cache_clear()
+
+
+@pytest.fixture(scope="module", params=["1.2b", "32b"])
+def int4_bundle(request, tiny_dirs, tmp_path_factory):
+    import warnings
+
+    from exaone_deploy import api
+    from exaone_deploy.exporter.export import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp(f"qmm-{request.param}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = export_bundle(tiny_dirs[request.param], root / "bundle", ExportOptions(max_seq_len=64), progress=False)
+        return api.quantize(out, root / "int4", "int4-rtn", lm_head="int8")
+
+
+def test_bundle_runs_on_the_kernel_with_matmulnbits_tokens(int4_bundle):
+    """Every quantized linear of an int4 bundle (INT4 block 32, the 8-bit head at block 128) moves to QMatMul;
+    logits match MatMulNBits' to float summation order and greedy tokens are the same."""
+    _lib()
+    from exaone_deploy.runtime.generate import Generator
+    from exaone_deploy.runtime.ort_backend import OrtBackend
+    from exaone_deploy.runtime.sampling import SamplingParams
+    from exaone_deploy.text.tokenizer import Tokenizer
+
+    data = (int4_bundle / "model.onnx").read_bytes()
+    nodes = [n for n in onnx.load_from_string(data).graph.node if n.op_type == "MatMulNBits"]
+    _, renamed = kernels.rewrite(data)
+    assert renamed == len(nodes) > 0, [(n.name, [(a.name, a.i) for a in n.attribute]) for n in nodes]
+
+    tok = Tokenizer.from_dir(int4_bundle)
+    prompts = [[5, 17, 42, 9, 33, 2, 71, 8, 15, 16, 23, 42], [7, 7, 100, 3]]
+    out, logits = {}, {}
+    for mode in ("on", "off"):
+        backend = OrtBackend(int4_bundle, max_batch=2, max_seq_len=64, kernels=mode)
+        assert backend.kernels == (mode == "on")
+        res = Generator(backend, tok).generate(prompts, SamplingParams(max_new_tokens=32, ignore_eos=True))
+        out[mode] = [r.token_ids for r in res]
+        logits[mode] = backend.prefill([0], [prompts[0]], all_logits=True)
+    assert out["on"] == out["off"]
+    scale = np.abs(logits["off"]).max()
+    assert np.abs(logits["on"] - logits["off"]).max() <= 1e-3 * scale
