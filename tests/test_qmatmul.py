@@ -61,7 +61,8 @@ def test_rename_touches_only_eligible_nodes_and_keeps_the_rest():
     assert (lin.op_type, lin.domain) == ("QMatMul", kernels.DOMAIN)
     assert (relu.op_type, relu.domain) == ("Relu", "")
     assert list(lin.input) == ["a", "B", "s"] and lin.name == "lin"
-    assert {a.name: a.i for a in lin.attribute} == {"K": 64, "N": 32, "bits": 4, "block_size": 32, "accuracy_level": 4}
+    attrs = {a.name: a.i for a in lin.attribute}
+    assert attrs == {"K": 64, "N": 32, "bits": 4, "block_size": 32, "accuracy_level": 4, "release_inputs": 1}
     assert back.graph.initializer[0].raw_data == model.graph.initializer[0].raw_data
     assert {(o.domain, o.version) for o in back.opset_import} == {("", 21), ("com.microsoft", 1), (kernels.DOMAIN, 1)}
     # idempotent: nothing left to rename, and the opset is not added twice
@@ -93,6 +94,17 @@ def test_b_computed_at_run_time_is_not_renamed():
     model.graph.node[0].input[1] = "B_runtime"
     model.graph.node.insert(0, helper.make_node("Identity", ["B"], ["B_runtime"]))
     assert kernels.rewrite(model.SerializeToString())[1] == 0
+
+
+def test_weights_read_elsewhere_are_kept():
+    """release_inputs (the kernel drops the source pages after repacking) only when this node alone reads them."""
+    model = _model(64, 32, 4)
+    model.graph.node.append(helper.make_node("Identity", ["s"], ["s_copy"]))
+    model.graph.output.append(helper.make_tensor_value_info("s_copy", TensorProto.FLOAT, None))
+    data, count = kernels.rewrite(model.SerializeToString())
+    assert count == 1
+    lin = onnx.load_from_string(data).graph.node[0]
+    assert {a.name: a.i for a in lin.attribute}["release_inputs"] == 0
 
 
 def test_wire_rejects_truncated_models():

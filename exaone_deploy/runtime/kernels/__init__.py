@@ -120,14 +120,14 @@ def library(mode: str | None = None) -> Path | None:
     return path
 
 
-def eligible(node: _wire.Node, initializers: set[str]) -> bool:
+def eligible(node: _wire.Node, info: _wire.GraphInfo) -> bool:
     """MatMulNBits with exactly the numerics QMatMul implements (module docstring)."""
     if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
         return False
     ins = node.inputs
     while ins and ins[-1] == "":
         ins = ins[:-1]
-    if len(ins) != 3 or ins[1] not in initializers or ins[2] not in initializers:
+    if len(ins) != 3 or ins[1] not in info.initializers or ins[2] not in info.initializers:
         return False
     a = node.int_attributes
     k, n = a.get("K", 0), a.get("N", 0)
@@ -141,9 +141,16 @@ def eligible(node: _wire.Node, initializers: set[str]) -> bool:
     )
 
 
+def _release(node: _wire.Node, info: _wire.GraphInfo) -> dict[str, int]:
+    """``release_inputs`` = 1 when this node is the only reader of its B and scales: the kernel then hands their
+    pages back to the OS after repacking (madvise), instead of keeping a second copy of the weights resident."""
+    only = not info.has_subgraphs and all(info.uses[name] == 1 for name in node.inputs[1:3])
+    return {"release_inputs": int(only)}
+
+
 def rewrite(model: bytes) -> tuple[bytes, int]:
     """A serialized ModelProto with eligible MatMulNBits nodes renamed to QMatMul, and how many were."""
-    return _wire.rename_nodes(model, eligible, OP, DOMAIN)
+    return _wire.rename_nodes(model, eligible, OP, DOMAIN, _release)
 
 
 def prepare(model_path: str | Path, so, *, dtype: str, mode: str | None = None) -> str | bytes:

@@ -1,17 +1,20 @@
 """Rename nodes of a serialized ONNX ModelProto in protobuf wire format, without the ``onnx`` package.
 
-Contract: ``rename_nodes(model, predicate, op_type, domain)`` returns the model with every top-level graph node
-for which ``predicate(node, initializer_names)`` holds given ``op_type`` and ``domain`` (all its other fields
-byte-for-byte as they were), ``domain`` added to the opset imports (version 1) when it renamed any, and the count.
-Everything it does not touch is copied as raw bytes, so unknown or future fields survive.
+Contract: ``rename_nodes(model, predicate, op_type, domain, attributes)`` returns the model with every top-level
+graph node for which ``predicate(node, graph_info)`` holds given ``op_type`` and ``domain`` and the INT attributes
+``attributes(node, graph_info)`` (all its other fields byte-for-byte as they were), ``domain`` added to the opset
+imports (version 1) when it renamed any, and the count. Everything it does not touch is copied as raw bytes, so
+unknown or future fields survive.
 
 Field numbers (onnx.proto, stable since ONNX 1.0): ModelProto.opset_import 8, .graph 7; GraphProto.node 1,
-.initializer 5; NodeProto.input 1, .op_type 4, .attribute 5, .domain 7; AttributeProto.name 1, .i 3;
-TensorProto.name 8; OperatorSetIdProto.domain 1, .version 2. Malformed input raises ``ValueError``.
+.initializer 5, .output 12; NodeProto.input 1, .op_type 4, .attribute 5, .domain 7; AttributeProto.name 1, .i 3,
+.g 6, .graphs 11, .type 20 (INT = 2); TensorProto.name 8; ValueInfoProto.name 1; OperatorSetIdProto.domain 1,
+.version 2. Malformed input raises ``ValueError``.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -108,19 +111,52 @@ def parse_node(buf: bytes) -> Node:
     return node
 
 
-def _initializer_names(graph: bytes) -> set[str]:
-    names = set()
+@dataclass
+class GraphInfo:
+    """What a rename decision needs to know of the whole graph."""
+
+    initializers: set[str] = field(default_factory=set)
+    uses: Counter = field(default_factory=Counter)  # value name -> how many node inputs / graph outputs read it
+    has_subgraphs: bool = False  # a node with a graph attribute (If/Loop/Scan) may read any outer value
+
+
+def graph_info(graph: bytes) -> GraphInfo:
+    info = GraphInfo()
     for num, wt, val, _ in fields(graph):
-        if num == 5 and wt == _LEN:
+        if wt != _LEN:
+            continue
+        if num == 5:
             for tnum, twt, tval, _ in fields(val):
                 if tnum == 8 and twt == _LEN:
-                    names.add(tval.decode())
-    return names
+                    info.initializers.add(tval.decode())
+        elif num == 1:
+            for nnum, nwt, nval, _ in fields(val):
+                if nnum == 1 and nwt == _LEN:
+                    info.uses[nval.decode()] += 1
+                elif nnum == 5 and nwt == _LEN:
+                    info.has_subgraphs |= any(a in (6, 11) for a, _, _, _ in fields(nval))
+        elif num == 12:  # graph output (ValueInfoProto.name = 1)
+            for vnum, vwt, vval, _ in fields(val):
+                if vnum == 1 and vwt == _LEN:
+                    info.uses[vval.decode()] += 1
+    return info
+
+
+def int_attribute(name: str, value: int) -> bytes:
+    """A NodeProto.attribute field: AttributeProto{name, i, type = INT (2)}."""
+    attr = _len_field(1, name.encode()) + _enc_varint(3 << 3 | _VARINT) + _enc_varint(value)
+    attr += _enc_varint(20 << 3 | _VARINT) + _enc_varint(2)
+    return _len_field(5, attr)
 
 
 def rename_nodes(
-    model: bytes, predicate: Callable[[Node, set[str]], bool], op_type: str, domain: str
+    model: bytes,
+    predicate: Callable[[Node, GraphInfo], bool],
+    op_type: str,
+    domain: str,
+    attributes: Callable[[Node, GraphInfo], dict[str, int]] | None = None,
 ) -> tuple[bytes, int]:
+    """``attributes(node, info)``: INT attributes to add to a renamed node."""
     out, count, has_domain = [], 0, False
     for num, wt, val, raw in fields(model):
         if num == 8 and wt == _LEN:
@@ -128,11 +164,14 @@ def rename_nodes(
         if num != 7 or wt != _LEN:
             out.append(raw)
             continue
-        inits = _initializer_names(val)
+        info = graph_info(val)
         graph = []
         for gnum, gwt, gval, graw in fields(val):
-            if gnum == 1 and gwt == _LEN and predicate(parse_node(gval), inits):
+            node = parse_node(gval) if gnum == 1 and gwt == _LEN else None
+            if node is not None and predicate(node, info):
                 kept = [r for n, _, _, r in fields(gval) if n not in (4, 7)]
+                extra = (attributes or (lambda *_: {}))(node, info)
+                kept += [int_attribute(k, v) for k, v in extra.items() if k not in node.int_attributes]
                 graph.append(
                     _len_field(1, b"".join(kept) + _len_field(4, op_type.encode()) + _len_field(7, domain.encode()))
                 )

@@ -17,6 +17,8 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 typedef void OrtStatus;
 typedef void OrtKernelInfo;
@@ -138,6 +140,12 @@ static OrtStatus *constant_input(const OrtKernelInfo *info, size_t index, const 
     return FN(S_GetTensorMutableData, GetTensorMutableData_t)((OrtValue *)v, (void **)data);
 }
 
+static void release_pages(const void *p, size_t bytes) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t lo = ((uintptr_t)p + page - 1) & ~(page - 1), hi = ((uintptr_t)p + bytes) & ~(page - 1);
+    if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+}
+
 static OrtStatus *create_kernel(const OrtCustomOp *op, OrtApi *api, const OrtKernelInfo *info, void **out) {
     (void)op;
     (void)api;
@@ -168,6 +176,16 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, OrtApi *api, const OrtKer
         return error("QMatMul: out of memory packing %lld x %lld", k, n);
     }
     qmm_pack((const uint8_t *)b, (const float *)s, n, kp, kern->bits, kern->blk, kern->packed);
+    /* The renamer sets release_inputs when this node alone reads B and scales: their pages go back to the OS
+     * (file-backed ones are re-read from the weights file if ever touched again, anonymous ones read as zeros;
+     * nothing touches them again), so the weights are not resident twice. */
+    int64_t release = 0;
+    OrtStatus *st = FN(S_KernelInfoGetAttribute_int64, KernelInfoGetAttribute_int64_t)(info, "release_inputs", &release);
+    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st);
+    else if (release) {
+        release_pages(b, (size_t)nb_count);
+        release_pages(s, (size_t)ns_count * sizeof(float));
+    }
     *out = kern;
     return NULL;
 }
