@@ -5,8 +5,10 @@
     python benchmarks/decode_step.py ours=BUNDLE/model.onnx "nopack=BUNDLE/model.onnx@session.disable_prepacking=1"
 
 Each ``LABEL=MODEL[@KEY=VALUE...]`` is an ONNX Runtime session (CPU, ``--threads``) with the given session config
-entries. Graphs with our bundle's inputs (``seqlens_k``, ``total_sequence_length``, ``logits_index``) and graphs
-built by onnxruntime-genai's model builder (``attention_mask``) are both understood: batch 1, one new token
+entries; the entry ``exaone.kernels=auto|on|off`` is ours: quantized linears on our QMatMul kernel as the runtime
+runs them (auto, the default) or on onnxruntime's MatMulNBits (off). Graphs with our bundle's inputs
+(``seqlens_k``, ``total_sequence_length``, ``logits_index``) and graphs built by onnxruntime-genai's model
+builder (``attention_mask``) are both understood: batch 1, one new token
 after ``--past`` cached positions, past and present bound to the same buffers. Rounds of ``--steps`` steps per
 session take turns, so a drift of the machine's bandwidth hits every session alike; the table gives each
 session's median step time and its speed relative to the first, as the median (min-max) of per-round ratios.
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import emit, print_table  # noqa: E402
 
 from exaone_deploy.graph_io import GraphIO  # noqa: E402
+from exaone_deploy.runtime.kernels import prepare as prepare_kernels  # noqa: E402
 
 
 def _session(
@@ -44,9 +47,12 @@ def _session(
         so.enable_profiling, so.profile_file_prefix = True, str(Path(profile) / "trace")
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    config = dict(config)
+    kernels = config.pop("exaone.kernels", None)  # ours: auto (as the runtime), on or off (MatMulNBits)
     for k, v in config.items():
         so.add_session_config_entry(k, v)
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    model = prepare_kernels(path, so, dtype="float32", mode=kernels)
+    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     names = {i.name: i for i in sess.get_inputs()}
     if "attention_mask" in names:
         feeds = {"input_ids": np.full((1, 1), 7, dtype=np.int64), "attention_mask": np.ones((1, past + 1), np.int64)}

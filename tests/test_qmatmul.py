@@ -96,7 +96,7 @@ def test_b_computed_at_run_time_is_not_renamed():
     assert kernels.rewrite(model.SerializeToString())[1] == 0
 
 
-def test_weights_read_elsewhere_are_kept():
+def test_weights_read_elsewhere_are_not_released():
     """release_inputs (the kernel drops the source pages after repacking) only when this node alone reads them."""
     model = _model(64, 32, 4)
     model.graph.node.append(helper.make_node("Identity", ["s"], ["s_copy"]))
@@ -233,3 +233,87 @@ def test_bundle_runs_on_the_kernel_with_matmulnbits_tokens(int4_bundle):
     assert out["on"] == out["off"]
     scale = np.abs(logits["off"]).max()
     assert np.abs(logits["on"] - logits["off"]).max() <= 1e-3 * scale
+
+
+def _siblings(k: int, ns: list[int], bits: int = 4, shared_b: bool = False) -> onnx.ModelProto:
+    """Linears reading one activation (q/k/v): each output through its own Relu, plus one on another input."""
+    nodes, inits, outs = [], [], []
+    for i, n in enumerate(ns):
+        b, s, _ = _weights(k, n, bits)
+        bname = "B0" if shared_b and i else f"B{i}"
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                ["a", bname, f"s{i}"],
+                [f"y{i}"],
+                domain="com.microsoft",
+                name=f"lin{i}",
+                K=k,
+                N=n,
+                bits=bits,
+                block_size=32,
+                accuracy_level=4,
+            )
+        )
+        nodes.append(helper.make_node("Relu", [f"y{i}"], [f"z{i}"]))
+        if not (shared_b and i):
+            inits.append(numpy_helper.from_array(b, bname))
+        inits.append(numpy_helper.from_array(s, f"s{i}"))
+        outs.append(helper.make_tensor_value_info(f"z{i}", TensorProto.FLOAT, ["b", "m", n]))
+    b, s, _ = _weights(k, 32, bits)
+    nodes.append(
+        helper.make_node(
+            "MatMulNBits",
+            ["a2", "Bo", "so"],
+            ["yo"],
+            domain="com.microsoft",
+            K=k,
+            N=32,
+            bits=bits,
+            block_size=32,
+            accuracy_level=4,
+        )
+    )
+    inits += [numpy_helper.from_array(b, "Bo"), numpy_helper.from_array(s, "so")]
+    outs.append(helper.make_tensor_value_info("yo", TensorProto.FLOAT, ["b", "m", 32]))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["b", "m", k]) for x in ("a", "a2")],
+        outs,
+        inits,
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+
+
+@pytest.mark.parametrize("count, fused", [(2, ["QMatMul2"]), (3, ["QMatMul3"]), (5, ["QMatMul3", "QMatMul2"])])
+def test_siblings_fuse_and_match_matmulnbits(count, fused):
+    """Linears that read the same activation become one QMatMul2/3 (A quantized once, one parallel loop), at the
+    first one's place; every output equals the separate MatMulNBits' up to summation order."""
+    lib = _lib()
+    model = _siblings(128, [32, 64, 16, 48, 32][:count])
+    data, moved = kernels.rewrite(model.SerializeToString())
+    assert moved == count + 1
+    back = onnx.load_from_string(data)
+    onnx.checker.check_model(back)  # still topologically sorted
+    ops = [n.op_type for n in back.graph.node if n.domain == kernels.DOMAIN]
+    assert ops == [*fused, "QMatMul"]
+    assert all(a.i == 1 for n in back.graph.node for a in n.attribute if a.name == "release_inputs")
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(lib))
+    ours = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    mlas = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for rows in (1, 3, 70):
+        feed = {x: RNG.standard_normal((1, rows, 128), dtype=np.float32) for x in ("a", "a2")}
+        for y, ref in zip(ours.run(None, feed), mlas.run(None, feed)):
+            assert y.shape == ref.shape
+            assert np.abs(y - ref).max() <= 2e-5 * np.abs(ref).max()
+
+
+def test_shared_weights_are_not_released():
+    model = _siblings(64, [32, 32], shared_b=True)
+    data, _ = kernels.rewrite(model.SerializeToString())
+    node = next(n for n in onnx.load_from_string(data).graph.node if n.op_type == "QMatMul2")
+    assert {a.name: a.i for a in node.attribute}["release_inputs"] == 0

@@ -122,7 +122,7 @@ def library(mode: str | None = None) -> Path | None:
 
 def eligible(node: _wire.Node, info: _wire.GraphInfo) -> bool:
     """MatMulNBits with exactly the numerics QMatMul implements (module docstring)."""
-    if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+    if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or len(node.outputs) != 1:
         return False
     ins = node.inputs
     while ins and ins[-1] == "":
@@ -141,16 +141,49 @@ def eligible(node: _wire.Node, info: _wire.GraphInfo) -> bool:
     )
 
 
-def _release(node: _wire.Node, info: _wire.GraphInfo) -> dict[str, int]:
-    """``release_inputs`` = 1 when this node is the only reader of its B and scales: the kernel then hands their
-    pages back to the OS after repacking (madvise), instead of keeping a second copy of the weights resident."""
-    only = not info.has_subgraphs and all(info.uses[name] == 1 for name in node.inputs[1:3])
-    return {"release_inputs": int(only)}
+MAX_FUSED = 3  # QMatMul, QMatMul2, QMatMul3 (qmatmul_ort.c)
+
+
+def _plan(nodes: list[_wire.Node], info: _wire.GraphInfo) -> list[_wire.Node | None]:
+    """Eligible MatMulNBits -> QMatMul; up to three that read the same activation with the same K / bits / block
+    (q, k, v; gate, up) -> one QMatMul2/3 at the first one's place (its inputs exist there: A and initializers),
+    so A is quantized once and one parallel loop covers all their columns. ``release_inputs`` = 1 when the node
+    alone reads its weights: the kernel then hands their pages back to the OS after repacking."""
+    groups: dict[tuple, list[int]] = {}
+    for i, node in enumerate(nodes):
+        if eligible(node, info):
+            a = node.int_attributes
+            groups.setdefault((node.inputs[0], a["K"], a["bits"], a["block_size"]), []).append(i)
+    out: list[_wire.Node | None] = list(nodes)
+    for members in groups.values():
+        for c in range(0, len(members), MAX_FUSED):
+            chunk = [nodes[i] for i in members[c : c + MAX_FUSED]]
+            first = chunk[0].int_attributes
+            weights = [name for n in chunk for name in n.inputs[1:3]]
+            release = not info.has_subgraphs and all(info.uses[name] == 1 for name in weights)
+            attrs = {"K": first["K"], "bits": first["bits"], "block_size": first["block_size"], "accuracy_level": 4}
+            if len(chunk) == 1:
+                attrs["N"] = first["N"]
+            else:
+                attrs.update({f"N{j}": n.int_attributes["N"] for j, n in enumerate(chunk)})
+            attrs["release_inputs"] = int(release)
+            fused = _wire.Node(
+                op_type=OP if len(chunk) == 1 else f"{OP}{len(chunk)}",
+                domain=DOMAIN,
+                name=chunk[0].name,
+                inputs=[chunk[0].inputs[0], *weights],
+                outputs=[n.outputs[0] for n in chunk],
+                int_attributes=attrs,
+            )
+            out[members[c]] = fused
+            for i in members[c + 1 : c + MAX_FUSED]:
+                out[i] = None
+    return out
 
 
 def rewrite(model: bytes) -> tuple[bytes, int]:
-    """A serialized ModelProto with eligible MatMulNBits nodes renamed to QMatMul, and how many were."""
-    return _wire.rename_nodes(model, eligible, OP, DOMAIN, _release)
+    """A serialized ModelProto with eligible MatMulNBits nodes on QMatMul, and how many MatMulNBits nodes moved."""
+    return _wire.rewrite_nodes(model, _plan, DOMAIN)
 
 
 def prepare(model_path: str | Path, so, *, dtype: str, mode: str | None = None) -> str | bytes:

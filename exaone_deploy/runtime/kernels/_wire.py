@@ -1,10 +1,9 @@
 """Rename nodes of a serialized ONNX ModelProto in protobuf wire format, without the ``onnx`` package.
 
-Contract: ``rename_nodes(model, predicate, op_type, domain, attributes)`` returns the model with every top-level
-graph node for which ``predicate(node, graph_info)`` holds given ``op_type`` and ``domain`` and the INT attributes
-``attributes(node, graph_info)`` (all its other fields byte-for-byte as they were), ``domain`` added to the opset
-imports (version 1) when it renamed any, and the count. Everything it does not touch is copied as raw bytes, so
-unknown or future fields survive.
+Contract: ``rewrite_nodes(model, plan, domain)`` returns the model with its top-level graph nodes replaced as
+``plan(nodes, graph_info)`` says (per node: itself, kept byte for byte; a new ``Node``, encoded; or None,
+dropped), ``domain`` added to the opset imports (version 1) when anything changed, and the count of changed
+nodes. Everything it does not touch is copied as raw bytes, so unknown or future fields survive.
 
 Field numbers (onnx.proto, stable since ONNX 1.0): ModelProto.opset_import 8, .graph 7; GraphProto.node 1,
 .initializer 5, .output 12; NodeProto.input 1, .op_type 4, .attribute 5, .domain 7; AttributeProto.name 1, .i 3,
@@ -80,8 +79,21 @@ def _len_field(num: int, payload: bytes) -> bytes:
 class Node:
     op_type: str = ""
     domain: str = ""
+    name: str = ""
     inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
     int_attributes: dict[str, int] = field(default_factory=dict)
+    raw: bytes = b""  # the NodeProto as read (written back unchanged unless replaced)
+
+    def encode(self) -> bytes:
+        """A NodeProto of this node's fields (int attributes only: the nodes this module builds)."""
+        out = [_len_field(1, x.encode()) for x in self.inputs] + [_len_field(2, x.encode()) for x in self.outputs]
+        if self.name:
+            out.append(_len_field(3, self.name.encode()))
+        out.append(_len_field(4, self.op_type.encode()))
+        out += [int_attribute(k, v) for k, v in self.int_attributes.items()]
+        out.append(_len_field(7, self.domain.encode()))
+        return b"".join(out)
 
 
 def _signed(v: int) -> int:
@@ -89,12 +101,16 @@ def _signed(v: int) -> int:
 
 
 def parse_node(buf: bytes) -> Node:
-    node = Node()
+    node = Node(raw=buf)
     for num, wt, val, _ in fields(buf):
         if wt != _LEN:
             continue
         if num == 1:
             node.inputs.append(val.decode())
+        elif num == 2:
+            node.outputs.append(val.decode())
+        elif num == 3:
+            node.name = val.decode()
         elif num == 4:
             node.op_type = val.decode()
         elif num == 7:
@@ -149,14 +165,12 @@ def int_attribute(name: str, value: int) -> bytes:
     return _len_field(5, attr)
 
 
-def rename_nodes(
-    model: bytes,
-    predicate: Callable[[Node, GraphInfo], bool],
-    op_type: str,
-    domain: str,
-    attributes: Callable[[Node, GraphInfo], dict[str, int]] | None = None,
+def rewrite_nodes(
+    model: bytes, plan: Callable[[list[Node], GraphInfo], list[Node | None]], domain: str
 ) -> tuple[bytes, int]:
-    """``attributes(node, info)``: INT attributes to add to a renamed node."""
+    """``plan(nodes, info)`` returns, per top-level node, the node to write in its place (the same object: kept
+    byte for byte; a new one: encoded) or None (dropped). Returns the model and how many nodes were replaced;
+    ``domain`` joins the opset imports (version 1) when any was."""
     out, count, has_domain = [], 0, False
     for num, wt, val, raw in fields(model):
         if num == 8 and wt == _LEN:
@@ -165,17 +179,23 @@ def rename_nodes(
             out.append(raw)
             continue
         info = graph_info(val)
+        items = [(gnum, gwt, gval, graw) for gnum, gwt, gval, graw in fields(val)]
+        nodes = [parse_node(gval) for gnum, gwt, gval, _ in items if gnum == 1 and gwt == _LEN]
+        replacements = plan(nodes, info)
         graph = []
-        for gnum, gwt, gval, graw in fields(val):
-            node = parse_node(gval) if gnum == 1 and gwt == _LEN else None
-            if node is not None and predicate(node, info):
-                kept = [r for n, _, _, r in fields(gval) if n not in (4, 7)]
-                extra = (attributes or (lambda *_: {}))(node, info)
-                kept += [int_attribute(k, v) for k, v in extra.items() if k not in node.int_attributes]
-                graph.append(
-                    _len_field(1, b"".join(kept) + _len_field(4, op_type.encode()) + _len_field(7, domain.encode()))
-                )
+        if len(replacements) != len(nodes):
+            raise ValueError("plan returned a different number of nodes")
+        k = 0
+        for gnum, gwt, _, graw in items:
+            if gnum == 1 and gwt == _LEN:
+                old, rep = nodes[k], replacements[k]
+                k += 1
+                if rep is old:
+                    graph.append(graw)
+                    continue
                 count += 1
+                if rep is not None:
+                    graph.append(_len_field(1, rep.encode()))
             else:
                 graph.append(graw)
         out.append(_len_field(7, b"".join(graph)))

@@ -120,6 +120,13 @@ qmm_tile(const uint8_t *panel0, size_t panel_stride, const int8_t *qa, const flo
             const __m512i c = _mm512_set1_epi32(corr[r * nb + blk]);
             for (int p = 0; p < NP; ++p) dot[r][p] = c;
         }
+#ifndef QMM_PREFETCH
+#define QMM_PREFETCH 1024
+#endif
+        if (QMM_PREFETCH > 0)
+            for (int p = 0; p < NP; ++p)
+                for (size_t o = 0; o < bb; o += 64)
+                    _mm_prefetch((const char *)(panel0 + p * panel_stride + blk * bb + QMM_PREFETCH + o), _MM_HINT_T0);
         for (int sub = 0; sub < subs; ++sub) {
             const int8_t *ablk = qa + blk * blkl + sub * QMM_SUB;
             const size_t off = blk * bb + sub * sb;

@@ -111,11 +111,22 @@ static OrtStatus *error(const char *fmt, int64_t a, int64_t b) {
         if (st_) return st_;                                                                                          \
     } while (0)
 
+#define MAX_PARTS 3
+
+/* One node: 1-3 weights that read the same A (q/k/v, gate/up), packed back to back: one pass of A's quantization
+ * and one parallel loop over all their panels, each panel writing its own output. */
 typedef struct {
-    int64_t k, kp, n; /* kp: K rounded up to the block */
-    int bits, blk;
+    int64_t k, kp; /* kp: K rounded up to the block */
+    int bits, blk, parts;
+    int64_t n[MAX_PARTS], panel0[MAX_PARTS + 1]; /* panel0[i]: first panel of weight i; panel0[parts]: total */
     uint8_t *packed;
 } Kernel;
+
+typedef struct {
+    OrtCustomOp base; /* first: ORT hands callbacks a pointer to it */
+    int parts;
+    const char *name;
+} Op;
 
 static OrtStatus *shape_of(const OrtValue *v, int64_t *dims, size_t *rank) {
     OrtTensorTypeAndShapeInfo *info;
@@ -146,45 +157,61 @@ static void release_pages(const void *p, size_t bytes) {
     if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
 }
 
+static OrtStatus *attr(const OrtKernelInfo *info, const char *name, int64_t *out) {
+    return FN(S_KernelInfoGetAttribute_int64, KernelInfoGetAttribute_int64_t)(info, name, out);
+}
+
 static OrtStatus *create_kernel(const OrtCustomOp *op, OrtApi *api, const OrtKernelInfo *info, void **out) {
-    (void)op;
     (void)api;
-    int64_t k, n, bits, block;
-    CHECK(FN(S_KernelInfoGetAttribute_int64, KernelInfoGetAttribute_int64_t)(info, "K", &k));
-    CHECK(FN(S_KernelInfoGetAttribute_int64, KernelInfoGetAttribute_int64_t)(info, "N", &n));
-    CHECK(FN(S_KernelInfoGetAttribute_int64, KernelInfoGetAttribute_int64_t)(info, "bits", &bits));
-    CHECK(FN(S_KernelInfoGetAttribute_int64, KernelInfoGetAttribute_int64_t)(info, "block_size", &block));
+    const int parts = ((const Op *)op)->parts;
+    int64_t k, bits, block, n[MAX_PARTS];
+    CHECK(attr(info, "K", &k));
+    CHECK(attr(info, "bits", &bits));
+    CHECK(attr(info, "block_size", &block));
     if ((bits != 4 && bits != 8) || (block != 32 && block != 64 && block != 128))
         return error("QMatMul: bits %lld block %lld unsupported", bits, block);
-    if (k <= 0 || n <= 0 || n % QMM_PANEL) return error("QMatMul: K=%lld N=%lld unsupported", k, n);
-    const int64_t kp = (k + block - 1) / block * block;
-    const void *b, *s;
-    int64_t nb_count, ns_count;
-    CHECK(constant_input(info, 1, &b, &nb_count));
-    CHECK(constant_input(info, 2, &s, &ns_count));
-    if (nb_count != n * (kp / block) * (block * bits / 8) || ns_count != n * (kp / block))
-        return error("QMatMul: B has %lld bytes, scales %lld values: not MatMulNBits' layout", nb_count, ns_count);
+    const int64_t kp = k > 0 ? (k + block - 1) / block * block : 0;
+    int64_t total = 0;
+    for (int i = 0; i < parts; ++i) {
+        static const char *names[MAX_PARTS] = {"N0", "N1", "N2"};
+        CHECK(attr(info, parts == 1 ? "N" : names[i], &n[i]));
+        if (k <= 0 || n[i] <= 0 || n[i] % QMM_PANEL) return error("QMatMul: K=%lld N=%lld unsupported", k, n[i]);
+        total += qmm_packed_bytes(n[i], kp, (int)bits, (int)block);
+    }
     Kernel *kern = calloc(1, sizeof(Kernel));
     if (!kern) return error("QMatMul: out of memory (%lld, %lld)", 0, 0);
-    kern->k = k;
-    kern->kp = kp;
-    kern->n = n;
-    kern->bits = (int)bits;
-    kern->blk = (int)block;
-    if (posix_memalign((void **)&kern->packed, 64, qmm_packed_bytes(n, kp, kern->bits, kern->blk))) {
+    *kern = (Kernel){.k = k, .kp = kp, .bits = (int)bits, .blk = (int)block, .parts = parts};
+    if (posix_memalign((void **)&kern->packed, 64, (size_t)total)) {
         free(kern);
-        return error("QMatMul: out of memory packing %lld x %lld", k, n);
+        return error("QMatMul: out of memory packing %lld x %lld", k, total);
     }
-    qmm_pack((const uint8_t *)b, (const float *)s, n, kp, kern->bits, kern->blk, kern->packed);
-    /* The renamer sets release_inputs when this node alone reads B and scales: their pages go back to the OS
-     * (file-backed ones are re-read from the weights file if ever touched again, anonymous ones read as zeros;
-     * nothing touches them again), so the weights are not resident twice. */
+    /* The renamer sets release_inputs when this node alone reads its weights: after packing, their pages go back
+     * to the OS (file-backed ones would be re-read from the weights file if touched again, anonymous ones read
+     * as zeros; nothing touches them again), so the weights are not resident twice. */
     int64_t release = 0;
-    OrtStatus *st = FN(S_KernelInfoGetAttribute_int64, KernelInfoGetAttribute_int64_t)(info, "release_inputs", &release);
-    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st);
-    else if (release) {
-        release_pages(b, (size_t)nb_count);
-        release_pages(s, (size_t)ns_count * sizeof(float));
+    OrtStatus *st = attr(info, "release_inputs", &release);
+    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st), release = 0;
+    size_t offset = 0;
+    for (int i = 0; i < parts; ++i) {
+        const void *b, *s;
+        int64_t nb_count, ns_count;
+        st = constant_input(info, 1 + 2 * i, &b, &nb_count);
+        if (!st) st = constant_input(info, 2 + 2 * i, &s, &ns_count);
+        if (!st && (nb_count != n[i] * (kp / block) * (block * bits / 8) || ns_count != n[i] * (kp / block)))
+            st = error("QMatMul: B has %lld bytes, scales %lld values: not MatMulNBits' layout", nb_count, ns_count);
+        if (st) {
+            free(kern->packed);
+            free(kern);
+            return st;
+        }
+        kern->n[i] = n[i];
+        kern->panel0[i + 1] = kern->panel0[i] + n[i] / QMM_PANEL;
+        qmm_pack((const uint8_t *)b, (const float *)s, n[i], kp, kern->bits, kern->blk, kern->packed + offset);
+        offset += qmm_packed_bytes(n[i], kp, kern->bits, kern->blk);
+        if (release) {
+            release_pages(b, (size_t)nb_count);
+            release_pages(s, (size_t)ns_count * sizeof(float));
+        }
     }
     *out = kern;
     return NULL;
@@ -196,8 +223,8 @@ typedef struct {
     int8_t *qa;
     float *sa;
     int32_t *corr;
-    float *y;
-    int64_t m, row_chunk, panels_per_task, panel_tasks;
+    float *y[MAX_PARTS];
+    int64_t m, row_chunk, panels_per_task, tasks_per_chunk, task0[MAX_PARTS + 1];
 } Work;
 
 #define ROW_CHUNK 64
@@ -209,15 +236,21 @@ static void quantize_task(void *p, size_t i) {
     qmm_quantize_rows(w->a, m0, m1, kn->k, kn->kp, kn->bits, kn->blk, w->qa, w->sa, w->corr);
 }
 
+/* Task i: row chunk i / tasks_per_chunk, then (weight, panel group) in order. */
 static void gemm_task(void *p, size_t i) {
     const Work *w = p;
     const Kernel *kn = w->kern;
-    const int64_t nb = kn->kp / kn->blk, panels = kn->n / QMM_PANEL;
-    const int64_t rc = (int64_t)i / w->panel_tasks, pt = (int64_t)i % w->panel_tasks;
+    const int64_t nb = kn->kp / kn->blk;
+    const int64_t rc = (int64_t)i / w->tasks_per_chunk, t = (int64_t)i % w->tasks_per_chunk;
+    int part = 0;
+    while (t >= w->task0[part + 1]) ++part;
+    const int64_t panels = kn->n[part] / QMM_PANEL;
     const int64_t m0 = rc * w->row_chunk, m1 = m0 + w->row_chunk < w->m ? m0 + w->row_chunk : w->m;
-    const int64_t p0 = pt * w->panels_per_task, p1 = p0 + w->panels_per_task < panels ? p0 + w->panels_per_task : panels;
-    qmm_panels(kn->packed, w->qa + m0 * kn->kp, w->sa + m0 * nb, w->corr + m0 * nb, m1 - m0, kn->n, kn->kp, kn->bits,
-               kn->blk, p0, p1, w->y + m0 * kn->n);
+    const int64_t p0 = (t - w->task0[part]) * w->panels_per_task;
+    const int64_t p1 = p0 + w->panels_per_task < panels ? p0 + w->panels_per_task : panels;
+    const uint8_t *packed = kn->packed + (size_t)kn->panel0[part] * (size_t)nb * qmm_block_bytes(kn->bits, kn->blk);
+    qmm_panels(packed, w->qa + m0 * kn->kp, w->sa + m0 * nb, w->corr + m0 * nb, m1 - m0, kn->n[part], kn->kp,
+               kn->bits, kn->blk, p0, p1, w->y[part] + m0 * kn->n[part]);
 }
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
@@ -227,32 +260,40 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     int64_t dims[8];
     size_t rank;
     CHECK(shape_of(in, dims, &rank));
-    if (rank < 1 || dims[rank - 1] != kern->k) return error("QMatMul: A's last dimension is %lld, K is %lld", rank ? dims[rank - 1] : 0, kern->k);
+    if (rank < 1 || dims[rank - 1] != kern->k)
+        return error("QMatMul: A's last dimension is %lld, K is %lld", rank ? dims[rank - 1] : 0, kern->k);
     int64_t m = 1;
     for (size_t i = 0; i + 1 < rank; ++i) m *= dims[i];
-    dims[rank - 1] = kern->n;
-    OrtValue *outv;
-    CHECK(FN(S_KernelContext_GetOutput, KernelContext_GetOutput_t)(ctx, 0, dims, rank, &outv));
+    Work w = {.kern = kern, .m = m, .row_chunk = ROW_CHUNK};
+    for (int i = 0; i < kern->parts; ++i) {
+        dims[rank - 1] = kern->n[i];
+        OrtValue *outv;
+        CHECK(FN(S_KernelContext_GetOutput, KernelContext_GetOutput_t)(ctx, i, dims, rank, &outv));
+        CHECK(FN(S_GetTensorMutableData, GetTensorMutableData_t)(outv, (void **)&w.y[i]));
+    }
     if (m == 0) return NULL;
-    const float *a;
-    float *y;
-    CHECK(FN(S_GetTensorMutableData, GetTensorMutableData_t)((OrtValue *)in, (void **)&a));
-    CHECK(FN(S_GetTensorMutableData, GetTensorMutableData_t)(outv, (void **)&y));
-    const int64_t nb = kern->kp / kern->blk, panels = kern->n / QMM_PANEL;
+    CHECK(FN(S_GetTensorMutableData, GetTensorMutableData_t)((OrtValue *)in, (void **)&w.a));
+    const int64_t nb = kern->kp / kern->blk;
     void *scratch = malloc((size_t)m * kern->kp + (size_t)m * nb * (sizeof(float) + sizeof(int32_t)) + 64);
     if (!scratch) return error("QMatMul: out of memory for %lld rows of %lld", m, kern->k);
-    Work w = {kern, a, NULL, NULL, NULL, y, m, ROW_CHUNK, 0, 0};
     w.sa = scratch;
     w.corr = (int32_t *)(w.sa + m * nb);
     w.qa = (int8_t *)(w.corr + m * nb);
-    /* Work items: (row chunk, group of panels). Decode (few rows) splits the columns finely so both threads stream;
-     * prompts take 8 panels x 64 rows, a block of B and of A that stay in L2 while they meet. */
-    w.panels_per_task = m <= 4 ? 4 : 8;
-    w.panel_tasks = (panels + w.panels_per_task - 1) / w.panels_per_task;
+    /* Work items: (row chunk, weight, group of panels). Decode (few rows) hands out single panels (the threads
+     * claim them in turn, so both stream the weights at once; coarser chunks measured slower); prompts take
+     * 8 panels x 64 rows, a block of B and of A that stay in L2 while they meet. */
+    w.panels_per_task = m <= 4 ? 1 : 8;
+    for (int i = 0; i < kern->parts; ++i)
+        w.task0[i + 1] = w.task0[i] + (kern->n[i] / QMM_PANEL + w.panels_per_task - 1) / w.panels_per_task;
+    w.tasks_per_chunk = w.task0[kern->parts];
     const int64_t row_chunks = (m + ROW_CHUNK - 1) / ROW_CHUNK;
     KernelContext_ParallelFor_t parallel_for = FN(S_KernelContext_ParallelFor, KernelContext_ParallelFor_t);
-    OrtStatus *st = parallel_for(ctx, quantize_task, (size_t)row_chunks, 0, &w);
-    if (!st) st = parallel_for(ctx, gemm_task, (size_t)(row_chunks * w.panel_tasks), 0, &w);
+    OrtStatus *st = NULL;
+    if (row_chunks == 1)
+        quantize_task(&w, 0); /* a few rows: waking the pool costs more than quantizing them */
+    else
+        st = parallel_for(ctx, quantize_task, (size_t)row_chunks, 0, &w);
+    if (!st) st = parallel_for(ctx, gemm_task, (size_t)(row_chunks * w.tasks_per_chunk), 0, &w);
     free(scratch);
     return st;
 }
@@ -273,21 +314,23 @@ static void compute_v1(void *kernel, OrtKernelContext *ctx) {
     OrtStatus *st = compute(kernel, ctx);
     if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st);
 }
-static const char *op_name(const OrtCustomOp *op) { (void)op; return "QMatMul"; }
+static const char *op_name(const OrtCustomOp *op) { return ((const Op *)op)->name; }
 static const char *op_ep(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static int input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 1 ? T_UINT8 : T_FLOAT; }
-static size_t input_count(const OrtCustomOp *op) { (void)op; return 3; }
+/* inputs: A, then (B, scales) per weight */
+static int input_type(const OrtCustomOp *op, size_t i) { (void)op; return i % 2 ? T_UINT8 : T_FLOAT; }
+static size_t input_count(const OrtCustomOp *op) { return 1 + 2 * (size_t)((const Op *)op)->parts; }
 static int output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return T_FLOAT; }
-static size_t output_count(const OrtCustomOp *op) { (void)op; return 1; }
+static size_t output_count(const OrtCustomOp *op) { return (size_t)((const Op *)op)->parts; }
 static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
 static int mem_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
 static int one(const OrtCustomOp *op) { (void)op; return 1; }
 
-static OrtCustomOp g_op = {
-    16,          create_kernel_v1, op_name,  op_ep,       input_type, input_count, output_type,
-    output_count, compute_v1,      destroy,  required,    required,   mem_default, one,
-    one,         one,              one,      create_kernel, compute,
-};
+#define OP(PARTS, NAME)                                                                                              \
+    {{16, create_kernel_v1, op_name, op_ep, input_type, input_count, output_type, output_count, compute_v1, destroy, \
+      required, required, mem_default, one, one, one, one, create_kernel, compute},                                   \
+     PARTS,                                                                                                          \
+     NAME}
+static Op g_ops[MAX_PARTS] = {OP(1, "QMatMul"), OP(2, "QMatMul2"), OP(3, "QMatMul3")};
 
 /* 1 when this CPU runs the kernel (the library is only registered then). */
 int exaone_qmatmul_supported(void) {
@@ -302,6 +345,6 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     if (!g_api) return NULL; /* an onnxruntime older than 1.17: cannot happen with the package's pin */
     OrtCustomOpDomain *domain;
     CHECK(FN(S_CreateCustomOpDomain, CreateCustomOpDomain_t)("ai.exaone.deploy", &domain));
-    CHECK(FN(S_CustomOpDomain_Add, CustomOpDomain_Add_t)(domain, &g_op));
+    for (int i = 0; i < MAX_PARTS; ++i) CHECK(FN(S_CustomOpDomain_Add, CustomOpDomain_Add_t)(domain, &g_ops[i].base));
     return FN(S_AddCustomOpDomain, AddCustomOpDomain_t)(options, domain);
 }
