@@ -5,11 +5,13 @@
     python benchmarks/linear_kernels.py --shapes 2048x102400 --layers 1 --configs nb4_acc4_b32,nb8_acc4_b128
     python benchmarks/linear_kernels.py --rows 128 --session-config session.disable_prepacking=1
     python benchmarks/linear_kernels.py --rows 128 --configs fp32,fp32@session.intra_op.allow_spinning=0
+    python benchmarks/linear_kernels.py --rows 16 --configs nb4_acc4_b32,nb4_acc4_b32@exaone.kernels=on
 
 Random weights in each kernel's layout: ``fp32`` MatMul, ``mmitf8`` (QuantizeLinear + MatMulIntegerToFloat,
 static per-tensor activation: our int8-sq), ``dqmm`` (DynamicQuantizeMatMul), ``nb{bits}_acc{level}_b{block}``
 (MatMulNBits), each optionally followed by ``@KEY=VALUE`` session config entries of its own (an A/B of session
-options within one run; ``--session-config`` entries apply to all). One session per config, ``--threads``;
+options within one run; ``--session-config`` entries apply to all); ``@exaone.kernels=on`` runs a MatMulNBits
+config on our QMatMul kernel (runtime/kernels) as the runtime does. One session per config, ``--threads``;
 rounds take turns so a drift of the machine hits all alike; the table gives each config's median time and its
 speed against the first config (median of per-round ratios).
 """
@@ -137,12 +139,21 @@ def main(argv=None) -> dict:
         kind, *entries = c.split("@")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.log_severity_level = args.threads, 3
+        kernels = "off"
         for entry in args.session_config + entries:
             key, sep, value = entry.partition("=")
             if not sep:
                 ap.error(f"session config entry {entry!r}: expected KEY=VALUE")
+            if key == "exaone.kernels":
+                kernels = value
+                continue
             opts.add_session_config_entry(key, value)
         model = build(kind, shapes, args.layers, args.rows).SerializeToString()
+        if kernels != "off":  # our QMatMul kernel in place of eligible MatMulNBits, as the runtime does
+            from exaone_deploy.runtime.kernels import library, rewrite
+
+            model, _ = rewrite(model)
+            opts.register_custom_ops_library(str(library(kernels)))
         sessions[c] = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
     feeds = {f"x{k}": rng.standard_normal((args.rows, k), dtype=np.float32) for k in {k for k, _ in shapes}}
@@ -152,6 +163,7 @@ def main(argv=None) -> dict:
     times: dict[str, list[float]] = {c: [] for c in configs}
     for _ in range(args.rounds):
         for c, s in sessions.items():
+            s.run(None, feeds)  # untimed: wakes this session's thread pool (the previous one's may still spin)
             t = time.perf_counter()
             s.run(None, feeds)
             s.run(None, feeds)

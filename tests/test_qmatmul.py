@@ -317,3 +317,29 @@ def test_shared_weights_are_not_released():
     data, _ = kernels.rewrite(model.SerializeToString())
     node = next(n for n in onnx.load_from_string(data).graph.node if n.op_type == "QMatMul2")
     assert {a.name: a.i for a in node.attribute}["release_inputs"] == 0
+
+
+def test_a_refused_rewrite_falls_back_to_matmulnbits(tmp_path, monkeypatch, caplog):
+    """The kernel is an optimization: when onnxruntime refuses the rewritten graph, auto runs the file as written
+    (with a warning) and on fails loudly."""
+    _lib()
+    path = tmp_path / "model.onnx"
+    onnx.save(_model(64, 32, 4), path)
+    ok, used = kernels.session(path, ort.SessionOptions, ["CPUExecutionProvider"], dtype="float32", mode="on")
+    assert used
+    monkeypatch.setattr(kernels, "OP", "NoSuchOp")  # a graph onnxruntime cannot resolve
+    with caplog.at_level("WARNING"):
+        sess, used = kernels.session(path, ort.SessionOptions, ["CPUExecutionProvider"], dtype="float32", mode="auto")
+    assert not used and "running MatMulNBits" in caplog.text
+    a = RNG.standard_normal((1, 3, 64), dtype=np.float32)
+    np.testing.assert_allclose(sess.run(None, {"a": a})[0], ok.run(None, {"a": a})[0], rtol=0, atol=1e-4)
+    with pytest.raises(kernels.KernelError, match="refused"):
+        kernels.session(path, ort.SessionOptions, ["CPUExecutionProvider"], dtype="float32", mode="on")
+
+
+def test_unparseable_model_is_left_to_onnxruntime(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x0a\xff\xff\xff\xff\x0f garbage")
+    so = ort.SessionOptions()
+    assert kernels.prepare(path, so, dtype="float32", mode="auto") == str(path)
+    assert kernels.prepare(path, so, dtype="float16", mode="on") == str(path)  # float16 bundles: never rewritten

@@ -24,7 +24,7 @@ from ..errors import ExaoneDeployError
 from ..graph_io import GraphIO
 from .backend import Backend
 from .hugepages import TUNABLE, hugepage_env
-from .kernels import prepare as prepare_kernels
+from .kernels import session as kernel_session
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +168,10 @@ class OrtBackend(Backend):
             ort.__version__,
             provider,
         )
-        so = session_options(threads)
-        model = str(m.model_path) if device != "cpu" else prepare_kernels(m.model_path, so, dtype=m.dtype, mode=kernels)
-        self.kernels = not isinstance(model, str)
         try:
-            self.session = ort.InferenceSession(model, sess_options=so, providers=[provider])
+            self.session, self.kernels = kernel_session(
+                m.model_path, lambda: session_options(threads), [provider], dtype=m.dtype, mode=kernels
+            )
         except (
             ort.capi.onnxruntime_pybind11_state.InvalidGraph,
             ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,

@@ -43,7 +43,8 @@ given up least recently used first, only when no empty slot is free. Which slot 
 At least the prompt's last ``MIN_PREFILL`` = 2 tokens are always prefilled: the last one's logits are the first
 token's, and two rows keep a prefill on the same kernels as a whole prompt's (ONNX Runtime's int4
 MatMulNBits takes another path for a single row, which rounds differently and was seen to flip a greedy
-token of an int4 1.2B-shaped bundle; fp32 kernels do not care). Window-sized caches
+token of an int4 1.2B-shaped bundle; fp32 kernels do not care, nor does our QMatMul kernel, which runs
+quantized linears where it is available: runtime/kernels). Window-sized caches
 (ort bundles of hybrid models: sliding layers keep only the last W keys, evicting on write) can only continue
 from their exact end, so with them only rule 1 reuses anything; cutting such a row back would need the
 evicted keys. Rejected: recomputing the sliding layers' window for a partial match (a prefill of W tokens

@@ -196,7 +196,11 @@ def prepare(model_path: str | Path, so, *, dtype: str, mode: str | None = None) 
     lib = library(mode)
     if lib is None:
         return str(model_path)
-    data, count = rewrite(Path(model_path).read_bytes())
+    try:
+        data, count = rewrite(Path(model_path).read_bytes())
+    except ValueError as e:  # not a protobuf we can walk: onnxruntime will say what is wrong with it
+        log.warning("%s: not renaming linears for QMatMul (%s)", model_path, e)
+        return str(model_path)
     if count == 0:
         return str(model_path)
     so.register_custom_ops_library(str(lib))
@@ -205,3 +209,25 @@ def prepare(model_path: str | Path, so, *, dtype: str, mode: str | None = None) 
     )
     log.info("QMatMul: %d quantized linears of %s on our kernel", count, model_path)
     return data
+
+
+def session(model_path: str | Path, make_options, providers: list[str], *, dtype: str, mode: str | None = None):
+    """(``ort.InferenceSession``, whether QMatMul runs in it) for ``model_path``, with options from
+    ``make_options()``. The kernel is an optimization: if onnxruntime refuses the rewritten graph (a kernel check
+    failing on an unusual bundle), the session is created again from the file as it is, with a warning, unless
+    ``mode`` is ``on``."""
+    import onnxruntime as ort
+
+    mode = mode or mode_from_env()
+    so = make_options()
+    model = prepare(model_path, so, dtype=dtype, mode=mode) if "CPUExecutionProvider" == providers[0] else None
+    if not isinstance(model, bytes):
+        return ort.InferenceSession(str(model_path), sess_options=so, providers=providers), False
+    try:
+        return ort.InferenceSession(model, sess_options=so, providers=providers), True
+    except Exception as e:  # noqa: BLE001 - any refusal: fall back to the graph as written
+        why = " ".join(str(e).split())[:300]
+        if mode == "on":
+            raise KernelError(f"{model_path}: onnxruntime refused the graph with QMatMul: {why}") from e
+        log.warning("%s: onnxruntime refused the graph with QMatMul (%s); running MatMulNBits", model_path, why)
+    return ort.InferenceSession(str(model_path), sess_options=make_options(), providers=providers), False
