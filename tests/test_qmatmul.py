@@ -343,3 +343,46 @@ def test_unparseable_model_is_left_to_onnxruntime(tmp_path):
     so = ort.SessionOptions()
     assert kernels.prepare(path, so, dtype="float32", mode="auto") == str(path)
     assert kernels.prepare(path, so, dtype="float16", mode="on") == str(path)  # float16 bundles: never rewritten
+
+
+def _float_model(k: int, n: int, w: np.ndarray | None = None) -> onnx.ModelProto:
+    w = RNG.standard_normal((k, n), dtype=np.float32) if w is None else w
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "W"], ["y"], name="mm"), helper.make_node("Relu", ["y"], ["z"])],
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["b", "m", k])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", "m", n])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("k, n", [(64, 48), (300, 16), (512, 32), (128, 80), (1000, 4096), (2048, 208)])
+def test_float_kernel_matches_matmul(k, n):
+    """FMatMul (float32 MatMul by a constant [K, N], sgemm_core.h): 48-column panels and a 16/32 tail, K not a
+    multiple of the K block; equal to the float64 product within float32 rounding, rows independent of the batch."""
+    lib = _lib()
+    w = RNG.standard_normal((k, n), dtype=np.float32)
+    model = _float_model(k, n, w)
+    data, moved = kernels.rewrite(model.SerializeToString())
+    assert moved == 1
+    node = onnx.load_from_string(data).graph.node[0]
+    assert (node.op_type, node.domain) == ("FMatMul", kernels.DOMAIN)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(lib))
+    sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    a = RNG.standard_normal((2, 19, k), dtype=np.float32)
+    y = sess.run(None, {"a": a})[0]
+    exact = np.maximum(a.astype(np.float64) @ w.astype(np.float64), 0)
+    assert np.abs(y - exact).max() <= 1e-5 * np.sqrt(k) * np.abs(exact).max()
+    alone = sess.run(None, {"a": a[1:2, 7:8]})[0]
+    assert np.array_equal(alone[0, 0], y[1, 7])
+
+
+def test_float_matmul_not_by_a_constant_stays():
+    model = _float_model(64, 48)
+    model.graph.node[0].input[1] = "W2"
+    model.graph.node.insert(0, helper.make_node("Identity", ["W"], ["W2"]))
+    assert kernels.rewrite(model.SerializeToString())[1] == 0
+    model = _float_model(64, 40)  # N % 16 != 0
+    assert kernels.rewrite(model.SerializeToString())[1] == 0

@@ -41,7 +41,7 @@ DOMAIN = "ai.exaone.deploy"
 OP = "QMatMul"
 MODES = ("auto", "on", "off")
 _HERE = Path(__file__).resolve().parent
-_SOURCES = ("qmatmul_ort.c", "qmatmul_core.h")
+_SOURCES = ("qmatmul_ort.c", "qmatmul_core.h", "sgemm_core.h")
 
 
 class KernelError(RuntimeError):
@@ -142,6 +142,17 @@ def eligible(node: _wire.Node, info: _wire.GraphInfo) -> bool:
 
 
 MAX_FUSED = 3  # QMatMul, QMatMul2, QMatMul3 (qmatmul_ort.c)
+FOP = "FMatMul"
+
+
+def float_eligible(node: _wire.Node, info: _wire.GraphInfo) -> bool:
+    """ONNX MatMul of an activation by a float32 [K, N] initializer with N % 16 == 0 (sgemm_core.h)."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return False
+    dims, dtype = info.tensors.get(node.inputs[1], ((), 0))
+    return (
+        len(node.outputs) == 1 and dtype == 1 and len(dims) == 2 and dims[0] > 0 and dims[1] > 0 and dims[1] % 16 == 0
+    )
 
 
 def _plan(nodes: list[_wire.Node], info: _wire.GraphInfo) -> list[_wire.Node | None]:
@@ -155,6 +166,17 @@ def _plan(nodes: list[_wire.Node], info: _wire.GraphInfo) -> list[_wire.Node | N
             a = node.int_attributes
             groups.setdefault((node.inputs[0], a["K"], a["bits"], a["block_size"]), []).append(i)
     out: list[_wire.Node | None] = list(nodes)
+    for i, node in enumerate(nodes):
+        if float_eligible(node, info):
+            release = not info.has_subgraphs and info.uses[node.inputs[1]] == 1
+            out[i] = _wire.Node(
+                op_type=FOP,
+                domain=DOMAIN,
+                name=node.name,
+                inputs=list(node.inputs),
+                outputs=list(node.outputs),
+                int_attributes={"release_inputs": int(release)},
+            )
     for members in groups.values():
         for c in range(0, len(members), MAX_FUSED):
             chunk = [nodes[i] for i in members[c : c + MAX_FUSED]]

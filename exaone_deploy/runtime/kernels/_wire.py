@@ -6,9 +6,9 @@ dropped), ``domain`` added to the opset imports (version 1) when anything change
 nodes. Everything it does not touch is copied as raw bytes, so unknown or future fields survive.
 
 Field numbers (onnx.proto, stable since ONNX 1.0): ModelProto.opset_import 8, .graph 7; GraphProto.node 1,
-.initializer 5, .output 12; NodeProto.input 1, .op_type 4, .attribute 5, .domain 7; AttributeProto.name 1, .i 3,
-.g 6, .graphs 11, .type 20 (INT = 2); TensorProto.name 8; ValueInfoProto.name 1; OperatorSetIdProto.domain 1,
-.version 2. Malformed input raises ``ValueError``.
+.initializer 5, .output 12; NodeProto.input 1, .output 2, .name 3, .op_type 4, .attribute 5, .domain 7;
+AttributeProto.name 1, .i 3, .g 6, .graphs 11, .type 20 (INT = 2); TensorProto.dims 1, .data_type 2 (FLOAT = 1),
+.name 8; ValueInfoProto.name 1; OperatorSetIdProto.domain 1, .version 2. Malformed input raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ class GraphInfo:
     """What a rename decision needs to know of the whole graph."""
 
     initializers: set[str] = field(default_factory=set)
+    tensors: dict[str, tuple[tuple[int, ...], int]] = field(default_factory=dict)  # initializer -> (dims, data_type)
     uses: Counter = field(default_factory=Counter)  # value name -> how many node inputs / graph outputs read it
     has_subgraphs: bool = False  # a node with a graph attribute (If/Loop/Scan) may read any outer value
 
@@ -141,10 +142,23 @@ def graph_info(graph: bytes) -> GraphInfo:
     for num, wt, val, _ in fields(graph):
         if wt != _LEN:
             continue
-        if num == 5:
+        if num == 5:  # TensorProto: dims 1 (packed or not), data_type 2, name 8
+            name, dims, dtype = None, [], 0
             for tnum, twt, tval, _ in fields(val):
                 if tnum == 8 and twt == _LEN:
-                    info.initializers.add(tval.decode())
+                    name = tval.decode()
+                elif tnum == 1 and twt == _VARINT:
+                    dims.append(_signed(tval))
+                elif tnum == 1 and twt == _LEN:
+                    i = 0
+                    while i < len(tval):
+                        d, i = _varint(tval, i)
+                        dims.append(_signed(d))
+                elif tnum == 2 and twt == _VARINT:
+                    dtype = tval
+            if name is not None:
+                info.initializers.add(name)
+                info.tensors[name] = (tuple(dims), dtype)
         elif num == 1:
             for nnum, nwt, nval, _ in fields(val):
                 if nnum == 1 and nwt == _LEN:

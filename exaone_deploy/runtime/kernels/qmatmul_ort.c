@@ -14,6 +14,7 @@
  * compiler only means MatMulNBits keeps running).
  */
 #include "qmatmul_core.h"
+#include "sgemm_core.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -138,17 +139,24 @@ static OrtStatus *shape_of(const OrtValue *v, int64_t *dims, size_t *rank) {
     return st;
 }
 
-static OrtStatus *constant_input(const OrtKernelInfo *info, size_t index, const void **data, int64_t *count) {
+static OrtStatus *constant_input_dims(const OrtKernelInfo *info, size_t index, const void **data, int64_t *count,
+                                      int64_t *dims, size_t *rank_out) {
     int is_const = 0;
     const OrtValue *v = NULL;
     CHECK(FN(S_KernelInfoGetConstantInput_tensor, KernelInfoGetConstantInput_tensor_t)(info, index, &is_const, &v));
     if (!is_const || !v) return error("QMatMul: input %lld must be an initializer (%lld)", (int64_t)index, 0);
-    int64_t dims[8];
     size_t rank;
     CHECK(shape_of(v, dims, &rank));
+    *rank_out = rank;
     *count = 1;
     for (size_t i = 0; i < rank; ++i) *count *= dims[i];
     return FN(S_GetTensorMutableData, GetTensorMutableData_t)((OrtValue *)v, (void **)data);
+}
+
+static OrtStatus *constant_input(const OrtKernelInfo *info, size_t index, const void **data, int64_t *count) {
+    int64_t dims[8];
+    size_t rank;
+    return constant_input_dims(info, index, data, count, dims, &rank);
 }
 
 static void release_pages(const void *p, size_t bytes) {
@@ -332,6 +340,100 @@ static int one(const OrtCustomOp *op) { (void)op; return 1; }
      NAME}
 static Op g_ops[MAX_PARTS] = {OP(1, "QMatMul"), OP(2, "QMatMul2"), OP(3, "QMatMul3")};
 
+/* ---- FMatMul: float32 A @ constant float32 B [K, N] (sgemm_core.h) ---- */
+
+typedef struct {
+    int64_t k, n;
+    float *packed;
+} FKernel;
+
+static OrtStatus *fcreate_kernel(const OrtCustomOp *op, OrtApi *api, const OrtKernelInfo *info, void **out) {
+    (void)op;
+    (void)api;
+    const void *b;
+    int64_t count, dims[8];
+    size_t rank;
+    CHECK(constant_input_dims(info, 1, &b, &count, dims, &rank));
+    if (rank != 2 || dims[0] <= 0 || dims[1] <= 0 || dims[1] % 16)
+        return error("FMatMul: B must be [K, N] with N %% 16 == 0 (rank %lld, N %lld)", (int64_t)rank, rank == 2 ? dims[1] : 0);
+    FKernel *kern = calloc(1, sizeof(FKernel));
+    if (!kern) return error("FMatMul: out of memory (%lld, %lld)", 0, 0);
+    kern->k = dims[0];
+    kern->n = dims[1];
+    if (posix_memalign((void **)&kern->packed, 64, (size_t)count * sizeof(float))) {
+        free(kern);
+        return error("FMatMul: out of memory packing %lld x %lld", dims[0], dims[1]);
+    }
+    sg_pack((const float *)b, kern->k, kern->n, kern->packed);
+    int64_t release = 0;
+    OrtStatus *st = attr(info, "release_inputs", &release);
+    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st), release = 0;
+    if (release) release_pages(b, (size_t)count * sizeof(float));
+    *out = kern;
+    return NULL;
+}
+
+typedef struct {
+    const FKernel *kern;
+    const float *a;
+    float *y;
+    int64_t m;
+} FWork;
+
+static void fgemm_task(void *p, size_t i) {
+    const FWork *w = p;
+    sg_panel(w->a, w->m, w->kern->k, w->kern->n, w->kern->packed, (int64_t)i, w->y, w->kern->n);
+}
+
+static OrtStatus *fcompute(void *kernel, OrtKernelContext *ctx) {
+    const FKernel *kern = kernel;
+    const OrtValue *in;
+    CHECK(FN(S_KernelContext_GetInput, KernelContext_GetInput_t)(ctx, 0, &in));
+    int64_t dims[8];
+    size_t rank;
+    CHECK(shape_of(in, dims, &rank));
+    if (rank < 1 || dims[rank - 1] != kern->k)
+        return error("FMatMul: A's last dimension is %lld, K is %lld", rank ? dims[rank - 1] : 0, kern->k);
+    int64_t m = 1;
+    for (size_t i = 0; i + 1 < rank; ++i) m *= dims[i];
+    dims[rank - 1] = kern->n;
+    OrtValue *outv;
+    CHECK(FN(S_KernelContext_GetOutput, KernelContext_GetOutput_t)(ctx, 0, dims, rank, &outv));
+    FWork w = {.kern = kern, .m = m};
+    CHECK(FN(S_GetTensorMutableData, GetTensorMutableData_t)(outv, (void **)&w.y));
+    if (m == 0) return NULL;
+    CHECK(FN(S_GetTensorMutableData, GetTensorMutableData_t)((OrtValue *)in, (void **)&w.a));
+    /* One work item per 48-column panel over all rows: B is read from memory once whatever M (row chunks would
+     * re-read it per chunk), and a panel's K block stays in L1 across the rows' tiles. */
+    return FN(S_KernelContext_ParallelFor, KernelContext_ParallelFor_t)(ctx, fgemm_task, (size_t)sg_panels(kern->n), 0,
+                                                                       &w);
+}
+
+static void fdestroy(void *kernel) {
+    FKernel *kern = kernel;
+    if (kern) free(kern->packed);
+    free(kern);
+}
+
+static void *fcreate_kernel_v1(const OrtCustomOp *op, OrtApi *api, const OrtKernelInfo *info) {
+    void *k = NULL;
+    OrtStatus *st = fcreate_kernel(op, api, info, &k);
+    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st);
+    return k;
+}
+static void fcompute_v1(void *kernel, OrtKernelContext *ctx) {
+    OrtStatus *st = fcompute(kernel, ctx);
+    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st);
+}
+static int finput_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return T_FLOAT; }
+static size_t finput_count(const OrtCustomOp *op) { (void)op; return 2; }
+
+static Op g_fop = {{16, fcreate_kernel_v1, op_name, op_ep, finput_type, finput_count, output_type, output_count,
+                    fcompute_v1, fdestroy, required, required, mem_default, one, one, one, one, fcreate_kernel,
+                    fcompute},
+                   1,
+                   "FMatMul"};
+
 /* 1 when this CPU runs the kernel (the library is only registered then). */
 int exaone_qmatmul_supported(void) {
     __builtin_cpu_init();
@@ -346,5 +448,6 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     OrtCustomOpDomain *domain;
     CHECK(FN(S_CreateCustomOpDomain, CreateCustomOpDomain_t)("ai.exaone.deploy", &domain));
     for (int i = 0; i < MAX_PARTS; ++i) CHECK(FN(S_CustomOpDomain_Add, CustomOpDomain_Add_t)(domain, &g_ops[i].base));
+    CHECK(FN(S_CustomOpDomain_Add, CustomOpDomain_Add_t)(domain, &g_fop.base));
     return FN(S_AddCustomOpDomain, AddCustomOpDomain_t)(options, domain);
 }
