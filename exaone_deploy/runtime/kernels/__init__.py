@@ -1,23 +1,31 @@
-"""Our own ONNX Runtime CPU kernel for block-quantized linears, swapped in at session creation.
+"""Our own ONNX Runtime CPU kernels for the linear layers, swapped in at session creation.
 
 Contract: ``prepare(model_path, so, dtype=..., mode=...)`` returns what to hand ``ort.InferenceSession`` (the model
-path, or the model's bytes with eligible ``com.microsoft::MatMulNBits`` nodes renamed to ``ai.exaone.deploy::QMatMul``)
-and registers the kernel library on the session options ``so``. A node is eligible when it has exactly the
-MatMulNBits numerics that ``qmatmul_core.h`` implements: 4 or 8 bits, block 32, 64 or 128, ``accuracy_level`` 4
-(int8 activations per block), no zero points / g_idx / bias, B and scales initializers, float32 activations,
-N % 16 == 0 (a partial last block is zero-padded, as MatMulNBits does). The bundle on disk is never changed:
-onnxruntime-genai and a plain onnxruntime still run it with MatMulNBits.
+path, or the model's bytes with eligible nodes moved to ``ai.exaone.deploy`` ops) and registers the kernel library
+on the session options ``so``; ``session(...)`` does both and falls back to the file as written if onnxruntime
+refuses the rewrite. Only float32 bundles on the CPU provider are rewritten; the bundle on disk never changes
+(onnxruntime-genai and a plain onnxruntime still run it). Eligible nodes, each with the numerics of the node it
+replaces up to float summation order:
 
-Why: MLAS's MatMulNBits kernels unpack 4-bit weights per 2-row tile at M > 1 and run their M = 1 and M > 1 paths
-with different rounding; ``QMatMul`` repacks once at load into vpdpbusd panels, keeps every row's arithmetic
-independent of its batch, and runs prompts ~2x and batched decode ~2x faster on AVX-512 VNNI (docs/perf.md).
+* ``com.microsoft::MatMulNBits`` -> ``QMatMul`` (``qmatmul_core.h``): 4 or 8 bits, block 32, 64 or 128,
+  ``accuracy_level`` 4 (int8 activations per block), no zero points / g_idx / bias, B and scales initializers,
+  N % 16 == 0 (a partial last block is zero-padded, as MatMulNBits does); up to three that read one activation
+  (q/k/v, gate/up) become one ``QMatMul2``/``QMatMul3``.
+* ``MatMul`` by a float32 [K, N] initializer, N % 16 == 0 -> ``FMatMul`` (``sgemm_core.h``).
+
+Why: ONNX Runtime's MLAS kernels are slow exactly where batched serving and prompts live. MatMulNBits unpacks
+4-bit weights per 2-row tile at M > 1 (and rounds its M = 1 and M > 1 paths differently); its SGEMM reaches ~180
+GFLOP/s at M = 16 rows on a 2-core AVX-512 machine. Ours repack each weight once at load, keep every row's
+arithmetic independent of its batch, and run int4 prompts ~2x, int4 batch-16 linears ~3x and fp32 batch-16
+decode steps ~1.5x faster (docs/perf.md, docs/scale.md).
 
 Build: the C source is compiled on first use with the system C compiler (``$CC``, else ``cc``) into the user cache
 (``$EXAONE_DEPLOY_CACHE`` or ``~/.cache/exaone-deploy``/kernels, written to a temporary name and renamed), keyed by
-the source's hash. No compiler, another architecture, or a CPU without AVX-512 VNNI: MatMulNBits keeps running,
-logged once. ``EXAONE_DEPLOY_KERNELS``: ``auto`` (default), ``off``, or ``on`` (fail loudly when unavailable).
-Rejected: a compiled extension built by pip (the edge install would need a compiler and a build per platform),
-and editing the graph with ``onnx`` (not a runtime dependency; the rename is a few protobuf fields, see ``_wire``).
+the sources' hash. No compiler, another architecture, or a CPU without AVX-512 VNNI: ONNX Runtime's kernels keep
+running, logged once. ``EXAONE_DEPLOY_KERNELS``: ``auto`` (default), ``off``, or ``on`` (fail loudly when
+unavailable). Rejected: a compiled extension built by pip (the edge install would need a compiler and a build per
+platform), and editing the graph with ``onnx`` (not a runtime dependency; the rename is a few protobuf fields, see
+``_wire``).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from ...errors import ExaoneDeployError
 from . import _wire
 
 log = logging.getLogger(__name__)
@@ -44,7 +53,7 @@ _HERE = Path(__file__).resolve().parent
 _SOURCES = ("qmatmul_ort.c", "qmatmul_core.h", "sgemm_core.h")
 
 
-class KernelError(RuntimeError):
+class KernelError(ExaoneDeployError, RuntimeError):
     """``EXAONE_DEPLOY_KERNELS=on`` and the kernel library cannot be built or run here."""
 
 

@@ -1,9 +1,11 @@
-/* ONNX Runtime custom-op library: ai.exaone.deploy::QMatMul, the int4/int8 block-32 matrix product of
- * qmatmul_core.h behind MatMulNBits' inputs (A, B, scales) and attributes (K, N, bits, block_size).
+/* ONNX Runtime custom-op library, domain ai.exaone.deploy:
+ *   QMatMul / QMatMul2 / QMatMul3: the int4/int8 block-quantized product of qmatmul_core.h behind MatMulNBits'
+ *     inputs (A, then B and scales per weight) and attributes (K, bits, block_size; N, or N0.. per weight);
+ *   FMatMul: float32 A @ a constant float32 [K, N] of sgemm_core.h (ONNX MatMul's inputs).
  *
  * The runtime (kernels/__init__.py) compiles this file with the system C compiler, registers it through
- * SessionOptions.register_custom_ops_library and renames eligible MatMulNBits nodes to this op in memory: bundles on
- * disk stay standard ONNX that any onnxruntime (and onnxruntime-genai) runs.
+ * SessionOptions.register_custom_ops_library and renames eligible nodes to these ops in memory: bundles on disk stay
+ * standard ONNX that any onnxruntime (and onnxruntime-genai) runs.
  *
  * ABI: we declare only what we call. The C API is a table of function pointers whose order never changes (new
  * entries are appended; the slots below are those of onnxruntime_c_api.h), reached from OrtGetApiBase() ->
@@ -11,7 +13,7 @@
  * thread pool's ParallelFor needs API 17 (onnxruntime >= 1.17; the package requires >= 1.29). Rejected: vendoring
  * onnxruntime's headers (they are not in the Python wheel, and a copy is another file to keep in step) and a
  * C++/pybind11 extension built at install time (it would make the edge install need a compiler; here a missing
- * compiler only means MatMulNBits keeps running).
+ * compiler only means ONNX Runtime's kernels keep running).
  */
 #include "qmatmul_core.h"
 #include "sgemm_core.h"
