@@ -386,3 +386,17 @@ def test_float_matmul_not_by_a_constant_stays():
     assert kernels.rewrite(model.SerializeToString())[1] == 0
     model = _float_model(64, 40)  # N % 16 != 0
     assert kernels.rewrite(model.SerializeToString())[1] == 0
+
+
+def test_a_node_whose_weights_do_not_match_its_attributes_is_refused(tmp_path):
+    """A hostile or broken bundle: N claims more columns than B holds. The kernel checks sizes before reading."""
+    _lib()
+    b, s, _ = _weights(64, 32, 4)
+    model = _model(64, 32, 4, b=b, s=s)
+    for a in model.graph.node[0].attribute:
+        if a.name == "N":
+            a.i = 48
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    with pytest.raises(kernels.KernelError, match="not MatMulNBits' layout"):
+        kernels.session(path, ort.SessionOptions, ["CPUExecutionProvider"], dtype="float32", mode="on")

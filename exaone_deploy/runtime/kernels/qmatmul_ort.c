@@ -185,7 +185,8 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, OrtApi *api, const OrtKer
     for (int i = 0; i < parts; ++i) {
         static const char *names[MAX_PARTS] = {"N0", "N1", "N2"};
         CHECK(attr(info, parts == 1 ? "N" : names[i], &n[i]));
-        if (k <= 0 || n[i] <= 0 || n[i] % QMM_PANEL) return error("QMatMul: K=%lld N=%lld unsupported", k, n[i]);
+        if (k <= 0 || n[i] <= 0 || n[i] % QMM_PANEL || k > (1LL << 30) || n[i] > (1LL << 30))
+            return error("QMatMul: K=%lld N=%lld unsupported", k, n[i]);
         total += qmm_packed_bytes(n[i], kp, (int)bits, (int)block);
     }
     Kernel *kern = calloc(1, sizeof(Kernel));
