@@ -54,16 +54,17 @@ static void qmm_pack(const uint8_t *b, const float *scales, int64_t n, int64_t k
                 const int64_t col = p * QMM_PANEL + c;
                 const uint8_t *src = b + ((size_t)col * nb + blk) * blob;
                 sdst[c] = scales[col * nb + blk];
-                for (int kb = 0; kb < blkl; ++kb) {
-                    const uint8_t q = bits == 4 ? (uint8_t)((src[kb / 2] >> (4 * (kb & 1))) & 15) : src[kb];
-                    uint8_t *sub = dst + (kb / QMM_SUB) * qmm_sub_bytes(bits);
-                    const int kk = kb % QMM_SUB;
+                for (int s0 = 0; s0 < blkl; s0 += QMM_SUB) { /* one 32-value sub-block */
+                    uint8_t *sub = dst + (s0 / QMM_SUB) * qmm_sub_bytes(bits);
                     if (bits == 8) {
-                        sub[(kk / 4) * 64 + 4 * c + (kk & 3)] = q;
-                    } else {
-                        const int hi = kk >= 16, j = (kk & 15) / 4;
-                        uint8_t *d = sub + j * 64 + 4 * c + (kk & 3);
-                        *d = (uint8_t)(hi ? ((*d & 0x0F) | (q << 4)) : ((*d & 0xF0) | q));
+                        for (int kk = 0; kk < QMM_SUB; ++kk) sub[(kk / 4) * 64 + 4 * c + (kk & 3)] = src[s0 + kk];
+                    } else { /* byte 4c+t of group j: value 4j+t in the low nibble, 16+4j+t in the high one */
+                        const uint8_t *q2 = src + s0 / 2; /* value i: byte i/2, low nibble when i is even */
+                        for (int kk = 0; kk < 16; ++kk) {
+                            const uint8_t lo = (uint8_t)((q2[kk / 2] >> (4 * (kk & 1))) & 15);
+                            const uint8_t hi = (uint8_t)((q2[(16 + kk) / 2] >> (4 * (kk & 1))) & 15);
+                            sub[(kk / 4) * 64 + 4 * c + (kk & 3)] = (uint8_t)(lo | hi << 4);
+                        }
                     }
                 }
             }
