@@ -21,8 +21,8 @@ decode steps ~1.5x faster (docs/perf.md, docs/scale.md).
 
 Build: the C source is compiled on first use with the system C compiler (``$CC``, else ``cc``) into the user cache
 (``$EXAONE_DEPLOY_CACHE`` or ``~/.cache/exaone-deploy``/kernels, written to a temporary name and renamed), keyed by
-the sources' hash. No compiler, another architecture, or a CPU without AVX-512 VNNI: ONNX Runtime's kernels keep
-running, logged once. ``EXAONE_DEPLOY_KERNELS``: ``auto`` (default), ``off``, or ``on`` (fail loudly when
+the hash of the sources and flags. No compiler, another architecture, or a CPU without AVX-512 VNNI: ONNX Runtime's
+kernels keep running, logged once. ``EXAONE_DEPLOY_KERNELS``: ``auto`` (default), ``off``, or ``on`` (fail loudly when
 unavailable). Rejected: a compiled extension built by pip (the edge install would need a compiler and a build per
 platform), and editing the graph with ``onnx`` (not a runtime dependency; the rename is a few protobuf fields, see
 ``_wire``).
@@ -51,6 +51,7 @@ OP = "QMatMul"
 MODES = ("auto", "on", "off")
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("qmatmul_ort.c", "qmatmul_core.h", "sgemm_core.h")
+_FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC")  # the ISA is chosen per function (target attributes)
 
 
 class KernelError(ExaoneDeployError, RuntimeError):
@@ -73,7 +74,7 @@ def cache_dir() -> Path:
 
 
 def _source_hash() -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(" ".join(_FLAGS).encode())
     for name in _SOURCES:
         h.update((_HERE / name).read_bytes())
     return h.hexdigest()[:16]
@@ -95,7 +96,7 @@ def _build() -> tuple[Path | None, str]:
             os.close(fd)
         except OSError as e:
             return None, f"cannot write the QMatMul kernel to {out.parent} ({e}); set EXAONE_DEPLOY_CACHE"
-        cmd = [cc, "-O3", "-std=gnu11", "-shared", "-fPIC", "-o", tmp, str(_HERE / "qmatmul_ort.c"), "-lm"]
+        cmd = [cc, *_FLAGS, "-o", tmp, str(_HERE / "qmatmul_ort.c"), "-lm"]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
