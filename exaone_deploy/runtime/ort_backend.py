@@ -121,7 +121,7 @@ class OrtBackend(Backend):
         kernels: str | None = None,
     ):
         """``capacity``: deprecated alias of ``max_seq_len`` (default: ``GraphIO.default_context()``).
-        ``kernels``: ``auto``/``on``/``off``, our QMatMul kernel for quantized linears (runtime/kernels; default
+        ``kernels``: ``auto``/``on``/``off``, our CPU kernels for the linear layers (runtime/kernels; default
         ``$EXAONE_DEPLOY_KERNELS`` or auto)."""
         self.manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle, verify=verify)
         m = self.manifest

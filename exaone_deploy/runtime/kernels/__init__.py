@@ -137,7 +137,7 @@ def eligible(node: _wire.Node, info: _wire.GraphInfo) -> bool:
     ins = node.inputs
     while ins and ins[-1] == "":
         ins = ins[:-1]
-    if len(ins) != 3 or ins[1] not in info.initializers or ins[2] not in info.initializers:
+    if len(ins) != 3 or ins[1] not in info.tensors or ins[2] not in info.tensors:
         return False
     a = node.int_attributes
     k, n = a.get("K", 0), a.get("N", 0)
@@ -252,7 +252,7 @@ def session(model_path: str | Path, make_options, providers: list[str], *, dtype
 
     mode = mode or mode_from_env()
     so = make_options()
-    model = prepare(model_path, so, dtype=dtype, mode=mode) if "CPUExecutionProvider" == providers[0] else None
+    model = prepare(model_path, so, dtype=dtype, mode=mode) if providers[0] == "CPUExecutionProvider" else None
     if not isinstance(model, bytes):
         return ort.InferenceSession(str(model_path), sess_options=so, providers=providers), False
     try:

@@ -83,7 +83,7 @@ class Node:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     int_attributes: dict[str, int] = field(default_factory=dict)
-    raw: bytes = b""  # the NodeProto as read (written back unchanged unless replaced)
+    has_subgraph: bool = False  # a graph attribute (If/Loop/Scan): its body may read any outer value
 
     def encode(self) -> bytes:
         """A NodeProto of this node's fields (int attributes only: the nodes this module builds)."""
@@ -101,7 +101,7 @@ def _signed(v: int) -> int:
 
 
 def parse_node(buf: bytes) -> Node:
-    node = Node(raw=buf)
+    node = Node()
     for num, wt, val, _ in fields(buf):
         if wt != _LEN:
             continue
@@ -122,6 +122,8 @@ def parse_node(buf: bytes) -> Node:
                     name = aval.decode()
                 elif anum == 3 and awt == _VARINT:
                     ival = _signed(aval)
+                elif anum in (6, 11):
+                    node.has_subgraph = True
             if name is not None and ival is not None:
                 node.int_attributes[name] = ival
     return node
@@ -131,14 +133,16 @@ def parse_node(buf: bytes) -> Node:
 class GraphInfo:
     """What a rename decision needs to know of the whole graph."""
 
-    initializers: set[str] = field(default_factory=set)
     tensors: dict[str, tuple[tuple[int, ...], int]] = field(default_factory=dict)  # initializer -> (dims, data_type)
     uses: Counter = field(default_factory=Counter)  # value name -> how many node inputs / graph outputs read it
-    has_subgraphs: bool = False  # a node with a graph attribute (If/Loop/Scan) may read any outer value
+    has_subgraphs: bool = False  # some node's body may read any outer value
 
 
-def graph_info(graph: bytes) -> GraphInfo:
-    info = GraphInfo()
+def graph_info(graph: bytes, nodes: list[Node]) -> GraphInfo:
+    """The GraphProto's initializers and graph outputs; uses and subgraphs from its already parsed ``nodes``."""
+    info = GraphInfo(has_subgraphs=any(n.has_subgraph for n in nodes))
+    for node in nodes:
+        info.uses.update(node.inputs)
     for num, wt, val, _ in fields(graph):
         if wt != _LEN:
             continue
@@ -157,14 +161,7 @@ def graph_info(graph: bytes) -> GraphInfo:
                 elif tnum == 2 and twt == _VARINT:
                     dtype = tval
             if name is not None:
-                info.initializers.add(name)
                 info.tensors[name] = (tuple(dims), dtype)
-        elif num == 1:
-            for nnum, nwt, nval, _ in fields(val):
-                if nnum == 1 and nwt == _LEN:
-                    info.uses[nval.decode()] += 1
-                elif nnum == 5 and nwt == _LEN:
-                    info.has_subgraphs |= any(a in (6, 11) for a, _, _, _ in fields(nval))
         elif num == 12:  # graph output (ValueInfoProto.name = 1)
             for vnum, vwt, vval, _ in fields(val):
                 if vnum == 1 and vwt == _LEN:
@@ -192,26 +189,23 @@ def rewrite_nodes(
         if num != 7 or wt != _LEN:
             out.append(raw)
             continue
-        info = graph_info(val)
-        items = [(gnum, gwt, gval, graw) for gnum, gwt, gval, graw in fields(val)]
+        items = list(fields(val))
         nodes = [parse_node(gval) for gnum, gwt, gval, _ in items if gnum == 1 and gwt == _LEN]
-        replacements = plan(nodes, info)
-        graph = []
+        replacements = plan(nodes, graph_info(val, nodes))
         if len(replacements) != len(nodes):
             raise ValueError("plan returned a different number of nodes")
-        k = 0
+        pairs, graph = iter(zip(nodes, replacements)), []
         for gnum, gwt, _, graw in items:
-            if gnum == 1 and gwt == _LEN:
-                old, rep = nodes[k], replacements[k]
-                k += 1
-                if rep is old:
-                    graph.append(graw)
-                    continue
-                count += 1
-                if rep is not None:
-                    graph.append(_len_field(1, rep.encode()))
-            else:
+            if gnum != 1 or gwt != _LEN:
                 graph.append(graw)
+                continue
+            old, new = next(pairs)
+            if new is old:
+                graph.append(graw)
+            else:
+                count += 1
+                if new is not None:
+                    graph.append(_len_field(1, new.encode()))
         out.append(_len_field(7, b"".join(graph)))
     if count and not has_domain:
         out.append(_len_field(8, _len_field(1, domain.encode()) + _enc_varint(2 << 3 | _VARINT) + _enc_varint(1)))

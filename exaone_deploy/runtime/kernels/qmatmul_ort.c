@@ -171,6 +171,40 @@ static OrtStatus *attr(const OrtKernelInfo *info, const char *name, int64_t *out
     return FN(S_KernelInfoGetAttribute_int64, KernelInfoGetAttribute_int64_t)(info, name, out);
 }
 
+/* The renamer sets release_inputs when the node alone reads its weights: after packing, their pages go back to the
+ * OS (file-backed ones would be re-read from the weights file if touched again, anonymous ones read as zeros;
+ * nothing touches them again), so the weights are not resident twice. Absent: 0. */
+static int64_t release_inputs(const OrtKernelInfo *info) {
+    int64_t release = 0;
+    OrtStatus *st = attr(info, "release_inputs", &release);
+    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st), release = 0;
+    return release;
+}
+
+/* Input 0 (A, float32 [..., K]): its data, its shape (dims, rank) and its rows M = product of all but the last. */
+static OrtStatus *input_rows(OrtKernelContext *ctx, const char *op, int64_t k, const float **a, int64_t *dims,
+                             size_t *rank, int64_t *m) {
+    const OrtValue *in;
+    CHECK(FN(S_KernelContext_GetInput, KernelContext_GetInput_t)(ctx, 0, &in));
+    CHECK(shape_of(in, dims, rank));
+    if (*rank < 1 || dims[*rank - 1] != k) {
+        char msg[96];
+        snprintf(msg, sizeof msg, "%s: A's last dimension is %%lld, K is %%lld", op);
+        return error(msg, *rank ? dims[*rank - 1] : 0, k);
+    }
+    *m = 1;
+    for (size_t i = 0; i + 1 < *rank; ++i) *m *= dims[i];
+    return FN(S_GetTensorMutableData, GetTensorMutableData_t)((OrtValue *)in, (void **)a);
+}
+
+/* Output i with A's shape but its last dimension n; its data. */
+static OrtStatus *output(OrtKernelContext *ctx, size_t i, int64_t *dims, size_t rank, int64_t n, float **y) {
+    OrtValue *v;
+    dims[rank - 1] = n;
+    CHECK(FN(S_KernelContext_GetOutput, KernelContext_GetOutput_t)(ctx, i, dims, rank, &v));
+    return FN(S_GetTensorMutableData, GetTensorMutableData_t)(v, (void **)y);
+}
+
 static OrtStatus *create_kernel(const OrtCustomOp *op, OrtApi *api, const OrtKernelInfo *info, void **out) {
     (void)api;
     const int parts = ((const Op *)op)->parts;
@@ -196,12 +230,8 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, OrtApi *api, const OrtKer
         free(kern);
         return error("QMatMul: out of memory packing %lld x %lld", k, total);
     }
-    /* The renamer sets release_inputs when this node alone reads its weights: after packing, their pages go back
-     * to the OS (file-backed ones would be re-read from the weights file if touched again, anonymous ones read
-     * as zeros; nothing touches them again), so the weights are not resident twice. */
-    int64_t release = 0;
-    OrtStatus *st = attr(info, "release_inputs", &release);
-    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st), release = 0;
+    const int64_t release = release_inputs(info);
+    OrtStatus *st = NULL;
     size_t offset = 0;
     for (int i = 0; i < parts; ++i) {
         const void *b, *s;
@@ -266,24 +296,13 @@ static void gemm_task(void *p, size_t i) {
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     const Kernel *kern = kernel;
-    const OrtValue *in;
-    CHECK(FN(S_KernelContext_GetInput, KernelContext_GetInput_t)(ctx, 0, &in));
     int64_t dims[8];
     size_t rank;
-    CHECK(shape_of(in, dims, &rank));
-    if (rank < 1 || dims[rank - 1] != kern->k)
-        return error("QMatMul: A's last dimension is %lld, K is %lld", rank ? dims[rank - 1] : 0, kern->k);
-    int64_t m = 1;
-    for (size_t i = 0; i + 1 < rank; ++i) m *= dims[i];
-    Work w = {.kern = kern, .m = m, .row_chunk = ROW_CHUNK};
-    for (int i = 0; i < kern->parts; ++i) {
-        dims[rank - 1] = kern->n[i];
-        OrtValue *outv;
-        CHECK(FN(S_KernelContext_GetOutput, KernelContext_GetOutput_t)(ctx, i, dims, rank, &outv));
-        CHECK(FN(S_GetTensorMutableData, GetTensorMutableData_t)(outv, (void **)&w.y[i]));
-    }
+    Work w = {.kern = kern, .row_chunk = ROW_CHUNK};
+    CHECK(input_rows(ctx, "QMatMul", kern->k, &w.a, dims, &rank, &w.m));
+    const int64_t m = w.m;
+    for (int i = 0; i < kern->parts; ++i) CHECK(output(ctx, (size_t)i, dims, rank, kern->n[i], &w.y[i]));
     if (m == 0) return NULL;
-    CHECK(FN(S_GetTensorMutableData, GetTensorMutableData_t)((OrtValue *)in, (void **)&w.a));
     const int64_t nb = kern->kp / kern->blk;
     void *scratch = malloc((size_t)m * kern->kp + (size_t)m * nb * (sizeof(float) + sizeof(int32_t)) + 64);
     if (!scratch) return error("QMatMul: out of memory for %lld rows of %lld", m, kern->k);
@@ -315,16 +334,6 @@ static void destroy(void *kernel) {
     free(kern);
 }
 
-static void *create_kernel_v1(const OrtCustomOp *op, OrtApi *api, const OrtKernelInfo *info) {
-    void *k = NULL;
-    OrtStatus *st = create_kernel(op, api, info, &k);
-    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st);
-    return k;
-}
-static void compute_v1(void *kernel, OrtKernelContext *ctx) {
-    OrtStatus *st = compute(kernel, ctx);
-    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st);
-}
 static const char *op_name(const OrtCustomOp *op) { return ((const Op *)op)->name; }
 static const char *op_ep(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 /* inputs: A, then (B, scales) per weight */
@@ -336,8 +345,10 @@ static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return
 static int mem_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
 static int one(const OrtCustomOp *op) { (void)op; return 1; }
 
+/* Version 16 with CreateKernelV2 / KernelComputeV2 set: onnxruntime calls those (errors reach the caller as a
+ * status), never the version-1 CreateKernel / KernelCompute, left NULL. */
 #define OP(PARTS, NAME)                                                                                              \
-    {{16, create_kernel_v1, op_name, op_ep, input_type, input_count, output_type, output_count, compute_v1, destroy, \
+    {{16, NULL, op_name, op_ep, input_type, input_count, output_type, output_count, NULL, destroy,                 \
       required, required, mem_default, one, one, one, one, create_kernel, compute},                                   \
      PARTS,                                                                                                          \
      NAME}
@@ -368,10 +379,7 @@ static OrtStatus *fcreate_kernel(const OrtCustomOp *op, OrtApi *api, const OrtKe
         return error("FMatMul: out of memory packing %lld x %lld", dims[0], dims[1]);
     }
     sg_pack((const float *)b, kern->k, kern->n, kern->packed);
-    int64_t release = 0;
-    OrtStatus *st = attr(info, "release_inputs", &release);
-    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st), release = 0;
-    if (release) release_pages(b, (size_t)count * sizeof(float));
+    if (release_inputs(info)) release_pages(b, (size_t)count * sizeof(float));
     *out = kern;
     return NULL;
 }
@@ -390,22 +398,12 @@ static void fgemm_task(void *p, size_t i) {
 
 static OrtStatus *fcompute(void *kernel, OrtKernelContext *ctx) {
     const FKernel *kern = kernel;
-    const OrtValue *in;
-    CHECK(FN(S_KernelContext_GetInput, KernelContext_GetInput_t)(ctx, 0, &in));
     int64_t dims[8];
     size_t rank;
-    CHECK(shape_of(in, dims, &rank));
-    if (rank < 1 || dims[rank - 1] != kern->k)
-        return error("FMatMul: A's last dimension is %lld, K is %lld", rank ? dims[rank - 1] : 0, kern->k);
-    int64_t m = 1;
-    for (size_t i = 0; i + 1 < rank; ++i) m *= dims[i];
-    dims[rank - 1] = kern->n;
-    OrtValue *outv;
-    CHECK(FN(S_KernelContext_GetOutput, KernelContext_GetOutput_t)(ctx, 0, dims, rank, &outv));
-    FWork w = {.kern = kern, .m = m};
-    CHECK(FN(S_GetTensorMutableData, GetTensorMutableData_t)(outv, (void **)&w.y));
-    if (m == 0) return NULL;
-    CHECK(FN(S_GetTensorMutableData, GetTensorMutableData_t)((OrtValue *)in, (void **)&w.a));
+    FWork w = {.kern = kern};
+    CHECK(input_rows(ctx, "FMatMul", kern->k, &w.a, dims, &rank, &w.m));
+    CHECK(output(ctx, 0, dims, rank, kern->n, &w.y));
+    if (w.m == 0) return NULL;
     /* One work item per 48-column panel over all rows: B is read from memory once whatever M (row chunks would
      * re-read it per chunk), and a panel's K block stays in L1 across the rows' tiles. */
     return FN(S_KernelContext_ParallelFor, KernelContext_ParallelFor_t)(ctx, fgemm_task, (size_t)sg_panels(kern->n), 0,
@@ -418,21 +416,10 @@ static void fdestroy(void *kernel) {
     free(kern);
 }
 
-static void *fcreate_kernel_v1(const OrtCustomOp *op, OrtApi *api, const OrtKernelInfo *info) {
-    void *k = NULL;
-    OrtStatus *st = fcreate_kernel(op, api, info, &k);
-    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st);
-    return k;
-}
-static void fcompute_v1(void *kernel, OrtKernelContext *ctx) {
-    OrtStatus *st = fcompute(kernel, ctx);
-    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st);
-}
 static int finput_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return T_FLOAT; }
 static size_t finput_count(const OrtCustomOp *op) { (void)op; return 2; }
 
-static Op g_fop = {{16, fcreate_kernel_v1, op_name, op_ep, finput_type, finput_count, output_type, output_count,
-                    fcompute_v1, fdestroy, required, required, mem_default, one, one, one, one, fcreate_kernel,
+static Op g_fop = {{16, NULL, op_name, op_ep, finput_type, finput_count, output_type, output_count, NULL, fdestroy, required, required, mem_default, one, one, one, one, fcreate_kernel,
                     fcompute},
                    1,
                    "FMatMul"};
