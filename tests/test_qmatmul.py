@@ -217,8 +217,9 @@ def test_bundle_runs_on_the_kernel_with_matmulnbits_tokens(int4_bundle):
     from exaone_deploy.text.tokenizer import Tokenizer
 
     data = (int4_bundle / "model.onnx").read_bytes()
-    nodes = [n for n in onnx.load_from_string(data).graph.node if n.op_type == "MatMulNBits"]
-    _, renamed = kernels.rewrite(data)
+    graph = onnx.load_from_string(data).graph
+    nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    _, renamed = kernels.rewrite(data, frozenset({"linear"}))
     assert renamed == len(nodes) > 0, [(n.name, [(a.name, a.i) for a in n.attribute]) for n in nodes]
 
     tok = Tokenizer.from_dir(int4_bundle)
@@ -231,6 +232,12 @@ def test_bundle_runs_on_the_kernel_with_matmulnbits_tokens(int4_bundle):
         out[mode] = [r.token_ids for r in res]
         logits[mode] = backend.prefill([0], [prompts[0]], all_logits=True)
     assert out["on"] == out["off"]
+    # the global attention layers moved too (decode steps on attention_core.h); sliding ones stay
+    attention = sum(
+        n.op_type == "GroupQueryAttention" and {a.name: a.i for a in n.attribute}.get("local_window_size", -1) <= 0
+        for n in graph.node
+    )
+    assert kernels.rewrite(data)[1] == renamed + attention > renamed
     scale = np.abs(logits["off"]).max()
     assert np.abs(logits["on"] - logits["off"]).max() <= 1e-3 * scale
 

@@ -12,6 +12,10 @@ replaces up to float summation order:
   N % 16 == 0 (a partial last block is zero-padded, as MatMulNBits does); up to three that read one activation
   (q/k/v, gate/up) become one ``QMatMul2``/``QMatMul3``.
 * ``MatMul`` by a float32 [K, N] initializer, N % 16 == 0 -> ``FMatMul`` (``sgemm_core.h``).
+* ``com.microsoft::GroupQueryAttention`` of a global layer (no local window; nine inputs, or seven without rotary
+  caches as in EXAONE 4's NoPE layers), float cache, only the attributes ``num_heads``, ``kv_num_heads``,
+  ``local_window_size``, ``do_rotary``, ``rotary_interleaved``, ``scale``, ``softcap``, ``smooth_softmax`` -> ours of
+  the same name: decode steps on ``attention_core.h``, every other call handed to onnxruntime's own kernel.
 
 Why: ONNX Runtime's MLAS kernels are slow exactly where batched serving and prompts live. MatMulNBits unpacks
 4-bit weights per 2-row tile at M > 1 (and rounds its M = 1 and M > 1 paths differently); its SGEMM reaches ~180
@@ -50,7 +54,7 @@ DOMAIN = "ai.exaone.deploy"
 OP = "QMatMul"
 MODES = ("auto", "on", "off")
 _HERE = Path(__file__).resolve().parent
-_SOURCES = ("qmatmul_ort.c", "qmatmul_core.h", "sgemm_core.h")
+_SOURCES = ("qmatmul_ort.c", "qmatmul_core.h", "sgemm_core.h", "attention_core.h")
 _FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC")  # the ISA is chosen per function (target attributes)
 
 
@@ -153,6 +157,36 @@ def eligible(node: _wire.Node, info: _wire.GraphInfo) -> bool:
 
 MAX_FUSED = 3  # QMatMul, QMatMul2, QMatMul3 (qmatmul_ort.c)
 FOP = "FMatMul"
+AOP = "GroupQueryAttention"
+_GQA_ATTRIBUTES = frozenset(
+    (
+        "num_heads",
+        "kv_num_heads",
+        "local_window_size",
+        "do_rotary",
+        "rotary_interleaved",
+        "scale",
+        "softcap",
+        "smooth_softmax",
+    )
+)
+
+
+def attention_eligible(node: _wire.Node) -> bool:
+    """GroupQueryAttention as our op serves it (module docstring): nine named inputs, or seven without rotary
+    caches (EXAONE 4's NoPE global layers); no int8-cache scales, position ids or bias (more inputs, other
+    attributes); three outputs; no local window (onnxruntime releases disagree on which keys a window keeps)."""
+    return (
+        node.op_type == "GroupQueryAttention"
+        and node.domain == "com.microsoft"
+        and (len(node.inputs) == 9 or (len(node.inputs) == 7 and node.int_attributes.get("do_rotary", 0) == 0))
+        and all(node.inputs)
+        and len(node.outputs) == 3
+        and all(node.outputs)
+        and set(node.attribute_names) <= _GQA_ATTRIBUTES
+        and len(set(node.attribute_names)) == len(node.attribute_names)
+        and node.int_attributes.get("local_window_size", -1) <= 0
+    )
 
 
 def float_eligible(node: _wire.Node, info: _wire.GraphInfo) -> bool:
@@ -165,19 +199,29 @@ def float_eligible(node: _wire.Node, info: _wire.GraphInfo) -> bool:
     )
 
 
-def _plan(nodes: list[_wire.Node], info: _wire.GraphInfo) -> list[_wire.Node | None]:
+def _plan(nodes: list[_wire.Node], info: _wire.GraphInfo, ops=frozenset(("linear", "attention"))) -> list:
     """Eligible MatMulNBits -> QMatMul; up to three that read the same activation with the same K / bits / block
     (q, k, v; gate, up) -> one QMatMul2/3 at the first one's place (its inputs exist there: A and initializers),
     so A is quantized once and one parallel loop covers all their columns. ``release_inputs`` = 1 when the node
     alone reads its weights: the kernel then hands their pages back to the OS after repacking."""
     groups: dict[tuple, list[int]] = {}
     for i, node in enumerate(nodes):
-        if eligible(node, info):
+        if "linear" in ops and eligible(node, info):
             a = node.int_attributes
             groups.setdefault((node.inputs[0], a["K"], a["bits"], a["block_size"]), []).append(i)
     out: list[_wire.Node | None] = list(nodes)
     for i, node in enumerate(nodes):
-        if float_eligible(node, info):
+        if "attention" in ops and attention_eligible(node):
+            out[i] = _wire.Node(
+                op_type=AOP,
+                domain=DOMAIN,
+                name=node.name,
+                inputs=list(node.inputs),
+                outputs=list(node.outputs),
+                int_attributes=dict(node.int_attributes),
+                float_attributes=dict(node.float_attributes),
+            )
+        elif "linear" in ops and float_eligible(node, info):
             release = not info.has_subgraphs and info.uses[node.inputs[1]] == 1
             out[i] = _wire.Node(
                 op_type=FOP,
@@ -213,33 +257,58 @@ def _plan(nodes: list[_wire.Node], info: _wire.GraphInfo) -> list[_wire.Node | N
     return out
 
 
-def rewrite(model: bytes) -> tuple[bytes, int]:
-    """A serialized ModelProto with eligible MatMulNBits nodes on QMatMul, and how many MatMulNBits nodes moved."""
-    return _wire.rewrite_nodes(model, _plan, DOMAIN)
+OPS = ("linear", "attention")  # op families; EXAONE_DEPLOY_KERNEL_OPS picks a subset (A/B runs)
+
+
+def ops_from_env() -> frozenset[str]:
+    raw = os.environ.get("EXAONE_DEPLOY_KERNEL_OPS", "").strip()
+    ops = frozenset(x.strip() for x in raw.split(",") if x.strip()) if raw else frozenset(OPS)
+    if not ops <= set(OPS):
+        raise KernelError(f"EXAONE_DEPLOY_KERNEL_OPS={raw!r}: a comma-separated subset of {', '.join(OPS)}")
+    return ops
+
+
+def rewrite(model: bytes, ops: frozenset[str] | None = None) -> tuple[bytes, int]:
+    """A serialized ModelProto with eligible nodes on our ops (``ops``: the families to rename, default all), and
+    how many nodes were replaced (fused MatMulNBits count once each)."""
+    ops = frozenset(OPS) if ops is None else ops
+
+    return _wire.rewrite_nodes(model, lambda nodes, info: _plan(nodes, info, ops), DOMAIN)
+
+
+def prepare_bytes(model: bytes, so, *, mode: str | None = None, where: str = "model") -> bytes | None:
+    """``model`` (serialized) with eligible nodes on our ops and the library registered on ``so``; None when the
+    kernels are off or unavailable (``on``: raises), the model cannot be walked, or nothing is eligible."""
+    mode = mode or mode_from_env()
+    if mode == "off":
+        return None
+    lib = library(mode)
+    if lib is None:
+        return None
+    try:
+        data, count = rewrite(model, ops_from_env())
+    except ValueError as e:  # not a protobuf we can walk: onnxruntime will say what is wrong with it
+        log.warning("%s: not renaming nodes for our kernels (%s)", where, e)
+        return None
+    if count == 0:
+        return None
+    so.register_custom_ops_library(str(lib))
+    log.info("%d nodes of %s on our kernels", count, where)
+    return data
 
 
 def prepare(model_path: str | Path, so, *, dtype: str, mode: str | None = None) -> str | bytes:
     """What ``ort.InferenceSession`` should load for ``model_path`` with session options ``so``: the path
     unchanged, or (kernel available, float32 bundle, eligible nodes) the rewritten bytes, with ``so`` told to
     register the library and to find external weights next to ``model_path``."""
-    mode = mode or mode_from_env()
-    if dtype != "float32" or mode == "off":
+    if dtype != "float32" or (mode or mode_from_env()) == "off":
         return str(model_path)
-    lib = library(mode)
-    if lib is None:
+    data = prepare_bytes(Path(model_path).read_bytes(), so, mode=mode, where=str(model_path))
+    if data is None:
         return str(model_path)
-    try:
-        data, count = rewrite(Path(model_path).read_bytes())
-    except ValueError as e:  # not a protobuf we can walk: onnxruntime will say what is wrong with it
-        log.warning("%s: not renaming linears for QMatMul (%s)", model_path, e)
-        return str(model_path)
-    if count == 0:
-        return str(model_path)
-    so.register_custom_ops_library(str(lib))
     so.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", str(Path(model_path).resolve().parent)
     )
-    log.info("QMatMul: %d quantized linears of %s on our kernel", count, model_path)
     return data
 
 

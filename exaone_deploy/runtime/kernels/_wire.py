@@ -7,12 +7,14 @@ nodes. Everything it does not touch is copied as raw bytes, so unknown or future
 
 Field numbers (onnx.proto, stable since ONNX 1.0): ModelProto.opset_import 8, .graph 7; GraphProto.node 1,
 .initializer 5, .output 12; NodeProto.input 1, .output 2, .name 3, .op_type 4, .attribute 5, .domain 7;
-AttributeProto.name 1, .i 3, .g 6, .graphs 11, .type 20 (INT = 2); TensorProto.dims 1, .data_type 2 (FLOAT = 1),
-.name 8; ValueInfoProto.name 1; OperatorSetIdProto.domain 1, .version 2. Malformed input raises ``ValueError``.
+AttributeProto.name 1, .f 2, .i 3, .g 6, .graphs 11, .type 20 (FLOAT = 1, INT = 2); TensorProto.dims 1,
+.data_type 2 (FLOAT = 1), .name 8; ValueInfoProto.name 1; OperatorSetIdProto.domain 1, .version 2. Malformed input
+raises ``ValueError``.
 """
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -83,15 +85,18 @@ class Node:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     int_attributes: dict[str, int] = field(default_factory=dict)
+    float_attributes: dict[str, float] = field(default_factory=dict)
+    attribute_names: list[str] = field(default_factory=list)  # every attribute, whatever its type (parsed nodes)
     has_subgraph: bool = False  # a graph attribute (If/Loop/Scan): its body may read any outer value
 
     def encode(self) -> bytes:
-        """A NodeProto of this node's fields (int attributes only: the nodes this module builds)."""
+        """A NodeProto of this node's fields (int and float attributes: the nodes this module builds)."""
         out = [_len_field(1, x.encode()) for x in self.inputs] + [_len_field(2, x.encode()) for x in self.outputs]
         if self.name:
             out.append(_len_field(3, self.name.encode()))
         out.append(_len_field(4, self.op_type.encode()))
         out += [int_attribute(k, v) for k, v in self.int_attributes.items()]
+        out += [float_attribute(k, v) for k, v in self.float_attributes.items()]
         out.append(_len_field(7, self.domain.encode()))
         return b"".join(out)
 
@@ -116,16 +121,22 @@ def parse_node(buf: bytes) -> Node:
         elif num == 7:
             node.domain = val.decode()
         elif num == 5:
-            name, ival = None, None
+            name, ival, fval = None, None, None
             for anum, awt, aval, _ in fields(val):
                 if anum == 1 and awt == _LEN:
                     name = aval.decode()
                 elif anum == 3 and awt == _VARINT:
                     ival = _signed(aval)
+                elif anum == 2 and awt == _I32:
+                    fval = struct.unpack("<f", aval.to_bytes(4, "little"))[0]
                 elif anum in (6, 11):
                     node.has_subgraph = True
-            if name is not None and ival is not None:
-                node.int_attributes[name] = ival
+            if name is not None:
+                node.attribute_names.append(name)
+                if ival is not None:
+                    node.int_attributes[name] = ival
+                if fval is not None:
+                    node.float_attributes[name] = fval
     return node
 
 
@@ -173,6 +184,13 @@ def int_attribute(name: str, value: int) -> bytes:
     """A NodeProto.attribute field: AttributeProto{name, i, type = INT (2)}."""
     attr = _len_field(1, name.encode()) + _enc_varint(3 << 3 | _VARINT) + _enc_varint(value)
     attr += _enc_varint(20 << 3 | _VARINT) + _enc_varint(2)
+    return _len_field(5, attr)
+
+
+def float_attribute(name: str, value: float) -> bytes:
+    """A NodeProto.attribute field: AttributeProto{name, f, type = FLOAT (1)}."""
+    attr = _len_field(1, name.encode()) + _enc_varint(2 << 3 | _I32) + struct.pack("<f", value)
+    attr += _enc_varint(20 << 3 | _VARINT) + _enc_varint(1)
     return _len_field(5, attr)
 
 

@@ -15,6 +15,7 @@
  * C++/pybind11 extension built at install time (it would make the edge install need a compiler; here a missing
  * compiler only means ONNX Runtime's kernels keep running).
  */
+#include "attention_core.h"
 #include "qmatmul_core.h"
 #include "sgemm_core.h"
 
@@ -30,6 +31,8 @@ typedef void OrtValue;
 typedef void OrtTensorTypeAndShapeInfo;
 typedef void OrtSessionOptions;
 typedef void OrtCustomOpDomain;
+typedef void OrtOpAttr;
+typedef void OrtOp;
 typedef void *const OrtApi; /* a table of function pointers, indexed by slot */
 
 typedef struct {
@@ -38,7 +41,8 @@ typedef struct {
 } OrtApiBase;
 
 enum { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
-enum { T_FLOAT = 1, T_UINT8 = 2 };
+enum { T_FLOAT = 1, T_UINT8 = 2, T_INT32 = 6 };
+enum { ATTR_INT = 1, ATTR_FLOAT = 3 }; /* OrtOpAttrType */
 
 /* slots of the OrtApi table */
 #define S_CreateStatus 0
@@ -46,15 +50,24 @@ enum { T_FLOAT = 1, T_UINT8 = 2 };
 #define S_CustomOpDomain_Add 27
 #define S_AddCustomOpDomain 28
 #define S_GetTensorMutableData 51
+#define S_GetTensorElementType 60
 #define S_GetDimensionsCount 61
 #define S_GetDimensions 62
 #define S_GetTensorShapeElementCount 64
 #define S_GetTensorTypeAndShape 65
+#define S_KernelInfoGetAttribute_float 85
 #define S_KernelInfoGetAttribute_int64 86
+#define S_KernelContext_GetInputCount 88
 #define S_KernelContext_GetInput 90
 #define S_KernelContext_GetOutput 91
 #define S_ReleaseStatus 93
 #define S_ReleaseTensorTypeAndShapeInfo 99
+#define S_CreateOpAttr 211
+#define S_ReleaseOpAttr 212
+#define S_CreateOp 213
+#define S_InvokeOp 214
+#define S_ReleaseOp 215
+#define S_KernelInfo_GetInputCount 230
 #define S_KernelInfoGetConstantInput_tensor 249
 #define S_KernelContext_ParallelFor 274
 #define API_VERSION 17
@@ -69,13 +82,24 @@ typedef OrtStatus *(*AddCustomOpDomain_t)(OrtSessionOptions *, OrtCustomOpDomain
 typedef OrtStatus *(*GetTensorMutableData_t)(OrtValue *, void **);
 typedef OrtStatus *(*GetDimensionsCount_t)(const OrtTensorTypeAndShapeInfo *, size_t *);
 typedef OrtStatus *(*GetDimensions_t)(const OrtTensorTypeAndShapeInfo *, int64_t *, size_t);
+typedef OrtStatus *(*GetTensorElementType_t)(const OrtTensorTypeAndShapeInfo *, int *);
 typedef OrtStatus *(*GetTensorTypeAndShape_t)(const OrtValue *, OrtTensorTypeAndShapeInfo **);
+typedef OrtStatus *(*KernelInfoGetAttribute_float_t)(const OrtKernelInfo *, const char *, float *);
 typedef OrtStatus *(*KernelInfoGetAttribute_int64_t)(const OrtKernelInfo *, const char *, int64_t *);
+typedef OrtStatus *(*KernelContext_GetInputCount_t)(const OrtKernelContext *, size_t *);
 typedef OrtStatus *(*KernelContext_GetInput_t)(const OrtKernelContext *, size_t, const OrtValue **);
 typedef OrtStatus *(*KernelContext_GetOutput_t)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **);
 typedef void (*ReleaseStatus_t)(OrtStatus *);
 typedef void (*ReleaseTensorTypeAndShapeInfo_t)(OrtTensorTypeAndShapeInfo *);
+typedef OrtStatus *(*KernelInfo_GetInputCount_t)(const OrtKernelInfo *, size_t *);
 typedef OrtStatus *(*KernelInfoGetConstantInput_tensor_t)(const OrtKernelInfo *, size_t, int *, const OrtValue **);
+typedef OrtStatus *(*CreateOpAttr_t)(const char *, const void *, int, int, OrtOpAttr **);
+typedef void (*ReleaseOpAttr_t)(OrtOpAttr *);
+typedef OrtStatus *(*CreateOp_t)(const OrtKernelInfo *, const char *, const char *, int, const char **, const int *, int,
+                                 const OrtOpAttr *const *, int, int, int, OrtOp **);
+typedef OrtStatus *(*InvokeOp_t)(const OrtKernelContext *, const OrtOp *, const OrtValue *const *, int,
+                                 OrtValue *const *, int);
+typedef void (*ReleaseOp_t)(OrtOp *);
 typedef OrtStatus *(*KernelContext_ParallelFor_t)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t,
                                                   void *);
 
@@ -131,15 +155,19 @@ typedef struct {
     const char *name;
 } Op;
 
-static OrtStatus *shape_of(const OrtValue *v, int64_t *dims, size_t *rank) {
+/* v's dims (at most 8), rank and, when elem is not NULL, element type. */
+static OrtStatus *typed_shape_of(const OrtValue *v, int64_t *dims, size_t *rank, int *elem) {
     OrtTensorTypeAndShapeInfo *info;
     CHECK(FN(S_GetTensorTypeAndShape, GetTensorTypeAndShape_t)(v, &info));
     OrtStatus *st = FN(S_GetDimensionsCount, GetDimensionsCount_t)(info, rank);
     if (!st && *rank > 8) st = error("QMatMul: rank %lld > %lld", (int64_t)*rank, 8);
     if (!st) st = FN(S_GetDimensions, GetDimensions_t)(info, dims, *rank);
+    if (!st && elem) st = FN(S_GetTensorElementType, GetTensorElementType_t)(info, elem);
     FN(S_ReleaseTensorTypeAndShapeInfo, ReleaseTensorTypeAndShapeInfo_t)(info);
     return st;
 }
+
+static OrtStatus *shape_of(const OrtValue *v, int64_t *dims, size_t *rank) { return typed_shape_of(v, dims, rank, NULL); }
 
 static OrtStatus *constant_input_dims(const OrtKernelInfo *info, size_t index, const void **data, int64_t *count,
                                       int64_t *dims, size_t *rank_out) {
@@ -424,6 +452,209 @@ static Op g_fop = {{16, NULL, op_name, op_ep, finput_type, finput_count, output_
                    1,
                    "FMatMul"};
 
+/* ---- GroupQueryAttention (ai.exaone.deploy): decode steps on attention_core.h, the rest on ONNX Runtime's op ----
+ *
+ * The same inputs (query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache),
+ * outputs and attributes as com.microsoft GroupQueryAttention (float32, the attributes the renamer allows). A step
+ * with one new token per row whose present caches are its past caches (the runtime binds them to one buffer) and
+ * whose positions lie inside the cache runs att_decode over (row, KV head) work items; anything else (prompts,
+ * separate present buffers, a local window, softcap, smooth softmax, positions outside the buffer) is handed, with the same inputs
+ * and outputs, to ONNX Runtime's own kernel, created once through the C API's standalone-op invoker (CreateOp /
+ * InvokeOp). So prompts keep ONNX Runtime's GEMM-based attention, and every edge case keeps its exact behaviour and
+ * error messages. */
+
+#define GQA_INPUTS 9
+#define GQA_OUTPUTS 3
+
+typedef struct {
+    int64_t heads, kv_heads, window, rotary, interleaved, smooth;
+    float scale, softcap;
+    OrtOp *inner;
+} AKernel;
+
+static int64_t attr_or(const OrtKernelInfo *info, const char *name, int64_t fallback) {
+    int64_t v = fallback;
+    OrtStatus *st = attr(info, name, &v);
+    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st), v = fallback;
+    return v;
+}
+
+static float fattr_or(const OrtKernelInfo *info, const char *name, float fallback) {
+    float v = fallback;
+    OrtStatus *st = FN(S_KernelInfoGetAttribute_float, KernelInfoGetAttribute_float_t)(info, name, &v);
+    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st), v = fallback;
+    return v;
+}
+
+/* ONNX Runtime's GroupQueryAttention kernel with this node's attributes and input count. Its CPU kernel's type
+ * constraints are T, T_CACHE, T_KV_SCALE, M in recent releases and T, M in older ones: both are tried. */
+static OrtStatus *create_inner(const OrtKernelInfo *info, AKernel *a) {
+    size_t n_in = 0;
+    CHECK(FN(S_KernelInfo_GetInputCount, KernelInfo_GetInputCount_t)(info, &n_in));
+    const char *names[] = {"num_heads", "kv_num_heads", "local_window_size", "do_rotary", "rotary_interleaved",
+                           "smooth_softmax", "scale", "softcap"};
+    const int64_t ints[] = {a->heads, a->kv_heads, a->window, a->rotary, a->interleaved, a->smooth};
+    const float floats[] = {a->scale, a->softcap};
+    OrtOpAttr *attrs[8] = {0};
+    OrtStatus *st = NULL;
+    for (int i = 0; i < 8 && !st; ++i)
+        st = FN(S_CreateOpAttr, CreateOpAttr_t)(names[i], i < 6 ? (const void *)&ints[i] : (const void *)&floats[i - 6],
+                                                 1, i < 6 ? ATTR_INT : ATTR_FLOAT, &attrs[i]);
+    if (!st) {
+        const char *tc_new[] = {"T", "T_CACHE", "T_KV_SCALE", "M"}, *tc_old[] = {"T", "M"};
+        const int tv_new[] = {T_FLOAT, T_FLOAT, T_FLOAT, T_INT32}, tv_old[] = {T_FLOAT, T_INT32};
+        st = FN(S_CreateOp, CreateOp_t)(info, "GroupQueryAttention", "com.microsoft", 1, tc_new, tv_new, 4,
+                                        (const OrtOpAttr *const *)attrs, 8, (int)n_in, GQA_OUTPUTS, &a->inner);
+        if (st) {
+            FN(S_ReleaseStatus, ReleaseStatus_t)(st);
+            st = FN(S_CreateOp, CreateOp_t)(info, "GroupQueryAttention", "com.microsoft", 1, tc_old, tv_old, 2,
+                                            (const OrtOpAttr *const *)attrs, 8, (int)n_in, GQA_OUTPUTS, &a->inner);
+        }
+    }
+    for (int i = 0; i < 8; ++i)
+        if (attrs[i]) FN(S_ReleaseOpAttr, ReleaseOpAttr_t)(attrs[i]);
+    return st;
+}
+
+static OrtStatus *acreate_kernel(const OrtCustomOp *op, OrtApi *api, const OrtKernelInfo *info, void **out) {
+    (void)op;
+    (void)api;
+    AKernel *a = calloc(1, sizeof(AKernel));
+    if (!a) return error("GroupQueryAttention: out of memory (%lld, %lld)", 0, 0);
+    a->heads = attr_or(info, "num_heads", 0);
+    a->kv_heads = attr_or(info, "kv_num_heads", 0);
+    a->window = attr_or(info, "local_window_size", -1);
+    a->rotary = attr_or(info, "do_rotary", 0);
+    a->interleaved = attr_or(info, "rotary_interleaved", 0);
+    a->smooth = attr_or(info, "smooth_softmax", 0);
+    a->scale = fattr_or(info, "scale", 0.f);
+    a->softcap = fattr_or(info, "softcap", 0.f);
+    OrtStatus *st = NULL;
+    if (a->heads <= 0 || a->kv_heads <= 0 || a->heads % a->kv_heads)
+        st = error("GroupQueryAttention: num_heads %lld, kv_num_heads %lld", a->heads, a->kv_heads);
+    if (!st) st = create_inner(info, a);
+    if (st) {
+        free(a);
+        return st;
+    }
+    *out = a;
+    return NULL;
+}
+
+typedef struct {
+    const AttnShape *s;
+    const float *q, *k, *v, *cos, *sin;
+    float *kc, *vc, *out;
+    const int32_t *seqlens;
+    int64_t items;
+} AWork;
+
+/* Work item i = (row, KV head). Each streams its own K and V rows from memory: while it computes, it prefetches the
+ * next item's (into L2), so an item does not start with a wait on memory. */
+static void attn_task(void *p, size_t i) {
+    const AWork *w = p;
+    const AttnShape *s = w->s;
+    const int64_t b = (int64_t)i / s->kv_heads, kvh = (int64_t)i % s->kv_heads, pos = w->seqlens[b];
+    const size_t row_cache = (size_t)s->kv_heads * s->cap * s->head;
+    const float *next_k = NULL, *next_v = NULL;
+    int64_t next_n = 0;
+    if ((int64_t)i + 1 < w->items) {
+        const int64_t nb = ((int64_t)i + 1) / s->kv_heads, nh = ((int64_t)i + 1) % s->kv_heads;
+        const size_t off = nb * row_cache + (size_t)nh * s->cap * s->head;
+        next_k = w->kc + off, next_v = w->vc + off, next_n = w->seqlens[nb];
+    }
+    att_decode(w->q + b * s->heads * s->head, w->k + b * s->kv_heads * s->head, w->v + b * s->kv_heads * s->head,
+               w->kc + b * row_cache, w->vc + b * row_cache, w->out + b * s->heads * s->head,
+               s->rot_half ? w->cos + pos * s->rot_half : NULL, s->rot_half ? w->sin + pos * s->rot_half : NULL, pos,
+               kvh, s, next_k, next_v, next_n);
+}
+
+static OrtStatus *data_of(const OrtValue *v, const void **p) {
+    return FN(S_GetTensorMutableData, GetTensorMutableData_t)((OrtValue *)v, (void **)p);
+}
+
+static OrtStatus *acompute(void *kernel, OrtKernelContext *ctx) {
+    const AKernel *a = kernel;
+    size_t n_in = 0;
+    CHECK(FN(S_KernelContext_GetInputCount, KernelContext_GetInputCount_t)(ctx, &n_in));
+    if (n_in != GQA_INPUTS && n_in != GQA_INPUTS - 2)
+        return error("GroupQueryAttention: %lld inputs, expected %lld (or 7 without rotary caches)", (int64_t)n_in,
+                     GQA_INPUTS);
+    const OrtValue *in[GQA_INPUTS] = {0};
+    int64_t dims[GQA_INPUTS][8] = {{0}};
+    size_t rank[GQA_INPUTS] = {0};
+    int elem[GQA_INPUTS] = {0};
+    for (size_t i = 0; i < n_in; ++i) {
+        CHECK(FN(S_KernelContext_GetInput, KernelContext_GetInput_t)(ctx, i, &in[i]));
+        if (!in[i]) return error("GroupQueryAttention: input %lld is missing (%lld)", (int64_t)i, 0);
+        CHECK(typed_shape_of(in[i], dims[i], &rank[i], &elem[i]));
+    }
+    /* The outputs' shapes as ONNX Runtime's op sets them: output [B, S, num_heads * head], present caches
+     * [B, kv_heads, max(total_sequence_length, past length), head]. */
+    if (rank[0] != 3 || rank[3] != 4 || rank[4] != 4 || dims[0][2] % a->heads || elem[6] != T_INT32 || elem[5] != T_INT32)
+        return error("GroupQueryAttention: query rank %lld, past rank %lld: not the op's layout", (int64_t)rank[0],
+                     (int64_t)rank[3]);
+    const int32_t *total_p, *seqlens;
+    CHECK(data_of(in[6], (const void **)&total_p));
+    CHECK(data_of(in[5], (const void **)&seqlens));
+    const int64_t batch = dims[0][0], seq = dims[0][1], head = dims[0][2] / a->heads, past = dims[3][2];
+    const int64_t total = *total_p, present = total > past ? total : past;
+    int64_t odims[3][4] = {{batch, seq, dims[0][2], 0}, {batch, a->kv_heads, present, head},
+                           {batch, a->kv_heads, present, head}};
+    OrtValue *outv[GQA_OUTPUTS];
+    void *optr[GQA_OUTPUTS];
+    for (size_t i = 0; i < GQA_OUTPUTS; ++i) {
+        CHECK(FN(S_KernelContext_GetOutput, KernelContext_GetOutput_t)(ctx, i, odims[i], i ? 4 : 3, &outv[i]));
+        CHECK(FN(S_GetTensorMutableData, GetTensorMutableData_t)(outv[i], &optr[i]));
+    }
+    const void *ptr[GQA_INPUTS] = {0};
+    for (size_t i = 0; i < n_in; ++i) CHECK(data_of(in[i], &ptr[i]));
+
+    AttnShape s = {.heads = a->heads, .kv_heads = a->kv_heads, .head = head, .cap = past,
+                   .rot_half = a->rotary ? dims[7][1] : 0, .interleaved = (int)a->interleaved,
+                   .scale = a->scale != 0.f ? a->scale : 1.f / sqrtf((float)head)};
+    int fast = seq == 1 && present == past && optr[1] == ptr[3] && optr[2] == ptr[4] && a->window <= 0 && a->softcap == 0.f &&
+               !a->smooth && head % 16 == 0 && head <= ATT_MAX_HEAD && a->heads / a->kv_heads <= ATT_MAX_GROUP &&
+               dims[1][2] == a->kv_heads * head && dims[2][2] == a->kv_heads * head && rank[1] == 3 && rank[2] == 3 &&
+               dims[1][0] == batch && dims[2][0] == batch && dims[1][1] == 1 && dims[2][1] == 1 &&
+               dims[3][0] == batch && dims[3][1] == a->kv_heads && dims[3][3] == head && rank[5] == 1 &&
+               dims[5][0] == batch && dims[4][0] == batch && dims[4][1] == a->kv_heads && dims[4][2] == past &&
+               dims[4][3] == head;
+    for (int i = 0; i < 5; ++i) fast = fast && elem[i] == T_FLOAT;
+    if (fast && a->rotary)
+        fast = n_in == GQA_INPUTS && rank[7] == 2 && rank[8] == 2 && dims[8][0] == dims[7][0] && dims[8][1] == dims[7][1] &&
+               2 * dims[7][1] <= head && elem[7] == T_FLOAT && elem[8] == T_FLOAT;
+    /* ONNX Runtime's op treats a step whose total length equals its new tokens as a first prompt (position 0 for
+     * every row): the fast path takes it only when every row starts at 0 there too. */
+    for (int64_t b = 0; b < batch && fast; ++b)
+        fast = seqlens[b] >= 0 && seqlens[b] < past && (!a->rotary || seqlens[b] < dims[7][0]) &&
+               (total != 1 || seqlens[b] == 0);
+    if (!fast)
+        return FN(S_InvokeOp, InvokeOp_t)(ctx, a->inner, in, (int)n_in, (OrtValue *const *)outv, GQA_OUTPUTS);
+    if (batch == 0) return NULL;
+    AWork w = {.s = &s, .q = ptr[0], .k = ptr[1], .v = ptr[2], .cos = ptr[7], .sin = ptr[8],
+               .kc = optr[1], .vc = optr[2], .out = optr[0], .seqlens = seqlens, .items = batch * a->kv_heads};
+    return FN(S_KernelContext_ParallelFor, KernelContext_ParallelFor_t)(ctx, attn_task, (size_t)(batch * a->kv_heads), 0,
+                                                                       &w);
+}
+
+static void adestroy(void *kernel) {
+    AKernel *a = kernel;
+    if (a && a->inner) FN(S_ReleaseOp, ReleaseOp_t)(a->inner);
+    free(a);
+}
+
+/* query, key, value, past_key, past_value: float; seqlens_k, total_sequence_length: int32; cos, sin: float */
+static int ainput_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 5 || i == 6 ? T_INT32 : T_FLOAT; }
+static size_t ainput_count(const OrtCustomOp *op) { (void)op; return GQA_INPUTS; }
+static int aoptional(const OrtCustomOp *op, size_t i) { (void)op; return i >= GQA_INPUTS - 2; } /* cos, sin */
+static size_t aoutput_count(const OrtCustomOp *op) { (void)op; return GQA_OUTPUTS; }
+
+static Op g_aop = {{16, NULL, op_name, op_ep, ainput_type, ainput_count, output_type, aoutput_count, NULL, adestroy,
+                    aoptional, required, mem_default, one, one, one, one, acreate_kernel, acompute},
+                   1,
+                   "GroupQueryAttention"};
+
 /* 1 when this CPU runs the kernel (the library is only registered then). */
 int exaone_qmatmul_supported(void) {
     __builtin_cpu_init();
@@ -439,5 +670,6 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     CHECK(FN(S_CreateCustomOpDomain, CreateCustomOpDomain_t)("ai.exaone.deploy", &domain));
     for (int i = 0; i < MAX_PARTS; ++i) CHECK(FN(S_CustomOpDomain_Add, CustomOpDomain_Add_t)(domain, &g_ops[i].base));
     CHECK(FN(S_CustomOpDomain_Add, CustomOpDomain_Add_t)(domain, &g_fop.base));
+    CHECK(FN(S_CustomOpDomain_Add, CustomOpDomain_Add_t)(domain, &g_aop.base));
     return FN(S_AddCustomOpDomain, AddCustomOpDomain_t)(options, domain);
 }

@@ -1,0 +1,193 @@
+"""Our GroupQueryAttention (runtime/kernels/attention_core.h) against onnxruntime's own, one node at a time.
+
+The rewritten node must give what com.microsoft::GroupQueryAttention gives: on decode steps (our code: the output and
+the key/value written into the shared cache buffer), and on everything it hands back to onnxruntime's kernel (prompts,
+separate present buffers), bit for bit there."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from exaone_deploy.runtime import kernels
+
+RNG = np.random.default_rng(1)
+
+
+def _lib():
+    path, why = kernels._build()
+    if path is None:
+        pytest.skip(why)
+    return path
+
+
+def _model(
+    heads, kv_heads, head, *, rotary=1, interleaved=0, window=-1, scale=None, softcap=None, extra=None, caches=True
+):
+    """One GroupQueryAttention node; ``caches=False``: no cos/sin inputs (seven, as EXAONE 4's NoPE layers)."""
+    attrs = dict(num_heads=heads, kv_num_heads=kv_heads, local_window_size=window, do_rotary=rotary)
+    if interleaved:
+        attrs["rotary_interleaved"] = 1
+    if scale is not None:
+        attrs["scale"] = scale
+    if softcap is not None:
+        attrs["softcap"] = softcap
+    if extra:
+        attrs.update(extra)
+    names = ["q", "k", "v", "pk", "pv", "seqlens_k", "total", "cos", "sin"][: 9 if caches else 7]
+    node = helper.make_node(
+        "GroupQueryAttention", names, ["out", "present_k", "present_v"], domain="com.microsoft", name="attn", **attrs
+    )
+    f = TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("q", f, ["b", "s", heads * head]),
+        helper.make_tensor_value_info("k", f, ["b", "s", kv_heads * head]),
+        helper.make_tensor_value_info("v", f, ["b", "s", kv_heads * head]),
+        helper.make_tensor_value_info("pk", f, ["b", kv_heads, "cap", head]),
+        helper.make_tensor_value_info("pv", f, ["b", kv_heads, "cap", head]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["b"]),
+        helper.make_tensor_value_info("total", TensorProto.INT32, []),
+        helper.make_tensor_value_info("cos", f, ["maxpos", "half"]),
+        helper.make_tensor_value_info("sin", f, ["maxpos", "half"]),
+    ][: len(names)]
+    outputs = [
+        helper.make_tensor_value_info("out", f, ["b", "s", heads * head]),
+        helper.make_tensor_value_info("present_k", f, ["b", kv_heads, "cap2", head]),
+        helper.make_tensor_value_info("present_v", f, ["b", kv_heads, "cap2", head]),
+    ]
+    graph = helper.make_graph([node], "g", inputs, outputs)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def _sessions(model):
+    """(onnxruntime's GroupQueryAttention, ours) for ``model``."""
+    _lib()
+    data = model.SerializeToString()
+    plain = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    rewritten = kernels.prepare_bytes(data, so)
+    assert rewritten is not None, "the node was not renamed"
+    assert [n.domain for n in onnx.load_from_string(rewritten).graph.node] == [kernels.DOMAIN]
+    return plain, ort.InferenceSession(rewritten, sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _rope(maxpos, half):
+    inv = 1.0 / (10000 ** (np.arange(half) / half))
+    ang = np.arange(maxpos)[:, None] * inv[None]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def _shared_step(sess, q, k, v, cache_k, cache_v, seqlens, cos, sin):
+    """One step with past and present bound to the same buffers (how the runtime runs it); returns the output and
+    updates ``cache_k``/``cache_v`` in place."""
+    b, s, _ = q.shape
+    out = np.empty_like(q)
+    total = np.array(int(seqlens.max()) + 1 if s == 1 else s, np.int32)
+    io = sess.io_binding()
+    feeds = dict(q=q, k=k, v=v, seqlens_k=seqlens, total=total, cos=cos, sin=sin)
+    for name, arr in feeds.items():
+        if name not in {i.name for i in sess.get_inputs()}:
+            continue
+        io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+    for past, present, arr in (("pk", "present_k", cache_k), ("pv", "present_v", cache_v)):
+        io.bind_input(past, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+        io.bind_output(present, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+    io.bind_output("out", "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+    sess.run_with_iobinding(io)
+    return out
+
+
+CASES = {
+    "1.2B heads (32/8 x 64)": dict(heads=32, kv_heads=8, head=64),
+    "32B heads (40/8 x 128)": dict(heads=40, kv_heads=8, head=128),
+    "interleaved rotary, scale": dict(heads=4, kv_heads=4, head=16, interleaved=1, scale=0.3),
+    "no rotary": dict(heads=6, kv_heads=2, head=48, rotary=0),
+    "NoPE layer (no rotary caches)": dict(heads=40, kv_heads=8, head=128, rotary=0, caches=False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_decode_steps_match_onnxruntime(case):
+    kw = CASES[case]
+    heads, kv_heads, head = kw["heads"], kw["kv_heads"], kw["head"]
+    theirs, ours = _sessions(_model(**kw))
+    batch, cap = 5, 300  # positions past one 128-key block: the running-softmax rescale
+    cos, sin = _rope(cap, head // 2)
+    caches = {}
+    for name in ("theirs", "ours"):
+        init = RNG.standard_normal((2, batch, kv_heads, cap, head)).astype(np.float32) if not caches else None
+        caches[name] = [c.copy() for c in (init if init is not None else caches["theirs"])]
+    seqlens = np.array([0, 1, 127, 128, 299 - 3], np.int32)  # the token's position; cap - 1 reached below
+    for step in range(3):
+        q = RNG.standard_normal((batch, 1, heads * head)).astype(np.float32)
+        k = RNG.standard_normal((batch, 1, kv_heads * head)).astype(np.float32)
+        v = RNG.standard_normal((batch, 1, kv_heads * head)).astype(np.float32)
+        ref = _shared_step(theirs, q, k, v, *caches["theirs"], seqlens, cos, sin)
+        got = _shared_step(ours, q, k, v, *caches["ours"], seqlens, cos, sin)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5, err_msg=f"step {step} output")
+        for a, b in zip(caches["ours"], caches["theirs"]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"step {step} cache")
+        seqlens = seqlens + 1
+
+
+def test_prompts_and_separate_buffers_are_onnxruntimes_own():
+    """Calls outside the decode fast path run onnxruntime's kernel through the standalone-op invoker: identical."""
+    heads, kv_heads, head = 8, 2, 32
+    theirs, ours = _sessions(_model(heads, kv_heads, head))
+    cos, sin = _rope(64, head // 2)
+    batch, s, cap = 2, 7, 64
+    q = RNG.standard_normal((batch, s, heads * head)).astype(np.float32)
+    k = RNG.standard_normal((batch, s, kv_heads * head)).astype(np.float32)
+    v = RNG.standard_normal((batch, s, kv_heads * head)).astype(np.float32)
+    cache = [np.zeros((batch, kv_heads, cap, head), np.float32) for _ in range(2)]
+    mine = [c.copy() for c in cache]
+    seqlens = np.full(batch, s - 1, np.int32)
+    ref = _shared_step(theirs, q, k, v, *cache, seqlens, cos, sin)
+    got = _shared_step(ours, q, k, v, *mine, seqlens, cos, sin)
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(mine[0], cache[0])
+    # separate past and present (plain run, present = past length + 1): a decode step, still onnxruntime's op
+    feeds = dict(
+        q=q[:, :1].copy(),
+        k=k[:, :1].copy(),
+        v=v[:, :1].copy(),
+        pk=cache[0][:, :, :s].copy(),
+        pv=cache[1][:, :, :s].copy(),
+        seqlens_k=np.full(batch, s, np.int32),
+        total=np.array(s + 1, np.int32),
+        cos=cos,
+        sin=sin,
+    )
+    for a, b in zip(ours.run(None, feeds), theirs.run(None, feeds)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_softcap_steps_go_to_onnxruntime():
+    theirs, ours = _sessions(_model(4, 2, 16, softcap=5.0))
+    cos, sin = _rope(32, 8)
+    cache = [RNG.standard_normal((1, 2, 32, 16)).astype(np.float32) for _ in range(2)]
+    mine = [c.copy() for c in cache]
+    q = RNG.standard_normal((1, 1, 64)).astype(np.float32)
+    k = RNG.standard_normal((1, 1, 32)).astype(np.float32)
+    seqlens = np.array([9], np.int32)
+    ref = _shared_step(theirs, q, k, k, *cache, seqlens, cos, sin)
+    got = _shared_step(ours, q, k, k, *mine, seqlens, cos, sin)
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize(
+    "why, extra",
+    [
+        ("int8 cache (quantization attributes)", dict(k_quant_type="PER_CHANNEL")),
+        ("window-sized caches", dict(sliding_window_cache=1)),
+        ("a local window (releases disagree on its keys)", dict(local_window_size=8)),
+    ],
+)
+def test_unknown_attributes_keep_onnxruntimes_node(why, extra):
+    data = _model(4, 2, 16, extra=extra).SerializeToString()
+    _, count = kernels.rewrite(data)
+    assert count == 0, why
