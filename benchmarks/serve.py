@@ -14,7 +14,8 @@ at each ``--concurrency`` C: C client streams send requests back to back (greedy
 ``--prompt-len``, ``ignore_eos`` so every request makes ``--max-tokens`` tokens), reporting end-to-end tok/s
 (completion tokens / wall time: prefill, queueing and HTTP included), time to first token p50/p99,
 inter-token latency p50/p99 (gaps between streamed chunks) and, for ours, the decode-step throughput from
-the server's Prometheus counters; tok/s ratios are to concurrency 1 of the same target.
+the server's Prometheus counters (``batch``: tokens per decode step; ``rows``: cache rows each step computed,
+the span of slots it covers, so ``rows`` - ``batch`` rows of every step were idle); tok/s ratios are to concurrency 1 of the same target.
 
 Every request of the throughput levels (and the warm-up) has its own random prompt, never sent before:
 llama-server's ``cache_prompt`` (on by default) reuses a slot's cached prompt when a request repeats one, and
@@ -213,6 +214,7 @@ def scrape(url: str) -> dict[str, float]:
         "exaone_decode_step_seconds_sum",
         "exaone_decode_batch_size_sum",
         "exaone_decode_batch_size_count",
+        "exaone_decode_rows_total",
         "exaone_prefix_cache_reused_tokens_total",
     ):
         m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
@@ -349,6 +351,7 @@ def measure(url: str, prompts: Prompts, levels, requests, max_tokens, ours: bool
                 "tokens_per_s": tokens / wall,
                 "decode_tokens_per_s": step_tokens / step_s if step_s else None,
                 "mean_decode_batch": step_tokens / steps if steps else None,
+                "mean_decode_rows": delta.get("exaone_decode_rows_total", 0) / steps if steps else None,
                 "ttft_p50_s": percentile([r["ttft"] for r in results], 50),
                 "ttft_p99_s": percentile([r["ttft"] for r in results], 99),
                 "itl_p50_s": percentile(itl, 50),
@@ -371,7 +374,7 @@ def measure(url: str, prompts: Prompts, levels, requests, max_tokens, ours: bool
 def print_rows(name: str, rows: list[dict]) -> None:
     print(f"\n{name}")
     head = (
-        f"{'conc':>4} {'reqs':>4} {'tok/s':>7} {'x':>5} {'decode tok/s':>12} {'batch':>5} "
+        f"{'conc':>4} {'reqs':>4} {'tok/s':>7} {'x':>5} {'decode tok/s':>12} {'batch':>5} {'rows':>5} "
         f"{'ttft p50':>8} {'ttft p99':>8} {'itl p50':>8} {'itl p99':>8} {'cached':>6} {'same':>4}"
     )
     print(head)
@@ -380,9 +383,10 @@ def print_rows(name: str, rows: list[dict]) -> None:
         same = "-" if r["same_as_alone"] is None else "yes" if r["same_as_alone"] else "NO"
         dec = f"{r['decode_tokens_per_s']:.2f}" if r["decode_tokens_per_s"] else "-"
         batch = f"{r['mean_decode_batch']:.1f}" if r["mean_decode_batch"] else "-"
+        span = f"{r['mean_decode_rows']:.1f}" if r.get("mean_decode_rows") else "-"
         print(
             f"{r['concurrency']:>4} {r['requests']:>4} {r['tokens_per_s']:>7.2f} {r['tokens_per_s_vs_1']:>5.2f} "
-            f"{dec:>12} {batch:>5} {r['ttft_p50_s']:>7.2f}s {r['ttft_p99_s']:>7.2f}s "
+            f"{dec:>12} {batch:>5} {span:>5} {r['ttft_p50_s']:>7.2f}s {r['ttft_p99_s']:>7.2f}s "
             f"{r['itl_p50_s'] * 1000:>6.0f}ms {r['itl_p99_s'] * 1000:>6.0f}ms {r['prompt_tokens_cached']:>6.0f} "
             f"{same:>4}"
         )

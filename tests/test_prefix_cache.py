@@ -11,6 +11,7 @@ import queue
 import random
 import time
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -166,3 +167,38 @@ def test_turn_ten_ttft_stays_flat(scheds):
     off = np.min([ttfts(False, seed) for seed in range(3)], axis=0)
     assert on[9] <= 1.5 * on[0], (on, off)
     assert off[9] > on[9], (on, off)
+
+
+def test_new_requests_fill_holes_in_the_decode_span():
+    """A decode step computes every row from the lowest to the highest running slot: a request that reuses nothing
+    takes an empty slot inside that span, else a cached one there (LRU first), before one that widens it."""
+
+    class Backend:
+        max_seq_len, max_batch, windowed = 64, 8, False
+        lengths = np.zeros(8, np.int64)
+        released: list[int] = []
+
+        def release(self, slot):
+            self.released.append(slot)
+
+    class Tok:
+        eos_ids = [1]
+
+    s = Scheduler(Backend(), Tok())
+    running = Request([9, 9, 9], SamplingParams(max_new_tokens=4), lambda e: None)
+    running.slot = 5
+    s._running = [running]
+    s._free = [3, 6, 7]
+    s._cached = OrderedDict([(4, np.array([2, 2, 2])), (1, np.array([3, 3, 3])), (0, np.array([4, 4, 4]))])
+    new = [Request([7, 7, 7, 7], SamplingParams(max_new_tokens=4), lambda e: None) for _ in range(5)]
+    slots = []
+    for req in new:
+        req.slot = s._take_slot_locked(req)
+        s._running.append(req)
+        slots.append(req.slot)
+    # empty 3 (inside), then cached 4, 1, 0 (inside, least recently used first), then empty 6 (widens)
+    assert slots == [3, 4, 1, 0, 6]
+    assert s.backend.released == [4, 1, 0]
+    # a full prefix match still wins over any hole
+    s._cached[2] = np.array([5, 5, 5])
+    assert s._take_slot_locked(Request([5, 5, 5, 8, 8], SamplingParams(max_new_tokens=4), lambda e: None)) == 2

@@ -30,15 +30,19 @@ cache in place: the slot becomes *cached*, remembering the token ids it holds (t
 token fed back to the model; the last sampled token never is). Admission looks for a cached slot whose
 tokens the new prompt starts with, takes it, and prefills only the rest (``backend.extend``): the multi-turn
 case, where the previous prompt plus its completion is a prefix of the next turn's prompt. Cached slots are
-given up least recently used first, only when no empty slot is free. Which slot a prompt gets:
+given up least recently used first, when they sit inside the running batch's span or no empty slot is free.
+Which slot a prompt gets:
 
 1. a cached slot whose whole sequence is a prefix of the prompt (the longest such), extended in place;
-2. else the lowest empty slot (a cached sequence is worth more to its own continuation than a partial
-   match is to this prompt);
-3. else, with full-length caches only, the cached slot sharing the longest common prefix with the prompt,
-   cut back to that prefix (``backend.lengths``: a full-length cache row holds every position, and keys past
-   a row's length are never read and are overwritten in place);
-4. else the least recently used cached slot, emptied.
+2. else, with full-length caches only and no empty slot left, the cached slot sharing the longest common
+   prefix with the prompt, cut back to that prefix (``backend.lengths``: a full-length cache row holds every
+   position, and keys past a row's length are never read and are overwritten in place);
+3. else an empty slot below the highest running slot, else a cached slot there (least recently used first,
+   emptied): a decode step computes every row from the lowest to the highest running slot, so a hole in that
+   span costs a whole row of every step while it lasts (the c=16 level of benchmarks/serve.py with 32 slots
+   decoded spans of up to 32 rows for 16 tokens when new requests took empty slots above cached ones);
+4. else the lowest empty slot (a cached sequence is worth more to its own continuation than a partial
+   match is to this prompt), else the least recently used cached slot, emptied.
 
 At least the prompt's last ``MIN_PREFILL`` = 2 tokens are always prefilled: the last one's logits are the first
 token's, and two rows keep a prefill on the same kernels as a whole prompt's (ONNX Runtime's int4
@@ -163,7 +167,8 @@ class SchedulerObserver:
 
     def on_prefill(self, tokens: int, seconds: float) -> None: ...
 
-    def on_decode(self, batch: int, seconds: float) -> None: ...
+    def on_decode(self, batch: int, seconds: float, rows: int) -> None:
+        """A decode step of ``batch`` tokens that computed ``rows`` cache rows (the slot span; rows - batch idle)."""
 
     def on_prefix(self, req: Request) -> None:
         """Admitted with a prefix-cache lookup: ``req.reused`` prompt tokens came from the cache (0: a miss)."""
@@ -362,6 +367,17 @@ class Scheduler:
             self.prefix_hits += 1
             self.prefix_tokens_reused += best_len
             return best
+        # Keep the decode batch compact: it spans rows [lowest, highest running slot], and every row in that span
+        # is computed whether or not it decodes. Inside the span: an empty slot, else a cached one (LRU first);
+        # only then a slot that widens it.
+        top = max((r.slot for r in self._running if r.slot is not None), default=-1)
+        if self._free and self._free[0] < top:
+            return heapq.heappop(self._free)
+        inside = next((s for s in self._cached if s < top), None)  # (oldest first)
+        if inside is not None:
+            del self._cached[inside]
+            self.backend.release(inside)
+            return inside
         if self._free:
             return heapq.heappop(self._free)
         slot, _ = self._cached.popitem(last=False)  # the least recently used
@@ -417,7 +433,7 @@ class Scheduler:
                 for req in batch:
                     self._fail(req, f"decode failed: {e}")
                 return
-            self.observer.on_decode(len(batch), time.perf_counter() - t)
+            self.observer.on_decode(len(batch), time.perf_counter() - t, batch[-1].slot - batch[0].slot + 1)
             self.steps += 1
             self._sample(batch, logits)
 

@@ -51,6 +51,11 @@ class Metrics(SchedulerObserver):
         self.decode_step = Histogram(
             "exaone_decode_step_seconds", "Duration of one batched decode step", buckets=(*_STEP, 5), registry=r
         )
+        self.decode_rows = Counter(
+            "exaone_decode_rows",
+            "Cache rows computed by decode steps (the slot span: rows beyond the tokens decoded are idle)",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "exaone_decode_batch_size", "Requests in one decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
         )
@@ -122,6 +127,7 @@ class Metrics(SchedulerObserver):
             self.prefix_hits.inc()
             self.prefix_reused.inc(req.reused)
 
-    def on_decode(self, batch: int, seconds: float) -> None:
+    def on_decode(self, batch: int, seconds: float, rows: int) -> None:
         self.decode_step.observe(seconds)
         self.batch_size.observe(batch)
+        self.decode_rows.inc(rows)

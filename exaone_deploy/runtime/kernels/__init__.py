@@ -1,4 +1,4 @@
-"""Our own ONNX Runtime CPU kernels for the linear layers, swapped in at session creation.
+"""Our own ONNX Runtime CPU kernels for the linear layers and decode attention, swapped in at session creation.
 
 Contract: ``prepare(model_path, so, dtype=..., mode=...)`` returns what to hand ``ort.InferenceSession`` (the model
 path, or the model's bytes with eligible nodes moved to ``ai.exaone.deploy`` ops) and registers the kernel library
@@ -21,15 +21,18 @@ Why: ONNX Runtime's MLAS kernels are slow exactly where batched serving and prom
 4-bit weights per 2-row tile at M > 1 (and rounds its M = 1 and M > 1 paths differently); its SGEMM reaches ~180
 GFLOP/s at M = 16 rows on a 2-core AVX-512 machine. Ours repack each weight once at load, keep every row's
 arithmetic independent of its batch, and run int4 prompts ~2x, int4 batch-16 linears ~3x and fp32 batch-16
-decode steps ~1.5x faster (docs/perf.md, docs/scale.md).
+decode steps ~1.5x faster (docs/perf.md, docs/scale.md). Its CPU GroupQueryAttention runs two small GEMM calls
+per (row, query head) on a decode step (~20 ms of a ~78 ms batch-16 int4 step of the 1.2B shape); ours reads each
+cached key once per KV head (~10 ms, bound by reading the fp32 cache).
 
 Build: the C source is compiled on first use with the system C compiler (``$CC``, else ``cc``) into the user cache
 (``$EXAONE_DEPLOY_CACHE`` or ``~/.cache/exaone-deploy``/kernels, written to a temporary name and renamed), keyed by
 the hash of the sources and flags. No compiler, another architecture, or a CPU without AVX-512 VNNI: ONNX Runtime's
 kernels keep running, logged once. ``EXAONE_DEPLOY_KERNELS``: ``auto`` (default), ``off``, or ``on`` (fail loudly when
-unavailable). Rejected: a compiled extension built by pip (the edge install would need a compiler and a build per
-platform), and editing the graph with ``onnx`` (not a runtime dependency; the rename is a few protobuf fields, see
-``_wire``).
+unavailable); ``EXAONE_DEPLOY_KERNEL_OPS`` (``linear``, ``attention``, comma-separated; default both) picks the op
+families, for A/B runs. Rejected: a compiled extension built by pip (the edge install would need a compiler and a
+build per platform), and editing the graph with ``onnx`` (not a runtime dependency; the rename is a few protobuf
+fields, see ``_wire``).
 """
 
 from __future__ import annotations
@@ -203,7 +206,8 @@ def _plan(nodes: list[_wire.Node], info: _wire.GraphInfo, ops=frozenset(("linear
     """Eligible MatMulNBits -> QMatMul; up to three that read the same activation with the same K / bits / block
     (q, k, v; gate, up) -> one QMatMul2/3 at the first one's place (its inputs exist there: A and initializers),
     so A is quantized once and one parallel loop covers all their columns. ``release_inputs`` = 1 when the node
-    alone reads its weights: the kernel then hands their pages back to the OS after repacking."""
+    alone reads its weights: the kernel then hands their pages back to the OS after repacking. Eligible
+    GroupQueryAttention -> ours, same inputs and attributes. ``ops``: the families to rename (``OPS``)."""
     groups: dict[tuple, list[int]] = {}
     for i, node in enumerate(nodes):
         if "linear" in ops and eligible(node, info):
