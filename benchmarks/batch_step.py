@@ -10,7 +10,8 @@ GroupQueryAttention). Every row of the batch holds ``--past`` tokens (a prompt p
 then re-decodes at that depth, so every round measures the same step), and a round runs ``--steps`` steps per
 (session, batch) in turn, so a drift of the machine hits all alike. Reported: the median step time, tokens per
 second (batch / step), and the scaling ``batch x step(1) / step(batch)``: the aggregate decode throughput at that
-batch over batch 1's, as the median of per-round ratios (issue 17's bar is 8x at 16).
+batch over batch 1's, as the median of per-round ratios (issue 17's bar is 8x at 16). The process re-executes
+itself with glibc's huge-page tunable, as the ``exaone-deploy`` verbs do (runtime/hugepages.py).
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def _backend(path: str, opts: dict[str, str], batch: int, context: int, threads:
 
 
 def main(argv=None) -> dict:
+    if argv is None:  # weights and caches in 2 MiB pages, as `exaone-deploy serve` runs them
+        from exaone_deploy.runtime.hugepages import reexec
+
+        reexec([sys.executable, *sys.argv])
     ap = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )

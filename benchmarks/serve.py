@@ -15,7 +15,8 @@ at each ``--concurrency`` C: C client streams send requests back to back (greedy
 (completion tokens / wall time: prefill, queueing and HTTP included), time to first token p50/p99,
 inter-token latency p50/p99 (gaps between streamed chunks) and, for ours, the decode-step throughput from
 the server's Prometheus counters (``batch``: tokens per decode step; ``rows``: cache rows each step computed,
-the span of slots it covers, so ``rows`` - ``batch`` rows of every step were idle); tok/s ratios are to concurrency 1 of the same target.
+the span of slots it covers, so ``rows`` - ``batch`` rows of every step were idle); tok/s ratios are to
+concurrency 1 of the same target.
 
 Every request of the throughput levels (and the warm-up) has its own random prompt, never sent before:
 llama-server's ``cache_prompt`` (on by default) reuses a slot's cached prompt when a request repeats one, and

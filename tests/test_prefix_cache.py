@@ -169,9 +169,10 @@ def test_turn_ten_ttft_stays_flat(scheds):
     assert off[9] > on[9], (on, off)
 
 
-def test_new_requests_fill_holes_in_the_decode_span():
+def test_new_requests_keep_the_decode_span_compact():
     """A decode step computes every row from the lowest to the highest running slot: a request that reuses nothing
-    takes an empty slot inside that span, else a cached one there (LRU first), before one that widens it."""
+    takes the slot adding the fewest rows to that span (a hole first; an empty slot before a cached one at equal
+    cost, cached ones least recently used first)."""
 
     class Backend:
         max_seq_len, max_batch, windowed = 64, 8, False
@@ -184,21 +185,24 @@ def test_new_requests_fill_holes_in_the_decode_span():
     class Tok:
         eos_ids = [1]
 
+    def request(prompt):
+        return Request(prompt, SamplingParams(max_new_tokens=4), lambda e: None)
+
     s = Scheduler(Backend(), Tok())
-    running = Request([9, 9, 9], SamplingParams(max_new_tokens=4), lambda e: None)
-    running.slot = 5
-    s._running = [running]
-    s._free = [3, 6, 7]
-    s._cached = OrderedDict([(4, np.array([2, 2, 2])), (1, np.array([3, 3, 3])), (0, np.array([4, 4, 4]))])
-    new = [Request([7, 7, 7, 7], SamplingParams(max_new_tokens=4), lambda e: None) for _ in range(5)]
+    s._running = [request([9, 9, 9]), request([8, 8, 8])]
+    s._running[0].slot, s._running[1].slot = 2, 6
+    s._free = [4, 7]
+    s._cached = OrderedDict([(3, np.array([2, 2, 2])), (5, np.array([3, 3, 3])), (0, np.array([4, 4, 4]))])
     slots = []
-    for req in new:
+    for _ in range(5):
+        req = request([7, 7, 7, 7])
         req.slot = s._take_slot_locked(req)
         s._running.append(req)
         slots.append(req.slot)
-    # empty 3 (inside), then cached 4, 1, 0 (inside, least recently used first), then empty 6 (widens)
-    assert slots == [3, 4, 1, 0, 6]
-    assert s.backend.released == [4, 1, 0]
-    # a full prefix match still wins over any hole
-    s._cached[2] = np.array([5, 5, 5])
-    assert s._take_slot_locked(Request([5, 5, 5, 8, 8], SamplingParams(max_new_tokens=4), lambda e: None)) == 2
+    # the empty hole 4, the cached holes 3 and 5 (oldest first), then empty 7 (+1 row) before cached 0 (+2 rows)
+    assert slots == [4, 3, 5, 7, 0]
+    assert s.backend.released == [3, 5, 0]
+    # nothing running: the lowest empty slot; a full prefix match wins over everything
+    s._running, s._free, s._cached = [], [6, 1], OrderedDict([(2, np.array([5, 5, 5]))])
+    assert s._take_slot_locked(request([1, 2, 3])) == 1
+    assert s._take_slot_locked(request([5, 5, 5, 8, 8])) == 2

@@ -30,19 +30,18 @@ cache in place: the slot becomes *cached*, remembering the token ids it holds (t
 token fed back to the model; the last sampled token never is). Admission looks for a cached slot whose
 tokens the new prompt starts with, takes it, and prefills only the rest (``backend.extend``): the multi-turn
 case, where the previous prompt plus its completion is a prefix of the next turn's prompt. Cached slots are
-given up least recently used first, when they sit inside the running batch's span or no empty slot is free.
+given up least recently used first, when one adds fewer rows to the decode batch than any empty slot would.
 Which slot a prompt gets:
 
 1. a cached slot whose whole sequence is a prefix of the prompt (the longest such), extended in place;
 2. else, with full-length caches only and no empty slot left, the cached slot sharing the longest common
    prefix with the prompt, cut back to that prefix (``backend.lengths``: a full-length cache row holds every
    position, and keys past a row's length are never read and are overwritten in place);
-3. else an empty slot below the highest running slot, else a cached slot there (least recently used first,
-   emptied): a decode step computes every row from the lowest to the highest running slot, so a hole in that
-   span costs a whole row of every step while it lasts (the c=16 level of benchmarks/serve.py with 32 slots
-   decoded spans of up to 32 rows for 16 tokens when new requests took empty slots above cached ones);
-4. else the lowest empty slot (a cached sequence is worth more to its own continuation than a partial
-   match is to this prompt), else the least recently used cached slot, emptied.
+3. else the slot that adds the fewest rows to the decode span (a decode step computes every row from the
+   lowest to the highest running slot, so a hole in that span costs a row of every step while it lasts): an
+   empty slot before a cached one at equal cost, cached ones least recently used first, emptied. With nothing
+   running: the lowest empty slot, else the least recently used cached one. (With empty slots always taken
+   first, the c=16 level of benchmarks/serve.py, 32 slots, computed 22.5 rows per step for 15 tokens.)
 
 At least the prompt's last ``MIN_PREFILL`` = 2 tokens are always prefilled: the last one's logits are the first
 token's, and two rows keep a prefill on the same kernels as a whole prompt's (ONNX Runtime's int4
@@ -367,20 +366,23 @@ class Scheduler:
             self.prefix_hits += 1
             self.prefix_tokens_reused += best_len
             return best
-        # Keep the decode batch compact: it spans rows [lowest, highest running slot], and every row in that span
-        # is computed whether or not it decodes. Inside the span: an empty slot, else a cached one (LRU first);
-        # only then a slot that widens it.
-        top = max((r.slot for r in self._running if r.slot is not None), default=-1)
-        if self._free and self._free[0] < top:
-            return heapq.heappop(self._free)
-        inside = next((s for s in self._cached if s < top), None)  # (oldest first)
-        if inside is not None:
-            del self._cached[inside]
-            self.backend.release(inside)
-            return inside
-        if self._free:
-            return heapq.heappop(self._free)
-        slot, _ = self._cached.popitem(last=False)  # the least recently used
+        # Keep the decode batch compact: a step computes every row from the lowest to the highest running slot,
+        # so take the slot that adds the fewest rows to that span: a hole inside it first (an empty one, else a
+        # cached one, least recently used first), else the nearest empty slot, else the nearest cached one.
+        held = [r.slot for r in self._running if r.slot is not None]
+        lo, hi = (min(held), max(held)) if held else (0, -1)
+
+        def cost(slot: int) -> int:
+            return max(0, lo - slot) + max(0, slot - hi) if held else 0
+
+        best_empty = min(((cost(x), x) for x in self._free), default=None)
+        best_cached = min(((cost(x), rank, x) for rank, x in enumerate(self._cached)), default=None)
+        if best_empty is not None and (best_cached is None or best_empty[0] <= best_cached[0]):
+            self._free.remove(best_empty[1])
+            heapq.heapify(self._free)
+            return best_empty[1]
+        slot = best_cached[2]
+        del self._cached[slot]
         self.backend.release(slot)
         return slot
 
