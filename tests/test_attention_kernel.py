@@ -25,7 +25,18 @@ def _lib():
 
 
 def _model(
-    heads, kv_heads, head, *, rotary=1, interleaved=0, window=-1, scale=None, softcap=None, extra=None, caches=True
+    heads,
+    kv_heads,
+    head,
+    *,
+    rotary=1,
+    interleaved=0,
+    window=-1,
+    scale=None,
+    softcap=None,
+    extra=None,
+    caches=True,
+    total_shape=(),
 ):
     """One GroupQueryAttention node; ``caches=False``: no cos/sin inputs (seven, as EXAONE 4's NoPE layers)."""
     attrs = dict(num_heads=heads, kv_num_heads=kv_heads, local_window_size=window, do_rotary=rotary)
@@ -49,7 +60,7 @@ def _model(
         helper.make_tensor_value_info("pk", f, ["b", kv_heads, "cap", head]),
         helper.make_tensor_value_info("pv", f, ["b", kv_heads, "cap", head]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["b"]),
-        helper.make_tensor_value_info("total", TensorProto.INT32, []),
+        helper.make_tensor_value_info("total", TensorProto.INT32, list(total_shape)),
         helper.make_tensor_value_info("cos", f, ["maxpos", "half"]),
         helper.make_tensor_value_info("sin", f, ["maxpos", "half"]),
     ][: len(names)]
@@ -191,3 +202,30 @@ def test_unknown_attributes_keep_onnxruntimes_node(why, extra):
     data = _model(4, 2, 16, extra=extra).SerializeToString()
     _, count = kernels.rewrite(data)
     assert count == 0, why
+
+
+def test_malformed_inputs_are_errors_not_reads():
+    """Inputs the op's layout does not allow fail with a message (never a read or write past a buffer): a
+    total_sequence_length without exactly one element; a position past the bound cache (onnxruntime's op refuses
+    it too)."""
+    _, ours = _sessions(_model(4, 2, 16, total_shape=("t",)))
+    cos, sin = _rope(64, 8)
+    feeds = dict(
+        q=np.zeros((1, 1, 64), np.float32),
+        k=np.zeros((1, 1, 32), np.float32),
+        v=np.zeros((1, 1, 32), np.float32),
+        pk=np.zeros((1, 2, 32, 16), np.float32),
+        pv=np.zeros((1, 2, 32, 16), np.float32),
+        seqlens_k=np.array([3], np.int32),
+        total=np.zeros((0,), np.int32),
+        cos=cos,
+        sin=sin,
+    )
+    with pytest.raises(Exception, match="total_sequence_length has 0 elements"):
+        ours.run(None, feeds)
+    theirs, ours = _sessions(_model(4, 2, 16))
+    q, k = feeds["q"], feeds["k"]
+    for sess in (theirs, ours):
+        cache = [np.zeros((1, 2, 32, 16), np.float32) for _ in range(2)]
+        with pytest.raises(Exception, match="GroupQueryAttention"):
+            _shared_step(sess, q, k, k, *cache, np.array([40], np.int32), cos, sin)

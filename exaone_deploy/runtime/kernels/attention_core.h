@@ -150,7 +150,8 @@ ATT_TARGET static void att_decode(const float *q, const float *k, const float *v
                 for (int64_t j = 0; j < jn; ++j) {
                     __m512 a = _mm512_mul_ps(_mm512_load_ps(qr + g * d), _mm512_loadu_ps(kt + j * d));
                     for (int64_t c = 1; c < nv; ++c)
-                        a = _mm512_fmadd_ps(_mm512_load_ps(qr + g * d + 16 * c), _mm512_loadu_ps(kt + j * d + 16 * c), a);
+                        a = _mm512_fmadd_ps(_mm512_load_ps(qr + g * d + 16 * c), _mm512_loadu_ps(kt + j * d + 16 * c),
+                                            a);
                     part[j] = a;
                 }
                 for (int64_t j = jn; j < 16; ++j) part[j] = _mm512_setzero_ps();
@@ -176,7 +177,8 @@ ATT_TARGET static void att_decode(const float *q, const float *k, const float *v
             l[g] = l[g] * alpha + _mm512_reduce_add_ps(sum);
             m[g] = mnew;
             if (alpha != 1.f)
-                for (int64_t c = 0; c < nv; ++c) acc[g * nv + c] = _mm512_mul_ps(acc[g * nv + c], _mm512_set1_ps(alpha));
+                for (int64_t c = 0; c < nv; ++c)
+                    acc[g * nv + c] = _mm512_mul_ps(acc[g * nv + c], _mm512_set1_ps(alpha));
         }
         for (int64_t j = 0; j < n; ++j) {
             const float *vt = vbase + (t0 + j) * d;

@@ -95,8 +95,8 @@ typedef OrtStatus *(*KernelInfo_GetInputCount_t)(const OrtKernelInfo *, size_t *
 typedef OrtStatus *(*KernelInfoGetConstantInput_tensor_t)(const OrtKernelInfo *, size_t, int *, const OrtValue **);
 typedef OrtStatus *(*CreateOpAttr_t)(const char *, const void *, int, int, OrtOpAttr **);
 typedef void (*ReleaseOpAttr_t)(OrtOpAttr *);
-typedef OrtStatus *(*CreateOp_t)(const OrtKernelInfo *, const char *, const char *, int, const char **, const int *, int,
-                                 const OrtOpAttr *const *, int, int, int, OrtOp **);
+typedef OrtStatus *(*CreateOp_t)(const OrtKernelInfo *, const char *, const char *, int, const char **, const int *,
+                                 int, const OrtOpAttr *const *, int, int, int, OrtOp **);
 typedef OrtStatus *(*InvokeOp_t)(const OrtKernelContext *, const OrtOp *, const OrtValue *const *, int,
                                  OrtValue *const *, int);
 typedef void (*ReleaseOp_t)(OrtOp *);
@@ -167,7 +167,9 @@ static OrtStatus *typed_shape_of(const OrtValue *v, int64_t *dims, size_t *rank,
     return st;
 }
 
-static OrtStatus *shape_of(const OrtValue *v, int64_t *dims, size_t *rank) { return typed_shape_of(v, dims, rank, NULL); }
+static OrtStatus *shape_of(const OrtValue *v, int64_t *dims, size_t *rank) {
+    return typed_shape_of(v, dims, rank, NULL);
+}
 
 static OrtStatus *constant_input_dims(const OrtKernelInfo *info, size_t index, const void **data, int64_t *count,
                                       int64_t *dims, size_t *rank_out) {
@@ -397,7 +399,8 @@ static OrtStatus *fcreate_kernel(const OrtCustomOp *op, OrtApi *api, const OrtKe
     size_t rank;
     CHECK(constant_input_dims(info, 1, &b, &count, dims, &rank));
     if (rank != 2 || dims[0] <= 0 || dims[1] <= 0 || dims[1] % 16)
-        return error("FMatMul: B must be [K, N] with N %% 16 == 0 (rank %lld, N %lld)", (int64_t)rank, rank == 2 ? dims[1] : 0);
+        return error("FMatMul: B must be [K, N] with N %% 16 == 0 (rank %lld, N %lld)", (int64_t)rank,
+                     rank == 2 ? dims[1] : 0);
     FKernel *kern = calloc(1, sizeof(FKernel));
     if (!kern) return error("FMatMul: out of memory (%lld, %lld)", 0, 0);
     kern->k = dims[0];
@@ -447,8 +450,8 @@ static void fdestroy(void *kernel) {
 static int finput_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return T_FLOAT; }
 static size_t finput_count(const OrtCustomOp *op) { (void)op; return 2; }
 
-static Op g_fop = {{16, NULL, op_name, op_ep, finput_type, finput_count, output_type, output_count, NULL, fdestroy, required, required, mem_default, one, one, one, one, fcreate_kernel,
-                    fcompute},
+static Op g_fop = {{16, NULL, op_name, op_ep, finput_type, finput_count, output_type, output_count, NULL, fdestroy,
+                    required, required, mem_default, one, one, one, one, fcreate_kernel, fcompute},
                    1,
                    "FMatMul"};
 
@@ -458,10 +461,10 @@ static Op g_fop = {{16, NULL, op_name, op_ep, finput_type, finput_count, output_
  * outputs and attributes as com.microsoft GroupQueryAttention (float32, the attributes the renamer allows). A step
  * with one new token per row whose present caches are its past caches (the runtime binds them to one buffer) and
  * whose positions lie inside the cache runs att_decode over (row, KV head) work items; anything else (prompts,
- * separate present buffers, a local window, softcap, smooth softmax, positions outside the buffer) is handed, with the same inputs
- * and outputs, to ONNX Runtime's own kernel, created once through the C API's standalone-op invoker (CreateOp /
- * InvokeOp). So prompts keep ONNX Runtime's GEMM-based attention, and every edge case keeps its exact behaviour and
- * error messages. */
+ * separate present buffers, a local window, softcap, smooth softmax, positions outside the buffer) is handed, with
+ * the same inputs and outputs, to ONNX Runtime's own kernel, created once through the C API's standalone-op invoker
+ * (CreateOp / InvokeOp). So prompts keep ONNX Runtime's GEMM-based attention, and every edge case keeps its exact
+ * behaviour and error messages. */
 
 #define GQA_INPUTS 9
 #define GQA_OUTPUTS 3
@@ -591,9 +594,14 @@ static OrtStatus *acompute(void *kernel, OrtKernelContext *ctx) {
     }
     /* The outputs' shapes as ONNX Runtime's op sets them: output [B, S, num_heads * head], present caches
      * [B, kv_heads, max(total_sequence_length, past length), head]. */
-    if (rank[0] != 3 || rank[3] != 4 || rank[4] != 4 || dims[0][2] % a->heads || elem[6] != T_INT32 || elem[5] != T_INT32)
+    int64_t total_count = 1;
+    for (size_t i = 0; i < rank[6]; ++i) total_count *= dims[6][i];
+    if (rank[0] != 3 || rank[3] != 4 || rank[4] != 4 || dims[0][2] % a->heads || elem[5] != T_INT32 ||
+        elem[6] != T_INT32)
         return error("GroupQueryAttention: query rank %lld, past rank %lld: not the op's layout", (int64_t)rank[0],
                      (int64_t)rank[3]);
+    if (total_count != 1)
+        return error("GroupQueryAttention: total_sequence_length has %lld elements, expected %lld", total_count, 1);
     const int32_t *total_p, *seqlens;
     CHECK(data_of(in[6], (const void **)&total_p));
     CHECK(data_of(in[5], (const void **)&seqlens));
@@ -613,8 +621,9 @@ static OrtStatus *acompute(void *kernel, OrtKernelContext *ctx) {
     AttnShape s = {.heads = a->heads, .kv_heads = a->kv_heads, .head = head, .cap = past,
                    .rot_half = a->rotary ? dims[7][1] : 0, .interleaved = (int)a->interleaved,
                    .scale = a->scale != 0.f ? a->scale : 1.f / sqrtf((float)head)};
-    int fast = seq == 1 && present == past && optr[1] == ptr[3] && optr[2] == ptr[4] && a->window <= 0 && a->softcap == 0.f &&
-               !a->smooth && head % 16 == 0 && head <= ATT_MAX_HEAD && a->heads / a->kv_heads <= ATT_MAX_GROUP &&
+    int fast = seq == 1 && present == past && optr[1] == ptr[3] && optr[2] == ptr[4] && a->window <= 0 &&
+               a->softcap == 0.f && !a->smooth && head > 0 && head % 16 == 0 && head <= ATT_MAX_HEAD &&
+               a->heads / a->kv_heads <= ATT_MAX_GROUP &&
                dims[1][2] == a->kv_heads * head && dims[2][2] == a->kv_heads * head && rank[1] == 3 && rank[2] == 3 &&
                dims[1][0] == batch && dims[2][0] == batch && dims[1][1] == 1 && dims[2][1] == 1 &&
                dims[3][0] == batch && dims[3][1] == a->kv_heads && dims[3][3] == head && rank[5] == 1 &&
@@ -622,8 +631,8 @@ static OrtStatus *acompute(void *kernel, OrtKernelContext *ctx) {
                dims[4][3] == head;
     for (int i = 0; i < 5; ++i) fast = fast && elem[i] == T_FLOAT;
     if (fast && a->rotary)
-        fast = n_in == GQA_INPUTS && rank[7] == 2 && rank[8] == 2 && dims[8][0] == dims[7][0] && dims[8][1] == dims[7][1] &&
-               2 * dims[7][1] <= head && elem[7] == T_FLOAT && elem[8] == T_FLOAT;
+        fast = n_in == GQA_INPUTS && rank[7] == 2 && rank[8] == 2 && dims[8][0] == dims[7][0] &&
+               dims[8][1] == dims[7][1] && 2 * dims[7][1] <= head && elem[7] == T_FLOAT && elem[8] == T_FLOAT;
     /* ONNX Runtime's op treats a step whose total length equals its new tokens as a first prompt (position 0 for
      * every row): the fast path takes it only when every row starts at 0 there too. */
     for (int64_t b = 0; b < batch && fast; ++b)
@@ -634,8 +643,7 @@ static OrtStatus *acompute(void *kernel, OrtKernelContext *ctx) {
     if (batch == 0) return NULL;
     AWork w = {.s = &s, .q = ptr[0], .k = ptr[1], .v = ptr[2], .cos = ptr[7], .sin = ptr[8],
                .kc = optr[1], .vc = optr[2], .out = optr[0], .seqlens = seqlens, .items = batch * a->kv_heads};
-    return FN(S_KernelContext_ParallelFor, KernelContext_ParallelFor_t)(ctx, attn_task, (size_t)(batch * a->kv_heads), 0,
-                                                                       &w);
+    return FN(S_KernelContext_ParallelFor, KernelContext_ParallelFor_t)(ctx, attn_task, (size_t)w.items, 0, &w);
 }
 
 static void adestroy(void *kernel) {
