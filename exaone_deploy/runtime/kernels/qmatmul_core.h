@@ -124,10 +124,12 @@ qmm_tile(const uint8_t *panel0, size_t panel_stride, const int8_t *qa, const flo
 #ifndef QMM_PREFETCH
 #define QMM_PREFETCH 1024
 #endif
+        /* weights ahead of this block: a 4-row tile computes 4x longer per block, so it can ask twice as far */
+        const size_t ahead = MR >= 4 ? 2 * QMM_PREFETCH : QMM_PREFETCH;
         if (QMM_PREFETCH > 0)
             for (int p = 0; p < NP; ++p)
                 for (size_t o = 0; o < bb; o += 64)
-                    _mm_prefetch((const char *)(panel0 + p * panel_stride + blk * bb + QMM_PREFETCH + o), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(panel0 + p * panel_stride + blk * bb + ahead + o), _MM_HINT_T0);
         for (int sub = 0; sub < subs; ++sub) {
             const int8_t *ablk = qa + blk * blkl + sub * QMM_SUB;
             const size_t off = blk * bb + sub * sb;
