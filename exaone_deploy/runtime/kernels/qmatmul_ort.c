@@ -489,8 +489,8 @@ static float fattr_or(const OrtKernelInfo *info, const char *name, float fallbac
     return v;
 }
 
-/* ONNX Runtime's GroupQueryAttention kernel with this node's attributes and input count. Its CPU kernel's type
- * constraints are T, T_CACHE, T_KV_SCALE, M in recent releases and T, M in older ones: both are tried. */
+/* ONNX Runtime's GroupQueryAttention kernel with this node's attributes and input count. The kernel lookup wants its
+ * type constraints by name, which changed over releases: each known set is tried. */
 static OrtStatus *create_inner(const OrtKernelInfo *info, AKernel *a) {
     size_t n_in = 0;
     CHECK(FN(S_KernelInfo_GetInputCount, KernelInfo_GetInputCount_t)(info, &n_in));
@@ -503,16 +503,19 @@ static OrtStatus *create_inner(const OrtKernelInfo *info, AKernel *a) {
     for (int i = 0; i < 8 && !st; ++i)
         st = FN(S_CreateOpAttr, CreateOpAttr_t)(names[i], i < 6 ? (const void *)&ints[i] : (const void *)&floats[i - 6],
                                                  1, i < 6 ? ATTR_INT : ATTR_FLOAT, &attrs[i]);
-    if (!st) {
-        const char *tc_new[] = {"T", "T_CACHE", "T_KV_SCALE", "M"}, *tc_old[] = {"T", "M"};
-        const int tv_new[] = {T_FLOAT, T_FLOAT, T_FLOAT, T_INT32}, tv_old[] = {T_FLOAT, T_INT32};
-        st = FN(S_CreateOp, CreateOp_t)(info, "GroupQueryAttention", "com.microsoft", 1, tc_new, tv_new, 4,
-                                        (const OrtOpAttr *const *)attrs, 8, (int)n_in, GQA_OUTPUTS, &a->inner);
-        if (st) {
-            FN(S_ReleaseStatus, ReleaseStatus_t)(st);
-            st = FN(S_CreateOp, CreateOp_t)(info, "GroupQueryAttention", "com.microsoft", 1, tc_old, tv_old, 2,
-                                            (const OrtOpAttr *const *)attrs, 8, (int)n_in, GQA_OUTPUTS, &a->inner);
-        }
+    /* the CPU kernel's type constraints over releases, newest first */
+    static const char *tc[3][4] = {{"T", "T_CACHE", "T_KV_SCALE", "M"}, {"T", "T_CACHE", "M"}, {"T", "M"}};
+    static const int tv[3][4] = {{T_FLOAT, T_FLOAT, T_FLOAT, T_INT32}, {T_FLOAT, T_FLOAT, T_INT32}, {T_FLOAT, T_INT32}};
+    static const int tn[3] = {4, 3, 2};
+    for (int c = 0; c < 3 && !st; ++c) {
+        OrtStatus *tried = FN(S_CreateOp, CreateOp_t)(info, "GroupQueryAttention", "com.microsoft", 1, tc[c], tv[c],
+                                                       tn[c], (const OrtOpAttr *const *)attrs, 8, (int)n_in,
+                                                       GQA_OUTPUTS, &a->inner);
+        if (!tried) break;
+        if (c < 2)
+            FN(S_ReleaseStatus, ReleaseStatus_t)(tried);
+        else
+            st = tried;
     }
     for (int i = 0; i < 8; ++i)
         if (attrs[i]) FN(S_ReleaseOpAttr, ReleaseOpAttr_t)(attrs[i]);
