@@ -4,7 +4,6 @@ genai's own generator loop with ours (and transformers') on hybrid models, promp
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -223,17 +222,11 @@ def _ours_greedy(bundle, prompt) -> list[int]:
     random-weight models (a 5e-4 logit gap at step 29 of the int8 hybrid); they are checked against onnxruntime's
     ops in test_qmatmul.py and test_attention_kernel.py."""
     from exaone_deploy.runtime.generate import Generator
+    from exaone_deploy.runtime.ort_backend import OrtBackend
     from exaone_deploy.runtime.sampling import SamplingParams
+    from exaone_deploy.text.tokenizer import Tokenizer
 
-    old = os.environ.get("EXAONE_DEPLOY_KERNELS")
-    os.environ["EXAONE_DEPLOY_KERNELS"] = "off"
-    try:
-        gen = Generator.from_bundle(bundle)
-    finally:
-        if old is None:
-            os.environ.pop("EXAONE_DEPLOY_KERNELS")
-        else:
-            os.environ["EXAONE_DEPLOY_KERNELS"] = old
+    gen = Generator(OrtBackend(bundle, kernels="off"), Tokenizer.from_dir(bundle))
     return gen.generate([prompt], SamplingParams(max_new_tokens=STEPS, temperature=0.0))[0].token_ids
 
 

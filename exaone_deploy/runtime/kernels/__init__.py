@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 DOMAIN = "ai.exaone.deploy"
 OP = "QMatMul"
 MODES = ("auto", "on", "off")
+OPS = ("linear", "attention")  # op families; EXAONE_DEPLOY_KERNEL_OPS picks a subset (A/B runs)
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("qmatmul_ort.c", "qmatmul_core.h", "sgemm_core.h", "attention_core.h")
 _FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC")  # the ISA is chosen per function (target attributes)
@@ -202,7 +203,19 @@ def float_eligible(node: _wire.Node, info: _wire.GraphInfo) -> bool:
     )
 
 
-def _plan(nodes: list[_wire.Node], info: _wire.GraphInfo, ops=frozenset(("linear", "attention"))) -> list:
+def _moved(node: _wire.Node, op_type: str, **attributes) -> _wire.Node:
+    """``node`` as our op ``op_type``: the same name, inputs and outputs, these attributes."""
+    return _wire.Node(
+        op_type=op_type,
+        domain=DOMAIN,
+        name=node.name,
+        inputs=list(node.inputs),
+        outputs=list(node.outputs),
+        **attributes,
+    )
+
+
+def _plan(nodes: list[_wire.Node], info: _wire.GraphInfo, ops: frozenset[str] = frozenset(OPS)) -> list:
     """Eligible MatMulNBits -> QMatMul; up to three that read the same activation with the same K / bits / block
     (q, k, v; gate, up) -> one QMatMul2/3 at the first one's place (its inputs exist there: A and initializers),
     so A is quantized once and one parallel loop covers all their columns. ``release_inputs`` = 1 when the node
@@ -216,25 +229,12 @@ def _plan(nodes: list[_wire.Node], info: _wire.GraphInfo, ops=frozenset(("linear
     out: list[_wire.Node | None] = list(nodes)
     for i, node in enumerate(nodes):
         if "attention" in ops and attention_eligible(node):
-            out[i] = _wire.Node(
-                op_type=AOP,
-                domain=DOMAIN,
-                name=node.name,
-                inputs=list(node.inputs),
-                outputs=list(node.outputs),
-                int_attributes=dict(node.int_attributes),
-                float_attributes=dict(node.float_attributes),
+            out[i] = _moved(
+                node, AOP, int_attributes=dict(node.int_attributes), float_attributes=dict(node.float_attributes)
             )
         elif "linear" in ops and float_eligible(node, info):
             release = not info.has_subgraphs and info.uses[node.inputs[1]] == 1
-            out[i] = _wire.Node(
-                op_type=FOP,
-                domain=DOMAIN,
-                name=node.name,
-                inputs=list(node.inputs),
-                outputs=list(node.outputs),
-                int_attributes={"release_inputs": int(release)},
-            )
+            out[i] = _moved(node, FOP, int_attributes={"release_inputs": int(release)})
     for members in groups.values():
         for c in range(0, len(members), MAX_FUSED):
             chunk = [nodes[i] for i in members[c : c + MAX_FUSED]]
@@ -259,9 +259,6 @@ def _plan(nodes: list[_wire.Node], info: _wire.GraphInfo, ops=frozenset(("linear
             for i in members[c + 1 : c + MAX_FUSED]:
                 out[i] = None
     return out
-
-
-OPS = ("linear", "attention")  # op families; EXAONE_DEPLOY_KERNEL_OPS picks a subset (A/B runs)
 
 
 def ops_from_env() -> frozenset[str]:

@@ -201,15 +201,18 @@ static OrtStatus *attr(const OrtKernelInfo *info, const char *name, int64_t *out
     return FN(S_KernelInfoGetAttribute_int64, KernelInfoGetAttribute_int64_t)(info, name, out);
 }
 
+/* An int attribute, or ``fallback`` when the node has none. */
+static int64_t attr_or(const OrtKernelInfo *info, const char *name, int64_t fallback) {
+    int64_t v = fallback;
+    OrtStatus *st = attr(info, name, &v);
+    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st), v = fallback;
+    return v;
+}
+
 /* The renamer sets release_inputs when the node alone reads its weights: after packing, their pages go back to the
  * OS (file-backed ones would be re-read from the weights file if touched again, anonymous ones read as zeros;
  * nothing touches them again), so the weights are not resident twice. Absent: 0. */
-static int64_t release_inputs(const OrtKernelInfo *info) {
-    int64_t release = 0;
-    OrtStatus *st = attr(info, "release_inputs", &release);
-    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st), release = 0;
-    return release;
-}
+static int64_t release_inputs(const OrtKernelInfo *info) { return attr_or(info, "release_inputs", 0); }
 
 /* Input 0 (A, float32 [..., K]): its data, its shape (dims, rank) and its rows M = product of all but the last. */
 static OrtStatus *input_rows(OrtKernelContext *ctx, const char *op, int64_t k, const float **a, int64_t *dims,
@@ -474,13 +477,6 @@ typedef struct {
     float scale, softcap;
     OrtOp *inner;
 } AKernel;
-
-static int64_t attr_or(const OrtKernelInfo *info, const char *name, int64_t fallback) {
-    int64_t v = fallback;
-    OrtStatus *st = attr(info, name, &v);
-    if (st) FN(S_ReleaseStatus, ReleaseStatus_t)(st), v = fallback;
-    return v;
-}
 
 static float fattr_or(const OrtKernelInfo *info, const char *name, float fallback) {
     float v = fallback;
