@@ -104,10 +104,16 @@ QMM_TARGET static void qmm_quantize_rows(const float *a, int64_t m0, int64_t m1,
 }
 
 /* One tile: MR rows (1..4) x NP panels (1..2) over all K (here: KP, the padded length). Inlined with constant MR/NP/bits so accumulators stay in
- * registers. Y rows are written (not accumulated). */
+ * registers. Y rows are written (not accumulated).
+ * Prefetch: the first row tile of a panel pair streams it from memory and asks QMM_PREFETCH bytes ahead of itself
+ * (pf_every == 0). With more row tiles (batched decode: 16 rows = 4 tiles) the later tiles find the pair in L2
+ * and instead bring in the next pair (next, next_np panels): tile t of T asks for the blocks blk with
+ * blk % (T - 1) == t - 1 (pf_phase, pf_every = T - 1), so the next pair's weights arrive spread over the compute
+ * of this one and its first tile does not wait on memory (-10 to -19% at 8-32 rows, docs/scale.md). */
 QMM_TARGET static inline __attribute__((always_inline)) void
 qmm_tile(const uint8_t *panel0, size_t panel_stride, const int8_t *qa, const float *sa, const int32_t *corr, int64_t k,
-         int blkl, float *y, int64_t ldy, const int bits, const int MR, const int NP) {
+         int blkl, float *y, int64_t ldy, const int bits, const int MR, const int NP, const uint8_t *next,
+         int64_t next_np, int64_t pf_phase, int64_t pf_every) {
     const int64_t nb = k / blkl;
     const int subs = blkl / QMM_SUB;
     const size_t bb = qmm_block_bytes(bits, blkl), data = bb - QMM_PANEL * sizeof(float), sb = qmm_sub_bytes(bits);
@@ -126,7 +132,11 @@ qmm_tile(const uint8_t *panel0, size_t panel_stride, const int8_t *qa, const flo
 #endif
         /* weights ahead of this block: a 4-row tile computes 4x longer per block, so it can ask twice as far */
         const size_t ahead = MR >= 4 ? 2 * QMM_PREFETCH : QMM_PREFETCH;
-        if (QMM_PREFETCH > 0)
+        if (pf_every && next && blk % pf_every == pf_phase)
+            for (int p = 0; p < next_np; ++p)
+                for (size_t o = 0; o < bb; o += 64)
+                    _mm_prefetch((const char *)(next + p * panel_stride + blk * bb + o), _MM_HINT_T1);
+        if (QMM_PREFETCH > 0 && !pf_every)
             for (int p = 0; p < NP; ++p)
                 for (size_t o = 0; o < bb; o += 64)
                     _mm_prefetch((const char *)(panel0 + p * panel_stride + blk * bb + ahead + o), _MM_HINT_T0);
@@ -177,7 +187,8 @@ qmm_tile(const uint8_t *panel0, size_t panel_stride, const int8_t *qa, const flo
 }
 
 #define QMM_TILE(BITS, MRV, NPV)                                                                                    \
-    qmm_tile(panel0, panel_stride, qa + m * k, sa + m * nb, corr + m * nb, k, blkl, y + m * n + col, n, BITS, MRV, NPV)
+    qmm_tile(panel0, panel_stride, qa + m * k, sa + m * nb, corr + m * nb, k, blkl, y + m * n + col, n, BITS, MRV, NPV, \
+             m ? next : NULL, next_np, m ? m / 4 - 1 : 0, m ? tiles - 1 : 0)
 #define QMM_TILES(MRV)                                                                                              \
     do {                                                                                                            \
         if (bits == 4) {                                                                                            \
@@ -197,6 +208,8 @@ QMM_TARGET static void qmm_panels(const uint8_t *packed, const int8_t *qa, const
         const int np = p + 1 < p1 ? 2 : 1;
         const uint8_t *panel0 = packed + (size_t)p * panel_stride;
         const int64_t col = p * QMM_PANEL;
+        const uint8_t *next = p + 2 < p1 ? packed + (size_t)(p + 2) * panel_stride : NULL; /* this task's next pair */
+        const int64_t next_np = p + 3 < p1 ? 2 : 1, tiles = m_rows / 4;
         int64_t m = 0;
         for (; m + 4 <= m_rows; m += 4) QMM_TILES(4);
         for (; m + 2 <= m_rows; m += 2) QMM_TILES(2);
