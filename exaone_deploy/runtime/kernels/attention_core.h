@@ -128,22 +128,19 @@ att_decode_body(const float *q, const float *k, const float *v, float *kc, float
         for (int64_t j0 = 0; j0 < n; j0 += 16) {
             const int64_t jn = n - j0 < 16 ? n - j0 : 16;
             const float *kt = kbase + (t0 + j0) * d;
-            /* the cache streams from memory: ask for the next keys, and for these keys' values (read below) */
+            /* the cache streams from memory: these keys come from L2 (the previous item asked for them), the next
+             * item's keys are asked for now and its values during the weighted sum below, so both streams run
+             * through the whole item (asking for both here measured 4-7% slower at batch 16) */
             for (int64_t j = 0; j < jn; ++j) {
                 const int64_t t = t0 + j0 + j;
                 for (int64_t c = 0; c < d; c += 16) {
                     _mm_prefetch((const char *)(kt + (j + 16) * d + c), _MM_HINT_T0);
-                    if (t < next_n) {
-                        _mm_prefetch((const char *)(next_k + t * d + c), _MM_HINT_T1);
-                        _mm_prefetch((const char *)(next_v + t * d + c), _MM_HINT_T1);
-                    }
+                    if (t < next_n) _mm_prefetch((const char *)(next_k + t * d + c), _MM_HINT_T1);
                 }
-                if (t == pos && next_n > pos + 1) /* the next item is longer: the rest of it now */
+                if (t == pos) /* the next item is longer: the rest of its keys now */
                     for (int64_t r = pos + 1; r < next_n; ++r)
-                        for (int64_t c = 0; c < d; c += 16) {
+                        for (int64_t c = 0; c < d; c += 16)
                             _mm_prefetch((const char *)(next_k + r * d + c), _MM_HINT_T1);
-                            _mm_prefetch((const char *)(next_v + r * d + c), _MM_HINT_T1);
-                        }
             }
             for (int64_t g = 0; g < g_n; ++g) {
                 __m512 part[16];
@@ -182,6 +179,13 @@ att_decode_body(const float *q, const float *k, const float *v, float *kc, float
         }
         for (int64_t j = 0; j < n; ++j) {
             const float *vt = vbase + (t0 + j) * d;
+            /* the next item's values, a row per row read here (its keys were asked for during the scores) */
+            if (t0 + j < next_n)
+                for (int64_t c = 0; c < d; c += 16)
+                    _mm_prefetch((const char *)(next_v + (t0 + j) * d + c), _MM_HINT_T1);
+            if (t0 + j == pos) /* the next item is longer: the rest of its values now */
+                for (int64_t r = pos + 1; r < next_n; ++r)
+                    for (int64_t c = 0; c < d; c += 16) _mm_prefetch((const char *)(next_v + r * d + c), _MM_HINT_T1);
             for (int64_t c = 0; c < nv; ++c) {
                 const __m512 vv = _mm512_loadu_ps(vt + 16 * c);
                 for (int64_t g = 0; g < g_n; ++g)
