@@ -135,12 +135,14 @@ def _session(model: onnx.ModelProto, lib=None, threads: int = 2) -> ort.Inferenc
     [(64, 32, 32), (2048, 48, 32), (96, 4096, 32), (256, 80, 64), (512, 64, 128), (48, 32, 32), (64, 512, 128)],
 )
 def test_kernel_matches_matmulnbits(bits, k, n, block):
-    """Including a partial last block (K=48 at block 32, K=64 at 128: the tiny model's 8-bit head), zero-padded."""
+    """Including a partial last block (K=48 at block 32, K=64 at 128: the tiny model's 8-bit head), zero-padded.
+    Rows: decode (1, 2), batched decode (5, 16 and 30: 32-panel tasks whose later row tiles prefetch the next panel
+    pair, 30 with a 2-row tile last), a prompt (67: 8-panel tasks)."""
     lib = _lib()
     b, s, w = _weights(k, n, bits, block)
     model = _model(k, n, bits, b=b, s=s, block=block)
     ours, mlas = _session(model, lib), _session(model)
-    for rows in (1, 2, 5, 67):
+    for rows in (1, 2, 5, 16, 30, 67):
         a = RNG.standard_normal((1, rows, k), dtype=np.float32)
         y, ref = ours.run(None, {"a": a})[0], mlas.run(None, {"a": a})[0]
         exact = np.maximum(a @ w, 0)

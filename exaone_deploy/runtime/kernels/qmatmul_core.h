@@ -107,9 +107,10 @@ QMM_TARGET static void qmm_quantize_rows(const float *a, int64_t m0, int64_t m1,
  * registers. Y rows are written (not accumulated).
  * Prefetch: the first row tile of a panel pair streams it from memory and asks QMM_PREFETCH bytes ahead of itself
  * (pf_every == 0). With more row tiles (batched decode: 16 rows = 4 tiles) the later tiles find the pair in L2
- * and instead bring in the next pair (next, next_np panels): tile t of T asks for the blocks blk with
- * blk % (T - 1) == t - 1 (pf_phase, pf_every = T - 1), so the next pair's weights arrive spread over the compute
- * of this one and its first tile does not wait on memory (-10 to -19% at 8-32 rows, docs/scale.md). */
+ * and instead bring in the next pair (next, next_np panels): at each block, tile t of T asks for the (t-1)-th of
+ * T - 1 slices of the next pair's same block (pf_phase = t - 1, pf_every = T - 1), so the next pair's weights
+ * arrive spread evenly over the compute of this one and its first tile does not wait on memory (-10 to -19% at
+ * 8-32 rows; whole blocks every (T-1)-th block instead: the 8-bit head 9-13% slower; docs/scale.md). */
 QMM_TARGET static inline __attribute__((always_inline)) void
 qmm_tile(const uint8_t *panel0, size_t panel_stride, const int8_t *qa, const float *sa, const int32_t *corr, int64_t k,
          int blkl, float *y, int64_t ldy, const int bits, const int MR, const int NP, const uint8_t *next,
@@ -132,10 +133,12 @@ qmm_tile(const uint8_t *panel0, size_t panel_stride, const int8_t *qa, const flo
 #endif
         /* weights ahead of this block: a 4-row tile computes 4x longer per block, so it can ask twice as far */
         const size_t ahead = MR >= 4 ? 2 * QMM_PREFETCH : QMM_PREFETCH;
-        if (pf_every && next && blk % pf_every == pf_phase)
+        if (pf_every && next) { /* this tile's share of the next pair's block blk: lines [l0, l1) */
+            const size_t lines = (bb + 63) / 64, l0 = lines * pf_phase / pf_every, l1 = lines * (pf_phase + 1) / pf_every;
             for (int p = 0; p < next_np; ++p)
-                for (size_t o = 0; o < bb; o += 64)
+                for (size_t o = l0 * 64; o < l1 * 64; o += 64)
                     _mm_prefetch((const char *)(next + p * panel_stride + blk * bb + o), _MM_HINT_T1);
+        }
         if (QMM_PREFETCH > 0 && !pf_every)
             for (int p = 0; p < NP; ++p)
                 for (size_t o = 0; o < bb; o += 64)
