@@ -23,7 +23,7 @@ GFLOP/s at M = 16 rows on a 2-core AVX-512 machine. Ours repack each weight once
 arithmetic independent of its batch, and run int4 prompts ~2x, int4 batch-16 linears ~3x and fp32 batch-16
 decode steps ~1.5x faster (docs/perf.md, docs/scale.md). Its CPU GroupQueryAttention runs two small GEMM calls
 per (row, query head) on a decode step (~20 ms of a ~78 ms batch-16 int4 step of the 1.2B shape); ours reads each
-cached key once per KV head (~10 ms, most of it reading the float32 cache).
+cached key once per KV head (~7 ms, most of it reading the float32 cache).
 
 Build: the C source is compiled on first use with the system C compiler (``$CC``, else ``cc``) into the user cache
 (``$EXAONE_DEPLOY_CACHE`` or ``~/.cache/exaone-deploy``/kernels, written to a temporary name and renamed), keyed by
