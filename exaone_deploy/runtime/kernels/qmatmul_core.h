@@ -133,13 +133,14 @@ qmm_tile(const uint8_t *panel0, size_t panel_stride, const int8_t *qa, const flo
 #endif
         /* weights ahead of this block: a 4-row tile computes 4x longer per block, so it can ask twice as far */
         const size_t ahead = MR >= 4 ? 2 * QMM_PREFETCH : QMM_PREFETCH;
-        if (pf_every && next) { /* this tile's share of the next pair's block blk: lines [l0, l1) */
-            const size_t lines = (bb + 63) / 64, l0 = lines * pf_phase / pf_every, l1 = lines * (pf_phase + 1) / pf_every;
+        if (next && pf_every > 0 && pf_phase >= 0 && pf_phase < pf_every) { /* this tile's slice: lines [l0, l1) */
+            const int64_t lines = (int64_t)(bb + 63) / 64, l0 = lines * pf_phase / pf_every,
+                          l1 = lines * (pf_phase + 1) / pf_every;
             for (int p = 0; p < next_np; ++p)
-                for (size_t o = l0 * 64; o < l1 * 64; o += 64)
+                for (int64_t o = l0 * 64; o < l1 * 64; o += 64)
                     _mm_prefetch((const char *)(next + p * panel_stride + blk * bb + o), _MM_HINT_T1);
         }
-        if (QMM_PREFETCH > 0 && !pf_every)
+        if (QMM_PREFETCH > 0 && !pf_every) /* the first tile, or the only one */
             for (int p = 0; p < NP; ++p)
                 for (size_t o = 0; o < bb; o += 64)
                     _mm_prefetch((const char *)(panel0 + p * panel_stride + blk * bb + ahead + o), _MM_HINT_T0);
@@ -191,7 +192,7 @@ qmm_tile(const uint8_t *panel0, size_t panel_stride, const int8_t *qa, const flo
 
 #define QMM_TILE(BITS, MRV, NPV)                                                                                    \
     qmm_tile(panel0, panel_stride, qa + m * k, sa + m * nb, corr + m * nb, k, blkl, y + m * n + col, n, BITS, MRV, NPV, \
-             m ? next : NULL, next_np, m ? m / 4 - 1 : 0, m ? tiles - 1 : 0)
+             m >= 4 ? next : NULL, next_np, m / 4 - 1, m >= 4 && tiles > 1 ? tiles - 1 : 0)
 #define QMM_TILES(MRV)                                                                                              \
     do {                                                                                                            \
         if (bits == 4) {                                                                                            \
