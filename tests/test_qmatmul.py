@@ -314,7 +314,7 @@ def test_siblings_fuse_and_match_matmulnbits(count, fused):
     so.register_custom_ops_library(str(lib))
     ours = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     mlas = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    for rows in (1, 3, 70):
+    for rows in (1, 3, 16, 70):  # decode, a 3-row tail, batched decode (32-panel tasks per part), a prompt
         feed = {x: RNG.standard_normal((1, rows, 128), dtype=np.float32) for x in ("a", "a2")}
         for y, ref in zip(ours.run(None, feed), mlas.run(None, feed)):
             assert y.shape == ref.shape
