@@ -585,6 +585,7 @@ static OrtStatus *acompute(void *kernel, OrtKernelContext *ctx) {
         return error("GroupQueryAttention: %lld inputs, expected %lld (or 7 without rotary caches)", (int64_t)n_in,
                      GQA_INPUTS);
     const OrtValue *in[GQA_INPUTS] = {0};
+    const void *ptr[GQA_INPUTS] = {0};
     int64_t dims[GQA_INPUTS][8] = {{0}};
     size_t rank[GQA_INPUTS] = {0};
     int elem[GQA_INPUTS] = {0};
@@ -592,6 +593,7 @@ static OrtStatus *acompute(void *kernel, OrtKernelContext *ctx) {
         CHECK(FN(S_KernelContext_GetInput, KernelContext_GetInput_t)(ctx, i, &in[i]));
         if (!in[i]) return error("GroupQueryAttention: input %lld is missing (%lld)", (int64_t)i, 0);
         CHECK(typed_shape_of(in[i], dims[i], &rank[i], &elem[i]));
+        CHECK(data_of(in[i], &ptr[i]));
     }
     /* The outputs' shapes as ONNX Runtime's op sets them: output [B, S, num_heads * head], present caches
      * [B, kv_heads, max(total_sequence_length, past length), head]. */
@@ -603,11 +605,9 @@ static OrtStatus *acompute(void *kernel, OrtKernelContext *ctx) {
                      (int64_t)rank[3]);
     if (total_count != 1)
         return error("GroupQueryAttention: total_sequence_length has %lld elements, expected %lld", total_count, 1);
-    const int32_t *total_p, *seqlens;
-    CHECK(data_of(in[6], (const void **)&total_p));
-    CHECK(data_of(in[5], (const void **)&seqlens));
+    const int32_t *seqlens = ptr[5];
     const int64_t batch = dims[0][0], seq = dims[0][1], head = dims[0][2] / a->heads, past = dims[3][2];
-    const int64_t total = *total_p, present = total > past ? total : past;
+    const int64_t total = *(const int32_t *)ptr[6], present = total > past ? total : past;
     int64_t odims[3][4] = {{batch, seq, dims[0][2], 0}, {batch, a->kv_heads, present, head},
                            {batch, a->kv_heads, present, head}};
     OrtValue *outv[GQA_OUTPUTS];
@@ -616,8 +616,6 @@ static OrtStatus *acompute(void *kernel, OrtKernelContext *ctx) {
         CHECK(FN(S_KernelContext_GetOutput, KernelContext_GetOutput_t)(ctx, i, odims[i], i ? 4 : 3, &outv[i]));
         CHECK(FN(S_GetTensorMutableData, GetTensorMutableData_t)(outv[i], &optr[i]));
     }
-    const void *ptr[GQA_INPUTS] = {0};
-    for (size_t i = 0; i < n_in; ++i) CHECK(data_of(in[i], &ptr[i]));
 
     AttnShape s = {.heads = a->heads, .kv_heads = a->kv_heads, .head = head, .cap = past,
                    .rot_half = a->rotary ? dims[7][1] : 0, .interleaved = (int)a->interleaved,
