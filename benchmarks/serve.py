@@ -7,7 +7,10 @@ One run measures, on the same model (a 1.2B-shaped random-weight checkpoint from
   its int4-rtn quantization,
 * ``llama-f32`` / ``llama-q4_0``: ``llama-server`` (continuous batching, ``-np`` = the largest concurrency
   parallel slots) on the same checkpoint converted with llama.cpp's ``convert_hf_to_gguf.py`` (F32) and
-  ``llama-quantize`` (Q4_0): the same quantization classes,
+  ``llama-quantize`` (Q4_0): the same quantization classes (llama.cpp's default F16 KV cache),
+* ``ours-int4-kv8`` / ``llama-q4_0-kv8``: the same with an 8-bit KV cache on both sides: ours ``quantize
+  --kv-cache int8`` (per-channel scales calibrated on ``--calib-data``, default 16 x 64 tokens of generated text),
+  llama.cpp ``-ctk q8_0 -ctv q8_0 -fa on``,
 * ``ray1`` / ``ray2`` (``--ray``): ``serve --replicas 1|2`` on the fp32 bundle, one thread per replica,
 
 at each ``--concurrency`` C: C client streams send requests back to back (greedy, random token-id prompts of
@@ -101,8 +104,9 @@ def _cached_bundle(path: Path, make) -> Path:
         return path
 
 
-def our_bundles(ckpt: Path, workdir: Path, max_seq_len: int) -> dict[str, Path]:
-    """{"fp32": bundle, "int4": bundle} (int4-rtn of the fp32 bundle: MatMulNBits, block 32)."""
+def our_bundles(ckpt: Path, workdir: Path, max_seq_len: int, kv8: bool = False, calib: Path | None = None):
+    """{"fp32": bundle, "int4": bundle} (int4-rtn of the fp32 bundle: MatMulNBits, block 32), and with ``kv8``
+    "int4-kv8": the same with an INT8 KV cache (scales calibrated on ``calib``, else on generated text)."""
     from exaone_deploy import api
 
     fp32 = workdir / f"{ckpt.name}-ort-fp32"
@@ -111,7 +115,27 @@ def our_bundles(ckpt: Path, workdir: Path, max_seq_len: int) -> dict[str, Path]:
         fp32, lambda: api.export(ckpt, fp32, target="ort", dtype="float32", max_seq_len=max_seq_len, force=True)
     )
     _cached_bundle(int4, lambda: api.quantize(fp32, int4, "int4-rtn", force=True))
-    return {"fp32": fp32, "int4": int4}
+    out = {"fp32": fp32, "int4": int4}
+    if kv8:
+        if calib is None:  # the random-weight checkpoint's scales need activations, not meaningful text
+            calib = workdir / "calib-words.txt"
+            words = np.random.default_rng(0).choice(["the", "king", "of", "a", "sword", "night", "love", "and"], 4096)
+            calib.write_text(" ".join(words))
+        out["int4-kv8"] = workdir / f"{ckpt.name}-ort-int4-kv8"
+        _cached_bundle(
+            out["int4-kv8"],
+            lambda: api.quantize(
+                fp32,
+                out["int4-kv8"],
+                "int4-rtn",
+                kv_cache="int8",
+                calib_data=calib,
+                calib_samples=16,
+                calib_seq_len=64,
+                force=True,
+            ),
+        )
+    return out
 
 
 def gguf_files(ckpt: Path, workdir: Path) -> dict[str, Path]:
@@ -158,7 +182,9 @@ def gguf_files(ckpt: Path, workdir: Path) -> dict[str, Path]:
 class LlamaServer:
     """``llama-server`` on 127.0.0.1 (continuous batching, ``parallel`` slots of ``context`` tokens each)."""
 
-    def __init__(self, gguf: Path, parallel: int, context: int, threads: int | None, timeout: float = 600):
+    def __init__(
+        self, gguf: Path, parallel: int, context: int, threads: int | None, timeout: float = 600, kv8: bool = False
+    ):
         import socket
 
         with socket.socket() as sock:
@@ -182,6 +208,7 @@ class LlamaServer:
             str(threads or os.cpu_count()),
             "-tb",
             str(threads or os.cpu_count()),
+            *(["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"] if kv8 else []),
         ]
         self.log = Path(tempfile.gettempdir()) / f"llama-server-{port}.log"  # (never beside the shared GGUF)
         with open(self.log, "wb") as out:
@@ -402,8 +429,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--targets",
         default="ours-fp32,ours-int4,llama-f32,llama-q4_0",
-        help="Comma-separated: ours-fp32, ours-int4, llama-f32, llama-q4_0.",
+        help="Comma-separated: ours-fp32, ours-int4, ours-int4-kv8, llama-f32, llama-q4_0, llama-q4_0-kv8.",
     )
+    ap.add_argument("--calib-data", type=Path, default=None, help="Calibration text of ours-int4-kv8's cache scales.")
     ap.add_argument("--concurrency", default="1,4,16,32", help="Comma-separated client concurrencies.")
     ap.add_argument(
         "--requests", type=int, default=None, help="Requests per level (default: 2 x concurrency, at least 3)."
@@ -428,8 +456,14 @@ def main(argv=None) -> int:
 
     ckpt = None if args.bundle else checkpoint(args.workdir, args.layers)
     multi_ctx = args.system_len + args.turns * (32 + args.max_tokens) + 64
-    bundles = {"fp32": args.bundle} if args.bundle else our_bundles(ckpt, args.workdir, max(args.context, multi_ctx))
+    kv8 = "ours-int4-kv8" in targets
+    bundles = (
+        {"fp32": args.bundle}
+        if args.bundle
+        else our_bundles(ckpt, args.workdir, max(args.context, multi_ctx), kv8=kv8, calib=args.calib_data)
+    )
     ggufs = gguf_files(ckpt, args.workdir) if any(t.startswith("llama") for t in targets) else {}
+    ggufs.update({f"{q}-kv8": g for q, g in list(ggufs.items())})
     rng = np.random.default_rng(0)
     if args.threads:
         os.environ["EXAONE_DEPLOY_THREADS"] = str(args.threads)
@@ -459,7 +493,7 @@ def main(argv=None) -> int:
         if kind == "ours":
             server = ServerProcess(bundles[q], *common)
         else:
-            server = LlamaServer(ggufs[q], max(levels), args.context, args.threads)
+            server = LlamaServer(ggufs[q], max(levels), args.context, args.threads, kv8=q.endswith("-kv8"))
         try:
             report["targets"][target] = measure(
                 server.url, Prompts(args.prompt_len), levels, args.requests, args.max_tokens, kind == "ours"

@@ -153,6 +153,22 @@ def test_runtime_allocates_int8_buffers_of_the_reported_size(bundles, preset):
     assert be.cache_bytes() == be.io.cache_bytes(MAX_SEQ, batch=2) and ref.cache_bytes() == 4 * be.cache_bytes()
 
 
+@pytest.mark.parametrize("preset", ["1.2b", "32b"])
+def test_decode_attention_runs_on_our_int8_kernel(bundles, preset):
+    """Every global layer's attention over the int8 cache moves to our GroupQueryAttentionQ8 (sliding layers keep
+    onnxruntime's op, as over a float cache); the greedy tests above then decode through it."""
+    from exaone_deploy.runtime import kernels
+
+    if kernels.library("auto") is None:
+        pytest.skip("our kernel library is not available here (see the log)")
+    b = bundles[preset]["calibrated"]
+    spec = ModelSpec.from_json(json.loads((b / "manifest.json").read_text())["spec"])
+    data, _ = kernels.rewrite((b / "model.onnx").read_bytes())
+    ops = [n.op_type for n in onnx.load_from_string(data).graph.node if "GroupQueryAttention" in n.op_type]
+    sliding = sum(layer.sliding for layer in spec.layers)
+    assert ops.count(kernels.AOP8) == spec.num_layers - sliding and ops.count("GroupQueryAttention") == sliding
+
+
 @pytest.mark.parametrize("name", ["1.2b", "32b"])
 def test_cache_bytes_halved_at_16k_against_a_16_bit_cache(real_config, tmp_path, name):
     (tmp_path / "config.json").write_text(json.dumps(real_config(name)))

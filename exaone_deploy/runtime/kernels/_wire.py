@@ -86,6 +86,7 @@ class Node:
     outputs: list[str] = field(default_factory=list)
     int_attributes: dict[str, int] = field(default_factory=dict)
     float_attributes: dict[str, float] = field(default_factory=dict)
+    str_attributes: dict[str, bytes] = field(default_factory=dict)  # parsed nodes only (never encoded)
     attribute_names: list[str] = field(default_factory=list)  # every attribute, whatever its type (parsed nodes)
     has_subgraph: bool = False  # a graph attribute (If/Loop/Scan): its body may read any outer value
 
@@ -121,10 +122,12 @@ def parse_node(buf: bytes) -> Node:
         elif num == 7:
             node.domain = val.decode()
         elif num == 5:
-            name, ival, fval = None, None, None
+            name, ival, fval, sval = None, None, None, None
             for anum, awt, aval, _ in fields(val):
                 if anum == 1 and awt == _LEN:
                     name = aval.decode()
+                elif anum == 4 and awt == _LEN:
+                    sval = bytes(aval)
                 elif anum == 3 and awt == _VARINT:
                     ival = _signed(aval)
                 elif anum == 2 and awt == _I32:
@@ -137,6 +140,8 @@ def parse_node(buf: bytes) -> Node:
                     node.int_attributes[name] = ival
                 if fval is not None:
                     node.float_attributes[name] = fval
+                if sval is not None:
+                    node.str_attributes[name] = sval
     return node
 
 

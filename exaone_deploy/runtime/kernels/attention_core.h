@@ -9,6 +9,12 @@
  *   - for each query head: softmax(scale x q . K[t]) over t in [0, pos], then the weighted sum of V[t].
  * No local window: which keys a `local_window_size` keeps changed between onnxruntime releases (the last W + 1,
  * then the last W), so sliding layers stay on onnxruntime's op.
+ * INT8 caches (`att_decode_q8`; the op's k_quant_type = v_quant_type = PER_CHANNEL, kv_cache_bit_width 8): the new
+ * key (after its rotary) and value are stored as saturate(nearbyint(x * (1 / scale[c]))) in [-128, 127], per
+ * channel c of the KV head, as onnxruntime's op stores them (its rounding and reciprocal, checked bit for bit in
+ * tests/test_attention_kernel.py); a cached x reads as code * scale[c]. The key scales are folded into the query
+ * (q[c] * ks[c] . code[c]) and the value scales applied once to the weighted sum of codes, so a cached row is
+ * converted, never multiplied, per key: the step reads a quarter of the float cache's bytes.
  * The softmax runs over blocks of ATT_BLOCK keys with a running maximum and sum (rescaling the partial sums when
  * the maximum grows), so no [heads x keys] score buffer is allocated whatever the context; with one block (up to
  * ATT_BLOCK keys) it is the textbook max-subtracted softmax.
@@ -93,17 +99,49 @@ ATT_TARGET static inline __m512 att_hsum16(const __m512 *v) {
 
 /* The body of att_decode for g_n query heads per KV head of d floats; inlined with constants for the shipped shapes
  * (below), so the loops over heads and head vectors unroll and the accumulators stay in registers. */
+/* x [d] -> int8 codes at dst: saturate(nearbyint(x * (1 / scale))) (onnxruntime's per-channel cache quantization) */
+ATT_TARGET static inline void att_quantize8(const float *x, const float *scale, int8_t *dst, int64_t d) {
+    for (int64_t c = 0; c < d; c += 16) {
+        __m512 y = _mm512_mul_ps(_mm512_loadu_ps(x + c), _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_loadu_ps(scale + c)));
+        y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-128.f)), _mm512_set1_ps(127.f)); /* saturate (NaN: -128) */
+        _mm_storeu_si128((__m128i *)(dst + c), _mm512_cvtsepi32_epi8(_mm512_cvt_roundps_epi32(
+                                                   y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    }
+}
+
+/* 16 int8 codes -> 16 floats */
+ATT_TARGET static inline __m512 att_load8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+/* The body of att_decode (float caches, q8 = 0) and att_decode_q8 (int8 caches, q8 = 1; ks/vs: the layer's
+ * per-channel scales [kv_heads * d]) for g_n query heads per KV head of d floats; inlined with constants for the
+ * shipped shapes (below), so the loops over heads and head vectors unroll and the accumulators stay in registers.
+ * kc/vc/next_k/next_v point at float or int8 rows as q8 says. */
 ATT_TARGET static inline __attribute__((always_inline)) void
-att_decode_body(const float *q, const float *k, const float *v, float *kc, float *vc, float *out, const float *cos,
-                const float *sin, int64_t pos, int64_t kvh, const AttnShape *s, const float *next_k,
-                const float *next_v, int64_t next_n, const int64_t g_n, const int64_t d) {
-    const int64_t nv = d / 16;
-    float *kdst = kc + ((size_t)kvh * s->cap + pos) * d, *vdst = vc + ((size_t)kvh * s->cap + pos) * d;
-    if (s->rot_half)
-        att_rotate(k + kvh * d, kdst, cos, sin, s);
-    else
-        memcpy(kdst, k + kvh * d, (size_t)d * sizeof(float));
-    memcpy(vdst, v + kvh * d, (size_t)d * sizeof(float));
+att_decode_body(const float *q, const float *k, const float *v, void *kc, void *vc, float *out, const float *cos,
+                const float *sin, int64_t pos, int64_t kvh, const AttnShape *s, const float *ks, const float *vs,
+                const void *next_k, const void *next_v, int64_t next_n, const int64_t g_n, const int64_t d,
+                const int q8) {
+    const int64_t nv = d / 16, es = q8 ? 1 : (int64_t)sizeof(float), row = d * es; /* bytes of a cached row */
+    uint8_t *kdst = (uint8_t *)kc + ((size_t)kvh * s->cap + pos) * row,
+            *vdst = (uint8_t *)vc + ((size_t)kvh * s->cap + pos) * row;
+    if (q8) {
+        float kr[ATT_MAX_HEAD] __attribute__((aligned(64)));
+        ks += kvh * d, vs += kvh * d;
+        if (s->rot_half)
+            att_rotate(k + kvh * d, kr, cos, sin, s);
+        else
+            memcpy(kr, k + kvh * d, (size_t)d * sizeof(float));
+        att_quantize8(kr, ks, (int8_t *)kdst, d);
+        att_quantize8(v + kvh * d, vs, (int8_t *)vdst, d);
+    } else {
+        if (s->rot_half)
+            att_rotate(k + kvh * d, (float *)kdst, cos, sin, s);
+        else
+            memcpy(kdst, k + kvh * d, (size_t)d * sizeof(float));
+        memcpy(vdst, v + kvh * d, (size_t)d * sizeof(float));
+    }
 
     float qr[ATT_MAX_GROUP * ATT_MAX_HEAD] __attribute__((aligned(64)));
     for (int64_t g = 0; g < g_n; ++g) {
@@ -112,8 +150,14 @@ att_decode_body(const float *q, const float *k, const float *v, float *kc, float
             att_rotate(qh, qr + g * d, cos, sin, s);
         else
             memcpy(qr + g * d, qh, (size_t)d * sizeof(float));
+        if (q8) /* the key scales, folded into the query once */
+            for (int64_t c = 0; c < d; c += 16)
+                _mm512_store_ps(qr + g * d + c, _mm512_mul_ps(_mm512_load_ps(qr + g * d + c), _mm512_loadu_ps(ks + c)));
     }
-    const float *kbase = kc + (size_t)kvh * s->cap * d, *vbase = vc + (size_t)kvh * s->cap * d;
+    const uint8_t *kbase = (const uint8_t *)kc + (size_t)kvh * s->cap * row,
+                  *vbase = (const uint8_t *)vc + (size_t)kvh * s->cap * row;
+    const uint8_t *nk = next_k, *nvp = next_v;
+    float kf[q8 ? 16 * d : 16] __attribute__((aligned(64))); /* int8 caches: 16 keys as floats */
 
     __m512 acc[ATT_MAX_GROUP * ATT_MAX_HEAD / 16];
     float m[ATT_MAX_GROUP], l[ATT_MAX_GROUP];
@@ -127,20 +171,26 @@ att_decode_body(const float *q, const float *k, const float *v, float *kc, float
         /* scores, 16 keys at a time: each key's products in a vector, then one transpose-add tree */
         for (int64_t j0 = 0; j0 < n; j0 += 16) {
             const int64_t jn = n - j0 < 16 ? n - j0 : 16;
-            const float *kt = kbase + (t0 + j0) * d;
+            const uint8_t *krow = kbase + (t0 + j0) * row;
             /* the cache streams from memory: these keys come from L2 (the previous item asked for them), the next
              * item's keys are asked for now and its values during the weighted sum below, so both streams run
              * through the whole item (asking for both here measured 4-7% slower at batch 16) */
             for (int64_t j = 0; j < jn; ++j) {
                 const int64_t t = t0 + j0 + j;
-                for (int64_t c = 0; c < d; c += 16) {
-                    _mm_prefetch((const char *)(kt + (j + 16) * d + c), _MM_HINT_T0);
-                    if (t < next_n) _mm_prefetch((const char *)(next_k + t * d + c), _MM_HINT_T1);
+                for (int64_t o = 0; o < row; o += 64) {
+                    _mm_prefetch((const char *)(krow + (j + 16) * row + o), _MM_HINT_T0);
+                    if (t < next_n) _mm_prefetch((const char *)(nk + t * row + o), _MM_HINT_T1);
                 }
                 if (t == pos) /* the next item is longer: the rest of its keys now */
                     for (int64_t r = pos + 1; r < next_n; ++r)
-                        for (int64_t c = 0; c < d; c += 16)
-                            _mm_prefetch((const char *)(next_k + r * d + c), _MM_HINT_T1);
+                        for (int64_t o = 0; o < row; o += 64) _mm_prefetch((const char *)(nk + r * row + o), _MM_HINT_T1);
+            }
+            const float *kt = (const float *)krow;
+            if (q8) { /* the chunk's codes as floats, once for the group's heads */
+                for (int64_t j = 0; j < jn; ++j)
+                    for (int64_t c = 0; c < d; c += 16)
+                        _mm512_store_ps(kf + j * d + c, att_load8((const int8_t *)krow + j * d + c));
+                kt = kf;
             }
             for (int64_t g = 0; g < g_n; ++g) {
                 __m512 part[16];
@@ -178,16 +228,15 @@ att_decode_body(const float *q, const float *k, const float *v, float *kc, float
                     acc[g * nv + c] = _mm512_mul_ps(acc[g * nv + c], _mm512_set1_ps(alpha));
         }
         for (int64_t j = 0; j < n; ++j) {
-            const float *vt = vbase + (t0 + j) * d;
+            const uint8_t *vt = vbase + (t0 + j) * row;
             /* the next item's values, a row per row read here (its keys were asked for during the scores) */
             if (t0 + j < next_n)
-                for (int64_t c = 0; c < d; c += 16)
-                    _mm_prefetch((const char *)(next_v + (t0 + j) * d + c), _MM_HINT_T1);
+                for (int64_t o = 0; o < row; o += 64) _mm_prefetch((const char *)(nvp + (t0 + j) * row + o), _MM_HINT_T1);
             if (t0 + j == pos) /* the next item is longer: the rest of its values now */
                 for (int64_t r = pos + 1; r < next_n; ++r)
-                    for (int64_t c = 0; c < d; c += 16) _mm_prefetch((const char *)(next_v + r * d + c), _MM_HINT_T1);
+                    for (int64_t o = 0; o < row; o += 64) _mm_prefetch((const char *)(nvp + r * row + o), _MM_HINT_T1);
             for (int64_t c = 0; c < nv; ++c) {
-                const __m512 vv = _mm512_loadu_ps(vt + 16 * c);
+                const __m512 vv = q8 ? att_load8((const int8_t *)vt + 16 * c) : _mm512_loadu_ps((const float *)vt + 16 * c);
                 for (int64_t g = 0; g < g_n; ++g)
                     acc[g * nv + c] = _mm512_fmadd_ps(_mm512_set1_ps(sc[g][j]), vv, acc[g * nv + c]);
             }
@@ -196,7 +245,9 @@ att_decode_body(const float *q, const float *k, const float *v, float *kc, float
     for (int64_t g = 0; g < g_n; ++g) {
         const __m512 inv = _mm512_set1_ps(1.f / l[g]);
         float *o = out + (kvh * g_n + g) * d;
-        for (int64_t c = 0; c < nv; ++c) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[g * nv + c], inv));
+        for (int64_t c = 0; c < nv; ++c) /* int8: the value scales, once on the sum of codes */
+            _mm512_storeu_ps(o + 16 * c, q8 ? _mm512_mul_ps(_mm512_mul_ps(acc[g * nv + c], _mm512_loadu_ps(vs + 16 * c)), inv)
+                                            : _mm512_mul_ps(acc[g * nv + c], inv));
     }
 }
 
@@ -211,11 +262,26 @@ ATT_TARGET static void att_decode(const float *q, const float *k, const float *v
                                   const float *next_k, const float *next_v, int64_t next_n) {
     const int64_t g_n = s->heads / s->kv_heads, d = s->head;
     if (g_n == 4 && d == 64)
-        att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, next_k, next_v, next_n, 4, 64);
+        att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, NULL, NULL, next_k, next_v, next_n, 4, 64, 0);
     else if (g_n == 5 && d == 128)
-        att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, next_k, next_v, next_n, 5, 128);
+        att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, NULL, NULL, next_k, next_v, next_n, 5, 128, 0);
     else
-        att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, next_k, next_v, next_n, g_n, d);
+        att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, NULL, NULL, next_k, next_v, next_n, g_n, d, 0);
+}
+
+/* att_decode over int8 caches kc, vc [kv_heads][cap][head] with the layer's per-channel scales ks, vs
+ * [kv_heads * head] (the op's k_scale / v_scale); next_k / next_v: the next item's int8 rows. */
+ATT_TARGET static void att_decode_q8(const float *q, const float *k, const float *v, int8_t *kc, int8_t *vc,
+                                     float *out, const float *cos, const float *sin, int64_t pos, int64_t kvh,
+                                     const AttnShape *s, const float *ks, const float *vs, const int8_t *next_k,
+                                     const int8_t *next_v, int64_t next_n) {
+    const int64_t g_n = s->heads / s->kv_heads, d = s->head;
+    if (g_n == 4 && d == 64)
+        att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, ks, vs, next_k, next_v, next_n, 4, 64, 1);
+    else if (g_n == 5 && d == 128)
+        att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, ks, vs, next_k, next_v, next_n, 5, 128, 1);
+    else
+        att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, ks, vs, next_k, next_v, next_n, g_n, d, 1);
 }
 
 #endif

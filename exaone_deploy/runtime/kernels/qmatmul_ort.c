@@ -41,8 +41,8 @@ typedef struct {
 } OrtApiBase;
 
 enum { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
-enum { T_FLOAT = 1, T_UINT8 = 2, T_INT32 = 6 };
-enum { ATTR_INT = 1, ATTR_FLOAT = 3 }; /* OrtOpAttrType */
+enum { T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6, T_INT64 = 7 };
+enum { ATTR_INT = 1, ATTR_FLOAT = 3, ATTR_STRING = 5 }; /* OrtOpAttrType */
 
 /* slots of the OrtApi table */
 #define S_CreateStatus 0
@@ -469,14 +469,19 @@ static Op g_fop = {{16, NULL, op_name, op_ep, finput_type, finput_count, output_
  * separate present buffers, a local window, softcap, smooth softmax, positions outside the buffer) is handed, with
  * the same inputs and outputs, to ONNX Runtime's own kernel, created once through the C API's standalone-op invoker
  * (CreateOp / InvokeOp). So prompts keep ONNX Runtime's GEMM-based attention, and every edge case keeps its exact
- * behaviour and error messages. */
+ * behaviour and error messages.
+ * GroupQueryAttentionQ8: the same over an INT8 cache (k_quant_type = v_quant_type = PER_CHANNEL, kv_cache_bit_width
+ * 8): fourteen inputs as the op's schema numbers them, past/present int8, position_ids / attention_bias / head_sink
+ * (9-11) absent, k_scale / v_scale (12, 13) float [1, kv_heads, 1, head]; decode steps on att_decode_q8. */
 
 #define GQA_INPUTS 9
+#define GQA_Q8_INPUTS 14
 #define GQA_OUTPUTS 3
 
 typedef struct {
     int64_t heads, kv_heads, window, rotary, interleaved, smooth;
     float scale, softcap;
+    int q8; /* GroupQueryAttentionQ8: int8 caches */
     OrtOp *inner;
 } AKernel;
 
@@ -493,35 +498,47 @@ static OrtStatus *create_inner(const OrtKernelInfo *info, AKernel *a) {
     size_t n_in = 0;
     CHECK(FN(S_KernelInfo_GetInputCount, KernelInfo_GetInputCount_t)(info, &n_in));
     const char *names[] = {"num_heads", "kv_num_heads", "local_window_size", "do_rotary", "rotary_interleaved",
-                           "smooth_softmax", "scale", "softcap"};
-    const int64_t ints[] = {a->heads, a->kv_heads, a->window, a->rotary, a->interleaved, a->smooth};
+                           "smooth_softmax", "kv_cache_bit_width", "scale", "softcap", "k_quant_type", "v_quant_type"};
+    const int64_t ints[] = {a->heads, a->kv_heads, a->window, a->rotary, a->interleaved, a->smooth, 8};
     const float floats[] = {a->scale, a->softcap};
-    OrtOpAttr *attrs[8] = {0};
+    static const char per_channel[] = "PER_CHANNEL";
+    const int n_attrs = a->q8 ? 11 : 8; /* int8 caches: the bit width and quantization types too */
+    OrtOpAttr *attrs[11] = {0};
     OrtStatus *st = NULL;
-    for (int i = 0; i < 8 && !st; ++i)
-        st = FN(S_CreateOpAttr, CreateOpAttr_t)(names[i], i < 6 ? (const void *)&ints[i] : (const void *)&floats[i - 6],
-                                                 1, i < 6 ? ATTR_INT : ATTR_FLOAT, &attrs[i]);
-    /* the CPU kernel's type constraints over releases, newest first */
+    for (int i = 0, j = 0; i < 11 && !st; ++i) {
+        if (!a->q8 && (i == 6 || i >= 9)) continue;
+        if (i < 7)
+            st = FN(S_CreateOpAttr, CreateOpAttr_t)(names[i], &ints[i], 1, ATTR_INT, &attrs[j++]);
+        else if (i < 9)
+            st = FN(S_CreateOpAttr, CreateOpAttr_t)(names[i], &floats[i - 7], 1, ATTR_FLOAT, &attrs[j++]);
+        else
+            st = FN(S_CreateOpAttr, CreateOpAttr_t)(names[i], per_channel, (int)strlen(per_channel), ATTR_STRING,
+                                                     &attrs[j++]);
+    }
+    /* the CPU kernel's type constraints over releases, newest first (an int8 cache exists in the newest only) */
     static const char *tc[3][4] = {{"T", "T_CACHE", "T_KV_SCALE", "M"}, {"T", "T_CACHE", "M"}, {"T", "M"}};
     static const int tv[3][4] = {{T_FLOAT, T_FLOAT, T_FLOAT, T_INT32}, {T_FLOAT, T_FLOAT, T_INT32}, {T_FLOAT, T_INT32}};
+    static const int tv8[4] = {T_FLOAT, T_INT8, T_FLOAT, T_INT32};
     static const int tn[3] = {4, 3, 2};
-    for (int c = 0; c < 3 && !st; ++c) {
-        OrtStatus *tried = FN(S_CreateOp, CreateOp_t)(info, "GroupQueryAttention", "com.microsoft", 1, tc[c], tv[c],
-                                                       tn[c], (const OrtOpAttr *const *)attrs, 8, (int)n_in,
-                                                       GQA_OUTPUTS, &a->inner);
+    const int tries = a->q8 ? 1 : 3;
+    for (int c = 0; c < tries && !st; ++c) {
+        OrtStatus *tried = FN(S_CreateOp, CreateOp_t)(info, "GroupQueryAttention", "com.microsoft", 1, tc[c],
+                                                       a->q8 ? tv8 : tv[c], tn[c], (const OrtOpAttr *const *)attrs,
+                                                       n_attrs, (int)n_in, GQA_OUTPUTS, &a->inner);
         if (!tried) break;
-        if (c < 2)
+        if (c < tries - 1)
             FN(S_ReleaseStatus, ReleaseStatus_t)(tried);
         else
             st = tried;
     }
-    for (int i = 0; i < 8; ++i)
+    for (int i = 0; i < 11; ++i)
         if (attrs[i]) FN(S_ReleaseOpAttr, ReleaseOpAttr_t)(attrs[i]);
     return st;
 }
 
+static Op g_aop8;
+
 static OrtStatus *acreate_kernel(const OrtCustomOp *op, OrtApi *api, const OrtKernelInfo *info, void **out) {
-    (void)op;
     (void)api;
     AKernel *a = calloc(1, sizeof(AKernel));
     if (!a) return error("GroupQueryAttention: out of memory (%lld, %lld)", 0, 0);
@@ -533,6 +550,7 @@ static OrtStatus *acreate_kernel(const OrtCustomOp *op, OrtApi *api, const OrtKe
     a->smooth = attr_or(info, "smooth_softmax", 0);
     a->scale = fattr_or(info, "scale", 0.f);
     a->softcap = fattr_or(info, "softcap", 0.f);
+    a->q8 = op == &g_aop8.base;
     OrtStatus *st = NULL;
     if (a->heads <= 0 || a->kv_heads <= 0 || a->heads % a->kv_heads)
         st = error("GroupQueryAttention: num_heads %lld, kv_num_heads %lld", a->heads, a->kv_heads);
@@ -547,8 +565,9 @@ static OrtStatus *acreate_kernel(const OrtCustomOp *op, OrtApi *api, const OrtKe
 
 typedef struct {
     const AttnShape *s;
-    const float *q, *k, *v, *cos, *sin;
-    float *kc, *vc, *out;
+    const float *q, *k, *v, *cos, *sin, *ks, *vs; /* ks, vs: int8 caches' scales (NULL: float caches) */
+    void *kc, *vc;
+    float *out;
     const int32_t *seqlens;
     int64_t items;
 } AWork;
@@ -559,18 +578,24 @@ static void attn_task(void *p, size_t i) {
     const AWork *w = p;
     const AttnShape *s = w->s;
     const int64_t b = (int64_t)i / s->kv_heads, kvh = (int64_t)i % s->kv_heads, pos = w->seqlens[b];
-    const size_t row_cache = (size_t)s->kv_heads * s->cap * s->head;
-    const float *next_k = NULL, *next_v = NULL;
+    const size_t es = w->ks ? 1 : sizeof(float), row_cache = (size_t)s->kv_heads * s->cap * s->head * es;
+    const uint8_t *kc = w->kc, *vc = w->vc, *next_k = NULL, *next_v = NULL;
     int64_t next_n = 0;
     if ((int64_t)i + 1 < w->items) {
         const int64_t nb = ((int64_t)i + 1) / s->kv_heads, nh = ((int64_t)i + 1) % s->kv_heads;
-        const size_t off = nb * row_cache + (size_t)nh * s->cap * s->head;
-        next_k = w->kc + off, next_v = w->vc + off, next_n = w->seqlens[nb];
+        const size_t off = nb * row_cache + (size_t)nh * s->cap * s->head * es;
+        next_k = kc + off, next_v = vc + off, next_n = w->seqlens[nb];
     }
-    att_decode(w->q + b * s->heads * s->head, w->k + b * s->kv_heads * s->head, w->v + b * s->kv_heads * s->head,
-               w->kc + b * row_cache, w->vc + b * row_cache, w->out + b * s->heads * s->head,
-               s->rot_half ? w->cos + pos * s->rot_half : NULL, s->rot_half ? w->sin + pos * s->rot_half : NULL, pos,
-               kvh, s, next_k, next_v, next_n);
+    const float *q = w->q + b * s->heads * s->head, *k = w->k + b * s->kv_heads * s->head,
+                *v = w->v + b * s->kv_heads * s->head, *cos = s->rot_half ? w->cos + pos * s->rot_half : NULL,
+                *sin = s->rot_half ? w->sin + pos * s->rot_half : NULL;
+    float *out = w->out + b * s->heads * s->head;
+    if (w->ks)
+        att_decode_q8(q, k, v, (int8_t *)(kc + b * row_cache), (int8_t *)(vc + b * row_cache), out, cos, sin, pos, kvh,
+                      s, w->ks, w->vs, (const int8_t *)next_k, (const int8_t *)next_v, next_n);
+    else
+        att_decode(q, k, v, (float *)(kc + b * row_cache), (float *)(vc + b * row_cache), out, cos, sin, pos, kvh, s,
+                   (const float *)next_k, (const float *)next_v, next_n);
 }
 
 static OrtStatus *data_of(const OrtValue *v, const void **p) {
@@ -581,16 +606,17 @@ static OrtStatus *acompute(void *kernel, OrtKernelContext *ctx) {
     const AKernel *a = kernel;
     size_t n_in = 0;
     CHECK(FN(S_KernelContext_GetInputCount, KernelContext_GetInputCount_t)(ctx, &n_in));
-    if (n_in != GQA_INPUTS && n_in != GQA_INPUTS - 2)
+    if (a->q8 ? n_in != GQA_Q8_INPUTS : n_in != GQA_INPUTS && n_in != GQA_INPUTS - 2)
         return error("GroupQueryAttention: %lld inputs, expected %lld (or 7 without rotary caches)", (int64_t)n_in,
-                     GQA_INPUTS);
-    const OrtValue *in[GQA_INPUTS] = {0};
-    const void *ptr[GQA_INPUTS] = {0};
-    int64_t dims[GQA_INPUTS][8] = {{0}};
-    size_t rank[GQA_INPUTS] = {0};
-    int elem[GQA_INPUTS] = {0};
+                     a->q8 ? GQA_Q8_INPUTS : GQA_INPUTS);
+    const OrtValue *in[GQA_Q8_INPUTS] = {0};
+    const void *ptr[GQA_Q8_INPUTS] = {0};
+    int64_t dims[GQA_Q8_INPUTS][8] = {{0}};
+    size_t rank[GQA_Q8_INPUTS] = {0};
+    int elem[GQA_Q8_INPUTS] = {0};
     for (size_t i = 0; i < n_in; ++i) {
         CHECK(FN(S_KernelContext_GetInput, KernelContext_GetInput_t)(ctx, i, &in[i]));
+        if (!in[i] && a->q8 && i >= 7 && i <= 11) continue; /* absent optional inputs (cos/sin on NoPE layers) */
         if (!in[i]) return error("GroupQueryAttention: input %lld is missing (%lld)", (int64_t)i, 0);
         CHECK(typed_shape_of(in[i], dims[i], &rank[i], &elem[i]));
         CHECK(data_of(in[i], &ptr[i]));
@@ -628,9 +654,14 @@ static OrtStatus *acompute(void *kernel, OrtKernelContext *ctx) {
                dims[3][0] == batch && dims[3][1] == a->kv_heads && dims[3][3] == head && rank[5] == 1 &&
                dims[5][0] == batch && dims[4][0] == batch && dims[4][1] == a->kv_heads && dims[4][2] == past &&
                dims[4][3] == head;
-    for (int i = 0; i < 5; ++i) fast = fast && elem[i] == T_FLOAT;
+    for (int i = 0; i < 5; ++i) fast = fast && elem[i] == (i >= 3 && a->q8 ? T_INT8 : T_FLOAT);
+    if (a->q8) /* no position ids, bias or sink; per-channel scales [1, kv_heads, 1, head] */
+        for (int i = 9; i < 14; ++i)
+            fast = fast && (i < 12 ? !in[i]
+                                   : in[i] && elem[i] == T_FLOAT && rank[i] == 4 && dims[i][0] == 1 &&
+                                         dims[i][1] == a->kv_heads && dims[i][2] == 1 && dims[i][3] == head);
     if (fast && a->rotary)
-        fast = n_in == GQA_INPUTS && rank[7] == 2 && rank[8] == 2 && dims[8][0] == dims[7][0] &&
+        fast = (a->q8 || n_in == GQA_INPUTS) && in[7] && in[8] && rank[7] == 2 && rank[8] == 2 && dims[8][0] == dims[7][0] &&
                dims[8][1] == dims[7][1] && 2 * dims[7][1] <= head && elem[7] == T_FLOAT && elem[8] == T_FLOAT;
     /* ONNX Runtime's op treats a step whose total length equals its new tokens as a first prompt (position 0 for
      * every row): the fast path takes it only when every row starts at 0 there too. */
@@ -641,6 +672,7 @@ static OrtStatus *acompute(void *kernel, OrtKernelContext *ctx) {
         return FN(S_InvokeOp, InvokeOp_t)(ctx, a->inner, in, (int)n_in, (OrtValue *const *)outv, GQA_OUTPUTS);
     if (batch == 0) return NULL;
     AWork w = {.s = &s, .q = ptr[0], .k = ptr[1], .v = ptr[2], .cos = ptr[7], .sin = ptr[8],
+               .ks = a->q8 ? ptr[12] : NULL, .vs = a->q8 ? ptr[13] : NULL,
                .kc = optr[1], .vc = optr[2], .out = optr[0], .seqlens = seqlens, .items = batch * a->kv_heads};
     return FN(S_KernelContext_ParallelFor, KernelContext_ParallelFor_t)(ctx, attn_task, (size_t)w.items, 0, &w);
 }
@@ -662,6 +694,22 @@ static Op g_aop = {{16, NULL, op_name, op_ep, ainput_type, ainput_count, output_
                    1,
                    "GroupQueryAttention"};
 
+/* GroupQueryAttentionQ8: query, key, value float; past int8; seqlens, total int32; cos, sin float (absent on NoPE
+ * layers); position_ids int64, attention_bias, head_sink float (absent); k_scale, v_scale float. Outputs: float,
+ * int8, int8. */
+static int ainput_type8(const OrtCustomOp *op, size_t i) {
+    (void)op;
+    return i == 3 || i == 4 ? T_INT8 : i == 5 || i == 6 ? T_INT32 : i == 9 ? T_INT64 : T_FLOAT;
+}
+static size_t ainput_count8(const OrtCustomOp *op) { (void)op; return GQA_Q8_INPUTS; }
+static int aoptional8(const OrtCustomOp *op, size_t i) { (void)op; return i >= 7 && i <= 11; }
+static int aoutput_type8(const OrtCustomOp *op, size_t i) { (void)op; return i ? T_INT8 : T_FLOAT; }
+
+static Op g_aop8 = {{16, NULL, op_name, op_ep, ainput_type8, ainput_count8, aoutput_type8, aoutput_count, NULL,
+                     adestroy, aoptional8, required, mem_default, one, one, one, one, acreate_kernel, acompute},
+                    1,
+                    "GroupQueryAttentionQ8"};
+
 /* 1 when this CPU runs the kernel (the library is only registered then). */
 int exaone_qmatmul_supported(void) {
     __builtin_cpu_init();
@@ -678,5 +726,6 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     for (int i = 0; i < MAX_PARTS; ++i) CHECK(FN(S_CustomOpDomain_Add, CustomOpDomain_Add_t)(domain, &g_ops[i].base));
     CHECK(FN(S_CustomOpDomain_Add, CustomOpDomain_Add_t)(domain, &g_fop.base));
     CHECK(FN(S_CustomOpDomain_Add, CustomOpDomain_Add_t)(domain, &g_aop.base));
+    CHECK(FN(S_CustomOpDomain_Add, CustomOpDomain_Add_t)(domain, &g_aop8.base));
     return FN(S_AddCustomOpDomain, AddCustomOpDomain_t)(options, domain);
 }
