@@ -353,15 +353,25 @@ class Prompts:
         return [self.rng.integers(100, TOKEN_IDS, size=self.length).tolist() for _ in range(n)]
 
 
-def measure(url: str, prompts: Prompts, levels, requests, max_tokens, ours: bool) -> list[dict]:
+def measure(url: str, prompts: Prompts, levels, requests, max_tokens, ours: bool, rounds: int = 1) -> list[dict]:
+    """Each level ``rounds`` times, round-robin (1, 4, 16, 32, 1, 4, ...): a row sums a level's rounds, and its
+    ratios to concurrency 1 (``x``, ``decode x``) are the median of per-round ratios, so a drift of the machine
+    (this one's memory bandwidth moves batch 1 by +-15% within minutes) hits both sides of a ratio alike."""
     asyncio.run(run_level(url, prompts.take(1), 1, 2))  # warm-up (session, allocator)
+    runs: dict[int, list] = {c: [] for c in levels}
+    for _ in range(rounds):
+        for c in levels:
+            sent = prompts.take(requests or max(3, 2 * c))
+            before = scrape(url) if ours else {}
+            results, wall = asyncio.run(run_level(url, sent, c, max_tokens))
+            after = scrape(url) if ours else {}
+            runs[c].append((sent, results, wall, {k: after[k] - before[k] for k in after}))
+            print(f"  concurrency {c}: {sum(r['tokens'] for r in results)} tokens in {wall:.1f} s", file=sys.stderr)
     rows = []
     for c in levels:
-        sent = prompts.take(requests or max(3, 2 * c))
-        before = scrape(url) if ours else {}
-        results, wall = asyncio.run(run_level(url, sent, c, max_tokens))
-        after = scrape(url) if ours else {}
-        delta = {k: after[k] - before[k] for k in after}
+        results = [x for _, res, _, _ in runs[c] for x in res]
+        wall = sum(w for _, _, w, _ in runs[c])
+        delta = {k: sum(d.get(k, 0) for _, _, _, d in runs[c]) for k in (runs[c][0][3] if ours else {})}
         step_s = delta.get("exaone_decode_step_seconds_sum", 0)
         step_tokens = delta.get("exaone_decode_batch_size_sum", 0)
         steps = delta.get("exaone_decode_batch_size_count", 0)
@@ -370,14 +380,23 @@ def measure(url: str, prompts: Prompts, levels, requests, max_tokens, ours: bool
         if chunks != tokens:
             log.warning("concurrency %d: %d token chunks for %d tokens: TTFT/ITL stamps are off", c, chunks, tokens)
         itl = [x for r in results for x in r["itl"]]
+        per_round = [sum(r["tokens"] for r in res) / w for _, res, w, _ in runs[c]]
+        per_round_decode = [
+            d["exaone_decode_batch_size_sum"] / d["exaone_decode_step_seconds_sum"]
+            if d.get("exaone_decode_step_seconds_sum")
+            else None
+            for _, _, _, d in runs[c]
+        ]
         rows.append(
             {
                 "concurrency": c,
-                "requests": len(sent),
+                "requests": sum(len(x[0]) for x in runs[c]),
                 "tokens": tokens,
                 "wall_s": wall,
                 "tokens_per_s": tokens / wall,
                 "decode_tokens_per_s": step_tokens / step_s if step_s else None,
+                "round_tokens_per_s": per_round,
+                "round_decode_tokens_per_s": per_round_decode,
                 "mean_decode_batch": step_tokens / steps if steps else None,
                 "mean_decode_rows": delta.get("exaone_decode_rows_total", 0) / steps if steps else None,
                 "ttft_p50_s": percentile([r["ttft"] for r in results], 50),
@@ -390,9 +409,14 @@ def measure(url: str, prompts: Prompts, levels, requests, max_tokens, ours: bool
                 "same_as_alone": None,
             }
         )
-        print(f"  concurrency {c}: {tokens} tokens in {wall:.1f} s", file=sys.stderr)
     for r in rows:
-        r["tokens_per_s_vs_1"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+        r["tokens_per_s_vs_1"] = float(
+            np.median([a / b for a, b in zip(r["round_tokens_per_s"], rows[0]["round_tokens_per_s"])])
+        )
+        pairs = zip(r["round_decode_tokens_per_s"], rows[0]["round_decode_tokens_per_s"])
+        pairs = [(a, b) for a, b in pairs if a and b]
+        r["decode_tokens_per_s_vs_1"] = float(np.median([a / b for a, b in pairs])) if pairs else None
+    sent, results = runs[levels[-1]][-1][:2]
     if levels[-1] > 1 and results[0]["token_ids"]:  # batch invariance, untimed: the top level's first prompts alone
         again, _ = asyncio.run(run_level(url, sent[:2], 1, max_tokens))
         rows[-1]["same_as_alone"] = all(a["token_ids"] == r["token_ids"] for a, r in zip(again, results))
@@ -402,7 +426,7 @@ def measure(url: str, prompts: Prompts, levels, requests, max_tokens, ours: bool
 def print_rows(name: str, rows: list[dict]) -> None:
     print(f"\n{name}")
     head = (
-        f"{'conc':>4} {'reqs':>4} {'tok/s':>7} {'x':>5} {'decode tok/s':>12} {'batch':>5} {'rows':>5} "
+        f"{'conc':>4} {'reqs':>4} {'tok/s':>7} {'x':>5} {'decode tok/s':>12} {'dec x':>5} {'batch':>5} {'rows':>5} "
         f"{'ttft p50':>8} {'ttft p99':>8} {'itl p50':>8} {'itl p99':>8} {'cached':>6} {'same':>4}"
     )
     print(head)
@@ -410,11 +434,12 @@ def print_rows(name: str, rows: list[dict]) -> None:
     for r in rows:
         same = "-" if r["same_as_alone"] is None else "yes" if r["same_as_alone"] else "NO"
         dec = f"{r['decode_tokens_per_s']:.2f}" if r["decode_tokens_per_s"] else "-"
+        dec_x = f"{r['decode_tokens_per_s_vs_1']:.2f}" if r.get("decode_tokens_per_s_vs_1") else "-"
         batch = f"{r['mean_decode_batch']:.1f}" if r["mean_decode_batch"] else "-"
         span = f"{r['mean_decode_rows']:.1f}" if r.get("mean_decode_rows") else "-"
         print(
             f"{r['concurrency']:>4} {r['requests']:>4} {r['tokens_per_s']:>7.2f} {r['tokens_per_s_vs_1']:>5.2f} "
-            f"{dec:>12} {batch:>5} {span:>5} {r['ttft_p50_s']:>7.2f}s {r['ttft_p99_s']:>7.2f}s "
+            f"{dec:>12} {dec_x:>5} {batch:>5} {span:>5} {r['ttft_p50_s']:>7.2f}s {r['ttft_p99_s']:>7.2f}s "
             f"{r['itl_p50_s'] * 1000:>6.0f}ms {r['itl_p99_s'] * 1000:>6.0f}ms {r['prompt_tokens_cached']:>6.0f} "
             f"{same:>4}"
         )
@@ -435,6 +460,9 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", default="1,4,16,32", help="Comma-separated client concurrencies.")
     ap.add_argument(
         "--requests", type=int, default=None, help="Requests per level (default: 2 x concurrency, at least 3)."
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="Run the levels this many times, round-robin; ratios: per-round median."
     )
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -496,7 +524,13 @@ def main(argv=None) -> int:
             server = LlamaServer(ggufs[q], max(levels), args.context, args.threads, kv8=q.endswith("-kv8"))
         try:
             report["targets"][target] = measure(
-                server.url, Prompts(args.prompt_len), levels, args.requests, args.max_tokens, kind == "ours"
+                server.url,
+                Prompts(args.prompt_len),
+                levels,
+                args.requests,
+                args.max_tokens,
+                kind == "ours",
+                args.rounds,
             )
         finally:
             server.close()
@@ -508,7 +542,7 @@ def main(argv=None) -> int:
         server = ServerProcess(bundles["fp32"], "--replicas", str(replicas), *common, timeout=600)
         try:
             report["targets"][name] = measure(
-                server.url, Prompts(args.prompt_len), levels, args.requests, args.max_tokens, False
+                server.url, Prompts(args.prompt_len), levels, args.requests, args.max_tokens, False, args.rounds
             )
         finally:
             server.close()
