@@ -211,6 +211,34 @@ def test_int8_cache_prompts_are_onnxruntimes_own():
     np.testing.assert_array_equal(mine[0], cache[0])
 
 
+def test_int8_cache_scales_of_another_shape_go_to_onnxruntime():
+    """Scales that are not [1, kv_heads, 1, head] never reach our kernel (it would read past them): the step is
+    onnxruntime's, whatever that op makes of them, the same for both sessions."""
+    heads, kv_heads, head = 4, 2, 16
+    model = _model(heads, kv_heads, head, int8=True)
+    for vi in model.graph.input:
+        if vi.name in ("ks", "vs"):
+            dims = vi.type.tensor_type.shape.dim
+            dims[3].dim_value = head // 2
+    theirs, ours = _sessions(model)
+    cos, sin = _rope(32, head // 2)
+    scales = tuple(np.full((1, kv_heads, 1, head // 2), 0.05, np.float32) for _ in range(2))
+    q = RNG.standard_normal((1, 1, heads * head)).astype(np.float32)
+    k = RNG.standard_normal((1, 1, kv_heads * head)).astype(np.float32)
+    results = []
+    for sess in (theirs, ours):
+        cache = [np.zeros((1, kv_heads, 32, head), np.int8) for _ in range(2)]
+        try:
+            results.append((_shared_step(sess, q, k, k, *cache, np.array([3], np.int32), cos, sin, scales), cache))
+        except Exception as e:  # noqa: BLE001 - onnxruntime refuses them (1.32: "k_scale shape mismatch")
+            results.append(str(e).split("Status Message:")[-1].strip())
+    if isinstance(results[0], str):
+        assert results[1] == results[0] and "k_scale" in results[0]
+    else:
+        np.testing.assert_array_equal(results[1][0], results[0][0])
+        np.testing.assert_array_equal(results[1][1][0], results[0][1][0])
+
+
 def test_int8_cache_with_position_ids_keeps_onnxruntimes_node():
     model = _model(4, 2, 16, int8=True)
     model.graph.node[0].input[9] = "position_ids"
