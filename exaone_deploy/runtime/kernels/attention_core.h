@@ -97,12 +97,11 @@ ATT_TARGET static inline __m512 att_hsum16(const __m512 *v) {
                          _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* The body of att_decode for g_n query heads per KV head of d floats; inlined with constants for the shipped shapes
- * (below), so the loops over heads and head vectors unroll and the accumulators stay in registers. */
 /* x [d] -> int8 codes at dst: saturate(nearbyint(x * (1 / scale))) (onnxruntime's per-channel cache quantization) */
 ATT_TARGET static inline void att_quantize8(const float *x, const float *scale, int8_t *dst, int64_t d) {
     for (int64_t c = 0; c < d; c += 16) {
-        __m512 y = _mm512_mul_ps(_mm512_loadu_ps(x + c), _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_loadu_ps(scale + c)));
+        const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_loadu_ps(scale + c));
+        __m512 y = _mm512_mul_ps(_mm512_loadu_ps(x + c), inv);
         y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-128.f)), _mm512_set1_ps(127.f)); /* saturate (NaN: -128) */
         _mm_storeu_si128((__m128i *)(dst + c), _mm512_cvtsepi32_epi8(_mm512_cvt_roundps_epi32(
                                                    y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
@@ -183,7 +182,8 @@ att_decode_body(const float *q, const float *k, const float *v, void *kc, void *
                 }
                 if (t == pos) /* the next item is longer: the rest of its keys now */
                     for (int64_t r = pos + 1; r < next_n; ++r)
-                        for (int64_t o = 0; o < row; o += 64) _mm_prefetch((const char *)(nk + r * row + o), _MM_HINT_T1);
+                        for (int64_t o = 0; o < row; o += 64)
+                            _mm_prefetch((const char *)(nk + r * row + o), _MM_HINT_T1);
             }
             const float *kt = (const float *)krow;
             if (q8) { /* the chunk's codes as floats, once for the group's heads */
@@ -231,12 +231,14 @@ att_decode_body(const float *q, const float *k, const float *v, void *kc, void *
             const uint8_t *vt = vbase + (t0 + j) * row;
             /* the next item's values, a row per row read here (its keys were asked for during the scores) */
             if (t0 + j < next_n)
-                for (int64_t o = 0; o < row; o += 64) _mm_prefetch((const char *)(nvp + (t0 + j) * row + o), _MM_HINT_T1);
+                for (int64_t o = 0; o < row; o += 64)
+                    _mm_prefetch((const char *)(nvp + (t0 + j) * row + o), _MM_HINT_T1);
             if (t0 + j == pos) /* the next item is longer: the rest of its values now */
                 for (int64_t r = pos + 1; r < next_n; ++r)
                     for (int64_t o = 0; o < row; o += 64) _mm_prefetch((const char *)(nvp + r * row + o), _MM_HINT_T1);
             for (int64_t c = 0; c < nv; ++c) {
-                const __m512 vv = q8 ? att_load8((const int8_t *)vt + 16 * c) : _mm512_loadu_ps((const float *)vt + 16 * c);
+                const __m512 vv =
+                    q8 ? att_load8((const int8_t *)vt + 16 * c) : _mm512_loadu_ps((const float *)vt + 16 * c);
                 for (int64_t g = 0; g < g_n; ++g)
                     acc[g * nv + c] = _mm512_fmadd_ps(_mm512_set1_ps(sc[g][j]), vv, acc[g * nv + c]);
             }
@@ -246,8 +248,9 @@ att_decode_body(const float *q, const float *k, const float *v, void *kc, void *
         const __m512 inv = _mm512_set1_ps(1.f / l[g]);
         float *o = out + (kvh * g_n + g) * d;
         for (int64_t c = 0; c < nv; ++c) /* int8: the value scales, once on the sum of codes */
-            _mm512_storeu_ps(o + 16 * c, q8 ? _mm512_mul_ps(_mm512_mul_ps(acc[g * nv + c], _mm512_loadu_ps(vs + 16 * c)), inv)
-                                            : _mm512_mul_ps(acc[g * nv + c], inv));
+            _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(q8 ? _mm512_mul_ps(acc[g * nv + c], _mm512_loadu_ps(vs + 16 * c))
+                                                          : acc[g * nv + c],
+                                                       inv));
     }
 }
 

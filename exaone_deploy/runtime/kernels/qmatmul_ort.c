@@ -661,8 +661,9 @@ static OrtStatus *acompute(void *kernel, OrtKernelContext *ctx) {
                                    : in[i] && elem[i] == T_FLOAT && rank[i] == 4 && dims[i][0] == 1 &&
                                          dims[i][1] == a->kv_heads && dims[i][2] == 1 && dims[i][3] == head);
     if (fast && a->rotary)
-        fast = (a->q8 || n_in == GQA_INPUTS) && in[7] && in[8] && rank[7] == 2 && rank[8] == 2 && dims[8][0] == dims[7][0] &&
-               dims[8][1] == dims[7][1] && 2 * dims[7][1] <= head && elem[7] == T_FLOAT && elem[8] == T_FLOAT;
+        fast = (a->q8 || n_in == GQA_INPUTS) && in[7] && in[8] && rank[7] == 2 && rank[8] == 2 &&
+               dims[8][0] == dims[7][0] && dims[8][1] == dims[7][1] && 2 * dims[7][1] <= head && elem[7] == T_FLOAT &&
+               elem[8] == T_FLOAT;
     /* ONNX Runtime's op treats a step whose total length equals its new tokens as a first prompt (position 0 for
      * every row): the fast path takes it only when every row starts at 0 there too. */
     for (int64_t b = 0; b < batch && fast; ++b)
