@@ -261,14 +261,10 @@ def _plan(nodes: list[_wire.Node], info: _wire.GraphInfo, ops: frozenset[str] = 
             groups.setdefault((node.inputs[0], a["K"], a["bits"], a["block_size"]), []).append(i)
     out: list[_wire.Node | None] = list(nodes)
     for i, node in enumerate(nodes):
-        if "attention" in ops and (attention_eligible(node) or attention_q8_eligible(node)):
+        attention = AOP if attention_eligible(node) else AOP8 if attention_q8_eligible(node) else None
+        if "attention" in ops and attention:
             ints = {k: v for k, v in node.int_attributes.items() if k != "kv_cache_bit_width"}  # Q8 implies it
-            out[i] = _moved(
-                node,
-                AOP if attention_eligible(node) else AOP8,
-                int_attributes=ints,
-                float_attributes=dict(node.float_attributes),
-            )
+            out[i] = _moved(node, attention, int_attributes=ints, float_attributes=dict(node.float_attributes))
         elif "linear" in ops and float_eligible(node, info):
             release = not info.has_subgraphs and info.uses[node.inputs[1]] == 1
             out[i] = _moved(node, FOP, int_attributes={"release_inputs": int(release)})

@@ -9,12 +9,12 @@
  *   - for each query head: softmax(scale x q . K[t]) over t in [0, pos], then the weighted sum of V[t].
  * No local window: which keys a `local_window_size` keeps changed between onnxruntime releases (the last W + 1,
  * then the last W), so sliding layers stay on onnxruntime's op.
- * INT8 caches (`att_decode_q8`; the op's k_quant_type = v_quant_type = PER_CHANNEL, kv_cache_bit_width 8): the new
- * key (after its rotary) and value are stored as saturate(nearbyint(x * (1 / scale[c]))) in [-128, 127], per
- * channel c of the KV head, as onnxruntime's op stores them (its rounding and reciprocal, checked bit for bit in
- * tests/test_attention_kernel.py); a cached x reads as code * scale[c]. The key scales are folded into the query
- * (q[c] * ks[c] . code[c]) and the value scales applied once to the weighted sum of codes, so a cached row is
- * converted, never multiplied, per key: the step reads a quarter of the float cache's bytes.
+ * INT8 caches (`att_decode` given scales; the op's k_quant_type = v_quant_type = PER_CHANNEL, kv_cache_bit_width
+ * 8): the new key (after its rotary) and value are stored as saturate(nearbyint(x * (1 / scale[c]))) in
+ * [-128, 127], per channel c of the KV head, as onnxruntime's op stores them (its rounding and reciprocal, checked
+ * bit for bit in tests/test_attention_kernel.py); a cached x reads as code * scale[c]. The key scales are folded
+ * into the query (q[c] * ks[c] . code[c]) and the value scales applied once to the weighted sum of codes, so a
+ * cached row is converted, never multiplied, per key: the step reads a quarter of the float cache's bytes.
  * The softmax runs over blocks of ATT_BLOCK keys with a running maximum and sum (rescaling the partial sums when
  * the maximum grows), so no [heads x keys] score buffer is allocated whatever the context; with one block (up to
  * ATT_BLOCK keys) it is the textbook max-subtracted softmax.
@@ -113,8 +113,8 @@ ATT_TARGET static inline __m512 att_load8(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 
-/* The body of att_decode (float caches, q8 = 0) and att_decode_q8 (int8 caches, q8 = 1; ks/vs: the layer's
- * per-channel scales [kv_heads * d]) for g_n query heads per KV head of d floats; inlined with constants for the
+/* The body of att_decode for float caches (q8 = 0) and int8 caches (q8 = 1; ks/vs: the layer's per-channel
+ * scales [kv_heads * d]) for g_n query heads per KV head of d floats; inlined with constants for the
  * shipped shapes (below), so the loops over heads and head vectors unroll and the accumulators stay in registers.
  * kc/vc/next_k/next_v point at float or int8 rows as q8 says. */
 ATT_TARGET static inline __attribute__((always_inline)) void
@@ -255,36 +255,35 @@ att_decode_body(const float *q, const float *k, const float *v, void *kc, void *
 }
 
 /* Row b's KV head kvh. q: the row's query [heads * head]; k, v: the row's new key/value [kv_heads * head];
- * kc, vc: the row's caches [kv_heads][cap][head]; out: the row's output [heads * head]; cos/sin: the caches' rows
- * at pos (NULL when rot_half == 0); next_k/next_v/next_n: the next item's caches and length, to prefetch.
+ * kc, vc: the row's caches [kv_heads][cap][head], float, or int8 when ks / vs (the layer's per-channel scales
+ * [kv_heads * head], the op's k_scale / v_scale) are given (NULL: float caches); out: the row's output
+ * [heads * head]; cos/sin: the caches' rows at pos (NULL when rot_half == 0); next_k/next_v/next_n: the next item's
+ * cache rows (of the same type) and length, to prefetch.
  * Specialized for EXAONE 4's two head layouts (1.2B: 4 query heads of 64 per KV head; 32B: 5 of 128): with the
  * group and head size as constants the step at batch 16 of the 1.2B shape takes ~12% less time than the generic
  * loop (benchmarks in docs/scale.md), whose acc[] and part[] arrays stay in memory. */
-ATT_TARGET static void att_decode(const float *q, const float *k, const float *v, float *kc, float *vc, float *out,
+ATT_TARGET static void att_decode(const float *q, const float *k, const float *v, void *kc, void *vc, float *out,
                                   const float *cos, const float *sin, int64_t pos, int64_t kvh, const AttnShape *s,
-                                  const float *next_k, const float *next_v, int64_t next_n) {
+                                  const float *ks, const float *vs, const void *next_k, const void *next_v,
+                                  int64_t next_n) {
     const int64_t g_n = s->heads / s->kv_heads, d = s->head;
-    if (g_n == 4 && d == 64)
-        att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, NULL, NULL, next_k, next_v, next_n, 4, 64, 0);
-    else if (g_n == 5 && d == 128)
-        att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, NULL, NULL, next_k, next_v, next_n, 5, 128, 0);
+#define ATT_BODY(G, D, Q8) \
+    att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, ks, vs, next_k, next_v, next_n, G, D, Q8)
+#define ATT_LAYOUTS(Q8)                          \
+    do {                                         \
+        if (g_n == 4 && d == 64)                 \
+            ATT_BODY(4, 64, Q8);                 \
+        else if (g_n == 5 && d == 128)           \
+            ATT_BODY(5, 128, Q8);                \
+        else                                     \
+            ATT_BODY(g_n, d, Q8);                \
+    } while (0)
+    if (ks)
+        ATT_LAYOUTS(1);
     else
-        att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, NULL, NULL, next_k, next_v, next_n, g_n, d, 0);
-}
-
-/* att_decode over int8 caches kc, vc [kv_heads][cap][head] with the layer's per-channel scales ks, vs
- * [kv_heads * head] (the op's k_scale / v_scale); next_k / next_v: the next item's int8 rows. */
-ATT_TARGET static void att_decode_q8(const float *q, const float *k, const float *v, int8_t *kc, int8_t *vc,
-                                     float *out, const float *cos, const float *sin, int64_t pos, int64_t kvh,
-                                     const AttnShape *s, const float *ks, const float *vs, const int8_t *next_k,
-                                     const int8_t *next_v, int64_t next_n) {
-    const int64_t g_n = s->heads / s->kv_heads, d = s->head;
-    if (g_n == 4 && d == 64)
-        att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, ks, vs, next_k, next_v, next_n, 4, 64, 1);
-    else if (g_n == 5 && d == 128)
-        att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, ks, vs, next_k, next_v, next_n, 5, 128, 1);
-    else
-        att_decode_body(q, k, v, kc, vc, out, cos, sin, pos, kvh, s, ks, vs, next_k, next_v, next_n, g_n, d, 1);
+        ATT_LAYOUTS(0);
+#undef ATT_LAYOUTS
+#undef ATT_BODY
 }
 
 #endif

@@ -472,7 +472,8 @@ static Op g_fop = {{16, NULL, op_name, op_ep, finput_type, finput_count, output_
  * behaviour and error messages.
  * GroupQueryAttentionQ8: the same over an INT8 cache (k_quant_type = v_quant_type = PER_CHANNEL, kv_cache_bit_width
  * 8): fourteen inputs as the op's schema numbers them, past/present int8, position_ids / attention_bias / head_sink
- * (9-11) absent, k_scale / v_scale (12, 13) float [1, kv_heads, 1, head]; decode steps on att_decode_q8. */
+ * (9-11) absent, k_scale / v_scale (12, 13) float [1, kv_heads, 1, head]; decode steps on att_decode with the
+ * scales. */
 
 #define GQA_INPUTS 9
 #define GQA_Q8_INPUTS 14
@@ -579,23 +580,17 @@ static void attn_task(void *p, size_t i) {
     const AttnShape *s = w->s;
     const int64_t b = (int64_t)i / s->kv_heads, kvh = (int64_t)i % s->kv_heads, pos = w->seqlens[b];
     const size_t es = w->ks ? 1 : sizeof(float), row_cache = (size_t)s->kv_heads * s->cap * s->head * es;
-    const uint8_t *kc = w->kc, *vc = w->vc, *next_k = NULL, *next_v = NULL;
+    const uint8_t *next_k = NULL, *next_v = NULL;
     int64_t next_n = 0;
     if ((int64_t)i + 1 < w->items) {
         const int64_t nb = ((int64_t)i + 1) / s->kv_heads, nh = ((int64_t)i + 1) % s->kv_heads;
         const size_t off = nb * row_cache + (size_t)nh * s->cap * s->head * es;
-        next_k = kc + off, next_v = vc + off, next_n = w->seqlens[nb];
+        next_k = (const uint8_t *)w->kc + off, next_v = (const uint8_t *)w->vc + off, next_n = w->seqlens[nb];
     }
-    const float *q = w->q + b * s->heads * s->head, *k = w->k + b * s->kv_heads * s->head,
-                *v = w->v + b * s->kv_heads * s->head, *cos = s->rot_half ? w->cos + pos * s->rot_half : NULL,
-                *sin = s->rot_half ? w->sin + pos * s->rot_half : NULL;
-    float *out = w->out + b * s->heads * s->head;
-    if (w->ks)
-        att_decode_q8(q, k, v, (int8_t *)(kc + b * row_cache), (int8_t *)(vc + b * row_cache), out, cos, sin, pos, kvh,
-                      s, w->ks, w->vs, (const int8_t *)next_k, (const int8_t *)next_v, next_n);
-    else
-        att_decode(q, k, v, (float *)(kc + b * row_cache), (float *)(vc + b * row_cache), out, cos, sin, pos, kvh, s,
-                   (const float *)next_k, (const float *)next_v, next_n);
+    att_decode(w->q + b * s->heads * s->head, w->k + b * s->kv_heads * s->head, w->v + b * s->kv_heads * s->head,
+               (uint8_t *)w->kc + b * row_cache, (uint8_t *)w->vc + b * row_cache, w->out + b * s->heads * s->head,
+               s->rot_half ? w->cos + pos * s->rot_half : NULL, s->rot_half ? w->sin + pos * s->rot_half : NULL, pos,
+               kvh, s, w->ks, w->vs, next_k, next_v, next_n);
 }
 
 static OrtStatus *data_of(const OrtValue *v, const void **p) {
