@@ -69,6 +69,11 @@ int main(int argc, char **argv) {
 """
 
 
+def _compiler() -> str | None:
+    """The C compiler, looked up as runtime/kernels builds its own: ``$CC``, else cc, gcc, clang."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
 def _supported() -> str | None:
     """Why this machine cannot run the probe, or None."""
     try:
@@ -77,7 +82,7 @@ def _supported() -> str | None:
         return "no /proc/cpuinfo (Linux x86-64 only)"
     if " avx512_vnni" not in flags:
         return "this CPU has no AVX-512 VNNI"
-    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+    if not _compiler():
         return "no C compiler (set CC, or install gcc)"
     return None
 
@@ -103,8 +108,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src, binary = Path(tmp) / "vnni.c", Path(tmp) / "vnni"
         src.write_text(_SOURCE)
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        subprocess.run([cc, "-O2", "-o", str(binary), str(src)], check=True)
+        subprocess.run([_compiler(), "-O2", "-o", str(binary), str(src)], check=True)
 
         def run(modes: dict[int, str]) -> list[float]:
             procs = {cpu: _pinned(binary, mode, cpu, args.seconds) for cpu, mode in modes.items()}

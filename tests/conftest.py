@@ -8,10 +8,22 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
+from pathlib import Path
 
 import pytest
 
 PRESETS = ("1.2b", "32b")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str, name: str):
+    """A repository script that is not a package module (``benchmarks/*.py``, ``docs/*.py``), imported from its
+    file under ``name``."""
+    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

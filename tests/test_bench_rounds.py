@@ -1,19 +1,12 @@
 """The generation benchmark's round bookkeeping: ratios are paired within rounds, figures are best rounds."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "generate.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_generate", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/generate.py", "bench_generate")
 
 
 def _run(system, rnd, decode, prefill=100.0, rss=5, tokens=((1, 2),)):

@@ -4,7 +4,6 @@ runs the bundle with it. onnxruntime-genai: tests/test_genai.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import load_script
 
 from exaone_deploy.bundle import load_manifest
 
@@ -20,10 +20,7 @@ LOADER = Path(__file__).resolve().parents[1] / "docs" / "polygraphy_loader.py"
 
 
 def _loader():
-    spec = importlib.util.spec_from_file_location("polygraphy_loader", LOADER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("docs/polygraphy_loader.py", "polygraphy_loader")
 
 
 @pytest.fixture(scope="module")

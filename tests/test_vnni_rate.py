@@ -1,21 +1,15 @@
 """benchmarks/vnni_rate.py builds and runs its probe and reports a rate per CPU (skips without VNNI or cc)."""
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "vnni_rate.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_vnni_rate", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/vnni_rate.py", "bench_vnni_rate")
 
 
 def test_reports_a_rate_per_cpu(bench, capsys):
